@@ -1,0 +1,60 @@
+"""Pure allocation logic: families, ranges, blocks and validation. No I/O."""
+
+from ._errors import (
+    AddressInUse,
+    AllocationNotFound,
+    AlreadyExists,
+    Conflict,
+    DatabaseUnavailable,
+    FailedPrecondition,
+    FamilyNotInPool,
+    InvalidArgument,
+    IpamError,
+    NotFound,
+    OwnerHoldsOtherAddress,
+    PoolAlreadyExists,
+    PoolExhausted,
+    PoolHasAllocations,
+    PoolNotFound,
+)
+from ._family import Family, Policy
+from ._model import AddressInfo, AllocationInfo, FamilyUsage, PoolInfo, PoolSpec, RangeInput, build_pool_spec
+from ._ranges import RangeSpec, build_range, check_overlaps, family_of, parse_address
+from ._validate import AllocationPlan, check_map, check_owner, check_pool_name, plan_allocation
+
+__all__ = [
+    "AddressInUse",
+    "AddressInfo",
+    "AllocationInfo",
+    "AllocationNotFound",
+    "AllocationPlan",
+    "AlreadyExists",
+    "Conflict",
+    "DatabaseUnavailable",
+    "FailedPrecondition",
+    "Family",
+    "FamilyNotInPool",
+    "FamilyUsage",
+    "InvalidArgument",
+    "IpamError",
+    "NotFound",
+    "OwnerHoldsOtherAddress",
+    "Policy",
+    "PoolAlreadyExists",
+    "PoolExhausted",
+    "PoolHasAllocations",
+    "PoolInfo",
+    "PoolNotFound",
+    "PoolSpec",
+    "RangeInput",
+    "RangeSpec",
+    "build_pool_spec",
+    "build_range",
+    "check_map",
+    "check_overlaps",
+    "check_owner",
+    "check_pool_name",
+    "family_of",
+    "parse_address",
+    "plan_allocation",
+]

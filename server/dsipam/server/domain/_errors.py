@@ -1,0 +1,79 @@
+"""Domain errors.
+
+Each error has a stable ``reason`` (sent as ``google.rpc.ErrorInfo.reason``) and a
+message that names the field or resource at fault. The one table that maps these
+classes to gRPC status codes is ``dsipam.server.rpc.errors``.
+"""
+
+from __future__ import annotations
+
+
+class IpamError(Exception):
+    """Base of every error the service reports to a caller."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class InvalidArgument(IpamError):
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(IpamError):
+    reason = "NOT_FOUND"
+
+
+class PoolNotFound(NotFound):
+    reason = "POOL_NOT_FOUND"
+
+
+class AllocationNotFound(NotFound):
+    reason = "ALLOCATION_NOT_FOUND"
+
+
+class AlreadyExists(IpamError):
+    reason = "ALREADY_EXISTS"
+
+
+class PoolAlreadyExists(AlreadyExists):
+    reason = "POOL_ALREADY_EXISTS"
+
+
+class AddressInUse(AlreadyExists):
+    reason = "ADDRESS_IN_USE"
+
+
+class FailedPrecondition(IpamError):
+    reason = "FAILED_PRECONDITION"
+
+
+class PoolHasAllocations(FailedPrecondition):
+    reason = "POOL_HAS_ALLOCATIONS"
+
+
+class FamilyNotInPool(FailedPrecondition):
+    reason = "FAMILY_NOT_IN_POOL"
+
+
+class OwnerHoldsOtherAddress(FailedPrecondition):
+    reason = "OWNER_HOLDS_OTHER_ADDRESS"
+
+
+class PoolExhausted(IpamError):
+    reason = "POOL_EXHAUSTED"
+
+
+class Conflict(IpamError):
+    """A transaction lost a race too many times; the caller may retry."""
+
+    reason = "CONFLICT"
+
+
+class DatabaseUnavailable(IpamError):
+    reason = "DATABASE_UNAVAILABLE"

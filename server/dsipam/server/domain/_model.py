@@ -1,0 +1,95 @@
+"""Domain types passed between the RPC layer and the store."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ._errors import InvalidArgument
+from ._family import Family
+from ._ranges import RangeSpec, build_range, check_overlaps
+from ._validate import check_map, check_pool_name
+
+
+@dataclass(frozen=True)
+class RangeInput:
+    cidr: str
+    first: str = ""
+    last: str = ""
+    gateway: str = ""
+    exclude: Sequence[str] = ()
+    block_size: int = 0
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str
+    ranges: tuple[RangeSpec, ...]
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        out: list[Family] = []
+        for r in self.ranges:
+            if r.family not in out:
+                out.append(r.family)
+        return tuple(out)
+
+
+def build_pool_spec(name: str, ranges: Sequence[RangeInput], labels: Mapping[str, str]) -> PoolSpec:
+    """Validates a pool as given by a caller; errors name fields under ``pool.``."""
+    check_pool_name(name, "pool.name")
+    if not ranges:
+        raise InvalidArgument("pool.ranges: at least one range is required", field="pool.ranges")
+    if len(ranges) > 64:
+        raise InvalidArgument("pool.ranges: at most 64 ranges", field="pool.ranges")
+    built = tuple(
+        build_range(
+            cidr=r.cidr,
+            first=r.first,
+            last=r.last,
+            gateway=r.gateway,
+            exclude=r.exclude,
+            block_size=r.block_size,
+            where=f"pool.ranges[{i}]",
+        )
+        for i, r in enumerate(ranges)
+    )
+    check_overlaps(built)
+    return PoolSpec(name=name, ranges=built, labels=check_map(labels, "pool.labels"))
+
+
+@dataclass(frozen=True)
+class FamilyUsage:
+    family: Family
+    size: int
+    allocated: int
+
+    @property
+    def free(self) -> int:
+        return self.size - self.allocated
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    spec: PoolSpec
+    usage: tuple[FamilyUsage, ...]
+    create_time: dt.datetime
+
+
+@dataclass(frozen=True)
+class AddressInfo:
+    family: Family
+    ip: str
+    prefix_length: int
+    gateway: str
+
+
+@dataclass(frozen=True)
+class AllocationInfo:
+    pool: str
+    owner: str
+    addresses: tuple[AddressInfo, ...]
+    attributes: Mapping[str, str]
+    create_time: dt.datetime

@@ -1,0 +1,97 @@
+"""Conversion between protobuf messages and domain types. Nothing else."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from dsipam.v1 import ipam_pb2 as pb
+
+from .. import domain
+from ..domain import Family, Policy
+
+_FAMILY_FROM_PB = {pb.IP_FAMILY_IPV4: Family.IPV4, pb.IP_FAMILY_IPV6: Family.IPV6}
+_FAMILY_TO_PB = {v: k for k, v in _FAMILY_FROM_PB.items()}
+_POLICY_FROM_PB = {
+    pb.IP_FAMILY_POLICY_UNSPECIFIED: Policy.SINGLE_STACK,
+    pb.IP_FAMILY_POLICY_SINGLE_STACK: Policy.SINGLE_STACK,
+    pb.IP_FAMILY_POLICY_PREFER_DUAL_STACK: Policy.PREFER_DUAL_STACK,
+    pb.IP_FAMILY_POLICY_REQUIRE_DUAL_STACK: Policy.REQUIRE_DUAL_STACK,
+}
+
+
+def families_from_pb(values, where: str = "ip_families") -> list[Family]:  # type: ignore[no-untyped-def]
+    out = []
+    for i, value in enumerate(values):
+        fam = _FAMILY_FROM_PB.get(value)
+        if fam is None:
+            raise domain.InvalidArgument(
+                f"{where}[{i}]: {value} is not IP_FAMILY_IPV4 or IP_FAMILY_IPV6", field=f"{where}[{i}]"
+            )
+        out.append(fam)
+    return out
+
+
+def policy_from_pb(value: int) -> Policy:
+    policy = _POLICY_FROM_PB.get(value)
+    if policy is None:
+        raise domain.InvalidArgument(f"ip_family_policy: {value} is not a known policy", field="ip_family_policy")
+    return policy
+
+
+def pool_spec_from_pb(pool: pb.Pool) -> domain.PoolSpec:
+    ranges = [
+        domain.RangeInput(
+            cidr=r.cidr,
+            first=r.first,
+            last=r.last,
+            gateway=r.gateway,
+            exclude=tuple(r.exclude),
+            block_size=r.block_size,
+        )
+        for r in pool.ranges
+    ]
+    return domain.build_pool_spec(pool.name, ranges, dict(pool.labels))
+
+
+def _timestamp(value) -> timestamp_pb2.Timestamp:  # type: ignore[no-untyped-def]
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:
+    spec = info.spec
+    return pb.Pool(
+        name=spec.name,
+        ranges=[
+            pb.IpRange(
+                cidr=r.cidr,
+                first=r.first_text(),
+                last=r.last_text(),
+                gateway=str(r.gateway) if r.gateway else "",
+                exclude=[str(x) for x in r.exclude],
+                block_size=r.block_size,
+            )
+            for r in spec.ranges
+        ],
+        labels=dict(spec.labels),
+        usage=[
+            pb.FamilyUsage(family=_FAMILY_TO_PB[u.family], size=u.size, allocated=u.allocated, free=u.free)
+            for u in info.usage
+        ],
+        create_time=_timestamp(info.create_time),
+    )
+
+
+def address_to_pb(a: domain.AddressInfo) -> pb.Address:
+    return pb.Address(family=_FAMILY_TO_PB[a.family], ip=a.ip, prefix_length=a.prefix_length, gateway=a.gateway)
+
+
+def allocation_to_pb(a: domain.AllocationInfo) -> pb.Allocation:
+    return pb.Allocation(
+        pool=a.pool,
+        owner=a.owner,
+        addresses=[address_to_pb(x) for x in a.addresses],
+        attributes=dict(a.attributes),
+        create_time=_timestamp(a.create_time),
+    )

@@ -1,0 +1,90 @@
+"""The schema, as SQLAlchemy Core tables. Alembic migrations in ``migrations/`` create it;
+``alembic check`` proves the two agree."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+pools = sa.Table(
+    "ipam_pools",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("labels", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# One row per range. ``next_block`` is the base of the next block that lazy block
+# creation considers; NULL once every block of the range exists or was skipped.
+ranges = sa.Table(
+    "ipam_ranges",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("pool_id", sa.Integer, sa.ForeignKey("ipam_pools.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("position", sa.SmallInteger, nullable=False),
+    sa.Column("family", sa.SmallInteger, nullable=False),
+    sa.Column("cidr", pg.CIDR, nullable=False),
+    sa.Column("first_ip", pg.INET),
+    sa.Column("last_ip", pg.INET),
+    sa.Column("gateway", pg.INET),
+    sa.Column("exclude", pg.ARRAY(pg.CIDR), nullable=False, server_default=sa.text("'{}'::cidr[]")),
+    sa.Column("block_prefix", sa.SmallInteger, nullable=False),
+    sa.Column("size", sa.Numeric(40, 0), nullable=False),
+    sa.Column("next_block", pg.INET),
+    sa.UniqueConstraint("pool_id", "position"),
+    sa.CheckConstraint("family IN (4, 6) AND family(cidr) = family", name="family"),
+)
+
+# Blocks are created lazily. Bit i of ``bitmap`` is set when address base+i is
+# allocated or can never be handed out; ``free_count`` counts the zero bits and
+# ``avail_count`` counts the bits that were zero when the block was created.
+blocks = sa.Table(
+    "ipam_blocks",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("pool_id", sa.Integer, nullable=False),
+    sa.Column("range_id", sa.Integer, sa.ForeignKey("ipam_ranges.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("family", sa.SmallInteger, nullable=False),
+    sa.Column("base", pg.CIDR, nullable=False),
+    sa.Column("bitmap", pg.BIT(varying=True), nullable=False),
+    sa.Column("free_count", sa.Integer, nullable=False),
+    sa.Column("avail_count", sa.Integer, nullable=False),
+    sa.UniqueConstraint("range_id", "base"),
+    sa.CheckConstraint("free_count >= 0 AND free_count <= avail_count", name="counts"),
+    sa.Index(
+        "ix_ipam_blocks_free",
+        "pool_id",
+        "family",
+        "id",
+        postgresql_where=sa.text("free_count > 0"),
+    ),
+)
+
+# One row per (pool, owner), one column per family: the primary key is the
+# "at most one address per family per owner" constraint, and the two unique
+# constraints are the "(pool, address)" constraint that backs the engine up.
+allocations = sa.Table(
+    "ipam_allocations",
+    metadata,
+    sa.Column("pool_id", sa.Integer, sa.ForeignKey("ipam_pools.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("owner", sa.Text, primary_key=True),
+    sa.Column("ipv4", pg.INET),
+    sa.Column("ipv6", pg.INET),
+    sa.Column("attributes", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.UniqueConstraint("pool_id", "ipv4"),
+    sa.UniqueConstraint("pool_id", "ipv6"),
+    sa.CheckConstraint("ipv4 IS NOT NULL OR ipv6 IS NOT NULL", name="some_address"),
+    sa.CheckConstraint("family(ipv4) = 4 AND family(ipv6) = 6", name="families"),
+)

@@ -1,0 +1,93 @@
+"""Engine creation, database URLs and the translation of driver errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import sqlalchemy.exc
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ..domain import DatabaseUnavailable
+
+ENV_DATABASE_URL = "DSIPAM_DATABASE_URL"
+
+# SQLSTATEs that mean "run the transaction again".
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+UNIQUE_VIOLATION = "23505"
+FOREIGN_KEY_VIOLATION = "23503"
+# Classes that mean the server is gone or refusing: 08 connection, 57P admin shutdown/cannot connect, 53 resources.
+_UNAVAILABLE_PREFIXES = ("08", "57P", "53")
+
+
+def database_url_from_env() -> str:
+    url = os.environ.get(ENV_DATABASE_URL, "")
+    if not url:
+        raise SystemExit(f"{ENV_DATABASE_URL} is not set (expected postgresql://user@host:port/db)")
+    return url
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    """Turns a libpq-style ``postgresql://`` URL into SQLAlchemy's asyncpg form."""
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme in ("postgresql", "postgres"):
+        scheme = "postgresql+asyncpg"
+    elif scheme != "postgresql+asyncpg":
+        raise ValueError(f"database URL: unsupported scheme {parts.scheme!r} (expected postgresql://)")
+    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10, pool_timeout: float = 10.0) -> AsyncEngine:
+    return create_async_engine(
+        to_sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+        pool_pre_ping=False,
+        connect_args={"timeout": 5, "server_settings": {"application_name": "dsipam"}},
+    )
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None), exc):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if code:
+            return str(code)
+    return None
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):  # pool checkout timed out
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        code = sqlstate(exc)
+        if code and code.startswith(_UNAVAILABLE_PREFIXES):
+            return True
+        orig = exc.orig
+        cause = getattr(orig, "__cause__", None)
+        if isinstance(cause, OSError | ConnectionError | asyncio.TimeoutError):
+            return True
+        name = type(cause).__name__ if cause is not None else ""
+        if name in ("ConnectionDoesNotExistError", "InterfaceError", "CannotConnectNowError", "ConnectionFailureError"):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def unavailable_on_disconnect() -> Iterator[None]:
+    """Turns connection failures into :class:`DatabaseUnavailable`."""
+    try:
+        yield
+    except (sqlalchemy.exc.SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+        if is_unavailable(exc):
+            raise DatabaseUnavailable("database: unreachable, try again later") from exc
+        raise
