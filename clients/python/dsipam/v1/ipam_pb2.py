@@ -23,10 +23,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64sipam/v1/ipam.proto\x12\tdsipam.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x07IpRange\x12\x0c\n\x04\x63idr\x18\x01 \x01(\t\x12\r\n\x05\x66irst\x18\x02 \x01(\t\x12\x0c\n\x04last\x18\x03 \x01(\t\x12\x0f\n\x07gateway\x18\x04 \x01(\t\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\"a\n\x0b\x46\x61milyUsage\x12#\n\x06\x66\x61mily\x18\x01 \x01(\x0e\x32\x13.dsipam.v1.IpFamily\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x11\n\tallocated\x18\x03 \x01(\x04\x12\x0c\n\x04\x66ree\x18\x04 \x01(\x04\"\xec\x01\n\x04Pool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06ranges\x18\x02 \x03(\x0b\x32\x12.dsipam.v1.IpRange\x12+\n\x06labels\x18\x03 \x03(\x0b\x32\x1b.dsipam.v1.Pool.LabelsEntry\x12%\n\x05usage\x18\x04 \x03(\x0b\x32\x16.dsipam.v1.FamilyUsage\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\x07\x41\x64\x64ress\x12#\n\x06\x66\x61mily\x18\x01 \x01(\x0e\x32\x13.dsipam.v1.IpFamily\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x15\n\rprefix_length\x18\x03 \x01(\r\x12\x0f\n\x07gateway\x18\x04 \x01(\t\"\xef\x01\n\nAllocation\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12%\n\taddresses\x18\x03 \x03(\x0b\x32\x12.dsipam.v1.Address\x12\x39\n\nattributes\x18\x04 \x03(\x0b\x32%.dsipam.v1.Allocation.AttributesEntry\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x11\x43reatePoolRequest\x12\x1d\n\x04pool\x18\x01 \x01(\x0b\x32\x0f.dsipam.v1.Pool\"\x1e\n\x0eGetPoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x10ListPoolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"L\n\x11ListPoolsResponse\x12\x1e\n\x05pools\x18\x01 \x03(\x0b\x32\x0f.dsipam.v1.Pool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x11\x44\x65letePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x14\n\x12\x44\x65letePoolResponse\"\x93\x02\n\x0f\x41llocateRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x33\n\x10ip_family_policy\x18\x03 \x01(\x0e\x32\x19.dsipam.v1.IpFamilyPolicy\x12(\n\x0bip_families\x18\x04 \x03(\x0e\x32\x13.dsipam.v1.IpFamily\x12\x11\n\taddresses\x18\x05 \x03(\t\x12>\n\nattributes\x18\x06 \x03(\x0b\x32*.dsipam.v1.AllocateRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x10\x41llocateResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.dsipam.v1.Allocation\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"W\n\x0eReleaseRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12(\n\x0bip_families\x18\x03 \x03(\x0e\x32\x13.dsipam.v1.IpFamily\"7\n\x0fReleaseResponse\x12$\n\x08released\x18\x01 \x03(\x0b\x32\x12.dsipam.v1.Address\"3\n\x14GetAllocationRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"M\n\x16ListAllocationsRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x17ListAllocationsResponse\x12*\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x15.dsipam.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*M\n\x08IpFamily\x12\x19\n\x15IP_FAMILY_UNSPECIFIED\x10\x00\x12\x12\n\x0eIP_FAMILY_IPV4\x10\x01\x12\x12\n\x0eIP_FAMILY_IPV6\x10\x02*\xa6\x01\n\x0eIpFamilyPolicy\x12 \n\x1cIP_FAMILY_POLICY_UNSPECIFIED\x10\x00\x12!\n\x1dIP_FAMILY_POLICY_SINGLE_STACK\x10\x01\x12&\n\"IP_FAMILY_POLICY_PREFER_DUAL_STACK\x10\x02\x12\'\n#IP_FAMILY_POLICY_REQUIRE_DUAL_STACK\x10\x03\x32\xbe\x04\n\x0bIpamService\x12;\n\nCreatePool\x12\x1c.dsipam.v1.CreatePoolRequest\x1a\x0f.dsipam.v1.Pool\x12\x35\n\x07GetPool\x12\x19.dsipam.v1.GetPoolRequest\x1a\x0f.dsipam.v1.Pool\x12\x46\n\tListPools\x12\x1b.dsipam.v1.ListPoolsRequest\x1a\x1c.dsipam.v1.ListPoolsResponse\x12I\n\nDeletePool\x12\x1c.dsipam.v1.DeletePoolRequest\x1a\x1d.dsipam.v1.DeletePoolResponse\x12\x43\n\x08\x41llocate\x12\x1a.dsipam.v1.AllocateRequest\x1a\x1b.dsipam.v1.AllocateResponse\x12@\n\x07Release\x12\x19.dsipam.v1.ReleaseRequest\x1a\x1a.dsipam.v1.ReleaseResponse\x12G\n\rGetAllocation\x12\x1f.dsipam.v1.GetAllocationRequest\x1a\x15.dsipam.v1.Allocation\x12X\n\x0fListAllocations\x12!.dsipam.v1.ListAllocationsRequest\x1a\".dsipam.v1.ListAllocationsResponseB4Z2github.com/dsipam/dsipam/gen/go/dsipam/v1;dsipamv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64sipam/v1/ipam.proto\x12\tdsipam.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x07IpRange\x12\x0c\n\x04\x63idr\x18\x01 \x01(\t\x12\r\n\x05\x66irst\x18\x02 \x01(\t\x12\x0c\n\x04last\x18\x03 \x01(\t\x12\x0f\n\x07gateway\x18\x04 \x01(\t\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\"a\n\x0b\x46\x61milyUsage\x12#\n\x06\x66\x61mily\x18\x01 \x01(\x0e\x32\x13.dsipam.v1.IpFamily\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x11\n\tallocated\x18\x03 \x01(\x04\x12\x0c\n\x04\x66ree\x18\x04 \x01(\x04\"\xec\x01\n\x04Pool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06ranges\x18\x02 \x03(\x0b\x32\x12.dsipam.v1.IpRange\x12+\n\x06labels\x18\x03 \x03(\x0b\x32\x1b.dsipam.v1.Pool.LabelsEntry\x12%\n\x05usage\x18\x04 \x03(\x0b\x32\x16.dsipam.v1.FamilyUsage\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\x07\x41\x64\x64ress\x12#\n\x06\x66\x61mily\x18\x01 \x01(\x0e\x32\x13.dsipam.v1.IpFamily\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x15\n\rprefix_length\x18\x03 \x01(\r\x12\x0f\n\x07gateway\x18\x04 \x01(\t\"\xef\x01\n\nAllocation\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12%\n\taddresses\x18\x03 \x03(\x0b\x32\x12.dsipam.v1.Address\x12\x39\n\nattributes\x18\x04 \x03(\x0b\x32%.dsipam.v1.Allocation.AttributesEntry\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x11\x43reatePoolRequest\x12\x1d\n\x04pool\x18\x01 \x01(\x0b\x32\x0f.dsipam.v1.Pool\"\x1e\n\x0eGetPoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x10ListPoolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"L\n\x11ListPoolsResponse\x12\x1e\n\x05pools\x18\x01 \x03(\x0b\x32\x0f.dsipam.v1.Pool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x11\x44\x65letePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x14\n\x12\x44\x65letePoolResponse\"\x93\x02\n\x0f\x41llocateRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x33\n\x10ip_family_policy\x18\x03 \x01(\x0e\x32\x19.dsipam.v1.IpFamilyPolicy\x12(\n\x0bip_families\x18\x04 \x03(\x0e\x32\x13.dsipam.v1.IpFamily\x12\x11\n\taddresses\x18\x05 \x03(\t\x12>\n\nattributes\x18\x06 \x03(\x0b\x32*.dsipam.v1.AllocateRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x10\x41llocateResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.dsipam.v1.Allocation\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"W\n\x0eReleaseRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12(\n\x0bip_families\x18\x03 \x03(\x0e\x32\x13.dsipam.v1.IpFamily\"7\n\x0fReleaseResponse\x12$\n\x08released\x18\x01 \x03(\x0b\x32\x12.dsipam.v1.Address\"3\n\x14GetAllocationRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"M\n\x16ListAllocationsRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x17ListAllocationsResponse\x12*\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x15.dsipam.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x15GarbageCollectRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x14\n\x0cvalid_owners\x18\x02 \x03(\t\x12(\n\x05grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"A\n\x16GarbageCollectResponse\x12\'\n\x08released\x18\x01 \x03(\x0b\x32\x15.dsipam.v1.Allocation*M\n\x08IpFamily\x12\x19\n\x15IP_FAMILY_UNSPECIFIED\x10\x00\x12\x12\n\x0eIP_FAMILY_IPV4\x10\x01\x12\x12\n\x0eIP_FAMILY_IPV6\x10\x02*\xa6\x01\n\x0eIpFamilyPolicy\x12 \n\x1cIP_FAMILY_POLICY_UNSPECIFIED\x10\x00\x12!\n\x1dIP_FAMILY_POLICY_SINGLE_STACK\x10\x01\x12&\n\"IP_FAMILY_POLICY_PREFER_DUAL_STACK\x10\x02\x12\'\n#IP_FAMILY_POLICY_REQUIRE_DUAL_STACK\x10\x03\x32\x95\x05\n\x0bIpamService\x12;\n\nCreatePool\x12\x1c.dsipam.v1.CreatePoolRequest\x1a\x0f.dsipam.v1.Pool\x12\x35\n\x07GetPool\x12\x19.dsipam.v1.GetPoolRequest\x1a\x0f.dsipam.v1.Pool\x12\x46\n\tListPools\x12\x1b.dsipam.v1.ListPoolsRequest\x1a\x1c.dsipam.v1.ListPoolsResponse\x12I\n\nDeletePool\x12\x1c.dsipam.v1.DeletePoolRequest\x1a\x1d.dsipam.v1.DeletePoolResponse\x12\x43\n\x08\x41llocate\x12\x1a.dsipam.v1.AllocateRequest\x1a\x1b.dsipam.v1.AllocateResponse\x12@\n\x07Release\x12\x19.dsipam.v1.ReleaseRequest\x1a\x1a.dsipam.v1.ReleaseResponse\x12G\n\rGetAllocation\x12\x1f.dsipam.v1.GetAllocationRequest\x1a\x15.dsipam.v1.Allocation\x12X\n\x0fListAllocations\x12!.dsipam.v1.ListAllocationsRequest\x1a\".dsipam.v1.ListAllocationsResponse\x12U\n\x0eGarbageCollect\x12 .dsipam.v1.GarbageCollectRequest\x1a!.dsipam.v1.GarbageCollectResponseB4Z2github.com/dsipam/dsipam/gen/go/dsipam/v1;dsipamv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,52 +41,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ALLOCATION_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_IPFAMILY']._serialized_start=1881
-  _globals['_IPFAMILY']._serialized_end=1958
-  _globals['_IPFAMILYPOLICY']._serialized_start=1961
-  _globals['_IPFAMILYPOLICY']._serialized_end=2127
-  _globals['_IPRANGE']._serialized_start=68
-  _globals['_IPRANGE']._serialized_end=174
-  _globals['_FAMILYUSAGE']._serialized_start=176
-  _globals['_FAMILYUSAGE']._serialized_end=273
-  _globals['_POOL']._serialized_start=276
-  _globals['_POOL']._serialized_end=512
-  _globals['_POOL_LABELSENTRY']._serialized_start=467
-  _globals['_POOL_LABELSENTRY']._serialized_end=512
-  _globals['_ADDRESS']._serialized_start=514
-  _globals['_ADDRESS']._serialized_end=612
-  _globals['_ALLOCATION']._serialized_start=615
-  _globals['_ALLOCATION']._serialized_end=854
-  _globals['_ALLOCATION_ATTRIBUTESENTRY']._serialized_start=805
-  _globals['_ALLOCATION_ATTRIBUTESENTRY']._serialized_end=854
-  _globals['_CREATEPOOLREQUEST']._serialized_start=856
-  _globals['_CREATEPOOLREQUEST']._serialized_end=906
-  _globals['_GETPOOLREQUEST']._serialized_start=908
-  _globals['_GETPOOLREQUEST']._serialized_end=938
-  _globals['_LISTPOOLSREQUEST']._serialized_start=940
-  _globals['_LISTPOOLSREQUEST']._serialized_end=997
-  _globals['_LISTPOOLSRESPONSE']._serialized_start=999
-  _globals['_LISTPOOLSRESPONSE']._serialized_end=1075
-  _globals['_DELETEPOOLREQUEST']._serialized_start=1077
-  _globals['_DELETEPOOLREQUEST']._serialized_end=1125
-  _globals['_DELETEPOOLRESPONSE']._serialized_start=1127
-  _globals['_DELETEPOOLRESPONSE']._serialized_end=1147
-  _globals['_ALLOCATEREQUEST']._serialized_start=1150
-  _globals['_ALLOCATEREQUEST']._serialized_end=1425
-  _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_start=805
-  _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_end=854
-  _globals['_ALLOCATERESPONSE']._serialized_start=1427
-  _globals['_ALLOCATERESPONSE']._serialized_end=1505
-  _globals['_RELEASEREQUEST']._serialized_start=1507
-  _globals['_RELEASEREQUEST']._serialized_end=1594
-  _globals['_RELEASERESPONSE']._serialized_start=1596
-  _globals['_RELEASERESPONSE']._serialized_end=1651
-  _globals['_GETALLOCATIONREQUEST']._serialized_start=1653
-  _globals['_GETALLOCATIONREQUEST']._serialized_end=1704
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=1706
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=1783
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=1785
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=1879
-  _globals['_IPAMSERVICE']._serialized_start=2130
-  _globals['_IPAMSERVICE']._serialized_end=2704
+  _globals['_IPFAMILY']._serialized_start=2083
+  _globals['_IPFAMILY']._serialized_end=2160
+  _globals['_IPFAMILYPOLICY']._serialized_start=2163
+  _globals['_IPFAMILYPOLICY']._serialized_end=2329
+  _globals['_IPRANGE']._serialized_start=100
+  _globals['_IPRANGE']._serialized_end=206
+  _globals['_FAMILYUSAGE']._serialized_start=208
+  _globals['_FAMILYUSAGE']._serialized_end=305
+  _globals['_POOL']._serialized_start=308
+  _globals['_POOL']._serialized_end=544
+  _globals['_POOL_LABELSENTRY']._serialized_start=499
+  _globals['_POOL_LABELSENTRY']._serialized_end=544
+  _globals['_ADDRESS']._serialized_start=546
+  _globals['_ADDRESS']._serialized_end=644
+  _globals['_ALLOCATION']._serialized_start=647
+  _globals['_ALLOCATION']._serialized_end=886
+  _globals['_ALLOCATION_ATTRIBUTESENTRY']._serialized_start=837
+  _globals['_ALLOCATION_ATTRIBUTESENTRY']._serialized_end=886
+  _globals['_CREATEPOOLREQUEST']._serialized_start=888
+  _globals['_CREATEPOOLREQUEST']._serialized_end=938
+  _globals['_GETPOOLREQUEST']._serialized_start=940
+  _globals['_GETPOOLREQUEST']._serialized_end=970
+  _globals['_LISTPOOLSREQUEST']._serialized_start=972
+  _globals['_LISTPOOLSREQUEST']._serialized_end=1029
+  _globals['_LISTPOOLSRESPONSE']._serialized_start=1031
+  _globals['_LISTPOOLSRESPONSE']._serialized_end=1107
+  _globals['_DELETEPOOLREQUEST']._serialized_start=1109
+  _globals['_DELETEPOOLREQUEST']._serialized_end=1157
+  _globals['_DELETEPOOLRESPONSE']._serialized_start=1159
+  _globals['_DELETEPOOLRESPONSE']._serialized_end=1179
+  _globals['_ALLOCATEREQUEST']._serialized_start=1182
+  _globals['_ALLOCATEREQUEST']._serialized_end=1457
+  _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_start=837
+  _globals['_ALLOCATEREQUEST_ATTRIBUTESENTRY']._serialized_end=886
+  _globals['_ALLOCATERESPONSE']._serialized_start=1459
+  _globals['_ALLOCATERESPONSE']._serialized_end=1537
+  _globals['_RELEASEREQUEST']._serialized_start=1539
+  _globals['_RELEASEREQUEST']._serialized_end=1626
+  _globals['_RELEASERESPONSE']._serialized_start=1628
+  _globals['_RELEASERESPONSE']._serialized_end=1683
+  _globals['_GETALLOCATIONREQUEST']._serialized_start=1685
+  _globals['_GETALLOCATIONREQUEST']._serialized_end=1736
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=1738
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=1815
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=1817
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=1911
+  _globals['_GARBAGECOLLECTREQUEST']._serialized_start=1913
+  _globals['_GARBAGECOLLECTREQUEST']._serialized_end=2014
+  _globals['_GARBAGECOLLECTRESPONSE']._serialized_start=2016
+  _globals['_GARBAGECOLLECTRESPONSE']._serialized_end=2081
+  _globals['_IPAMSERVICE']._serialized_start=2332
+  _globals['_IPAMSERVICE']._serialized_end=2993
 # @@protoc_insertion_point(module_scope)

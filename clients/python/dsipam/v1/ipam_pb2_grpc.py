@@ -75,6 +75,11 @@ class IpamServiceStub:
                 request_serializer=dsipam_dot_v1_dot_ipam__pb2.ListAllocationsRequest.SerializeToString,
                 response_deserializer=dsipam_dot_v1_dot_ipam__pb2.ListAllocationsResponse.FromString,
                 _registered_method=True)
+        self.GarbageCollect = channel.unary_unary(
+                '/dsipam.v1.IpamService/GarbageCollect',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.GarbageCollectRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.GarbageCollectResponse.FromString,
+                _registered_method=True)
 
 
 class IpamServiceServicer:
@@ -138,6 +143,15 @@ class IpamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GarbageCollect(self, request, context):
+        """Releases every allocation of the pool whose owner is not in valid_owners and
+        which is older than the grace period, so that an Allocate in flight is never
+        collected. Returns what it released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IpamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +194,11 @@ def add_IpamServiceServicer_to_server(servicer, server):
                     servicer.ListAllocations,
                     request_deserializer=dsipam_dot_v1_dot_ipam__pb2.ListAllocationsRequest.FromString,
                     response_serializer=dsipam_dot_v1_dot_ipam__pb2.ListAllocationsResponse.SerializeToString,
+            ),
+            'GarbageCollect': grpc.unary_unary_rpc_method_handler(
+                    servicer.GarbageCollect,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.GarbageCollectRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.GarbageCollectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +417,33 @@ class IpamService:
             '/dsipam.v1.IpamService/ListAllocations',
             dsipam_dot_v1_dot_ipam__pb2.ListAllocationsRequest.SerializeToString,
             dsipam_dot_v1_dot_ipam__pb2.ListAllocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GarbageCollect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsipam.v1.IpamService/GarbageCollect',
+            dsipam_dot_v1_dot_ipam__pb2.GarbageCollectRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.GarbageCollectResponse.FromString,
             options,
             channel_credentials,
             insecure,

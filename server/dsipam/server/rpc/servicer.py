@@ -18,6 +18,8 @@ from .errors import abort_with
 
 T = TypeVar("T")
 
+DEFAULT_GC_GRACE = 60.0
+
 
 def _guarded(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
@@ -94,3 +96,13 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
             pool=request.pool, size=request.page_size, token=request.page_token
         )
         return pb.ListAllocationsResponse(allocations=[convert.allocation_to_pb(a) for a in items], next_page_token=token)
+
+    @_guarded
+    async def GarbageCollect(
+        self, request: pb.GarbageCollectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GarbageCollectResponse:
+        grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else DEFAULT_GC_GRACE
+        released = await self.store.garbage_collect(
+            pool=request.pool, valid_owners=list(request.valid_owners), grace_seconds=grace
+        )
+        return pb.GarbageCollectResponse(released=[convert.allocation_to_pb(a) for a in released])

@@ -170,7 +170,7 @@ _SQL_LOCK_RANGE_WAIT = text(str(_SQL_LOCK_RANGE_SKIP).replace("FOR UPDATE SKIP L
 _SQL_INSERT_BLOCK = text(
     """
     INSERT INTO ipam_blocks (pool_id, range_id, family, base, bitmap, free_count, avail_count)
-    VALUES (:pool, :range, :family, CAST(:base AS cidr), CAST(:bitmap AS varbit), :free, :avail)
+    VALUES (:pool, :range, :family, CAST(:base AS cidr), CAST(CAST(:bitmap AS text) AS varbit), :free, :avail)
     ON CONFLICT (range_id, base) DO NOTHING
     RETURNING id
     """
@@ -437,7 +437,8 @@ class Store:
             for fam in missing:
                 if fam in plan.addresses:
                     addr = plan.addresses[fam]
-                    await self._take_specific(conn, stored, owner, addr)
+                    where = f"addresses[{[str(x) for x in plan.addresses.values()].index(str(addr))}]"
+                    await self._take_specific(conn, stored, addr, where)
                     taken[fam] = addr
                     continue
                 got = await self._take_any(conn, stored, fam)
@@ -542,14 +543,14 @@ class Store:
         await conn.execute(_SQL_SET_NEXT_BLOCK, {"range": range_id, "next": None})
         return None
 
-    async def _take_specific(self, conn: AsyncConnection, pool: StoredPool, owner: str, addr: IPAddress) -> None:
+    async def _take_specific(self, conn: AsyncConnection, pool: StoredPool, addr: IPAddress, where: str) -> None:
         rng = pool.range_holding(addr)
         value = int(addr)
         if rng is None:
-            raise InvalidArgument(f"addresses: {addr} is outside the pool's ranges", field="addresses")
+            raise InvalidArgument(f"{where}: {addr} is outside the pool's ranges", field=where)
         spec = rng.spec
         if not spec.is_available(value):
-            raise InvalidArgument(f"addresses: {addr} {spec.why_unavailable(value)} of {spec.cidr}", field="addresses")
+            raise InvalidArgument(f"{where}: {addr} {spec.why_unavailable(value)} of {spec.cidr}", field=where)
         base = spec.block_base(value)
         bitmap, free = spec.block_mask(base)
         await conn.execute(
@@ -572,7 +573,7 @@ class Store:
         if row is None:
             holder = (await conn.execute(_SQL_HOLDER, {"pool": pool.id, "ip": str(addr)})).scalar()
             who = f"owner {holder!r}" if holder else "another owner"
-            raise AddressInUse(f"addresses: {addr} is held by {who}", field="addresses", address=str(addr))
+            raise AddressInUse(f"{where}: {addr} is held by {who}", field=where, address=str(addr))
 
     async def release(self, *, pool: str, owner: str, families: Sequence[Family]) -> list[AddressInfo]:
         check_pool_name(pool, "pool")
@@ -644,6 +645,48 @@ class Store:
                 ).mappings().all()
         out = [_row_allocation(stored, r["owner"], r) for r in rows[:limit]]
         return out, (encode_page_token(rows[limit - 1]["owner"]) if len(rows) > limit else "")
+
+    async def garbage_collect(
+        self, *, pool: str, valid_owners: Sequence[str], grace_seconds: float
+    ) -> list[AllocationInfo]:
+        """Releases the pool's allocations whose owner is not valid and which are older than the grace."""
+        check_pool_name(pool, "pool")
+        if grace_seconds < 0:
+            raise InvalidArgument(f"grace: {grace_seconds}s is negative", field="grace")
+        for i, owner in enumerate(valid_owners):
+            check_owner(owner, f"valid_owners[{i}]")
+
+        async def run(conn: AsyncConnection) -> list[AllocationInfo]:
+            stored = await self._load_pool(conn, pool)
+            rows = (
+                await conn.execute(
+                    text(
+                        """
+                        SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time
+                          FROM ipam_allocations
+                         WHERE pool_id = :pool AND NOT (owner = ANY(:valid))
+                           AND create_time < now() - make_interval(secs => :grace)
+                         ORDER BY owner
+                           FOR UPDATE
+                        """
+                    ),
+                    {"pool": stored.id, "valid": list(valid_owners), "grace": float(grace_seconds)},
+                )
+            ).mappings().all()
+            released = []
+            for row in rows:
+                for col in ("ipv4", "ipv6"):
+                    if row[col]:
+                        await conn.execute(_SQL_RETURN_BIT, {"pool": stored.id, "ip": row[col]})
+                released.append(_row_allocation(stored, row["owner"], row))
+            if rows:
+                await conn.execute(
+                    text("DELETE FROM ipam_allocations WHERE pool_id = :pool AND owner = ANY(:owners)"),
+                    {"pool": stored.id, "owners": [r["owner"] for r in rows]},
+                )
+            return released
+
+        return await self._transaction(run)
 
     # -- consistency ------------------------------------------------------------------
 

@@ -1,0 +1,51 @@
+"""Fixtures: one migrated database per session (real PostgreSQL), clean-up after
+each test, and one real server process on a free loopback port."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import ServerProcess, psql, scratch_database, spawn_server  # noqa: E402
+
+from dsipam.v1 import ipam_pb2_grpc  # noqa: E402
+
+TABLES = "ipam_allocations, ipam_blocks, ipam_ranges, ipam_pools"
+
+
+@pytest.fixture(scope="session")
+def db_url() -> Iterator[str]:
+    with scratch_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def server_proc(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = spawn_server(db_url, tmp_path_factory.mktemp("server"))
+    yield server
+    server.terminate()
+
+
+@pytest.fixture
+def clean_db(db_url: str) -> Iterator[str]:
+    yield db_url
+    psql(db_url, f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture
+def target(server_proc: ServerProcess, clean_db: str) -> str:
+    if server_proc.proc.poll() is not None:
+        raise RuntimeError(f"session server died:\n{server_proc.log()}")
+    return server_proc.target
+
+
+@pytest.fixture
+def stub(target: str) -> Iterator[ipam_pb2_grpc.IpamServiceStub]:
+    with grpc.insecure_channel(target) as channel:
+        yield ipam_pb2_grpc.IpamServiceStub(channel)
