@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 
+from .rpc import reflection
 from .rpc.servicer import IpamServicer
 from .settings import DEFAULT_LISTEN, Settings
 from .store import Store, create_engine

@@ -9,6 +9,8 @@ from dsipam.v1 import ipam_pb2 as pb
 from .. import domain
 from ..domain import Family, Policy
 
+UINT64_MAX = 2**64 - 1  # usage counters saturate: an IPv6 /48 holds 2**80 addresses
+
 _FAMILY_FROM_PB = {pb.IP_FAMILY_IPV4: Family.IPV4, pb.IP_FAMILY_IPV6: Family.IPV6}
 _FAMILY_TO_PB = {v: k for k, v in _FAMILY_FROM_PB.items()}
 _POLICY_FROM_PB = {
@@ -76,7 +78,12 @@ def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:
         ],
         labels=dict(spec.labels),
         usage=[
-            pb.FamilyUsage(family=_FAMILY_TO_PB[u.family], size=u.size, allocated=u.allocated, free=u.free)
+            pb.FamilyUsage(
+                family=_FAMILY_TO_PB[u.family],
+                size=min(u.size, UINT64_MAX),
+                allocated=min(u.allocated, UINT64_MAX),
+                free=min(u.free, UINT64_MAX),
+            )
             for u in info.usage
         ],
         create_time=_timestamp(info.create_time),

@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ..domain import DatabaseUnavailable
 
 ENV_DATABASE_URL = "DSIPAM_DATABASE_URL"
+# Set to 1 when the database URL points at PgBouncer in transaction (or statement) pooling mode.
+ENV_DB_PGBOUNCER = "DSIPAM_DB_PGBOUNCER"
 
 # SQLSTATEs that mean "run the transaction again".
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
@@ -41,14 +43,50 @@ def to_sqlalchemy_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
 
 
-def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10, pool_timeout: float = 10.0) -> AsyncEngine:
+def pgbouncer_from_env() -> bool:
+    """True when ``DSIPAM_DB_PGBOUNCER`` is 1/true/yes."""
+    return os.environ.get(ENV_DB_PGBOUNCER, "").strip().lower() in ("1", "true", "yes")
+
+
+def pgbouncer_connect_args() -> dict[str, object]:
+    """Driver arguments that make asyncpg safe behind PgBouncer in transaction pooling mode.
+
+    A transaction-mode pooler hands each transaction to any server connection, so a
+    named prepared statement made on one may be missing (or taken) on the next. With
+    these, no named statement is ever created: asyncpg's statement cache is off, the
+    SQLAlchemy dialect's cache is off, and the dialect prepares each statement as the
+    unnamed statement, which asyncpg parses again in the same round trip that runs it.
+    """
+    return {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": _unnamed_statement,
+    }
+
+
+def _unnamed_statement() -> str:
+    return ""
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+    pool_timeout: float = 10.0,
+    pgbouncer: bool | None = None,
+) -> AsyncEngine:
+    """The engine for ``url``; ``pgbouncer`` (default: ``DSIPAM_DB_PGBOUNCER``) turns off prepared statements."""
+    connect_args: dict[str, object] = {"timeout": 5, "server_settings": {"application_name": "dsipam"}}
+    if pgbouncer if pgbouncer is not None else pgbouncer_from_env():
+        connect_args.update(pgbouncer_connect_args())
     return create_async_engine(
         to_sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
         pool_pre_ping=False,
-        connect_args={"timeout": 5, "server_settings": {"application_name": "dsipam"}},
+        connect_args=connect_args,
     )
 
 
