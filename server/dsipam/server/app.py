@@ -30,8 +30,12 @@ class Running:
     store: Store
     addresses: list[str]
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, delay: float = 0.0) -> None:
+        """Health goes NOT_SERVING; after ``delay`` (for load balancers to notice) new calls are
+        refused and in-flight calls get ``grace`` seconds to finish."""
         await self.health.enter_graceful_shutdown()
+        if delay > 0:
+            await asyncio.sleep(delay)
         await self.server.stop(grace)
         await self.store.close()
 
@@ -93,4 +97,4 @@ async def serve(settings: Settings, on_started=None) -> None:  # type: ignore[no
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, finishing in-flight calls (grace %ss)", settings.shutdown_grace)
     print("dsipam: shutting down", flush=True)
-    await running.stop(settings.shutdown_grace)
+    await running.stop(settings.shutdown_grace, settings.shutdown_delay)
