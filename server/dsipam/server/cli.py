@@ -39,6 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.db_max_overflow = args.db_max_overflow
     if args.data_dir:
         settings.data_dir = args.data_dir
+    if args.db_pgbouncer:
+        settings.db_pgbouncer = True
+    if settings.db_pgbouncer:  # every engine of this process (store, migrations) reads it
+        _use_pgbouncer()
     _setup_logging(settings.log_level)
     embedded = None
     if not settings.database_url:
@@ -68,6 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_pgbouncer() -> None:
+    import os
+
+    from .store.db import ENV_DB_PGBOUNCER
+
+    os.environ[ENV_DB_PGBOUNCER] = "1"
+
+
 def _database_url(args: argparse.Namespace) -> str:
     from .store.db import database_url_from_env
 
@@ -78,6 +90,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from .migrate import check, upgrade
 
     _setup_logging("WARNING")
+    if args.db_pgbouncer:
+        _use_pgbouncer()
     url = _database_url(args)
     if args.check:
         check(url)
@@ -91,6 +105,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from .store import Store, create_engine
 
+    if args.db_pgbouncer:
+        _use_pgbouncer()
     url = _database_url(args)
 
     async def run() -> list[str]:
@@ -107,6 +123,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+_PGBOUNCER_HELP = "the URL is PgBouncer in transaction mode: no prepared statements (env DSIPAM_DB_PGBOUNCER=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsipam", description="Dual-stack IP address management.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db-pool-size", type=int, help="database connections kept open (env DSIPAM_DB_POOL_SIZE)")
     serve.add_argument("--db-max-overflow", type=int, help="extra connections under load (env DSIPAM_DB_MAX_OVERFLOW)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env DSIPAM_LOG_LEVEL)")
+    serve.add_argument("--db-pgbouncer", action="store_true", help=_PGBOUNCER_HELP)
     serve.add_argument("--data-dir", help="data directory of the private PostgreSQL (env DSIPAM_DATA_DIR)")
     serve.add_argument("--migrate", action="store_true", help="apply migrations before serving (env DSIPAM_MIGRATE=1)")
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--database-url", help="postgresql://user@host:port/db (env DSIPAM_DATABASE_URL)")
+    migrate.add_argument("--db-pgbouncer", action="store_true", help=_PGBOUNCER_HELP)
     migrate.add_argument("--revision", default="head")
     migrate.add_argument("--check", action="store_true", help="fail when models and schema disagree")
     migrate.set_defaults(func=cmd_migrate)
@@ -130,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     fsck = sub.add_parser("fsck", help="check that a pool's blocks and allocations agree")
     fsck.add_argument("pool")
     fsck.add_argument("--database-url", help="postgresql://user@host:port/db (env DSIPAM_DATABASE_URL)")
+    fsck.add_argument("--db-pgbouncer", action="store_true", help=_PGBOUNCER_HELP)
     fsck.set_defaults(func=cmd_fsck)
     return parser
 

@@ -22,6 +22,7 @@ class Settings:
     listen: list[str] = field(default_factory=list)
     db_pool_size: int = 10
     db_max_overflow: int = 10
+    db_pgbouncer: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
     shutdown_grace: float = 10.0
@@ -37,6 +38,7 @@ class Settings:
             listen=listen,
             db_pool_size=_env_int("DSIPAM_DB_POOL_SIZE", 10),
             db_max_overflow=_env_int("DSIPAM_DB_MAX_OVERFLOW", 10),
+            db_pgbouncer=os.environ.get("DSIPAM_DB_PGBOUNCER", "").strip().lower() in ("1", "true", "yes"),
             log_level=os.environ.get("DSIPAM_LOG_LEVEL", "INFO").upper(),
             log_format=os.environ.get("DSIPAM_LOG_FORMAT", "text"),
             shutdown_grace=float(os.environ.get("DSIPAM_SHUTDOWN_GRACE", "10") or 10),

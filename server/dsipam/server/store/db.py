@@ -78,7 +78,9 @@ def create_engine(
 ) -> AsyncEngine:
     """The engine for ``url``; ``pgbouncer`` (default: ``DSIPAM_DB_PGBOUNCER``) turns off prepared statements."""
     connect_args: dict[str, object] = {"timeout": 5, "server_settings": {"application_name": "dsipam"}}
-    if pgbouncer if pgbouncer is not None else pgbouncer_from_env():
+    if pgbouncer is None:
+        pgbouncer = pgbouncer_from_env()
+    if pgbouncer:
         connect_args.update(pgbouncer_connect_args())
     return create_async_engine(
         to_sqlalchemy_url(url),
