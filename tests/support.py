@@ -108,7 +108,8 @@ def spawn_server(db_url: str, tmp: Path, *, port: int | None = None, extra_env: 
     target = f"127.0.0.1:{port}"
     log_path = tmp / f"server-{port}-{uuid.uuid4().hex[:6]}.log"
     env = dict(os.environ)
-    env.update({"DSIPAM_DATABASE_URL": db_url, "DSIPAM_LOG_LEVEL": "WARNING", **(extra_env or {})})
+    env.update({"DSIPAM_DATABASE_URL": db_url, "DSIPAM_LOG_LEVEL": "WARNING", "DSIPAM_SHUTDOWN_DELAY": "0",
+                **(extra_env or {})})
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dsipam.server", "serve", "--listen", target, *args],

@@ -26,6 +26,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     shutdown_grace: float = 10.0
+    shutdown_delay: float = 1.0
     data_dir: str = ""
     migrate: bool = False
     uvloop: bool = True
@@ -42,6 +43,7 @@ class Settings:
             log_level=os.environ.get("DSIPAM_LOG_LEVEL", "INFO").upper(),
             log_format=os.environ.get("DSIPAM_LOG_FORMAT", "text"),
             shutdown_grace=float(os.environ.get("DSIPAM_SHUTDOWN_GRACE", "10") or 10),
+            shutdown_delay=float(os.environ.get("DSIPAM_SHUTDOWN_DELAY", "1") or 1),
             data_dir=os.environ.get("DSIPAM_DATA_DIR", ""),
             migrate=os.environ.get("DSIPAM_MIGRATE", "") in ("1", "true", "yes"),
             uvloop=os.environ.get("DSIPAM_UVLOOP", "1") not in ("0", "false", "no"),
