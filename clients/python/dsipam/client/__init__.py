@@ -1,0 +1,175 @@
+"""The Python SDK of dsipam: :class:`IpamClient` (blocking) and :class:`AsyncIpamClient` (asyncio).
+
+>>> from dsipam.client import IpamClient
+>>> with IpamClient("127.0.0.1:50051") as ipam:
+...     pair = ipam.allocate("pods", "c1/eth0", policy="require").allocation
+...     print(pair.ipv4, pair.ipv6)
+
+Arguments are plain Python values (strings or :mod:`ipaddress` objects); results are frozen
+dataclasses. Failures raise subclasses of :class:`IpamError` built from the gRPC status code
+and the ``google.rpc.ErrorInfo`` reason. UNAVAILABLE and ABORTED are retried with backoff
+within the call's deadline.
+
+Names are imported on first use, so that ``import dsipam.client`` (and the ``dsipam`` command)
+stays fast; gRPC is loaded when a client or an error class is first touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ._aio import AsyncIpamClient
+    from ._base import DEFAULT_TIMEOUT, env_settings
+    from ._channel import DEFAULT_TARGET, TlsConfig
+    from ._client import IpamClient
+    from ._errors import (
+        ERROR_DOMAIN,
+        ERROR_TABLE,
+        Aborted,
+        AddressInUse,
+        AllocationNotFound,
+        AlreadyExists,
+        Cancelled,
+        Conflict,
+        DatabaseUnavailable,
+        DeadlineExceeded,
+        FailedPrecondition,
+        FamilyNotInPool,
+        InternalError,
+        InvalidArgument,
+        IpamError,
+        NotFound,
+        OwnerHoldsOtherAddress,
+        PermissionDenied,
+        PoolAlreadyExists,
+        PoolExhausted,
+        PoolHasAllocations,
+        PoolNotFound,
+        ResourceExhausted,
+        ServiceUnavailable,
+        Unauthenticated,
+        Unimplemented,
+        error_class,
+        error_from_status,
+        register_error,
+    )
+    from ._retry import NO_RETRY, RETRY_CODES, RetryPolicy
+    from ._types import (
+        Address,
+        AllocateResult,
+        Allocation,
+        Family,
+        FamilyUsage,
+        Page,
+        Policy,
+        Pool,
+        Range,
+    )
+
+_WHERE = {
+    "._aio": ("AsyncIpamClient",),
+    "._base": ("DEFAULT_TIMEOUT", "env_settings"),
+    "._channel": ("DEFAULT_TARGET", "TlsConfig"),
+    "._client": ("IpamClient",),
+    "._errors": (
+        "ERROR_DOMAIN",
+        "ERROR_TABLE",
+        "Aborted",
+        "AddressInUse",
+        "AllocationNotFound",
+        "AlreadyExists",
+        "Cancelled",
+        "Conflict",
+        "DatabaseUnavailable",
+        "DeadlineExceeded",
+        "FailedPrecondition",
+        "FamilyNotInPool",
+        "InternalError",
+        "InvalidArgument",
+        "IpamError",
+        "NotFound",
+        "OwnerHoldsOtherAddress",
+        "PermissionDenied",
+        "PoolAlreadyExists",
+        "PoolExhausted",
+        "PoolHasAllocations",
+        "PoolNotFound",
+        "ResourceExhausted",
+        "ServiceUnavailable",
+        "Unauthenticated",
+        "Unimplemented",
+        "error_class",
+        "error_from_status",
+        "register_error",
+    ),
+    "._retry": ("NO_RETRY", "RETRY_CODES", "RetryPolicy"),
+    "._types": ("Address", "AllocateResult", "Allocation", "Family", "FamilyUsage", "Page", "Policy", "Pool", "Range"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = [
+    "Aborted",
+    "Address",
+    "AddressInUse",
+    "AllocateResult",
+    "Allocation",
+    "AllocationNotFound",
+    "AlreadyExists",
+    "AsyncIpamClient",
+    "Cancelled",
+    "Conflict",
+    "DEFAULT_TARGET",
+    "DEFAULT_TIMEOUT",
+    "DatabaseUnavailable",
+    "DeadlineExceeded",
+    "ERROR_DOMAIN",
+    "ERROR_TABLE",
+    "FailedPrecondition",
+    "Family",
+    "FamilyNotInPool",
+    "FamilyUsage",
+    "InternalError",
+    "InvalidArgument",
+    "IpamClient",
+    "IpamError",
+    "NO_RETRY",
+    "NotFound",
+    "OwnerHoldsOtherAddress",
+    "Page",
+    "PermissionDenied",
+    "Policy",
+    "Pool",
+    "PoolAlreadyExists",
+    "PoolExhausted",
+    "PoolHasAllocations",
+    "PoolNotFound",
+    "RETRY_CODES",
+    "Range",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "ServiceUnavailable",
+    "TlsConfig",
+    "Unauthenticated",
+    "Unimplemented",
+    "env_settings",
+    "error_class",
+    "error_from_status",
+    "register_error",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
