@@ -1,0 +1,65 @@
+# syntax=docker/dockerfile:1
+# The dsipam server image: `docker build -t dsipam .`, then `docker run dsipam` serves
+# IpamService on [::]:50051 (set DSIPAM_DATABASE_URL). One image holds every command:
+#   dsipam serve | dsipam migrate | dsipam fsck POOL   the server, the migrations, the checker
+#   dsipam-cni-install                                 the CNI DaemonSet's node installer
+# Layout and probes are described in docs/operations.md; tests/e2e/test_deploy.py checks
+# this file's structure (base images, non-root USER, entry point, health check).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: a virtualenv with dsipam and its dependencies ------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/dsipam/venv
+WORKDIR /src
+COPY . .
+RUN /opt/dsipam/venv/bin/pip install --no-compile . \
+ && /opt/dsipam/venv/bin/python -m compileall -q /opt/dsipam/venv/lib \
+ && /opt/dsipam/venv/bin/dsipam --help >/dev/null
+
+# ---- cni-bundle: a self-contained runtime that the DaemonSet copies onto each node -------
+# Nodes have no Python of the right version, so the plugin travels with its interpreter:
+# python/ is a copy of the base image's /usr/local Python, site-packages/ the venv's.
+FROM build AS cni-bundle
+RUN set -eux; \
+    b=/opt/dsipam/cni-bundle; \
+    mkdir -p "$b/python/bin" "$b/python/lib"; \
+    cp -L /usr/local/bin/python3.11 "$b/python/bin/python3.11"; \
+    cp -a /usr/local/lib/libpython3.11.so* "$b/python/lib/"; \
+    cp -a /usr/local/lib/python3.11 "$b/python/lib/python3.11"; \
+    rm -rf "$b/python/lib/python3.11/site-packages" "$b/python/lib/python3.11/test" \
+           "$b/python/lib/python3.11/ensurepip" "$b/python/lib/python3.11/idlelib" "$b/python/lib/python3.11/tkinter"; \
+    cp -a /opt/dsipam/venv/lib/python3.11/site-packages "$b/site-packages"; \
+    rm -rf "$b/site-packages/pip" "$b/site-packages/setuptools"; \
+    find "$b" -name __pycache__ -prune -exec rm -rf {} +; \
+    "$b/python/bin/python3.11" -c "import sys; sys.exit(0)"
+
+# ---- runtime: the image that runs -------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="dsipam" \
+      org.opencontainers.image.description="Dual-stack IPv4/IPv6 address management over gRPC" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/dsipam/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    DSIPAM_LISTEN=[::]:50051 \
+    DSIPAM_HEALTH_TARGET=127.0.0.1:50051
+RUN groupadd --system --gid 10001 dsipam \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin dsipam
+COPY --from=build /opt/dsipam/venv /opt/dsipam/venv
+COPY --from=cni-bundle /opt/dsipam/cni-bundle /opt/dsipam/cni-bundle
+COPY deploy/docker/healthcheck.py /usr/local/bin/dsipam-healthcheck
+COPY deploy/docker/install-cni.sh /usr/local/bin/dsipam-cni-install
+COPY deploy/docker/dsipam-cni.sh /opt/dsipam/dsipam-cni.sh
+RUN chmod 0755 /usr/local/bin/dsipam-healthcheck /usr/local/bin/dsipam-cni-install
+USER 10001:10001
+WORKDIR /opt/dsipam
+EXPOSE 50051
+# grpc.health.v1.Health/Check on the served port (Kubernetes uses its native gRPC probe instead).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 CMD ["dsipam-healthcheck"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["dsipam"]
+CMD ["serve"]

@@ -1,0 +1,117 @@
+#!/bin/sh
+# dsipam-cni-install: puts the dsipam CNI IPAM plugin and a dual-stack conflist on this node.
+# The DaemonSet in deploy/kubernetes/cni.yaml runs it with the node's root (or
+# just /opt/cni/bin, /opt/dsipam-cni and /etc/cni/net.d) mounted under $DSIPAM_CNI_HOST_ROOT.
+#
+#   1. copies the Python runtime and packages to <bundle dir>/<version>/ and points
+#      <bundle dir>/current at it (a symlink swapped with one rename);
+#   2. writes <bin dir>/dsipam-cni, a shell wrapper that runs `python -m dsipam.cni`
+#      with that runtime (written to a temporary name, then renamed: never half a file);
+#   3. renders the conflist template (@SERVER@, @POOL@, @NODE_NAME@, @CNI_VERSION@),
+#      checks that it is JSON and writes <conf dir>/<name> the same way;
+#   4. runs the installed plugin's VERSION command, so a broken runtime fails the pod;
+#   5. with --once exits, otherwise waits for SIGTERM (the DaemonSet keeps the pod up so
+#      that an image update re-runs the install).
+# Every setting is an environment variable (defaults in brackets):
+#   DSIPAM_CNI_HOST_ROOT [/host]  DSIPAM_CNI_BIN_DIR [/opt/cni/bin]  DSIPAM_CNI_CONF_DIR [/etc/cni/net.d]
+#   DSIPAM_CNI_BUNDLE_DIR [/opt/dsipam-cni]  DSIPAM_CNI_CONFLIST_NAME [90-dsipam.conflist]
+#   DSIPAM_CNI_TEMPLATE [/etc/dsipam-cni/conflist.template]
+#   DSIPAM_CNI_SERVER [$DSIPAM_SERVICE_HOST:$DSIPAM_SERVICE_PORT_GRPC, from the Service's links]
+#   DSIPAM_CNI_POOL [pods]  DSIPAM_CNI_VERSION [1.0.0]  NODE_NAME [hostname]  DSIPAM_CNI_VERIFY [1]
+#   DSIPAM_CNI_BUNDLE_SRC [/opt/dsipam/cni-bundle]  DSIPAM_CNI_WRAPPER_SRC [/opt/dsipam/dsipam-cni.sh]
+set -eu
+
+log() { echo "dsipam-cni-install: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+once=0
+for arg in "$@"; do
+  case "$arg" in
+    --once) once=1 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    *) die "unknown argument $arg (expected --once)" ;;
+  esac
+done
+
+root="${DSIPAM_CNI_HOST_ROOT-/host}"
+bin_dir="${DSIPAM_CNI_BIN_DIR:-/opt/cni/bin}"
+conf_dir="${DSIPAM_CNI_CONF_DIR:-/etc/cni/net.d}"
+bundle_dir="${DSIPAM_CNI_BUNDLE_DIR:-/opt/dsipam-cni}"
+conflist_name="${DSIPAM_CNI_CONFLIST_NAME:-90-dsipam.conflist}"
+template="${DSIPAM_CNI_TEMPLATE:-/etc/dsipam-cni/conflist.template}"
+server="${DSIPAM_CNI_SERVER:-}"
+pool="${DSIPAM_CNI_POOL:-pods}"
+cni_version="${DSIPAM_CNI_VERSION:-1.0.0}"
+node="${NODE_NAME:-$(hostname)}"
+verify="${DSIPAM_CNI_VERIFY:-1}"
+bundle_src="${DSIPAM_CNI_BUNDLE_SRC:-/opt/dsipam/cni-bundle}"
+wrapper_src="${DSIPAM_CNI_WRAPPER_SRC:-/opt/dsipam/dsipam-cni.sh}"
+
+# Without DSIPAM_CNI_SERVER: the ClusterIP of the Service "dsipam" from the service-link variables.
+if [ -z "$server" ] && [ -n "${DSIPAM_SERVICE_HOST:-}" ]; then
+  port="${DSIPAM_SERVICE_PORT_GRPC:-${DSIPAM_SERVICE_PORT:-50051}}"
+  case "$DSIPAM_SERVICE_HOST" in
+    *:*) server="[$DSIPAM_SERVICE_HOST]:$port" ;;
+    *) server="$DSIPAM_SERVICE_HOST:$port" ;;
+  esac
+fi
+[ -n "$server" ] || die "DSIPAM_CNI_SERVER is not set and there is no DSIPAM_SERVICE_HOST (is the Service dsipam there? then restart this pod)"
+case "$server" in *:*) ;; *) die "DSIPAM_CNI_SERVER: '$server' is not host:port" ;; esac
+[ -d "$bundle_src/python" ] && [ -d "$bundle_src/site-packages" ] || die "DSIPAM_CNI_BUNDLE_SRC: $bundle_src has no python/ and site-packages/"
+[ -f "$wrapper_src" ] || die "DSIPAM_CNI_WRAPPER_SRC: $wrapper_src not found"
+[ -f "$template" ] || die "DSIPAM_CNI_TEMPLATE: $template not found"
+case "$conflist_name" in *.conflist) ;; *) die "DSIPAM_CNI_CONFLIST_NAME: '$conflist_name' must end in .conflist" ;; esac
+
+# Escapes a value for the right-hand side of a sed s|||, and for a JSON string.
+sed_value() { printf '%s' "$1" | sed -e 's/[\\"]/\\\\&/g' -e 's/[|&]/\\&/g'; }
+
+mkdir -p "$root$bin_dir" "$root$conf_dir" "$root$bundle_dir"
+
+# 1. the runtime, in a new version directory; then swap the "current" symlink.
+version="v$(date +%Y%m%d%H%M%S)-$$"
+staging="$root$bundle_dir/.$version.tmp"
+rm -rf "$staging"
+cp -R "$bundle_src" "$staging"
+mv "$staging" "$root$bundle_dir/$version"
+ln -s "$version" "$root$bundle_dir/.current.tmp"
+mv -T "$root$bundle_dir/.current.tmp" "$root$bundle_dir/current" 2>/dev/null \
+  || { rm -f "$root$bundle_dir/current"; mv "$root$bundle_dir/.current.tmp" "$root$bundle_dir/current"; }
+log "runtime in $bundle_dir/$version (current)"
+# Keep the newest two versions: a plugin started just before the swap may still read the previous one.
+ls -1d "$root$bundle_dir"/v* 2>/dev/null | sort -r | tail -n +3 | while read -r old; do rm -rf "$old"; done
+
+# 2. the plugin wrapper.
+sed "s|@BUNDLE@|$(sed_value "$bundle_dir/current")|g" "$wrapper_src" > "$root$bin_dir/.dsipam-cni.tmp"
+chmod 0755 "$root$bin_dir/.dsipam-cni.tmp"
+mv -f "$root$bin_dir/.dsipam-cni.tmp" "$root$bin_dir/dsipam-cni"
+log "plugin $bin_dir/dsipam-cni"
+
+# 3. the conflist.
+tmp_conf="$root$conf_dir/.$conflist_name.tmp"
+sed -e "s|@SERVER@|$(sed_value "$server")|g" -e "s|@POOL@|$(sed_value "$pool")|g" \
+    -e "s|@NODE_NAME@|$(sed_value "$node")|g" -e "s|@CNI_VERSION@|$(sed_value "$cni_version")|g" \
+    "$template" > "$tmp_conf"
+if ! python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); assert c["plugins"], "no plugins"' "$tmp_conf"; then
+  rm -f "$tmp_conf"
+  die "the rendered conflist is not valid JSON with plugins: check $template"
+fi
+chmod 0644 "$tmp_conf"
+mv -f "$tmp_conf" "$root$conf_dir/$conflist_name"
+log "conflist $conf_dir/$conflist_name (server $server, pool $pool, node $node)"
+
+# 4. the installed runtime answers VERSION (run through the container's view of the bundle).
+if [ "$verify" = 1 ]; then
+  check="$root$bundle_dir/.verify-$$.sh"
+  sed "s|@BUNDLE@|$(sed_value "$root$bundle_dir/current")|g" "$wrapper_src" > "$check"
+  if ! out=$(printf '{"cniVersion":"%s"}' "$cni_version" | CNI_COMMAND=VERSION sh "$check" 2>&1); then
+    rm -f "$check"
+    die "the installed plugin failed its VERSION command: $out"
+  fi
+  rm -f "$check"
+  log "VERSION: $out"
+fi
+
+[ "$once" = 1 ] && exit 0
+log "installed; waiting for SIGTERM"
+trap 'log "stopping"; exit 0' TERM INT
+while :; do sleep 3600 & wait $! || true; done
