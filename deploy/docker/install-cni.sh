@@ -63,7 +63,8 @@ case "$server" in *:*) ;; *) die "DSIPAM_CNI_SERVER: '$server' is not host:port"
 case "$conflist_name" in *.conflist) ;; *) die "DSIPAM_CNI_CONFLIST_NAME: '$conflist_name' must end in .conflist" ;; esac
 
 # Escapes a value for the right-hand side of a sed s|||, and for a JSON string.
-sed_value() { printf '%s' "$1" | sed -e 's/[\\"]/\\\\&/g' -e 's/[|&]/\\&/g'; }
+# A backslash becomes \\ and a quote \" in the JSON; | and & are literal for sed.
+sed_value() { printf '%s' "$1" | sed -e 's/\\/\\\\\\\\/g' -e 's/"/\\\\"/g' -e 's/[|&]/\\&/g'; }
 
 mkdir -p "$root$bin_dir" "$root$conf_dir" "$root$bundle_dir"
 

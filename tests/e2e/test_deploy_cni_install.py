@@ -1,0 +1,166 @@
+"""The CNI DaemonSet's installer (deploy/docker/install-cni.sh) on a fake node root.
+
+The node is a temporary directory; the runtime bundle is the interpreter that runs the
+tests (python/) with a site-packages directory of our choosing, laid out as the image's
+cni-bundle stage lays it out. The conflist template is the one in deploy/kubernetes/cni.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTALL = ROOT / "deploy" / "docker" / "install-cni.sh"
+WRAPPER = ROOT / "deploy" / "docker" / "dsipam-cni.sh"
+MINOR = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+STUB_PLUGIN = """\
+import json, os, sys
+print(json.dumps({"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0"],
+                  "command": os.environ.get("CNI_COMMAND"), "stdin": sys.stdin.read(),
+                  "executable": sys.executable, "prefix": sys.prefix}))
+"""
+
+
+def _template() -> str:
+    for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "cni.yaml").read_text()):
+        if doc and doc["kind"] == "ConfigMap":
+            return doc["data"]["conflist.template"]
+    raise AssertionError("no ConfigMap in cni.yaml")
+
+
+def _bundle(tmp: Path, site_packages: Path | None = None) -> Path:
+    """A bundle like the image's: python/ (bin/python3.X, lib/) and site-packages/."""
+    if MINOR != "3.11":
+        pytest.skip("the wrapper runs python3.11, the image's interpreter")
+    bundle = tmp / "bundle"
+    (bundle / "python" / "bin").mkdir(parents=True)
+    (bundle / "python" / "bin" / f"python{MINOR}").symlink_to(Path(sys.executable).resolve())
+    (bundle / "python" / "lib").symlink_to(Path(sysconfig.get_config_var("LIBDIR")), target_is_directory=True)
+    if site_packages is None:
+        site_packages = bundle / "site-packages"
+        (site_packages / "dsipam" / "cni").mkdir(parents=True)
+        (site_packages / "dsipam" / "cni" / "__main__.py").write_text(STUB_PLUGIN)
+    else:
+        (bundle / "site-packages").symlink_to(site_packages, target_is_directory=True)
+    return bundle
+
+
+def _install(tmp: Path, bundle: Path, template: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    tpl = tmp / "conflist.template"
+    tpl.write_text(_template() if template is None else template)
+    full = {
+        "PATH": os.environ["PATH"],
+        "DSIPAM_CNI_HOST_ROOT": str(tmp / "node"),
+        "DSIPAM_CNI_BUNDLE_SRC": str(bundle),
+        "DSIPAM_CNI_WRAPPER_SRC": str(WRAPPER),
+        "DSIPAM_CNI_TEMPLATE": str(tpl),
+        "NODE_NAME": "node-a",
+        **env,
+    }
+    return subprocess.run(["sh", str(INSTALL), "--once"], env=full, capture_output=True, text=True, timeout=120)
+
+
+def _run_plugin(node: Path, command: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    """Runs the installed wrapper as the runtime would, with the bundle path mapped into the fake root."""
+    wrapper = (node / "opt/cni/bin/dsipam-cni").read_text().replace("'/opt/dsipam-cni/", f"'{node}/opt/dsipam-cni/")
+    runnable = node / "dsipam-cni.local"
+    runnable.write_text(wrapper)
+    env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": command, "CNI_PATH": str(node / "opt/cni/bin")}
+    return subprocess.run(["sh", str(runnable)], input=stdin, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_installs_runtime_plugin_and_dual_stack_conflist(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    done = _install(tmp_path, bundle, DSIPAM_SERVICE_HOST="fd00::53", DSIPAM_SERVICE_PORT_GRPC="50051")
+    assert done.returncode == 0, done.stderr
+    node = tmp_path / "node"
+    plugin = node / "opt/cni/bin/dsipam-cni"
+    assert os.access(plugin, os.X_OK)
+    assert "'/opt/dsipam-cni/current'" in plugin.read_text()  # the node's path, not the container's
+    current = node / "opt/dsipam-cni/current"
+    assert current.is_symlink() and (current / "site-packages/dsipam/cni/__main__.py").exists()
+    conflist = json.loads((node / "etc/cni/net.d/90-dsipam.conflist").read_text())
+    ipam = conflist["plugins"][0]["ipam"]
+    assert ipam["server"] == "[fd00::53]:50051"  # an IPv6 ClusterIP gets brackets
+    assert ipam["pool"] == "pods" and ipam["type"] == "dsipam-cni"
+    assert conflist["cniVersion"] == "1.0.0"
+    assert not [p.name for p in (node / "etc/cni/net.d").iterdir() if p.name.startswith(".")]  # no temporary files
+    assert "VERSION:" in done.stderr
+    # The installed wrapper runs the bundle's interpreter with the bundle's packages and passes CNI_* through.
+    ran = _run_plugin(node, "VERSION", '{"cniVersion":"1.0.0"}')
+    assert ran.returncode == 0, ran.stderr
+    reply = json.loads(ran.stdout)
+    assert reply["command"] == "VERSION" and reply["stdin"] == '{"cniVersion":"1.0.0"}'
+    assert reply["prefix"] == str(node / "opt/dsipam-cni/current/python")
+
+
+def test_reinstall_swaps_runtime_and_keeps_two_versions(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    for _ in range(3):
+        done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051", DSIPAM_CNI_POOL="blue")
+        assert done.returncode == 0, done.stderr
+    runtime = tmp_path / "node/opt/dsipam-cni"
+    versions = sorted(p.name for p in runtime.iterdir() if p.name.startswith("v"))
+    assert len(versions) == 2
+    assert os.readlink(runtime / "current") == versions[-1]
+    conflist = json.loads((tmp_path / "node/etc/cni/net.d/90-dsipam.conflist").read_text())
+    assert conflist["plugins"][0]["ipam"]["server"] == "198.18.0.10:50051"
+    assert conflist["plugins"][0]["ipam"]["pool"] == "blue"
+
+
+def test_values_are_escaped_into_json(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051", DSIPAM_CNI_POOL='we"ird|&\\pool')
+    assert done.returncode == 0, done.stderr
+    conflist = json.loads((tmp_path / "node/etc/cni/net.d/90-dsipam.conflist").read_text())
+    assert conflist["plugins"][0]["ipam"]["pool"] == 'we"ird|&\\pool'
+
+
+@pytest.mark.parametrize(
+    ("template", "env", "message"),
+    [
+        ('{"cniVersion": "@CNI_VERSION@", "plugins": [', {"DSIPAM_CNI_SERVER": "198.18.0.10:50051"}, "not valid JSON"),
+        (None, {}, "DSIPAM_CNI_SERVER is not set"),
+        (None, {"DSIPAM_CNI_SERVER": "no-port"}, "is not host:port"),
+        (
+            None,
+            {"DSIPAM_CNI_SERVER": "198.18.0.10:50051", "DSIPAM_CNI_CONFLIST_NAME": "x.conf"},
+            "must end in .conflist",
+        ),
+    ],
+)
+def test_bad_settings_fail_without_writing_a_conflist(tmp_path: Path, template, env, message) -> None:  # type: ignore[no-untyped-def]
+    bundle = _bundle(tmp_path)
+    done = _install(tmp_path, bundle, template, **env)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
+    conf_dir = tmp_path / "node/etc/cni/net.d"
+    assert not conf_dir.exists() or not list(conf_dir.iterdir())
+
+
+def test_broken_runtime_fails_the_install(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    (bundle / "site-packages/dsipam/cni/__main__.py").write_text("raise SystemExit('plugin is broken')\n")
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+    assert done.returncode != 0 and "failed its VERSION command" in done.stderr and "plugin is broken" in done.stderr
+
+
+def test_real_plugin_answers_version_through_the_wrapper(tmp_path: Path) -> None:
+    if importlib.util.find_spec("dsipam.cni.__main__") is None:
+        pytest.skip("dsipam.cni has no __main__ yet")
+    site = Path(sysconfig.get_paths()["purelib"])
+    bundle = _bundle(tmp_path, site)
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+    assert done.returncode == 0, done.stderr
+    ran = _run_plugin(tmp_path / "node", "VERSION", '{"cniVersion":"1.0.0"}')
+    assert ran.returncode == 0, ran.stderr
+    assert "1.0.0" in json.loads(ran.stdout)["supportedVersions"]
