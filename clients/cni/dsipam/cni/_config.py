@@ -1,0 +1,299 @@
+"""The network configuration: the ``ipam`` section and the CNI fields the plugin reads.
+
+Every problem is a :class:`CniError` with code 7 (or 1 for a CNI version the plugin does not
+speak) whose message names the field, such as ``ipam.pool: required``. Unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+import _socket
+
+from ._errors import INCOMPATIBLE_VERSION, INVALID_CONFIG, CniError
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION = SUPPORTED_VERSIONS[-1]
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_GC_GRACE = 60.0
+
+_POLICIES = {"singlestack": 1, "preferdualstack": 2, "requiredualstack": 3}  # dsipam.v1.IpFamilyPolicy
+_FAMILIES = {"ipv4": 1, "ipv6": 2, "4": 1, "6": 2}  # dsipam.v1.IpFamily
+_ROUTE_EXTRAS_1_1 = ("mtu", "advmss", "priority", "table", "scope")
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """"1.0.0" -> (1, 0, 0)."""
+    return tuple(int(part) for part in version.split("."))
+
+
+def _bad(field: str, problem: str) -> CniError:
+    return CniError(INVALID_CONFIG, f"{field}: {problem}")
+
+
+def ip_version(text: str) -> int:
+    """4 or 6 for an address without prefix; 0 when it is not one."""
+    if not isinstance(text, str) or not text:
+        return 0
+    for family, version in ((_socket.AF_INET, 4), (_socket.AF_INET6, 6)):
+        try:
+            _socket.inet_pton(family, text)
+            return version
+        except OSError:
+            continue
+    return 0
+
+
+def canonical_ip(text: str) -> str:
+    """The address in canonical form (``fd00:0::1`` -> ``fd00::1``); ``text`` when it is not an address."""
+    version = ip_version(text)
+    if not version:
+        return text
+    family = _socket.AF_INET if version == 4 else _socket.AF_INET6
+    return _socket.inet_ntop(family, _socket.inet_pton(family, text))
+
+
+def cidr_version(text: str) -> int:
+    """4 or 6 for ``address/prefix`` with a prefix that fits the family; 0 otherwise."""
+    if not isinstance(text, str) or text.count("/") != 1:
+        return 0
+    address, prefix = text.split("/")
+    version = ip_version(address)
+    if not version or not prefix.isdigit() or int(prefix) > (32 if version == 4 else 128):
+        return 0
+    return version
+
+
+def _string(section: dict, key: str, where: str, required: bool = False) -> str:
+    value = section.get(key)
+    if value is None:
+        if required:
+            raise _bad(where, "required")
+        return ""
+    if not isinstance(value, str):
+        raise _bad(where, f"must be a string, not {_kind(value)}")
+    if required and not value:
+        raise _bad(where, "required")
+    return value
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), "a number" if isinstance(value, (int, float)) else "null")
+
+
+def _string_list(section: dict, key: str, where: str) -> list[str]:
+    value = section.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(where, f"must be a list, not {_kind(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _bad(f"{where}[{i}]", f"must be a string, not {_kind(item)}")
+    return value
+
+
+def _seconds(section: dict, key: str, where: str, default: float | None, allow_zero: bool) -> float | None:
+    value = section.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _bad(where, f"must be a number of seconds, not {_kind(value)}")
+    if value < 0 or (value == 0 and not allow_zero) or value > 86400:
+        raise _bad(where, f"{value} is out of range")
+    return float(value)
+
+
+def endpoint_target(value: str) -> str:
+    """The channel target for ``unix:///path``, ``/path`` or ``host:port``; raises ValueError."""
+    if value.startswith("unix://"):
+        path = value[len("unix://"):]
+    elif value.startswith("unix:"):
+        path = value[len("unix:"):]
+    elif value.startswith("/"):
+        path = value
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected a unix socket path, unix:///path or host:port")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            raise ValueError("an IPv6 host needs brackets: [fd00::1]:50051")
+        return value
+    if not path.startswith("/"):
+        raise ValueError("a unix socket path must be absolute")
+    return "unix://" + path
+
+
+class IpamConfig:
+    """The parsed ``ipam`` section (plus the network's name and CNI version)."""
+
+    __slots__ = ("cni_version", "network", "endpoint", "target", "pool", "policy", "families", "addresses",
+                 "routes", "default_routes", "dns", "timeout", "tls", "transport", "gc_scope", "gc_grace", "node")
+
+    def __init__(self) -> None:
+        self.cni_version = LATEST_VERSION
+        self.network = ""
+        self.endpoint = ""
+        self.target = ""
+        self.pool = ""
+        self.policy = 1
+        self.families: list[int] = []
+        self.addresses: list[str] = []
+        self.routes: list[dict] = []
+        self.default_routes = False
+        self.dns: dict = {}
+        self.timeout = DEFAULT_TIMEOUT
+        self.tls: dict[str, str] | None = None
+        self.transport = "native"
+        self.gc_scope = "node"
+        self.gc_grace: float | None = None
+        self.node = ""
+
+
+def check_version(netconf: dict) -> str:
+    """The configuration's ``cniVersion``, if the plugin speaks it."""
+    version = netconf.get("cniVersion")
+    if version is None or version == "":
+        raise _bad("cniVersion", "required")
+    if not isinstance(version, str):
+        raise _bad("cniVersion", f"must be a string, not {_kind(version)}")
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(INCOMPATIBLE_VERSION, f"cniVersion: {version!r} is not supported",
+                       "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
+    return version
+
+
+def parse(netconf: object) -> IpamConfig:
+    """Reads and validates the plugin's configuration from a decoded network configuration."""
+    if not isinstance(netconf, dict):
+        raise _bad("network configuration", f"must be a JSON object, not {_kind(netconf)}")
+    cfg = IpamConfig()
+    cfg.cni_version = check_version(netconf)
+    cfg.network = _string(netconf, "name", "name")
+    ipam = netconf.get("ipam")
+    if not isinstance(ipam, dict):
+        raise _bad("ipam", "required" if ipam is None else f"must be an object, not {_kind(ipam)}")
+
+    cfg.endpoint = _string(ipam, "endpoint", "ipam.endpoint", required=True)
+    try:
+        cfg.target = endpoint_target(cfg.endpoint)
+    except ValueError as exc:
+        raise _bad("ipam.endpoint", f"{cfg.endpoint!r}: {exc}") from None
+    cfg.pool = _string(ipam, "pool", "ipam.pool", required=True)
+
+    policy = _string(ipam, "ipFamilyPolicy", "ipam.ipFamilyPolicy")
+    if policy:
+        key = policy.lower().replace("_", "").replace("-", "")
+        if key not in _POLICIES:
+            raise _bad("ipam.ipFamilyPolicy", f"{policy!r} is not SingleStack, PreferDualStack or RequireDualStack")
+        cfg.policy = _POLICIES[key]
+    for i, name in enumerate(_string_list(ipam, "ipFamilies", "ipam.ipFamilies")):
+        family = _FAMILIES.get(name.lower())
+        if family is None:
+            raise _bad(f"ipam.ipFamilies[{i}]", f"{name!r} is not IPv4 or IPv6")
+        if family in cfg.families:
+            raise _bad(f"ipam.ipFamilies[{i}]", f"{name!r} is listed twice")
+        cfg.families.append(family)
+    if len(cfg.families) > 1 and cfg.policy == 1:
+        raise _bad("ipam.ipFamilies", "two families need ipFamilyPolicy PreferDualStack or RequireDualStack")
+
+    for i, text in enumerate(_string_list(ipam, "addresses", "ipam.addresses")):
+        address = requested_address(text)
+        if not address:
+            raise _bad(f"ipam.addresses[{i}]", f"{text!r} is not an IP address")
+        cfg.addresses.append(address)
+
+    cfg.routes = _routes(ipam.get("routes"), cfg.cni_version)
+    default_routes = ipam.get("defaultRoutes", False)
+    if not isinstance(default_routes, bool):
+        raise _bad("ipam.defaultRoutes", f"must be true or false, not {_kind(default_routes)}")
+    cfg.default_routes = default_routes
+    cfg.dns = _dns(ipam.get("dns"))
+
+    cfg.timeout = _seconds(ipam, "timeout", "ipam.timeout", DEFAULT_TIMEOUT, allow_zero=False)  # type: ignore[assignment]
+    cfg.transport = _string(ipam, "transport", "ipam.transport") or "native"
+    if cfg.transport not in ("native", "grpc"):
+        raise _bad("ipam.transport", f"{cfg.transport!r} is not native or grpc")
+    tls = ipam.get("tls")
+    if tls is not None:
+        if not isinstance(tls, dict):
+            raise _bad("ipam.tls", f"must be an object, not {_kind(tls)}")
+        cfg.tls = {k: _string(tls, k, f"ipam.tls.{k}") for k in ("ca", "cert", "key", "serverName")}
+        if bool(cfg.tls["cert"]) != bool(cfg.tls["key"]):
+            raise _bad("ipam.tls", "cert and key go together")
+        if cfg.target.startswith("unix:"):
+            raise _bad("ipam.tls", "TLS needs a host:port endpoint")
+        if "transport" in ipam and cfg.transport == "native":
+            raise _bad("ipam.transport", "native speaks cleartext only; TLS needs transport grpc")
+        cfg.transport = "grpc"
+
+    cfg.gc_scope = _string(ipam, "gcScope", "ipam.gcScope") or "node"
+    if cfg.gc_scope not in ("node", "pool"):
+        raise _bad("ipam.gcScope", f"{cfg.gc_scope!r} is not node or pool")
+    cfg.gc_grace = _seconds(ipam, "gcGrace", "ipam.gcGrace", None, allow_zero=True)
+    cfg.node = _string(ipam, "node", "ipam.node")
+    if not cfg.node:
+        import os
+
+        cfg.node = os.uname().nodename
+    return cfg
+
+
+def requested_address(text: str) -> str:
+    """An address asked for (``198.18.0.9`` or ``198.18.0.9/24``: the prefix is the pool's anyway),
+    without prefix; "" when ``text`` is not one."""
+    if not isinstance(text, str):
+        return ""
+    address = text.split("/", 1)[0] if "/" in text else text
+    if "/" in text and not cidr_version(text):
+        return ""
+    return canonical_ip(address) if ip_version(address) else ""
+
+
+def _routes(value: object, cni_version: str) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad("ipam.routes", f"must be a list, not {_kind(value)}")
+    out = []
+    extras = version_tuple(cni_version) >= (1, 1, 0)
+    for i, route in enumerate(value):
+        where = f"ipam.routes[{i}]"
+        if not isinstance(route, dict):
+            raise _bad(where, f"must be an object, not {_kind(route)}")
+        dst = _string(route, "dst", f"{where}.dst", required=True)
+        version = cidr_version(dst)
+        if not version:
+            raise _bad(f"{where}.dst", f"{dst!r} is not a CIDR")
+        item: dict[str, object] = {"dst": dst}
+        gw = _string(route, "gw", f"{where}.gw")
+        if gw:
+            if ip_version(gw) != version:
+                raise _bad(f"{where}.gw", f"{gw!r} is not an IPv{version} address")
+            item["gw"] = gw
+        if extras:
+            for key in _ROUTE_EXTRAS_1_1:
+                if key in route:
+                    item[key] = route[key]
+        out.append(item)
+    return out
+
+
+def _dns(value: object) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad("ipam.dns", f"must be an object, not {_kind(value)}")
+    out: dict[str, object] = {}
+    nameservers = _string_list(value, "nameservers", "ipam.dns.nameservers")
+    for i, server in enumerate(nameservers):
+        if not ip_version(server):
+            raise _bad(f"ipam.dns.nameservers[{i}]", f"{server!r} is not an IP address")
+    if nameservers:
+        out["nameservers"] = nameservers
+    domain = _string(value, "domain", "ipam.dns.domain")
+    if domain:
+        out["domain"] = domain
+    for key in ("search", "options"):
+        items = _string_list(value, key, f"ipam.dns.{key}")
+        if items:
+            out[key] = items
+    return out

@@ -1,0 +1,89 @@
+"""``dsipam-cni install DIR``: puts the plugin where a runtime's CNI_PATH finds it.
+
+It writes ``DIR/dsipam-cni``, a launcher that starts this Python with ``-IS`` (no site
+initialisation: the editable-install finder and ``.pth`` processing alone cost ~15 ms) and the
+package's own directory on ``sys.path``, and the link ``DIR/dsipam`` so that
+``"ipam": {"type": "dsipam"}`` finds it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+NAMES = ("dsipam-cni", "dsipam")
+
+LAUNCHER = """#!{python} -IS
+# dsipam CNI IPAM plugin, written by `dsipam-cni install`. Regenerate rather than edit.
+import sys
+sys.path[:0] = {paths!r}
+from dsipam.cni.__main__ import main
+sys.exit(main([]))
+"""
+
+
+def package_root() -> str:
+    """The sys.path entry that holds this ``dsipam/cni`` package."""
+    return str(Path(__file__).resolve().parent.parent.parent)
+
+
+def launcher_text(python: str | None = None) -> str:
+    """The launcher script for ``python`` (default: this interpreter)."""
+    python = python or sys.executable
+    if len(python) > 200 or any(c.isspace() for c in python):
+        raise ValueError(f"--python: {python!r} cannot go in a #! line (too long or contains spaces)")
+    return LAUNCHER.format(python=python, paths=[package_root()])
+
+
+def install(directory: str | os.PathLike[str], python: str | None = None) -> list[Path]:
+    """Writes the launcher and the ``dsipam`` link into ``directory``; returns both paths.
+
+    Each file is replaced atomically, so a runtime never runs a half-written plugin.
+    """
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    launcher = target / NAMES[0]
+    tmp = target / f".{NAMES[0]}.{os.getpid()}.tmp"
+    tmp.write_text(launcher_text(python))
+    tmp.chmod(0o755)
+    os.replace(tmp, launcher)
+    link = target / NAMES[1]
+    tmp_link = target / f".{NAMES[1]}.{os.getpid()}.tmp"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(NAMES[0])
+    os.replace(tmp_link, link)
+    return [launcher, link]
+
+
+USAGE = """usage: dsipam-cni install [--python PATH] DIR
+
+Writes DIR/dsipam-cni (the plugin) and DIR/dsipam (a link to it); put DIR on the
+runtime's CNI_PATH. Without arguments, and with CNI_COMMAND set, dsipam-cni is the plugin.
+"""
+
+
+def cli(args: list[str]) -> int:
+    """The ``install`` subcommand."""
+    if args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0
+    if args[0] != "install":
+        sys.stderr.write(f"dsipam-cni: unknown subcommand {args[0]!r}\n{USAGE}")
+        return 2
+    rest = args[1:]
+    python = None
+    if len(rest) >= 2 and rest[0] == "--python":
+        python, rest = rest[1], rest[2:]
+    if len(rest) != 1:
+        sys.stderr.write(USAGE)
+        return 2
+    try:
+        paths = install(rest[0], python)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"dsipam-cni install: {exc}\n")
+        return 1
+    for path in paths:
+        sys.stdout.write(f"{path}\n")
+    return 0

@@ -1,0 +1,70 @@
+"""JSON in and out without importing ``json`` (whose decoder pulls in ``re``, ~7 ms per run).
+
+The C accelerator ``_json`` that ``json`` itself uses does the scanning; a small encoder
+writes the plugin's output. Falls back to ``json`` where ``_json`` is missing.
+"""
+
+from __future__ import annotations
+
+try:
+    import _json
+except ImportError:  # pragma: no cover - CPython always has it
+    _json = None  # type: ignore[assignment]
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _Context:
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_reject_constant)
+    memo: dict = {}
+
+
+_WHITESPACE = " \t\n\r"
+
+
+def loads(text: str) -> object:
+    """Parses one JSON document (surrounding whitespace allowed); raises ValueError otherwise."""
+    if _json is not None:
+        start = len(text) - len(text.lstrip(_WHITESPACE))
+        try:
+            value, end = _json.make_scanner(_Context())(text, start)
+            if not text[end:].strip(_WHITESPACE):
+                return value
+        except Exception:  # noqa: BLE001 - the scanner reports errors only once json.decoder is loaded
+            pass
+    # Invalid input (or no accelerator): let json say exactly what is wrong.
+    import json
+
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def dumps(value: object) -> str:
+    """Serializes dicts, lists, strings, ints, floats, booleans and None, ASCII-only."""
+    if isinstance(value, str):
+        return _json.encode_basestring_ascii(value) if _json is not None else _quote(value)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{dumps(str(k))}: {dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(dumps(v) for v in value) + "]"
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def _quote(text: str) -> str:  # pragma: no cover - only without _json
+    import json
+
+    return json.dumps(text)

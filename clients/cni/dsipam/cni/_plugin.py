@@ -1,0 +1,330 @@
+"""The CNI commands: ADD, DEL, CHECK, VERSION, GC and STATUS, turned into dsipam calls.
+
+:func:`run` takes the environment and stdin and returns the exit code and what to print,
+so that it can be driven without a process.
+"""
+
+from __future__ import annotations
+
+from . import _config, _errors, _jsonio
+from ._errors import CniError
+
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+# The environment each command needs (CNI spec, "Parameters").
+_REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
+}
+# The first spec version that has each command.
+_SINCE = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
+ABORTED_RETRIES = 3
+VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+
+# Attributes recorded with each allocation.
+ATTR_CONTAINER = "cni.containerID"
+ATTR_IFNAME = "cni.ifname"
+ATTR_NETWORK = "cni.network"
+ATTR_NODE = "cni.node"
+_K8S_ARGS = {"K8S_POD_NAMESPACE": "k8s.namespace", "K8S_POD_NAME": "k8s.pod", "K8S_POD_UID": "k8s.podUID"}
+
+
+def run(environ, stdin: bytes) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """Runs one plugin invocation: (exit code, stdout text)."""
+    version = _config.LATEST_VERSION
+    try:
+        command = environ.get("CNI_COMMAND", "")
+        if not command:
+            raise CniError(_errors.INVALID_ENVIRONMENT, "CNI_COMMAND: required")
+        if command not in COMMANDS:
+            raise CniError(_errors.INVALID_ENVIRONMENT, f"CNI_COMMAND: unknown command {command!r}",
+                           "expected one of " + ", ".join(COMMANDS))
+        if command == "VERSION":
+            return 0, _jsonio.dumps({"cniVersion": version, "supportedVersions": list(_config.SUPPORTED_VERSIONS)})
+        for name in _REQUIRED_ENV.get(command, ()):
+            if not environ.get(name):
+                raise CniError(_errors.INVALID_ENVIRONMENT, f"{name}: required for {command}")
+        netconf = _decode(stdin)
+        if isinstance(netconf, dict) and isinstance(netconf.get("cniVersion"), str) and netconf["cniVersion"]:
+            version = netconf["cniVersion"]
+        cfg = _config.parse(netconf)
+        since = _SINCE.get(command)
+        if since and _config.version_tuple(cfg.cni_version) < since:
+            raise CniError(_errors.INCOMPATIBLE_VERSION,
+                           f"cniVersion: {cfg.cni_version} does not have {command}",
+                           f"{command} needs cniVersion {'.'.join(map(str, since))} or later")
+        if command in _REQUIRED_ENV:
+            _check_attachment(environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])
+        handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}[command]
+        result = handler(cfg, netconf, environ)
+        return 0, (_jsonio.dumps(result) if result is not None else "")
+    except CniError as exc:
+        return 1, _jsonio.dumps(exc.to_json(version))
+    except Exception as exc:  # noqa: BLE001 - whatever happens, the runtime gets CNI error JSON
+        err = CniError(999, f"internal error: {type(exc).__name__}: {exc}")
+        return 1, _jsonio.dumps(err.to_json(version))
+
+
+def _decode(stdin: bytes) -> object:
+    try:
+        return _jsonio.loads(stdin.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CniError(_errors.DECODE_FAILURE, f"network configuration on stdin: {exc}") from None
+
+
+def _check_attachment(container_id: str, ifname: str) -> None:
+    if not (container_id[0].isascii() and container_id[0].isalnum()) or not all(
+        c.isascii() and (c.isalnum() or c in "_.-") for c in container_id
+    ):
+        raise CniError(_errors.INVALID_ENVIRONMENT,
+                       f"CNI_CONTAINERID: {container_id[:80]!r} must be alphanumeric, then alphanumerics, '_', '.' or '-'")
+    if len(ifname) > 15 or ifname in (".", "..") or any(c in "/:" or c.isspace() for c in ifname):
+        raise CniError(_errors.INVALID_ENVIRONMENT, f"CNI_IFNAME: {ifname[:80]!r} is not a valid interface name")
+
+
+def owner_of(container_id: str, ifname: str) -> str:
+    """The dsipam owner of one attachment."""
+    return f"{container_id}/{ifname}"
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """CNI_ARGS ``K=V;K2=V2``."""
+    out = {}
+    for pair in text.split(";"):
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CniError(_errors.INVALID_ENVIRONMENT, f"CNI_ARGS: {pair[:80]!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def requested_addresses(cfg, netconf: dict, cni_args: dict[str, str]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Static addresses: ``ipam.addresses``, ``runtimeConfig.ips``, ``args.cni.ips`` and CNI_ARGS ``IP=``."""
+    found: list[tuple[str, str]] = [("ipam.addresses", a) for a in cfg.addresses]
+    runtime = netconf.get("runtimeConfig")
+    if isinstance(runtime, dict) and isinstance(runtime.get("ips"), list):
+        found += [(f"runtimeConfig.ips[{i}]", a) for i, a in enumerate(runtime["ips"])]
+    args = netconf.get("args")
+    cni = args.get("cni") if isinstance(args, dict) else None
+    if isinstance(cni, dict) and isinstance(cni.get("ips"), list):
+        found += [(f"args.cni.ips[{i}]", a) for i, a in enumerate(cni["ips"])]
+    if cni_args.get("IP"):
+        found += [("CNI_ARGS IP", a.strip()) for a in cni_args["IP"].split(",") if a.strip()]
+    out: list[str] = []
+    for where, text in found:
+        address = _config.requested_address(text)
+        if not address:
+            code = _errors.INVALID_ENVIRONMENT if where == "CNI_ARGS IP" else _errors.INVALID_CONFIG
+            raise CniError(code, f"{where}: {str(text)[:80]!r} is not an IP address")
+        if address not in out:
+            out.append(address)
+    return out
+
+
+def _with_retries(call):  # type: ignore[no-untyped-def]
+    """Runs ``call`` again when the server reports a lost race (ABORTED); every call made is idempotent."""
+    from . import _h2
+
+    for attempt in range(ABORTED_RETRIES + 1):
+        try:
+            return call()
+        except _h2.RpcError as exc:
+            if exc.code != _h2.ABORTED or attempt == ABORTED_RETRIES:
+                raise
+
+
+def _rpc(cfg, method: str, call):  # type: ignore[no-untyped-def]
+    from . import _h2
+
+    try:
+        return _with_retries(call)
+    except _h2.RpcError as exc:
+        raise _errors.from_rpc(exc, method, cfg.endpoint) from None
+
+
+def build_result(cfg, allocation) -> dict:  # type: ignore[no-untyped-def]
+    """The IPAM result for an allocation in the configuration's CNI version."""
+    legacy = _config.version_tuple(cfg.cni_version) < (1, 0, 0)
+    ips = []
+    versions = []
+    for a in allocation.addresses:
+        item: dict[str, object] = {"address": f"{a.ip}/{a.prefix_length}"}
+        if legacy:
+            item = {"version": str(a.version), **item}
+        if a.gateway:
+            item["gateway"] = a.gateway
+        ips.append(item)
+        versions.append(a.version)
+    routes = [r for r in cfg.routes if _config.cidr_version(r["dst"]) in versions]
+    if cfg.default_routes:
+        have = {r["dst"] for r in routes}
+        for version in versions:
+            dst = "0.0.0.0/0" if version == 4 else "::/0"
+            if dst not in have:
+                routes.append({"dst": dst})
+                have.add(dst)
+    result: dict[str, object] = {"cniVersion": cfg.cni_version, "ips": ips}
+    if routes:
+        result["routes"] = routes
+    result["dns"] = dict(cfg.dns)
+    return result
+
+
+def cmd_add(cfg, netconf: dict, environ) -> dict:  # type: ignore[no-untyped-def]
+    """ADD: Allocate for ``<containerID>/<ifname>`` and print the IPAM result."""
+    from . import _client
+
+    container_id, ifname = environ["CNI_CONTAINERID"], environ["CNI_IFNAME"]
+    cni_args = parse_cni_args(environ.get("CNI_ARGS", ""))
+    addresses = requested_addresses(cfg, netconf, cni_args)
+    attributes = {ATTR_CONTAINER: container_id, ATTR_IFNAME: ifname, ATTR_NODE: cfg.node}
+    if cfg.network:
+        attributes[ATTR_NETWORK] = cfg.network
+    for arg, attribute in _K8S_ARGS.items():
+        if cni_args.get(arg):
+            attributes[attribute] = cni_args[arg]
+    client = _client.connect(cfg)
+    try:
+        allocation = _rpc(cfg, "Allocate", lambda: client.allocate(
+            cfg.pool, owner_of(container_id, ifname), cfg.policy, cfg.families, addresses, attributes))
+    finally:
+        client.close()
+    return build_result(cfg, allocation)
+
+
+def cmd_del(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]
+    """DEL: Release. Releasing what is not held, or from a pool that is gone, succeeds."""
+    from . import _client
+
+    client = _client.connect(cfg)
+    try:
+        _rpc(cfg, "Release", lambda: client.release(cfg.pool, owner_of(environ["CNI_CONTAINERID"],
+                                                                       environ["CNI_IFNAME"])))
+    except CniError as exc:
+        if exc.code != _errors.POOL_NOT_FOUND:
+            raise
+    finally:
+        client.close()
+    return None
+
+
+def cmd_check(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]
+    """CHECK: the allocation exists and holds exactly the addresses of ``prevResult``."""
+    from . import _client
+
+    prev = netconf.get("prevResult")
+    if not isinstance(prev, dict):
+        raise CniError(_errors.INVALID_CONFIG, "prevResult: required for CHECK" if prev is None
+                       else "prevResult: must be an object")
+    prev_ips = prev.get("ips", [])
+    if not isinstance(prev_ips, list):
+        raise CniError(_errors.INVALID_CONFIG, "prevResult.ips: must be a list")
+    expected = set()
+    for i, ip in enumerate(prev_ips):
+        address = ip.get("address") if isinstance(ip, dict) else None
+        if not _config.cidr_version(address):
+            raise CniError(_errors.INVALID_CONFIG, f"prevResult.ips[{i}].address: {address!r} is not a CIDR")
+        host, prefix = address.split("/")
+        expected.add(f"{_config.canonical_ip(host)}/{int(prefix)}")
+    owner = owner_of(environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])
+    client = _client.connect(cfg)
+    try:
+        allocation = _rpc(cfg, "GetAllocation", lambda: client.get_allocation(cfg.pool, owner))
+    finally:
+        client.close()
+    held = {f"{_config.canonical_ip(a.ip)}/{a.prefix_length}" for a in allocation.addresses}
+    if held != expected:
+        raise CniError(_errors.ALLOCATION_MISMATCH,
+                       f"{owner} holds {', '.join(sorted(held)) or 'nothing'} in pool {cfg.pool!r}, "
+                       f"but prevResult lists {', '.join(sorted(expected)) or 'nothing'}")
+    return None
+
+
+def valid_owners(netconf: dict) -> list[str]:
+    """The owners of ``cni.dev/valid-attachments`` (libcni also sends it as ``cni.dev/attachments``)."""
+    key = VALID_ATTACHMENTS if VALID_ATTACHMENTS in netconf else "cni.dev/attachments"
+    attachments = netconf.get(key)
+    if attachments is None:
+        raise CniError(_errors.INVALID_CONFIG, f"{VALID_ATTACHMENTS}: required for GC")
+    if not isinstance(attachments, list):
+        raise CniError(_errors.INVALID_CONFIG, f"{key}: must be a list")
+    owners = []
+    for i, item in enumerate(attachments):
+        cid = item.get("containerID") if isinstance(item, dict) else None
+        ifname = item.get("ifname") if isinstance(item, dict) else None
+        if not isinstance(cid, str) or not cid or not isinstance(ifname, str) or not ifname:
+            raise CniError(_errors.INVALID_CONFIG, f"{key}[{i}]: needs containerID and ifname strings")
+        owners.append(owner_of(cid, ifname))
+    return owners
+
+
+def cmd_gc(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]
+    """GC: release the allocations of attachments that are not valid any more.
+
+    ``gcScope: pool`` hands the valid owners to the server's GarbageCollect, which releases every
+    other allocation in the pool older than the grace. ``gcScope: node`` (the default) only
+    considers what this plugin allocated for this network on this node (the ``cni.node`` and
+    ``cni.network`` attributes), so that nodes sharing a pool never collect each other's pods.
+    """
+    from . import _client
+
+    valid = valid_owners(netconf)
+    client = _client.connect(cfg)
+    try:
+        if cfg.gc_scope == "pool":
+            _rpc(cfg, "GarbageCollect", lambda: client.garbage_collect(cfg.pool, valid, cfg.gc_grace))
+        else:
+            collect_node(cfg, client, set(valid))
+    finally:
+        client.close()
+    return None
+
+
+def collect_node(cfg, client, valid: set[str]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Releases this node's and network's stale allocations; returns their owners."""
+    import time
+
+    grace = cfg.gc_grace if cfg.gc_grace is not None else _config.DEFAULT_GC_GRACE
+    stale: list[str] = []
+    token = ""
+    while True:
+        page, token = _rpc(cfg, "ListAllocations", lambda t=token: client.list_allocations(cfg.pool, t))
+        now = time.time()  # allocations younger than the grace may be an ADD in flight
+        for a in page:
+            if (a.owner not in valid and a.attributes.get(ATTR_NODE) == cfg.node
+                    and a.attributes.get(ATTR_NETWORK, "") == cfg.network and now - a.create_time >= grace):
+                stale.append(a.owner)
+        if not token:
+            break
+    for owner in stale:
+        _rpc(cfg, "Release", lambda o=owner: client.release(cfg.pool, o))
+    return stale
+
+
+def cmd_status(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]
+    """STATUS: the service answers and the pool has free addresses for what ADD would ask; else 50."""
+    from . import _client
+
+    client = _client.connect(cfg)
+    try:
+        usage = _rpc(cfg, "GetPool", lambda: client.pool_usage(cfg.pool))
+    except CniError as exc:
+        raise CniError(_errors.NOT_AVAILABLE, exc.msg, f"{exc.details} (would be CNI error {exc.code})") from None
+    finally:
+        client.close()
+    free = {u.version: u.free for u in usage}
+    wanted = [{1: 4, 2: 6}[f] for f in cfg.families] or [u.version for u in usage]
+    if cfg.policy == 3:  # RequireDualStack
+        needed = [4, 6]
+    elif cfg.policy == 2:  # PreferDualStack: any one family will do
+        needed = [] if any(free.get(v, 0) for v in wanted) else wanted[:1]
+    else:
+        needed = wanted[:1]
+    empty = [v for v in needed if not free.get(v, 0)]
+    if empty or not usage:
+        names = "/".join(f"IPv{v}" for v in empty) or "any"
+        raise CniError(_errors.NOT_AVAILABLE, f"pool {cfg.pool!r} has no free {names} address",
+                       ", ".join(f"IPv{u.version}: {u.free} of {u.size} free" for u in usage))
+    return None
