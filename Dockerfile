@@ -22,7 +22,8 @@ RUN /opt/dsipam/venv/bin/pip install --no-compile . \
 
 # ---- cni-bundle: a self-contained runtime that the DaemonSet copies onto each node -------
 # Nodes have no Python of the right version, so the plugin travels with its interpreter:
-# python/ is a copy of the base image's /usr/local Python, site-packages/ the venv's.
+# python/ is a copy of the base image's /usr/local Python; site-packages/ holds only the
+# dsipam.cni package, which needs nothing beyond the standard library.
 FROM build AS cni-bundle
 RUN set -eux; \
     b=/opt/dsipam/cni-bundle; \
@@ -32,10 +33,11 @@ RUN set -eux; \
     cp -a /usr/local/lib/python3.11 "$b/python/lib/python3.11"; \
     rm -rf "$b/python/lib/python3.11/site-packages" "$b/python/lib/python3.11/test" \
            "$b/python/lib/python3.11/ensurepip" "$b/python/lib/python3.11/idlelib" "$b/python/lib/python3.11/tkinter"; \
-    cp -a /opt/dsipam/venv/lib/python3.11/site-packages "$b/site-packages"; \
-    rm -rf "$b/site-packages/pip" "$b/site-packages/setuptools"; \
+    mkdir -p "$b/site-packages/dsipam"; \
+    cp -a /opt/dsipam/venv/lib/python3.11/site-packages/dsipam/cni "$b/site-packages/dsipam/cni"; \
     find "$b" -name __pycache__ -prune -exec rm -rf {} +; \
-    "$b/python/bin/python3.11" -c "import sys; sys.exit(0)"
+    echo '{"cniVersion":"1.0.0"}' | CNI_COMMAND=VERSION LD_LIBRARY_PATH="$b/python/lib" PYTHONHOME="$b/python" \
+        PYTHONPATH="$b/site-packages" "$b/python/bin/python3.11" -s -m dsipam.cni
 
 # ---- runtime: the image that runs -------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

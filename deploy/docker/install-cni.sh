@@ -6,7 +6,8 @@
 #   1. copies the Python runtime and packages to <bundle dir>/<version>/ and points
 #      <bundle dir>/current at it (a symlink swapped with one rename);
 #   2. writes <bin dir>/dsipam-cni, a shell wrapper that runs `python -m dsipam.cni`
-#      with that runtime (written to a temporary name, then renamed: never half a file);
+#      with that runtime (written to a temporary name, then renamed: never half a file),
+#      and the link <bin dir>/dsipam -> dsipam-cni (the IPAM type in the conflist);
 #   3. renders the conflist template (@SERVER@, @POOL@, @NODE_NAME@, @CNI_VERSION@),
 #      checks that it is JSON and writes <conf dir>/<name> the same way;
 #   4. runs the installed plugin's VERSION command, so a broken runtime fails the pod;
@@ -85,7 +86,11 @@ ls -1d "$root$bundle_dir"/v* 2>/dev/null | sort -r | tail -n +3 | while read -r 
 sed "s|@BUNDLE@|$(sed_value "$bundle_dir/current")|g" "$wrapper_src" > "$root$bin_dir/.dsipam-cni.tmp"
 chmod 0755 "$root$bin_dir/.dsipam-cni.tmp"
 mv -f "$root$bin_dir/.dsipam-cni.tmp" "$root$bin_dir/dsipam-cni"
-log "plugin $bin_dir/dsipam-cni"
+# "type": "dsipam" in a network configuration finds the same plugin.
+ln -sf dsipam-cni "$root$bin_dir/.dsipam.tmp"
+mv -fT "$root$bin_dir/.dsipam.tmp" "$root$bin_dir/dsipam" 2>/dev/null \
+  || { rm -f "$root$bin_dir/dsipam"; mv "$root$bin_dir/.dsipam.tmp" "$root$bin_dir/dsipam"; }
+log "plugin $bin_dir/dsipam-cni (and the link $bin_dir/dsipam)"
 
 # 3. the conflist.
 tmp_conf="$root$conf_dir/.$conflist_name.tmp"

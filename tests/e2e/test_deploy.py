@@ -291,7 +291,8 @@ def test_cni_daemonset_installs_into_the_node_cni_directories() -> None:
         template.replace("@SERVER@", "[fd00::a]:50051").replace("@POOL@", "pods").replace("@CNI_VERSION@", "1.0.0")
     )
     ipam = rendered["plugins"][0]["ipam"]
-    assert ipam["type"] == "dsipam-cni" and ipam["ipFamilyPolicy"] == "RequireDualStack"
+    assert ipam["type"] == "dsipam" and ipam["endpoint"] == "[fd00::a]:50051"  # the installer links dsipam
+    assert ipam["ipFamilyPolicy"] == "RequireDualStack" and ipam["ipFamilies"] == ["IPv4", "IPv6"]
     assert {r["dst"] for r in ipam["routes"]} == {"0.0.0.0/0", "::/0"}
     assert config["data"]["DSIPAM_CNI_CONFLIST_NAME"].endswith(".conflist")
 

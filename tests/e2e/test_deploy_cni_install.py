@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -86,13 +87,14 @@ def test_installs_runtime_plugin_and_dual_stack_conflist(tmp_path: Path) -> None
     node = tmp_path / "node"
     plugin = node / "opt/cni/bin/dsipam-cni"
     assert os.access(plugin, os.X_OK)
+    assert os.readlink(node / "opt/cni/bin/dsipam") == "dsipam-cni"  # "type": "dsipam" finds it
     assert "'/opt/dsipam-cni/current'" in plugin.read_text()  # the node's path, not the container's
     current = node / "opt/dsipam-cni/current"
     assert current.is_symlink() and (current / "site-packages/dsipam/cni/__main__.py").exists()
     conflist = json.loads((node / "etc/cni/net.d/90-dsipam.conflist").read_text())
     ipam = conflist["plugins"][0]["ipam"]
-    assert ipam["server"] == "[fd00::53]:50051"  # an IPv6 ClusterIP gets brackets
-    assert ipam["pool"] == "pods" and ipam["type"] == "dsipam-cni"
+    assert ipam["endpoint"] == "[fd00::53]:50051"  # an IPv6 ClusterIP gets brackets
+    assert ipam["pool"] == "pods" and ipam["type"] == "dsipam" and ipam["node"] == "node-a"
     assert conflist["cniVersion"] == "1.0.0"
     assert not [p.name for p in (node / "etc/cni/net.d").iterdir() if p.name.startswith(".")]  # no temporary files
     assert "VERSION:" in done.stderr
@@ -114,7 +116,7 @@ def test_reinstall_swaps_runtime_and_keeps_two_versions(tmp_path: Path) -> None:
     assert len(versions) == 2
     assert os.readlink(runtime / "current") == versions[-1]
     conflist = json.loads((tmp_path / "node/etc/cni/net.d/90-dsipam.conflist").read_text())
-    assert conflist["plugins"][0]["ipam"]["server"] == "198.18.0.10:50051"
+    assert conflist["plugins"][0]["ipam"]["endpoint"] == "198.18.0.10:50051"
     assert conflist["plugins"][0]["ipam"]["pool"] == "blue"
 
 
@@ -154,13 +156,28 @@ def test_broken_runtime_fails_the_install(tmp_path: Path) -> None:
     assert done.returncode != 0 and "failed its VERSION command" in done.stderr and "plugin is broken" in done.stderr
 
 
-def test_real_plugin_answers_version_through_the_wrapper(tmp_path: Path) -> None:
-    if importlib.util.find_spec("dsipam.cni.__main__") is None:
+def _real_plugin_site_packages(tmp: Path) -> Path:
+    """site-packages with only the dsipam.cni package, as the image's cni-bundle stage copies it."""
+    spec = importlib.util.find_spec("dsipam.cni.__main__")
+    if spec is None or spec.origin is None:
         pytest.skip("dsipam.cni has no __main__ yet")
-    site = Path(sysconfig.get_paths()["purelib"])
-    bundle = _bundle(tmp_path, site)
-    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+    site = tmp / "real-site-packages"
+    shutil.copytree(Path(spec.origin).parent, site / "dsipam" / "cni", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def test_real_plugin_runs_from_the_bundle_and_reads_the_conflist(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path, _real_plugin_site_packages(tmp_path))
+    done = _install(tmp_path, bundle, DSIPAM_SERVICE_HOST="fd00::53", DSIPAM_SERVICE_PORT_GRPC="50051")
     assert done.returncode == 0, done.stderr
-    ran = _run_plugin(tmp_path / "node", "VERSION", '{"cniVersion":"1.0.0"}')
+    node = tmp_path / "node"
+    ran = _run_plugin(node, "VERSION", '{"cniVersion":"1.0.0"}')
     assert ran.returncode == 0, ran.stderr
     assert "1.0.0" in json.loads(ran.stdout)["supportedVersions"]
+    # The plugin's own parser accepts the rendered conflist, as bridge hands it over.
+    from dsipam.cni import parse_config
+
+    conflist = json.loads((node / "etc/cni/net.d/90-dsipam.conflist").read_text())
+    netconf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **conflist["plugins"][0]}
+    cfg = parse_config(netconf)
+    assert (cfg.endpoint, cfg.pool, cfg.node) == ("[fd00::53]:50051", "pods", "node-a")
