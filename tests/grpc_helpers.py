@@ -15,9 +15,15 @@ PREFER = pb.IP_FAMILY_POLICY_PREFER_DUAL_STACK
 REQUIRE = pb.IP_FAMILY_POLICY_REQUIRE_DUAL_STACK
 
 
-def pool(name: str, *ranges: pb.IpRange | str, **labels: str) -> pb.CreatePoolRequest:
+def pool(name: str, *ranges: pb.IpRange | str, cooldown: float | None = None, **labels: str) -> pb.CreatePoolRequest:
+    """A CreatePoolRequest; ``cooldown`` in seconds (None: the server's default of 30 s)."""
+    from google.protobuf import duration_pb2
+
     rs = [pb.IpRange(cidr=r) if isinstance(r, str) else r for r in ranges]
-    return pb.CreatePoolRequest(pool=pb.Pool(name=name, ranges=rs, labels=labels))
+    p = pb.Pool(name=name, ranges=rs, labels=labels)
+    if cooldown is not None:
+        p.cooldown.CopyFrom(duration_pb2.Duration(seconds=int(cooldown), nanos=int((cooldown % 1) * 1e9)))
+    return pb.CreatePoolRequest(pool=p)
 
 
 def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:

@@ -76,6 +76,23 @@ def wait_healthy(target: str, timeout: float = 20.0, proc: subprocess.Popen | No
     raise TimeoutError(f"server at {target} not healthy: {last}")
 
 
+def wait_listening(target: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Waits until the server answers health checks at all (SERVING or not)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with grpc.insecure_channel(target) as ch:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                return
+        except grpc.RpcError:
+            time.sleep(0.1)
+    raise TimeoutError(f"server at {target} not listening")
+
+
 @dataclass
 class ServerProcess:
     target: str
@@ -102,13 +119,14 @@ class ServerProcess:
 
 
 def spawn_server(db_url: str, tmp: Path, *, port: int | None = None, extra_env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> ServerProcess:
+                 args: tuple[str, ...] = (), wait_serving: bool = True) -> ServerProcess:
     """Starts ``dsipam serve`` as a real process on a free loopback port and waits for SERVING."""
     port = port or free_port()
     target = f"127.0.0.1:{port}"
     log_path = tmp / f"server-{port}-{uuid.uuid4().hex[:6]}.log"
     env = dict(os.environ)
     env.update({"DSIPAM_DATABASE_URL": db_url, "DSIPAM_LOG_LEVEL": "WARNING", "DSIPAM_SHUTDOWN_DELAY": "0",
+                "DSIPAM_INSECURE": "1",
                 **(extra_env or {})})
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -119,7 +137,10 @@ def spawn_server(db_url: str, tmp: Path, *, port: int | None = None, extra_env: 
         )
     server = ServerProcess(target, proc, log_path)
     try:
-        wait_healthy(target, proc=proc)
+        if wait_serving:
+            wait_healthy(target, proc=proc)
+        else:
+            wait_listening(target, proc=proc)
     except Exception:
         server.kill()
         raise RuntimeError(f"server did not start:\n{server.log()}") from None

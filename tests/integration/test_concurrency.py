@@ -59,7 +59,7 @@ def fsck(db_url):
 def test_concurrent_pairs_are_unique_and_exhaust_exactly_at_capacity(db_url, clean_db, tmp_path, servers):
     with running_server(db_url, tmp_path) as first:
         with grpc.insecure_channel(first.target) as ch:
-            ipam_pb2_grpc.IpamServiceStub(ch).CreatePool(pool("race", "198.18.0.0/24", "fd00::/120"))
+            ipam_pb2_grpc.IpamServiceStub(ch).CreatePool(pool("race", "198.18.0.0/24", "fd00::/120", cooldown=0))
         extra = [running_server(db_url, tmp_path) for _ in range(servers - 1)]
         others = [cm.__enter__() for cm in extra]
         try:

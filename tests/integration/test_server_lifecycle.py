@@ -61,7 +61,7 @@ def test_sigterm_drains_in_flight_calls(db_url, clean_db, tmp_path):
 
 
 def test_database_unreachable_is_unavailable(tmp_path):
-    server = spawn_server("postgresql://postgres@127.0.0.1:9/none", tmp_path)  # discard port: refused
+    server = spawn_server("postgresql://postgres@127.0.0.1:9/none", tmp_path, wait_serving=False)  # refused
     try:
         with grpc.insecure_channel(server.target) as ch:
             stub = ipam_pb2_grpc.IpamServiceStub(ch)

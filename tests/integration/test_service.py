@@ -182,7 +182,7 @@ def test_release_is_idempotent(stub):
 
 
 def test_released_addresses_are_reused_at_capacity(stub):
-    stub.CreatePool(pool("tiny", "198.18.0.0/30", "fd00::/126"))
+    stub.CreatePool(pool("tiny", "198.18.0.0/30", "fd00::/126", cooldown=0))
     alloc(stub, "tiny", "a")
     alloc(stub, "tiny", "b")
     expect_error(lambda r: alloc(stub, "tiny", "c"), None, C.RESOURCE_EXHAUSTED)

@@ -105,7 +105,7 @@ def test_fsck_finds_leaked_and_missing_bits():
 
     bitmap, _ = R.spec.block_mask(ip("198.18.0.0"))
     taken = bitmap[:2] + "1" + bitmap[3:]  # .2 marked taken
-    block = {"id": 1, "range_id": 1, "base": "198.18.0.0", "bitmap": taken, "free_count": 5, "avail_count": 6}
+    block = {"id": 1, "range_id": 1, "base": "198.18.0.0", "bitmap": taken, "free_count": 5, "avail_count": 6, "cooling": 0}
     assert check_consistency([R], [block], [{"owner": "a", "ipv4": "198.18.0.2", "ipv6": None}]) == []
     problems = check_consistency([R], [block], [])
     assert any("marked taken but held by nobody" in p for p in problems)

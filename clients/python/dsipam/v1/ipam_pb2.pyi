@@ -2,6 +2,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -24,6 +25,13 @@ class IpFamilyPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IP_FAMILY_POLICY_SINGLE_STACK: _ClassVar[IpFamilyPolicy]
     IP_FAMILY_POLICY_PREFER_DUAL_STACK: _ClassVar[IpFamilyPolicy]
     IP_FAMILY_POLICY_REQUIRE_DUAL_STACK: _ClassVar[IpFamilyPolicy]
+
+class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_TYPE_UNSPECIFIED: _ClassVar[EventType]
+    EVENT_TYPE_ALLOCATED: _ClassVar[EventType]
+    EVENT_TYPE_RELEASED: _ClassVar[EventType]
+    EVENT_TYPE_BOOKMARK: _ClassVar[EventType]
 IP_FAMILY_UNSPECIFIED: IpFamily
 IP_FAMILY_IPV4: IpFamily
 IP_FAMILY_IPV6: IpFamily
@@ -31,6 +39,10 @@ IP_FAMILY_POLICY_UNSPECIFIED: IpFamilyPolicy
 IP_FAMILY_POLICY_SINGLE_STACK: IpFamilyPolicy
 IP_FAMILY_POLICY_PREFER_DUAL_STACK: IpFamilyPolicy
 IP_FAMILY_POLICY_REQUIRE_DUAL_STACK: IpFamilyPolicy
+EVENT_TYPE_UNSPECIFIED: EventType
+EVENT_TYPE_ALLOCATED: EventType
+EVENT_TYPE_RELEASED: EventType
+EVENT_TYPE_BOOKMARK: EventType
 
 class IpRange(_message.Message):
     __slots__ = ("cidr", "first", "last", "gateway", "exclude", "block_size")
@@ -49,19 +61,23 @@ class IpRange(_message.Message):
     def __init__(self, cidr: _Optional[str] = ..., first: _Optional[str] = ..., last: _Optional[str] = ..., gateway: _Optional[str] = ..., exclude: _Optional[_Iterable[str]] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class FamilyUsage(_message.Message):
-    __slots__ = ("family", "size", "allocated", "free")
+    __slots__ = ("family", "size", "allocated", "free", "cooldown", "reserved")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_FIELD_NUMBER: _ClassVar[int]
     FREE_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
     family: IpFamily
     size: int
     allocated: int
     free: int
-    def __init__(self, family: _Optional[_Union[IpFamily, str]] = ..., size: _Optional[int] = ..., allocated: _Optional[int] = ..., free: _Optional[int] = ...) -> None: ...
+    cooldown: int
+    reserved: int
+    def __init__(self, family: _Optional[_Union[IpFamily, str]] = ..., size: _Optional[int] = ..., allocated: _Optional[int] = ..., free: _Optional[int] = ..., cooldown: _Optional[int] = ..., reserved: _Optional[int] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("name", "ranges", "labels", "usage", "create_time")
+    __slots__ = ("name", "ranges", "labels", "usage", "create_time", "cooldown", "reservations")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,12 +90,16 @@ class Pool(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_FIELD_NUMBER: _ClassVar[int]
+    RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     ranges: _containers.RepeatedCompositeFieldContainer[IpRange]
     labels: _containers.ScalarMap[str, str]
     usage: _containers.RepeatedCompositeFieldContainer[FamilyUsage]
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[IpRange, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., usage: _Optional[_Iterable[_Union[FamilyUsage, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    cooldown: _duration_pb2.Duration
+    reservations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[IpRange, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., usage: _Optional[_Iterable[_Union[FamilyUsage, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reservations: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Address(_message.Message):
     __slots__ = ("family", "ip", "prefix_length", "gateway")
@@ -210,14 +230,25 @@ class GetAllocationRequest(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListAllocationsRequest(_message.Message):
-    __slots__ = ("pool", "page_size", "page_token")
+    __slots__ = ("pool", "page_size", "page_token", "attribute_selector", "ip_family")
+    class AttributeSelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     POOL_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    IP_FAMILY_FIELD_NUMBER: _ClassVar[int]
     pool: str
     page_size: int
     page_token: str
-    def __init__(self, pool: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    attribute_selector: _containers.ScalarMap[str, str]
+    ip_family: IpFamily
+    def __init__(self, pool: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., attribute_selector: _Optional[_Mapping[str, str]] = ..., ip_family: _Optional[_Union[IpFamily, str]] = ...) -> None: ...
 
 class ListAllocationsResponse(_message.Message):
     __slots__ = ("allocations", "next_page_token")
@@ -242,3 +273,91 @@ class GarbageCollectResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: _containers.RepeatedCompositeFieldContainer[Allocation]
     def __init__(self, released: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ...) -> None: ...
+
+class UpdatePoolRequest(_message.Message):
+    __slots__ = ("pool", "update_mask")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    pool: Pool
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, pool: _Optional[_Union[Pool, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class ReserveAddressesRequest(_message.Message):
+    __slots__ = ("pool", "addresses", "force")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    force: bool
+    def __init__(self, pool: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class UnreserveAddressesRequest(_message.Message):
+    __slots__ = ("pool", "addresses")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pool: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddPoolRangeRequest(_message.Message):
+    __slots__ = ("pool", "range")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    range: IpRange
+    def __init__(self, pool: _Optional[str] = ..., range: _Optional[_Union[IpRange, _Mapping]] = ...) -> None: ...
+
+class RemovePoolRangeRequest(_message.Message):
+    __slots__ = ("pool", "cidr")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    CIDR_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    cidr: str
+    def __init__(self, pool: _Optional[str] = ..., cidr: _Optional[str] = ...) -> None: ...
+
+class MigratePoolRequest(_message.Message):
+    __slots__ = ("pool", "ip_family_policy", "batch_size")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    IP_FAMILY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    ip_family_policy: IpFamilyPolicy
+    batch_size: int
+    def __init__(self, pool: _Optional[str] = ..., ip_family_policy: _Optional[_Union[IpFamilyPolicy, str]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class MigratePoolResponse(_message.Message):
+    __slots__ = ("total", "processed", "upgraded", "failed", "errors")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    UPGRADED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    processed: int
+    upgraded: int
+    failed: int
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, total: _Optional[int] = ..., processed: _Optional[int] = ..., upgraded: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchAllocationsRequest(_message.Message):
+    __slots__ = ("pool", "resume_token")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    resume_token: str
+    def __init__(self, pool: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class WatchAllocationsResponse(_message.Message):
+    __slots__ = ("type", "owner", "addresses", "time", "resume_token")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    type: EventType
+    owner: str
+    addresses: _containers.RepeatedCompositeFieldContainer[Address]
+    time: _timestamp_pb2.Timestamp
+    resume_token: str
+    def __init__(self, type: _Optional[_Union[EventType, str]] = ..., owner: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[Address, _Mapping]]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...

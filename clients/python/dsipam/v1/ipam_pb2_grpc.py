@@ -80,6 +80,41 @@ class IpamServiceStub:
                 request_serializer=dsipam_dot_v1_dot_ipam__pb2.GarbageCollectRequest.SerializeToString,
                 response_deserializer=dsipam_dot_v1_dot_ipam__pb2.GarbageCollectResponse.FromString,
                 _registered_method=True)
+        self.UpdatePool = channel.unary_unary(
+                '/dsipam.v1.IpamService/UpdatePool',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.UpdatePoolRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+                _registered_method=True)
+        self.ReserveAddresses = channel.unary_unary(
+                '/dsipam.v1.IpamService/ReserveAddresses',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.ReserveAddressesRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+                _registered_method=True)
+        self.UnreserveAddresses = channel.unary_unary(
+                '/dsipam.v1.IpamService/UnreserveAddresses',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.UnreserveAddressesRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+                _registered_method=True)
+        self.AddPoolRange = channel.unary_unary(
+                '/dsipam.v1.IpamService/AddPoolRange',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.AddPoolRangeRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+                _registered_method=True)
+        self.RemovePoolRange = channel.unary_unary(
+                '/dsipam.v1.IpamService/RemovePoolRange',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.RemovePoolRangeRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+                _registered_method=True)
+        self.MigratePool = channel.unary_stream(
+                '/dsipam.v1.IpamService/MigratePool',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.MigratePoolRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.MigratePoolResponse.FromString,
+                _registered_method=True)
+        self.WatchAllocations = channel.unary_stream(
+                '/dsipam.v1.IpamService/WatchAllocations',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsResponse.FromString,
+                _registered_method=True)
 
 
 class IpamServiceServicer:
@@ -152,6 +187,58 @@ class IpamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdatePool(self, request, context):
+        """Changes a live pool's labels or cooldown (the fields named in update_mask).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReserveAddresses(self, request, context):
+        """Reserves addresses or CIDRs of a live pool: they are never handed out.
+        FAILED_PRECONDITION when one is allocated, unless force (then it is not
+        handed out again after its release).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnreserveAddresses(self, request, context):
+        """Removes reservations made by ReserveAddresses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddPoolRange(self, request, context):
+        """Adds a range to a live pool (an IPv6 range turns an IPv4-only pool dual-stack).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePoolRange(self, request, context):
+        """Removes a range. FAILED_PRECONDITION while it holds allocations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigratePool(self, request, context):
+        """Gives every owner of the pool the families the policy asks for, in batches,
+        keeping the addresses owners hold; streams progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAllocations(self, request, context):
+        """Streams allocate and release events of a pool, from a resume token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IpamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +286,41 @@ def add_IpamServiceServicer_to_server(servicer, server):
                     servicer.GarbageCollect,
                     request_deserializer=dsipam_dot_v1_dot_ipam__pb2.GarbageCollectRequest.FromString,
                     response_serializer=dsipam_dot_v1_dot_ipam__pb2.GarbageCollectResponse.SerializeToString,
+            ),
+            'UpdatePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePool,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.UpdatePoolRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.Pool.SerializeToString,
+            ),
+            'ReserveAddresses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveAddresses,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.ReserveAddressesRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.Pool.SerializeToString,
+            ),
+            'UnreserveAddresses': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnreserveAddresses,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.UnreserveAddressesRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.Pool.SerializeToString,
+            ),
+            'AddPoolRange': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPoolRange,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.AddPoolRangeRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.Pool.SerializeToString,
+            ),
+            'RemovePoolRange': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePoolRange,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.RemovePoolRangeRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.Pool.SerializeToString,
+            ),
+            'MigratePool': grpc.unary_stream_rpc_method_handler(
+                    servicer.MigratePool,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.MigratePoolRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.MigratePoolResponse.SerializeToString,
+            ),
+            'WatchAllocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAllocations,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +566,195 @@ class IpamService:
             '/dsipam.v1.IpamService/GarbageCollect',
             dsipam_dot_v1_dot_ipam__pb2.GarbageCollectRequest.SerializeToString,
             dsipam_dot_v1_dot_ipam__pb2.GarbageCollectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsipam.v1.IpamService/UpdatePool',
+            dsipam_dot_v1_dot_ipam__pb2.UpdatePoolRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveAddresses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsipam.v1.IpamService/ReserveAddresses',
+            dsipam_dot_v1_dot_ipam__pb2.ReserveAddressesRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnreserveAddresses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsipam.v1.IpamService/UnreserveAddresses',
+            dsipam_dot_v1_dot_ipam__pb2.UnreserveAddressesRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPoolRange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsipam.v1.IpamService/AddPoolRange',
+            dsipam_dot_v1_dot_ipam__pb2.AddPoolRangeRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePoolRange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsipam.v1.IpamService/RemovePoolRange',
+            dsipam_dot_v1_dot_ipam__pb2.RemovePoolRangeRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.Pool.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigratePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dsipam.v1.IpamService/MigratePool',
+            dsipam_dot_v1_dot_ipam__pb2.MigratePoolRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.MigratePoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAllocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dsipam.v1.IpamService/WatchAllocations',
+            dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,8 @@
 """Pure allocation logic: families, ranges, blocks and validation. No I/O."""
 
 from ._errors import (
+    AddressAllocated,
+    AddressInCooldown,
     AddressInUse,
     AllocationNotFound,
     AlreadyExists,
@@ -16,13 +18,31 @@ from ._errors import (
     PoolExhausted,
     PoolHasAllocations,
     PoolNotFound,
+    RangeNotFound,
+    ResumeTokenExpired,
 )
 from ._family import Family, Policy
-from ._model import AddressInfo, AllocationInfo, FamilyUsage, PoolInfo, PoolSpec, RangeInput, build_pool_spec
+from ._model import (
+    DEFAULT_COOLDOWN_MS,
+    AddressInfo,
+    AllocationInfo,
+    FamilyUsage,
+    PoolInfo,
+    PoolSpec,
+    RangeInput,
+    build_pool_spec,
+    check_cooldown,
+)
 from ._ranges import RangeSpec, build_range, check_overlaps, family_of, parse_address
 from ._validate import AllocationPlan, check_map, check_owner, check_pool_name, plan_allocation
 
 __all__ = [
+    "AddressAllocated",
+    "AddressInCooldown",
+    "RangeNotFound",
+    "ResumeTokenExpired",
+    "check_cooldown",
+    "DEFAULT_COOLDOWN_MS",
     "AddressInUse",
     "AddressInfo",
     "AllocationInfo",

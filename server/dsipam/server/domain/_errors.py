@@ -65,6 +65,24 @@ class OwnerHoldsOtherAddress(FailedPrecondition):
     reason = "OWNER_HOLDS_OTHER_ADDRESS"
 
 
+class AddressInCooldown(FailedPrecondition):
+    reason = "ADDRESS_IN_COOLDOWN"
+
+
+class AddressAllocated(FailedPrecondition):
+    """A reservation or range removal would hit allocated addresses."""
+
+    reason = "ADDRESS_ALLOCATED"
+
+
+class RangeNotFound(NotFound):
+    reason = "RANGE_NOT_FOUND"
+
+
+class ResumeTokenExpired(FailedPrecondition):
+    reason = "RESUME_TOKEN_EXPIRED"
+
+
 class PoolExhausted(IpamError):
     reason = "POOL_EXHAUSTED"
 

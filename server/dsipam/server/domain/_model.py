@@ -27,6 +27,7 @@ class PoolSpec:
     name: str
     ranges: tuple[RangeSpec, ...]
     labels: Mapping[str, str] = field(default_factory=dict)
+    cooldown_ms: int = 30_000
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -37,7 +38,18 @@ class PoolSpec:
         return tuple(out)
 
 
-def build_pool_spec(name: str, ranges: Sequence[RangeInput], labels: Mapping[str, str]) -> PoolSpec:
+MAX_COOLDOWN_MS = 24 * 3600 * 1000
+
+
+def check_cooldown(ms: int, where: str = "pool.cooldown") -> int:
+    if ms < 0 or ms > MAX_COOLDOWN_MS:
+        raise InvalidArgument(f"{where}: {ms / 1000:g}s must be between 0 and 24h", field=where)
+    return ms
+
+
+def build_pool_spec(
+    name: str, ranges: Sequence[RangeInput], labels: Mapping[str, str], cooldown_ms: int = 30_000
+) -> PoolSpec:
     """Validates a pool as given by a caller; errors name fields under ``pool.``."""
     check_pool_name(name, "pool.name")
     if not ranges:
@@ -57,7 +69,9 @@ def build_pool_spec(name: str, ranges: Sequence[RangeInput], labels: Mapping[str
         for i, r in enumerate(ranges)
     )
     check_overlaps(built)
-    return PoolSpec(name=name, ranges=built, labels=check_map(labels, "pool.labels"))
+    return PoolSpec(
+        name=name, ranges=built, labels=check_map(labels, "pool.labels"), cooldown_ms=check_cooldown(cooldown_ms)
+    )
 
 
 @dataclass(frozen=True)
@@ -65,10 +79,16 @@ class FamilyUsage:
     family: Family
     size: int
     allocated: int
+    cooldown: int = 0
+    reserved: int = 0
 
     @property
     def free(self) -> int:
-        return self.size - self.allocated
+        # A force-reserved address that is still allocated counts as both until released.
+        return max(self.size - self.allocated - self.cooldown - self.reserved, 0)
+
+
+DEFAULT_COOLDOWN_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,8 @@ class PoolInfo:
     spec: PoolSpec
     usage: tuple[FamilyUsage, ...]
     create_time: dt.datetime
+    cooldown_ms: int = DEFAULT_COOLDOWN_MS
+    reservations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

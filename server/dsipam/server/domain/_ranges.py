@@ -77,6 +77,8 @@ class RangeSpec:
     exclude: tuple[IPNetwork, ...]
     block_prefix: int
     _explicit_first: bool = field(default=False, compare=False)
+    # Reservations made on the live pool (ReserveAddresses): never handed out, like exclude.
+    reserved: tuple[IPNetwork, ...] = ()
     _explicit_last: bool = field(default=False, compare=False)
 
     @property
@@ -117,7 +119,7 @@ class RangeSpec:
             intervals = _subtract(intervals, int(net.network_address), int(net.network_address))
         if self.gateway is not None:
             intervals = _subtract(intervals, int(self.gateway), int(self.gateway))
-        for ex in self.exclude:
+        for ex in (*self.exclude, *self.reserved):
             intervals = _subtract(intervals, int(ex.network_address), int(ex.broadcast_address))
         return tuple(intervals)
 
@@ -148,6 +150,8 @@ class RangeSpec:
             return "is the gateway"
         if value < self.first or value > self.last:
             return f"is outside first..last ({self.address(self.first)}..{self.address(self.last)})"
+        if any(self.address(value) in r for r in self.reserved):
+            return "is reserved"
         return "is excluded"
 
     # -- blocks -----------------------------------------------------------------
@@ -194,6 +198,13 @@ class RangeSpec:
         return self.next_block_from(base + self.block_size)
 
     # -- output -----------------------------------------------------------------
+
+    def with_reserved(self, reservations: Iterable[IPNetwork]) -> RangeSpec:
+        """This range with the reservations that overlap it."""
+        from dataclasses import replace
+
+        mine = tuple(r for r in reservations if r.version == self.network.version and r.overlaps(self.network))
+        return replace(self, reserved=mine)
 
     def first_text(self) -> str:
         return str(self.address(self.first)) if self._explicit_first else ""

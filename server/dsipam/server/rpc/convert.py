@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
-
 from dsipam.v1 import ipam_pb2 as pb
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from .. import domain
 from ..domain import Family, Policy
@@ -52,7 +51,24 @@ def pool_spec_from_pb(pool: pb.Pool) -> domain.PoolSpec:
         )
         for r in pool.ranges
     ]
-    return domain.build_pool_spec(pool.name, ranges, dict(pool.labels))
+    return domain.build_pool_spec(pool.name, ranges, dict(pool.labels), cooldown_ms_from_pb(pool))
+
+
+def cooldown_ms_from_pb(pool: pb.Pool) -> int:
+    if not pool.HasField("cooldown"):
+        return domain.DEFAULT_COOLDOWN_MS
+    ms = pool.cooldown.seconds * 1000 + pool.cooldown.nanos // 1_000_000
+    return domain.check_cooldown(ms)
+
+
+def family_from_pb(value: int, where: str) -> Family | None:
+    """An optional family filter: UNSPECIFIED means none."""
+    if value == pb.IP_FAMILY_UNSPECIFIED:
+        return None
+    fam = _FAMILY_FROM_PB.get(value)
+    if fam is None:
+        raise domain.InvalidArgument(f"{where}: {value} is not IP_FAMILY_IPV4 or IP_FAMILY_IPV6", field=where)
+    return fam
 
 
 def _timestamp(value) -> timestamp_pb2.Timestamp:  # type: ignore[no-untyped-def]
@@ -83,10 +99,14 @@ def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:
                 size=min(u.size, UINT64_MAX),
                 allocated=min(u.allocated, UINT64_MAX),
                 free=min(u.free, UINT64_MAX),
+                cooldown=min(u.cooldown, UINT64_MAX),
+                reserved=min(u.reserved, UINT64_MAX),
             )
             for u in info.usage
         ],
         create_time=_timestamp(info.create_time),
+        cooldown=duration_pb2.Duration(seconds=info.cooldown_ms // 1000, nanos=(info.cooldown_ms % 1000) * 1_000_000),
+        reservations=list(info.reservations),
     )
 
 
@@ -101,4 +121,14 @@ def allocation_to_pb(a: domain.AllocationInfo) -> pb.Allocation:
         addresses=[address_to_pb(x) for x in a.addresses],
         attributes=dict(a.attributes),
         create_time=_timestamp(a.create_time),
+    )
+
+
+def event_to_pb(e) -> pb.WatchAllocationsResponse:  # type: ignore[no-untyped-def]
+    return pb.WatchAllocationsResponse(
+        type=e.type,
+        owner=e.owner,
+        addresses=[address_to_pb(a) for a in e.addresses],
+        time=_timestamp(e.time),
+        resume_token=e.token,
     )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc as pb_grpc
 
@@ -19,6 +19,8 @@ from .errors import abort_with
 T = TypeVar("T")
 
 DEFAULT_GC_GRACE = 60.0
+WATCH_POLL_SECONDS = 0.2
+WATCH_BOOKMARK_SECONDS = 30.0
 
 
 def _guarded(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -93,7 +95,11 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
         self, request: pb.ListAllocationsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAllocationsResponse:
         items, token = await self.store.list_allocations(
-            pool=request.pool, size=request.page_size, token=request.page_token
+            pool=request.pool,
+            size=request.page_size,
+            token=request.page_token,
+            selector=dict(request.attribute_selector),
+            family=convert.family_from_pb(request.ip_family, "ip_family"),
         )
         return pb.ListAllocationsResponse(allocations=[convert.allocation_to_pb(a) for a in items], next_page_token=token)
 
@@ -106,3 +112,87 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
             pool=request.pool, valid_owners=list(request.valid_owners), grace_seconds=grace
         )
         return pb.GarbageCollectResponse(released=[convert.allocation_to_pb(a) for a in released])
+
+    @_guarded
+    async def UpdatePool(self, request: pb.UpdatePoolRequest, context: grpc.aio.ServicerContext) -> pb.Pool:
+        paths = set(request.update_mask.paths)
+        unknown = paths - {"labels", "cooldown"}
+        if unknown:
+            raise domain.InvalidArgument(
+                f"update_mask: {sorted(unknown)[0]!r} cannot be updated (labels, cooldown)", field="update_mask"
+            )
+        if not paths:
+            raise domain.InvalidArgument("update_mask: name at least one of labels, cooldown", field="update_mask")
+        info = await self.store.update_pool(
+            request.pool.name,
+            labels=dict(request.pool.labels) if "labels" in paths else None,
+            cooldown_ms=convert.cooldown_ms_from_pb(request.pool) if "cooldown" in paths else None,
+        )
+        return convert.pool_to_pb(info)
+
+    @_guarded
+    async def ReserveAddresses(self, request: pb.ReserveAddressesRequest, context: grpc.aio.ServicerContext) -> pb.Pool:
+        info = await self.store.reserve_addresses(request.pool, list(request.addresses), request.force)
+        return convert.pool_to_pb(info)
+
+    @_guarded
+    async def UnreserveAddresses(
+        self, request: pb.UnreserveAddressesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Pool:
+        return convert.pool_to_pb(await self.store.unreserve_addresses(request.pool, list(request.addresses)))
+
+    @_guarded
+    async def AddPoolRange(self, request: pb.AddPoolRangeRequest, context: grpc.aio.ServicerContext) -> pb.Pool:
+        if not request.HasField("range"):
+            raise domain.InvalidArgument("range: required", field="range")
+        r = request.range
+        info = await self.store.add_pool_range(
+            request.pool, cidr=r.cidr, first=r.first, last=r.last, gateway=r.gateway, exclude=list(r.exclude),
+            block_size=r.block_size,
+        )
+        return convert.pool_to_pb(info)
+
+    @_guarded
+    async def RemovePoolRange(self, request: pb.RemovePoolRangeRequest, context: grpc.aio.ServicerContext) -> pb.Pool:
+        return convert.pool_to_pb(await self.store.remove_pool_range(request.pool, request.cidr))
+
+    async def MigratePool(
+        self, request: pb.MigratePoolRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.MigratePoolResponse]:
+        try:
+            policy = convert.policy_from_pb(request.ip_family_policy)
+            if request.ip_family_policy == pb.IP_FAMILY_POLICY_UNSPECIFIED:
+                policy = domain.Policy.PREFER_DUAL_STACK
+            async for p in self.store.migrate_pool(request.pool, policy, request.batch_size):
+                yield pb.MigratePoolResponse(
+                    total=p.total, processed=p.processed, upgraded=p.upgraded, failed=p.failed, errors=list(p.errors)
+                )
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await abort_with(context, exc)
+
+    async def WatchAllocations(
+        self, request: pb.WatchAllocationsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchAllocationsResponse]:
+        try:
+            token = request.resume_token
+            events, token = await self.store.read_events(request.pool, token)
+            yield pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=token)
+            idle = 0.0
+            while True:
+                for e in events:
+                    yield convert.event_to_pb(e)
+                if events:
+                    idle = 0.0
+                else:
+                    await asyncio.sleep(WATCH_POLL_SECONDS)
+                    idle += WATCH_POLL_SECONDS
+                    if idle >= WATCH_BOOKMARK_SECONDS:
+                        idle = 0.0
+                        yield pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=token)
+                events, token = await self.store.read_events(request.pool, token)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
+                raise
+            await abort_with(context, exc)

@@ -5,6 +5,26 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.types import UserDefinedType
+
+
+class XID8(UserDefinedType):  # type: ignore[type-arg]
+    """PostgreSQL's 64-bit transaction id (pg_current_xact_id())."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: object) -> str:
+        return "xid8"
+
+
+def _register_xid8() -> None:
+    from sqlalchemy.dialects.postgresql import base
+
+    base.ischema_names.setdefault("xid8", XID8)
+
+
+_register_xid8()
+
 
 metadata = sa.MetaData(
     naming_convention={
@@ -23,6 +43,12 @@ pools = sa.Table(
     sa.Column("name", sa.Text, nullable=False, unique=True),
     sa.Column("labels", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # How long a released address waits before it is handed out again.
+    sa.Column("cooldown_ms", sa.Integer, nullable=False, server_default=sa.text("30000")),
+    # Changed (to a random value) on every change of ranges or reservations: servers cache a
+    # pool's layout by (id, create_time, version).
+    sa.Column("version", sa.BigInteger, nullable=False, server_default=sa.text("1")),
+    sa.CheckConstraint("cooldown_ms >= 0", name="cooldown"),
 )
 
 # One row per range. ``next_block`` is the base of the next block that lazy block
@@ -60,8 +86,11 @@ blocks = sa.Table(
     sa.Column("bitmap", pg.BIT(varying=True), nullable=False),
     sa.Column("free_count", sa.Integer, nullable=False),
     sa.Column("avail_count", sa.Integer, nullable=False),
+    # Released addresses of this block in cooldown (their bits stay set until reclaimed).
+    sa.Column("cooling", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.UniqueConstraint("range_id", "base"),
     sa.CheckConstraint("free_count >= 0 AND free_count <= avail_count", name="counts"),
+    sa.CheckConstraint("cooling >= 0", name="cooling"),
     sa.Index(
         "ix_ipam_blocks_free",
         "pool_id",
@@ -87,4 +116,46 @@ allocations = sa.Table(
     sa.UniqueConstraint("pool_id", "ipv6"),
     sa.CheckConstraint("ipv4 IS NOT NULL OR ipv6 IS NOT NULL", name="some_address"),
     sa.CheckConstraint("family(ipv4) = 4 AND family(ipv6) = 6", name="families"),
+)
+
+# Released addresses waiting out the pool's cooldown. Their block bits stay set
+# until a reclaimer deletes the row and clears the bit, in one transaction.
+cooldowns = sa.Table(
+    "ipam_cooldowns",
+    metadata,
+    sa.Column("pool_id", sa.Integer, sa.ForeignKey("ipam_pools.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("address", pg.INET, primary_key=True),
+    sa.Column("family", sa.SmallInteger, nullable=False),
+    sa.Column("block_id", sa.BigInteger, sa.ForeignKey("ipam_blocks.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("until", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_ipam_cooldowns_until", "until"),
+    sa.Index("ix_ipam_cooldowns_pool_family_until", "pool_id", "family", "until"),
+)
+
+# Addresses or CIDRs reserved on a live pool.
+reservations = sa.Table(
+    "ipam_reservations",
+    metadata,
+    sa.Column("pool_id", sa.Integer, sa.ForeignKey("ipam_pools.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("cidr", pg.CIDR, primary_key=True),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# The outbox of allocate/release events that WatchAllocations streams. Events are
+# delivered in (xid, id) order and only once every transaction with a smaller xid
+# has ended, so a resumed watcher never misses one.
+events = sa.Table(
+    "ipam_events",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("pool_id", sa.Integer, sa.ForeignKey("ipam_pools.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("xid", XID8(), nullable=False, server_default=sa.text("pg_current_xact_id()")),
+    sa.Column("type", sa.SmallInteger, nullable=False),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("ipv4", pg.INET),
+    sa.Column("ipv6", pg.INET),
+    sa.Column("time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Index("ix_ipam_events_pool_id_xid_id", "pool_id", "xid", "id"),
+    sa.Index("ix_ipam_events_time", "time"),
 )

@@ -1,0 +1,611 @@
+"""Allocation, release, cooldown reclaim and garbage collection: the engine's SQL.
+
+Allocation takes row locks on block rows: ``FOR UPDATE SKIP LOCKED`` first, so that
+concurrent callers spread over blocks; then a waiting ``FOR UPDATE``, so that nobody
+reports exhaustion while addresses remain. A pair is taken in one transaction: when
+the second family fails, the rollback gives the first back. Families are always taken
+IPv4 first, which gives every transaction the same lock order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy.exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..domain import (
+    AddressInCooldown,
+    AddressInfo,
+    AddressInUse,
+    AllocationInfo,
+    Family,
+    InvalidArgument,
+    OwnerHoldsOtherAddress,
+    Policy,
+    PoolExhausted,
+    PoolNotFound,
+    check_map,
+    check_owner,
+    check_pool_name,
+    plan_allocation,
+)
+from ..domain._ranges import IPAddress
+from ._base import (
+    FAMILY_COLUMN,
+    Reclaim,
+    Retry,
+    StoreBase,
+    StoredPool,
+    StoredRange,
+    allocation_info,
+    row_allocation,
+)
+from .db import FOREIGN_KEY_VIOLATION, UNIQUE_VIOLATION, sqlstate
+
+EVENT_ALLOCATED = 1
+EVENT_RELEASED = 2
+
+# Take the first free bit of an existing block that nobody else holds.
+_SQL_TAKE_SKIP = text(
+    """
+    WITH b AS (
+        SELECT id, position(B'0' IN bitmap) - 1 AS bit
+          FROM ipam_blocks
+         WHERE pool_id = :pool AND family = :family AND free_count > 0
+         ORDER BY id
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED)
+    UPDATE ipam_blocks k
+       SET bitmap = set_bit(k.bitmap, b.bit, 1), free_count = k.free_count - 1
+      FROM b
+     WHERE k.id = b.id
+    RETURNING host(k.base + b.bit) AS ip
+    """
+)
+# The same, waiting for locked blocks (only reached when no unlocked block had room).
+_SQL_TAKE_WAIT = text(str(_SQL_TAKE_SKIP).replace("FOR UPDATE SKIP LOCKED", "FOR UPDATE"))
+
+_SQL_LOCK_RANGE_SKIP = text(
+    """
+    SELECT r.id, host(r.next_block) AS next_block, p.version
+      FROM ipam_ranges r JOIN ipam_pools p ON p.id = r.pool_id
+     WHERE r.pool_id = :pool AND r.family = :family AND r.next_block IS NOT NULL
+     ORDER BY r.position
+     LIMIT 1
+       FOR UPDATE OF r SKIP LOCKED
+    """
+)
+_SQL_LOCK_RANGE_WAIT = text(str(_SQL_LOCK_RANGE_SKIP).replace("FOR UPDATE OF r SKIP LOCKED", "FOR UPDATE OF r"))
+
+_SQL_INSERT_BLOCK = text(
+    """
+    INSERT INTO ipam_blocks (pool_id, range_id, family, base, bitmap, free_count, avail_count)
+    VALUES (:pool, :range, :family, CAST(:base AS cidr), CAST(CAST(:bitmap AS text) AS varbit), :free, :avail)
+    ON CONFLICT (range_id, base) DO NOTHING
+    RETURNING id
+    """
+)
+_SQL_SET_NEXT_BLOCK = text("UPDATE ipam_ranges SET next_block = CAST(:next AS inet) WHERE id = :range")
+
+_SQL_TAKE_SPECIFIC = text(
+    """
+    UPDATE ipam_blocks
+       SET bitmap = set_bit(bitmap, :bit, 1), free_count = free_count - 1
+     WHERE range_id = :range AND base = CAST(:base AS cidr) AND get_bit(bitmap, :bit) = 0
+    RETURNING id
+    """
+)
+
+_SQL_FREE_BIT = text(
+    """
+    UPDATE ipam_blocks
+       SET bitmap = set_bit(bitmap, :bit, 0), free_count = free_count + 1
+     WHERE range_id = :range AND base = CAST(:base AS cidr) AND get_bit(bitmap, :bit) = 1
+    """
+)
+# A released address that is now reserved: its bit stays set and it stops counting as usable.
+_SQL_RETIRE_BIT = text(
+    "UPDATE ipam_blocks SET avail_count = avail_count - 1 WHERE range_id = :range AND base = CAST(:base AS cidr)"
+)
+_SQL_COOL_BIT = text(
+    """
+    WITH b AS (
+        UPDATE ipam_blocks SET cooling = cooling + 1
+         WHERE range_id = :range AND base = CAST(:base AS cidr)
+        RETURNING id)
+    INSERT INTO ipam_cooldowns (pool_id, address, family, block_id, owner, until)
+    SELECT :pool, CAST(:ip AS inet), :family, b.id, :owner, now() + make_interval(secs => :seconds)
+      FROM b
+    """
+)
+
+_SQL_OWNER_FOR_UPDATE = text(
+    """
+    SELECT host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time
+      FROM ipam_allocations
+     WHERE pool_id = :pool AND owner = :owner
+       FOR UPDATE
+    """
+)
+
+_SQL_INSERT_ALLOCATION = text(
+    """
+    WITH a AS (
+        INSERT INTO ipam_allocations (pool_id, owner, ipv4, ipv6, attributes)
+        VALUES (:pool, :owner, CAST(:ipv4 AS inet), CAST(:ipv6 AS inet), CAST(:attrs AS jsonb))
+        ON CONFLICT (pool_id, owner) DO NOTHING
+        RETURNING attributes, create_time),
+    e AS (
+        INSERT INTO ipam_events (pool_id, type, owner, ipv4, ipv6)
+        SELECT :pool, 1, :owner, CAST(:ipv4 AS inet), CAST(:ipv6 AS inet) FROM a)
+    SELECT attributes, create_time FROM a
+    """
+)
+
+_SQL_EVENT = text(
+    """
+    INSERT INTO ipam_events (pool_id, type, owner, ipv4, ipv6)
+    VALUES (:pool, :type, :owner, CAST(:ipv4 AS inet), CAST(:ipv6 AS inet))
+    """
+)
+
+_SQL_HOLDER = text(
+    """
+    SELECT owner FROM ipam_allocations
+     WHERE pool_id = :pool AND (ipv4 = CAST(:ip AS inet) OR ipv6 = CAST(:ip AS inet))
+    """
+)
+_SQL_COOLDOWN_OF = text(
+    """
+    SELECT owner, block_id, extract(epoch FROM until - now()) AS remaining
+      FROM ipam_cooldowns WHERE pool_id = :pool AND address = CAST(:ip AS inet)
+       FOR UPDATE
+    """
+)
+_SQL_EXPIRED_EXISTS = text(
+    "SELECT 1 FROM ipam_cooldowns WHERE pool_id = :pool AND family = :family AND until <= now() LIMIT 1"
+)
+
+
+class AllocationStore(StoreBase):
+    """Allocate, Release, GarbageCollect, cooldown reclaim, reads and fsck."""
+
+    async def allocate(
+        self,
+        *,
+        pool: str,
+        owner: str,
+        policy: Policy,
+        families: Sequence[Family],
+        addresses: Sequence[str],
+        attributes: dict[str, str],
+    ) -> tuple[AllocationInfo, bool]:
+        check_pool_name(pool, "pool")
+        check_owner(owner)
+        check_map(attributes, "attributes")
+
+        async def run(conn: AsyncConnection) -> tuple[AllocationInfo, bool]:
+            stored = await self._load_pool(conn, pool)
+            return await self._allocate_in(conn, stored, owner, policy, families, addresses, attributes)
+
+        try:
+            return await self._transaction(run)
+        except sqlalchemy.exc.IntegrityError as exc:
+            code = sqlstate(exc)
+            if code == FOREIGN_KEY_VIOLATION:  # the pool was deleted under us
+                raise PoolNotFound(f"pool: pool {pool!r} not found", field="pool", pool=pool) from None
+            if code == UNIQUE_VIOLATION:  # the engine's bookkeeping disagrees with the constraint
+                raise AddressInUse("addresses: an address was taken concurrently; retry", field="addresses") from None
+            raise
+
+    async def _allocate_in(
+        self,
+        conn: AsyncConnection,
+        stored: StoredPool,
+        owner: str,
+        policy: Policy,
+        families: Sequence[Family],
+        addresses: Sequence[str],
+        attributes: dict[str, str],
+    ) -> tuple[AllocationInfo, bool]:
+        plan = plan_allocation(pool_families=stored.families, policy=policy, families=families, addresses=addresses)
+        row = (await conn.execute(_SQL_OWNER_FOR_UPDATE, {"pool": stored.id, "owner": owner})).mappings().first()
+        held: dict[Family, IPAddress] = {}
+        if row is not None:
+            for fam, col in FAMILY_COLUMN.items():
+                if row[col]:
+                    held[fam] = ipaddress.ip_address(row[col])
+        wheres = {fam: f"addresses[{i}]" for i, fam in enumerate(plan.addresses)}
+        for fam, addr in plan.addresses.items():
+            if fam in held and held[fam] != addr:
+                raise OwnerHoldsOtherAddress(
+                    f"{wheres[fam]}: owner {owner!r} already holds {held[fam]} for {fam.label}, not {addr}",
+                    field=wheres[fam],
+                )
+        missing = sorted(f for f in plan.wanted if f not in held)  # IPv4 first: one lock order
+        taken: dict[Family, IPAddress] = {}
+        for fam in missing:
+            if fam in plan.addresses:
+                addr = plan.addresses[fam]
+                await self._take_specific(conn, stored, owner, addr, wheres[fam])
+                taken[fam] = addr
+                continue
+            got = await self._take_any(conn, stored, fam)
+            if got is not None:
+                taken[fam] = got
+                continue
+            if (await conn.execute(_SQL_EXPIRED_EXISTS, {"pool": stored.id, "family": int(fam)})).first():
+                raise Reclaim(stored.id, fam)
+            if fam in plan.required:
+                raise PoolExhausted(
+                    f"pool: {stored.name!r} has no free {fam.label} address",
+                    field="pool", pool=stored.name, family=fam.label,
+                )
+        if not taken and not held:
+            labels = "/".join(f.label for f in missing)
+            raise PoolExhausted(f"pool: {stored.name!r} has no free {labels} address", field="pool", pool=stored.name)
+        ipv4 = str(taken[Family.IPV4]) if Family.IPV4 in taken else None
+        ipv6 = str(taken[Family.IPV6]) if Family.IPV6 in taken else None
+        if row is None:
+            created = (
+                await conn.execute(
+                    _SQL_INSERT_ALLOCATION,
+                    {"pool": stored.id, "owner": owner, "ipv4": ipv4, "ipv6": ipv6, "attrs": json.dumps(attributes)},
+                )
+            ).mappings().first()
+            if created is None:  # a concurrent Allocate for the same owner won: read its result
+                raise Retry()
+            attrs, create_time = created["attributes"], created["create_time"]
+        else:
+            attrs, create_time = row["attributes"], row["create_time"]
+            if taken:
+                sets = ", ".join(f"{FAMILY_COLUMN[f]} = CAST(:{FAMILY_COLUMN[f]} AS inet)" for f in taken)
+                await conn.execute(
+                    text(f"UPDATE ipam_allocations SET {sets} WHERE pool_id = :pool AND owner = :owner"),
+                    {"pool": stored.id, "owner": owner, **{FAMILY_COLUMN[f]: str(a) for f, a in taken.items()}},
+                )
+                await conn.execute(
+                    _SQL_EVENT,
+                    {"pool": stored.id, "type": EVENT_ALLOCATED, "owner": owner, "ipv4": ipv4, "ipv6": ipv6},
+                )
+        held.update(taken)
+        return allocation_info(stored, owner, held, plan.order, attrs, create_time), bool(taken)
+
+    async def _take_any(self, conn: AsyncConnection, pool: StoredPool, fam: Family) -> IPAddress | None:
+        params = {"pool": pool.id, "family": int(fam)}
+        ip = (await conn.execute(_SQL_TAKE_SKIP, params)).scalar()
+        if ip is not None:
+            return ipaddress.ip_address(ip)
+        for lock_sql in (_SQL_LOCK_RANGE_SKIP, _SQL_LOCK_RANGE_WAIT):
+            rng = (await conn.execute(lock_sql, params)).first()
+            if rng is not None:
+                if rng.version != pool.version:  # ranges or reservations changed since we read the layout
+                    raise Retry()
+                got = await self._new_block(conn, pool, rng.id, rng.next_block)
+                if got is not None:
+                    return got
+                return await self._take_any(conn, pool, fam)  # that range is used up; look again
+        ip = (await conn.execute(_SQL_TAKE_WAIT, params)).scalar()
+        return ipaddress.ip_address(ip) if ip is not None else None
+
+    async def _new_block(self, conn: AsyncConnection, pool: StoredPool, range_id: int, next_block: str) -> IPAddress | None:
+        """Creates the next block of a locked range and takes its first free address."""
+        rng = pool.range_by_id(range_id)
+        if rng is None:
+            raise Retry()
+        spec = rng.spec
+        base: int | None = spec.next_block_from(int(ipaddress.ip_address(next_block)))
+        while base is not None:
+            following = spec.following_block(base)
+            bitmap, free = spec.block_mask(base)
+            if free:
+                bit = bitmap.index("0")
+                bitmap = bitmap[:bit] + "1" + bitmap[bit + 1 :]
+                created = (
+                    await conn.execute(
+                        _SQL_INSERT_BLOCK,
+                        {"pool": pool.id, "range": range_id, "family": int(spec.family), "base": spec.block_cidr(base),
+                         "bitmap": bitmap, "free": free - 1, "avail": free},
+                    )
+                ).first()
+                if created is not None:
+                    nxt = str(spec.address(following)) if following is not None else None
+                    await conn.execute(_SQL_SET_NEXT_BLOCK, {"range": range_id, "next": nxt})
+                    return spec.address(base + bit)
+            base = following
+        await conn.execute(_SQL_SET_NEXT_BLOCK, {"range": range_id, "next": None})
+        return None
+
+    async def _ensure_block(self, conn: AsyncConnection, pool: StoredPool, rng: StoredRange, base: int) -> None:
+        """Creates the block at ``base`` if it does not exist yet (for a specific address)."""
+        # Share-lock the range row: a concurrent ReserveAddresses (which updates it) is then
+        # either fully before us, and our layout version is stale, or fully after.
+        version = (
+            await conn.execute(
+                text("SELECT p.version FROM ipam_ranges r JOIN ipam_pools p ON p.id = r.pool_id "
+                     "WHERE r.id = :range FOR SHARE OF r"),
+                {"range": rng.id},
+            )
+        ).scalar()
+        if version != pool.version:
+            raise Retry()
+        bitmap, free = rng.spec.block_mask(base)
+        await conn.execute(
+            _SQL_INSERT_BLOCK,
+            {"pool": pool.id, "range": rng.id, "family": int(rng.spec.family), "base": rng.spec.block_cidr(base),
+             "bitmap": bitmap, "free": free, "avail": free},
+        )
+
+    async def _take_specific(
+        self, conn: AsyncConnection, pool: StoredPool, owner: str, addr: IPAddress, where: str
+    ) -> None:
+        rng = pool.range_holding(addr)
+        value = int(addr)
+        if rng is None:
+            raise InvalidArgument(f"{where}: {addr} is outside the pool's ranges", field=where)
+        spec = rng.spec
+        if not spec.is_available(value):
+            raise InvalidArgument(f"{where}: {addr} {spec.why_unavailable(value)} in {spec.cidr}", field=where)
+        base = spec.block_base(value)
+        await self._ensure_block(conn, pool, rng, base)
+        params = {"range": rng.id, "base": spec.block_cidr(base), "bit": value - base}
+        if (await conn.execute(_SQL_TAKE_SPECIFIC, params)).first() is not None:
+            return
+        cooling = (await conn.execute(_SQL_COOLDOWN_OF, {"pool": pool.id, "ip": str(addr)})).mappings().first()
+        if cooling is not None:
+            if cooling["owner"] == owner:  # its last holder takes it back: no reuse by anyone else happened
+                await conn.execute(
+                    text("DELETE FROM ipam_cooldowns WHERE pool_id = :pool AND address = CAST(:ip AS inet)"),
+                    {"pool": pool.id, "ip": str(addr)},
+                )
+                await conn.execute(text("UPDATE ipam_blocks SET cooling = cooling - 1 WHERE id = :b"),
+                                   {"b": cooling["block_id"]})
+                return
+            raise AddressInCooldown(
+                f"{where}: {addr} was released and is in cooldown for {max(float(cooling['remaining']), 0):.0f}s more",
+                field=where, address=str(addr),
+            )
+        holder = (await conn.execute(_SQL_HOLDER, {"pool": pool.id, "ip": str(addr)})).scalar()
+        who = f"owner {holder!r}" if holder else "another owner"
+        raise AddressInUse(f"{where}: {addr} is held by {who}", field=where, address=str(addr))
+
+    async def _give_back(self, conn: AsyncConnection, pool: StoredPool, owner: str, ip: str) -> None:
+        """Returns one address to its block: into cooldown, or free at once with no cooldown."""
+        addr = ipaddress.ip_address(ip)
+        rng = pool.range_holding(addr)
+        if rng is None:  # its range is gone (removed with force): nothing to give back
+            return
+        value = int(addr)
+        base = rng.spec.block_base(value)
+        params: dict[str, Any] = {"range": rng.id, "base": rng.spec.block_cidr(base)}
+        if pool.cooldown_ms > 0:
+            await conn.execute(
+                _SQL_COOL_BIT,
+                {**params, "pool": pool.id, "ip": ip, "family": int(rng.spec.family), "owner": owner,
+                 "seconds": pool.cooldown_ms / 1000},
+            )
+        elif rng.spec.is_available(value):
+            await conn.execute(_SQL_FREE_BIT, {**params, "bit": value - base})
+        else:  # reserved with force while allocated: never handed out again
+            await conn.execute(_SQL_RETIRE_BIT, params)
+
+    async def release(self, *, pool: str, owner: str, families: Sequence[Family]) -> list[AddressInfo]:
+        check_pool_name(pool, "pool")
+        check_owner(owner)
+
+        async def run(conn: AsyncConnection) -> list[AddressInfo]:
+            stored = await self._load_pool(conn, pool)
+            row = (await conn.execute(_SQL_OWNER_FOR_UPDATE, {"pool": stored.id, "owner": owner})).mappings().first()
+            if row is None:
+                return []
+            held = {f: row[c] for f, c in FAMILY_COLUMN.items() if row[c]}
+            drop = [f for f in sorted(set(families) if families else set(held)) if f in held]
+            if not drop:
+                return []
+            for fam in drop:
+                await self._give_back(conn, stored, owner, held[fam])
+            if len(drop) == len(held):
+                await conn.execute(
+                    text("DELETE FROM ipam_allocations WHERE pool_id = :pool AND owner = :owner"),
+                    {"pool": stored.id, "owner": owner},
+                )
+            else:
+                sets = ", ".join(f"{FAMILY_COLUMN[f]} = NULL" for f in drop)
+                await conn.execute(
+                    text(f"UPDATE ipam_allocations SET {sets} WHERE pool_id = :pool AND owner = :owner"),
+                    {"pool": stored.id, "owner": owner},
+                )
+            await conn.execute(
+                _SQL_EVENT,
+                {"pool": stored.id, "type": EVENT_RELEASED, "owner": owner,
+                 "ipv4": held[Family.IPV4] if Family.IPV4 in drop else None,
+                 "ipv6": held[Family.IPV6] if Family.IPV6 in drop else None},
+            )
+            return [stored.address_info(ipaddress.ip_address(held[f])) for f in drop]
+
+        return await self._transaction(run)
+
+    async def reclaim_cooldowns(self, *, pool_id: int | None = None, family: Family | None = None,
+                                limit: int = 500) -> int:
+        """Frees addresses whose cooldown has passed. Safe to run from every server at once."""
+
+        async def run(conn: AsyncConnection) -> int:
+            rows = (
+                await conn.execute(
+                    text(
+                        """
+                        DELETE FROM ipam_cooldowns c
+                         USING (SELECT pool_id, address FROM ipam_cooldowns
+                                 WHERE until <= now()
+                                   AND (CAST(:pool AS integer) IS NULL OR pool_id = :pool)
+                                   AND (CAST(:family AS smallint) IS NULL OR family = :family)
+                                 ORDER BY until LIMIT :limit
+                                   FOR UPDATE SKIP LOCKED) x
+                         WHERE c.pool_id = x.pool_id AND c.address = x.address
+                        RETURNING c.pool_id, host(c.address) AS ip, c.block_id
+                        """
+                    ),
+                    {"pool": pool_id, "family": int(family) if family else None, "limit": limit},
+                )
+            ).mappings().all()
+            pools: dict[int, StoredPool | None] = {}
+            for row in sorted(rows, key=lambda r: r["block_id"]):  # one lock order over blocks
+                if row["pool_id"] not in pools:
+                    pools[row["pool_id"]] = await self._load_pool_by_id(conn, row["pool_id"])
+                stored = pools[row["pool_id"]]
+                addr = ipaddress.ip_address(row["ip"])
+                rng = stored.range_holding(addr) if stored else None
+                if rng is not None and rng.spec.is_available(int(addr)):
+                    await conn.execute(
+                        text(
+                            "UPDATE ipam_blocks SET bitmap = set_bit(bitmap, CAST(CAST(:ip AS inet) - base AS integer), 0),"
+                            " free_count = free_count + 1, cooling = cooling - 1 WHERE id = :b"
+                        ),
+                        {"ip": row["ip"], "b": row["block_id"]},
+                    )
+                else:  # reserved meanwhile: keep the bit, stop counting it as usable
+                    await conn.execute(
+                        text("UPDATE ipam_blocks SET cooling = cooling - 1, avail_count = avail_count - 1 WHERE id = :b"),
+                        {"b": row["block_id"]},
+                    )
+            return len(rows)
+
+        return await self._transaction(run)
+
+    async def garbage_collect(
+        self, *, pool: str, valid_owners: Sequence[str], grace_seconds: float
+    ) -> list[AllocationInfo]:
+        """Releases the pool's allocations whose owner is not valid and which are older than the grace."""
+        check_pool_name(pool, "pool")
+        if grace_seconds < 0:
+            raise InvalidArgument(f"grace: {grace_seconds}s is negative", field="grace")
+        for i, owner in enumerate(valid_owners):
+            check_owner(owner, f"valid_owners[{i}]")
+
+        async def run(conn: AsyncConnection) -> list[AllocationInfo]:
+            stored = await self._load_pool(conn, pool)
+            rows = (
+                await conn.execute(
+                    text(
+                        """
+                        SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time
+                          FROM ipam_allocations
+                         WHERE pool_id = :pool AND NOT (owner = ANY(:valid))
+                           AND create_time < now() - make_interval(secs => :grace)
+                         ORDER BY owner
+                           FOR UPDATE
+                        """
+                    ),
+                    {"pool": stored.id, "valid": list(valid_owners), "grace": float(grace_seconds)},
+                )
+            ).mappings().all()
+            released = []
+            for row in rows:
+                for col in ("ipv4", "ipv6"):
+                    if row[col]:
+                        await self._give_back(conn, stored, row["owner"], row[col])
+                await conn.execute(
+                    _SQL_EVENT,
+                    {"pool": stored.id, "type": EVENT_RELEASED, "owner": row["owner"], "ipv4": row["ipv4"],
+                     "ipv6": row["ipv6"]},
+                )
+                released.append(row_allocation(stored, row["owner"], row))
+            if rows:
+                await conn.execute(
+                    text("DELETE FROM ipam_allocations WHERE pool_id = :pool AND owner = ANY(:owners)"),
+                    {"pool": stored.id, "owners": [r["owner"] for r in rows]},
+                )
+            return released
+
+        return await self._transaction(run)
+
+    async def get_allocation(self, *, pool: str, owner: str) -> AllocationInfo | None:
+        check_pool_name(pool, "pool")
+        check_owner(owner)
+        from .db import unavailable_on_disconnect
+
+        with unavailable_on_disconnect():
+            async with self.engine.connect() as conn:
+                stored = await self._load_pool(conn, pool)
+                row = (
+                    await conn.execute(
+                        text(
+                            "SELECT host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time "
+                            "FROM ipam_allocations WHERE pool_id = :pool AND owner = :owner"
+                        ),
+                        {"pool": stored.id, "owner": owner},
+                    )
+                ).mappings().first()
+        return None if row is None else row_allocation(stored, owner, row)
+
+    async def list_allocations(
+        self, *, pool: str, size: int, token: str, selector: dict[str, str] | None = None,
+        family: Family | None = None,
+    ) -> tuple[list[AllocationInfo], str]:
+        from ._base import decode_page_token, encode_page_token, page_size
+        from .db import unavailable_on_disconnect
+
+        check_pool_name(pool, "pool")
+        limit = page_size(size)
+        after = decode_page_token(token)
+        selector = check_map(selector or {}, "attribute_selector")
+        family_filter = ""
+        if family is not None:
+            family_filter = f" AND {FAMILY_COLUMN[family]} IS NOT NULL"
+        with unavailable_on_disconnect():
+            async with self.engine.connect() as conn:
+                stored = await self._load_pool(conn, pool)
+                rows = (
+                    await conn.execute(
+                        text(
+                            "SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time "
+                            "FROM ipam_allocations WHERE pool_id = :pool "
+                            "AND (CAST(:after AS text) IS NULL OR owner > :after) "
+                            "AND attributes @> CAST(:selector AS jsonb)" + family_filter +
+                            " ORDER BY owner LIMIT :limit"
+                        ),
+                        {"pool": stored.id, "after": after, "limit": limit + 1, "selector": json.dumps(selector)},
+                    )
+                ).mappings().all()
+        out = [row_allocation(stored, r["owner"], r) for r in rows[:limit]]
+        return out, (encode_page_token(rows[limit - 1]["owner"]) if len(rows) > limit else "")
+
+    async def fsck(self, pool: str) -> list[str]:
+        """Checks that block bitmaps and counters agree exactly with allocations and cooldowns."""
+        from ..domain._fsck import check_consistency
+        from .db import unavailable_on_disconnect
+
+        check_pool_name(pool, "pool")
+        with unavailable_on_disconnect():
+            async with self.engine.begin() as conn:
+                await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+                self._layouts.clear()
+                stored = await self._load_pool(conn, pool)
+                blocks = (
+                    await conn.execute(
+                        text(
+                            "SELECT id, range_id, host(base) AS base, bitmap::text AS bitmap, free_count, avail_count, "
+                            "cooling FROM ipam_blocks WHERE pool_id = :p"
+                        ),
+                        {"p": stored.id},
+                    )
+                ).mappings().all()
+                allocs = (
+                    await conn.execute(
+                        text("SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6 FROM ipam_allocations "
+                             "WHERE pool_id = :p"),
+                        {"p": stored.id},
+                    )
+                ).mappings().all()
+                cooling = (
+                    await conn.execute(
+                        text("SELECT owner, host(address) AS ip, block_id FROM ipam_cooldowns WHERE pool_id = :p"),
+                        {"p": stored.id},
+                    )
+                ).mappings().all()
+        return check_consistency(stored.ranges, blocks, allocs, cooling)

@@ -1,0 +1,301 @@
+"""Shared parts of the store: stored pool layouts, page tokens, transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import ipaddress
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy.exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ..domain import (
+    AddressInfo,
+    AllocationInfo,
+    Conflict,
+    Family,
+    FamilyUsage,
+    InvalidArgument,
+    PoolInfo,
+    PoolNotFound,
+    PoolSpec,
+    RangeSpec,
+    build_range,
+)
+from ..domain._ranges import IPAddress, IPNetwork
+from .db import RETRYABLE_SQLSTATES, sqlstate, unavailable_on_disconnect
+
+log = logging.getLogger("dsipam.store")
+
+T = TypeVar("T")
+MAX_ATTEMPTS = 10
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+FAMILY_COLUMN = {Family.IPV4: "ipv4", Family.IPV6: "ipv6"}
+
+
+class Retry(Exception):
+    """Internal: the transaction lost a race; run it again."""
+
+
+class Reclaim(Exception):
+    """Internal: a family ran out but holds addresses whose cooldown has passed."""
+
+    def __init__(self, pool_id: int, family: Family) -> None:
+        self.pool_id, self.family = pool_id, family
+
+
+@dataclass(frozen=True)
+class StoredRange:
+    id: int
+    spec: RangeSpec
+    static_size: int  # size without reservations
+
+
+@dataclass(frozen=True)
+class StoredPool:
+    id: int
+    name: str
+    labels: dict[str, str]
+    create_time: dt.datetime
+    cooldown_ms: int
+    version: int
+    ranges: tuple[StoredRange, ...]
+    reservations: tuple[IPNetwork, ...]
+
+    @property
+    def spec(self) -> PoolSpec:
+        return PoolSpec(name=self.name, ranges=tuple(r.spec for r in self.ranges), labels=self.labels)
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        return self.spec.families
+
+    def ranges_of(self, family: Family) -> list[StoredRange]:
+        return [r for r in self.ranges if r.spec.family is family]
+
+    def range_by_id(self, range_id: int) -> StoredRange | None:
+        return next((r for r in self.ranges if r.id == range_id), None)
+
+    def range_holding(self, value: IPAddress) -> StoredRange | None:
+        fam = Family(value.version)
+        for r in self.ranges_of(fam):
+            if value in r.spec.network:
+                return r
+        return None
+
+    def address_info(self, value: IPAddress) -> AddressInfo:
+        r = self.range_holding(value)
+        fam = Family(value.version)
+        if r is None:  # a range was removed under a live allocation; report what is known
+            return AddressInfo(fam, str(value), fam.bits, "")
+        gw = r.spec.gateway
+        return AddressInfo(fam, str(value), r.spec.prefix_length, str(gw) if gw else "")
+
+
+def encode_token(payload: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode()
+
+
+def decode_token(token: str, where: str = "page_token") -> dict[str, Any] | None:
+    if not token:
+        return None
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if isinstance(value, dict):
+            return value
+    except (ValueError, TypeError):
+        pass
+    raise InvalidArgument(f"{where}: not a token returned by this service", field=where)
+
+
+def encode_page_token(after: str) -> str:
+    return encode_token({"a": after})
+
+
+def decode_page_token(token: str) -> str | None:
+    value = decode_token(token)
+    if value is None:
+        return None
+    after = value.get("a")
+    if not isinstance(after, str):
+        raise InvalidArgument("page_token: not a token returned by this service", field="page_token")
+    return after
+
+
+def page_size(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument(f"page_size: {value} is negative", field="page_size")
+    if value > MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size: {value} is more than {MAX_PAGE_SIZE}", field="page_size")
+    return value or DEFAULT_PAGE_SIZE
+
+
+_SQL_POOL_HEAD = text(
+    "SELECT id, name, labels, create_time, cooldown_ms, version FROM ipam_pools WHERE name = :name"
+)
+_SQL_POOL_HEAD_BY_ID = text(
+    "SELECT id, name, labels, create_time, cooldown_ms, version FROM ipam_pools WHERE id = :id"
+)
+_SQL_POOL_LAYOUT = text(
+    """
+    SELECT r.id AS range_id, host(r.cidr) || '/' || masklen(r.cidr) AS cidr,
+           host(r.first_ip) AS first_ip, host(r.last_ip) AS last_ip, host(r.gateway) AS gateway,
+           r.exclude::text[] AS exclude, r.block_prefix, r.size,
+           (SELECT array_agg(c.cidr::text) FROM ipam_reservations c WHERE c.pool_id = r.pool_id) AS reservations
+      FROM ipam_ranges r
+     WHERE r.pool_id = :pool
+     ORDER BY r.position
+    """
+)
+
+_SQL_USAGE = text(
+    """
+    SELECT r.pool_id, r.family, sum(r.size) AS size,
+           coalesce(sum(u.used), 0) AS used, coalesce(sum(u.cooling), 0) AS cooling
+      FROM ipam_ranges r
+      LEFT JOIN (SELECT range_id, sum(avail_count - free_count - cooling) AS used, sum(cooling) AS cooling
+                   FROM ipam_blocks WHERE pool_id = ANY(:pools) GROUP BY range_id) u ON u.range_id = r.id
+     WHERE r.pool_id = ANY(:pools)
+     GROUP BY r.pool_id, r.family
+    """
+)
+
+
+class StoreBase:
+    """Transactions, pool layouts (cached by version) and usage."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._layouts: dict[int, StoredPool] = {}
+        self.retries = 0  # transactions run again after a lost race (deadlock, serialization, conflict)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self) -> None:
+        with unavailable_on_disconnect():
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+    async def _transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Runs ``fn(conn, *args)`` in a transaction; again after lost races and cooldown reclaims."""
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                with unavailable_on_disconnect():
+                    async with self.engine.begin() as conn:
+                        return await fn(conn, *args)
+            except Retry:
+                pass
+            except Reclaim as need:
+                await self.reclaim_cooldowns(pool_id=need.pool_id, family=need.family)
+                continue
+            except sqlalchemy.exc.DBAPIError as exc:
+                if sqlstate(exc) not in RETRYABLE_SQLSTATES:
+                    raise
+            self.retries += 1
+            await asyncio.sleep(random.uniform(0, 0.002 * (2**attempt)))
+        raise Conflict("the operation lost a race with concurrent writers too many times; retry it")
+
+    async def reclaim_cooldowns(self, *, pool_id: int | None = None, family: Family | None = None,
+                                limit: int = 500) -> int:
+        raise NotImplementedError
+
+    # -- layouts ----------------------------------------------------------------------
+
+    async def _load_pool(self, conn: AsyncConnection, name: str, where: str = "pool") -> StoredPool:
+        head = (await conn.execute(_SQL_POOL_HEAD, {"name": name})).mappings().first()
+        if head is None:
+            raise PoolNotFound(f"{where}: pool {name!r} not found", field=where, pool=name)
+        return await self._layout(conn, head)
+
+    async def _load_pool_by_id(self, conn: AsyncConnection, pool_id: int) -> StoredPool | None:
+        head = (await conn.execute(_SQL_POOL_HEAD_BY_ID, {"id": pool_id})).mappings().first()
+        return None if head is None else await self._layout(conn, head)
+
+    async def _layout(self, conn: AsyncConnection, head: Any) -> StoredPool:
+        cached = self._layouts.get(head["id"])
+        if cached is not None and cached.version == head["version"] and cached.create_time == head["create_time"]:
+            if cached.labels != head["labels"] or cached.cooldown_ms != head["cooldown_ms"]:
+                cached = _replace_head(cached, head)
+                self._layouts[head["id"]] = cached
+            return cached
+        rows = (await conn.execute(_SQL_POOL_LAYOUT, {"pool": head["id"]})).mappings().all()
+        reservations: tuple[IPNetwork, ...] = ()
+        ranges = []
+        for row in rows:
+            reservations = tuple(ipaddress.ip_network(c) for c in (row["reservations"] or ()))
+            spec = build_range(
+                cidr=row["cidr"],
+                first=row["first_ip"] or "",
+                last=row["last_ip"] or "",
+                gateway=row["gateway"] or "",
+                exclude=row["exclude"] or (),
+            )
+            from dataclasses import replace
+
+            spec = replace(spec, block_prefix=row["block_prefix"]).with_reserved(reservations)
+            ranges.append(StoredRange(row["range_id"], spec, int(row["size"])))
+        pool = StoredPool(
+            head["id"], head["name"], dict(head["labels"]), head["create_time"], head["cooldown_ms"],
+            head["version"], tuple(ranges), reservations,
+        )
+        self._layouts[pool.id] = pool
+        return pool
+
+    async def _usage(self, conn: AsyncConnection, pools: Sequence[StoredPool]) -> dict[int, tuple[FamilyUsage, ...]]:
+        ids = [p.id for p in pools]
+        rows = (await conn.execute(_SQL_USAGE, {"pools": ids})).mappings().all()
+        by_pool: dict[int, dict[Family, FamilyUsage]] = {i: {} for i in ids}
+        for p in pools:
+            for row in rows:
+                if row["pool_id"] != p.id:
+                    continue
+                fam = Family(row["family"])
+                effective = sum(r.spec.size for r in p.ranges_of(fam))
+                by_pool[p.id][fam] = FamilyUsage(
+                    fam, int(row["size"]), int(row["used"]), int(row["cooling"]), int(row["size"]) - effective
+                )
+        return {p.id: tuple(by_pool[p.id][f] for f in p.families if f in by_pool[p.id]) for p in pools}
+
+    async def _pool_info(self, conn: AsyncConnection, pool: StoredPool) -> PoolInfo:
+        usage = await self._usage(conn, [pool])
+        return PoolInfo(pool.spec, usage[pool.id], pool.create_time, pool.cooldown_ms,
+                        tuple(str(r) for r in pool.reservations))
+
+
+def _replace_head(pool: StoredPool, head: Any) -> StoredPool:
+    from dataclasses import replace
+
+    return replace(pool, labels=dict(head["labels"]), cooldown_ms=head["cooldown_ms"])
+
+
+def allocation_info(
+    pool: StoredPool,
+    owner: str,
+    held: dict[Family, IPAddress],
+    order: Sequence[Family],
+    attributes: dict[str, str],
+    create_time: dt.datetime,
+) -> AllocationInfo:
+    fams = [f for f in order if f in held] + [f for f in held if f not in order]
+    return AllocationInfo(
+        pool=pool.name,
+        owner=owner,
+        addresses=tuple(pool.address_info(held[f]) for f in fams),
+        attributes=dict(attributes),
+        create_time=create_time,
+    )
+
+
+def row_allocation(pool: StoredPool, owner: str, row: Any) -> AllocationInfo:
+    held = {f: ipaddress.ip_address(row[c]) for f, c in FAMILY_COLUMN.items() if row[c]}
+    return allocation_info(pool, owner, held, pool.families, row["attributes"], row["create_time"])
