@@ -100,7 +100,7 @@ class Servers:
 
     def start(self) -> Servers:
         env = dict(os.environ)
-        env.update({"DSIPAM_DATABASE_URL": self.db_url, "DSIPAM_LOG_LEVEL": "WARNING", **self.env})
+        env.update({"DSIPAM_DATABASE_URL": self.db_url, "DSIPAM_LOG_LEVEL": "WARNING", "DSIPAM_INSECURE": "1", **self.env})
         for _ in range(self.count):
             port = free_port()
             target = f"127.0.0.1:{port}"
@@ -223,7 +223,6 @@ class Sampler:
 def create_pool(target: str, name: str, ranges: Sequence[str], block_size: int = 0) -> None:
     """CreatePool through the API, one range per CIDR."""
     import grpc
-
     from dsipam.v1 import ipam_pb2 as pb
     from dsipam.v1 import ipam_pb2_grpc
 
@@ -283,7 +282,7 @@ async def _fill(db_url: str, pool: str, fraction: float, seed: int, owner_prefix
         chosen: dict[int, list[int]] = {}
         sizes = {fam: len(_available(v[0][1])) for fam, v in by_family.items()}
         pairs = int(min(sizes.values()) * fraction)
-        for fam, [(rid, spec)] in by_family.items():
+        for fam, [(_rid, spec)] in by_family.items():
             addrs = _available(spec)
             picked = sorted(rng.sample(range(len(addrs)), pairs))  # free addresses scattered at random
             chosen[fam] = [addrs[i] for i in picked]
