@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from dsipam.v1 import ipam_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 GHZ_CONFIGS = sorted((ROOT / "bench" / "ghz").glob("*.json"))
@@ -105,6 +105,15 @@ def test_services_and_types_still_resolve(reflect) -> None:  # type: ignore[no-u
 @pytest.mark.skipif(not GHZ_CONFIGS, reason="bench/ghz has no configs")
 @pytest.mark.parametrize("config", GHZ_CONFIGS, ids=[p.stem for p in GHZ_CONFIGS])
 def test_ghz_config_calls_resolve_through_reflection_alone(reflect, config: Path) -> None:  # type: ignore[no-untyped-def]
-    call = json.loads(config.read_text())["call"]
-    method = method_from_reflection(reflect, call)
-    assert method.full_name == call.replace("/", ".")
+    """What ghz does with the config and no --proto: resolve the call, then build the request from data."""
+    cfg = json.loads(config.read_text())
+    assert "proto" not in cfg and "protoset" not in cfg, "the configs rely on reflection"
+    method = method_from_reflection(reflect, cfg["call"])
+    assert method.full_name == cfg["call"].replace("/", ".")
+    data = json.dumps(cfg.get("data", {}))
+    data = data.replace("{{.RequestNumber}}", "17").replace("{{newUUID}}", str(uuid.uuid4()))
+    assert "{{" not in data, "a template ghz does not know"
+    request_class = message_factory.GetMessageClass(method.input_type)
+    request = json_format.Parse(data, request_class())  # raises on a field the message does not have
+    if "owner" in cfg.get("data", {}):
+        assert "17" in request.owner or len(request.owner) > 36, "each request must get its own owner"
