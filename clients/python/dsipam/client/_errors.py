@@ -225,7 +225,6 @@ _S = grpc.StatusCode
 ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.INVALID_ARGUMENT, None, InvalidArgument),
     (_S.INVALID_ARGUMENT, "INVALID_ARGUMENT", InvalidArgument),
-    (_S.OUT_OF_RANGE, None, InvalidArgument),
     (_S.NOT_FOUND, None, NotFound),
     (_S.NOT_FOUND, "POOL_NOT_FOUND", PoolNotFound),
     (_S.NOT_FOUND, "ALLOCATION_NOT_FOUND", AllocationNotFound),

@@ -1,0 +1,309 @@
+"""Rendering for the CLI: stable JSON/YAML documents, terminal tables and a progress spinner.
+
+Imports nothing from gRPC (the SDK types are only used for annotations).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._types import Address, AllocateResult, Allocation, FamilyUsage, Pool, Range
+
+Document = dict[str, Any]
+
+
+# -- documents (the JSON/YAML shapes; keep them stable) -------------------------------------
+
+
+def _time(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _opt(value: object | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def range_doc(r: Range) -> Document:
+    return {
+        "cidr": str(r.cidr),
+        "family": r.family.value,
+        "first": _opt(r.first),
+        "last": _opt(r.last),
+        "gateway": _opt(r.gateway),
+        "exclude": [str(x) for x in r.exclude],
+        "block_size": r.block_size,
+    }
+
+
+def usage_doc(u: FamilyUsage) -> Document:
+    return {
+        "family": u.family.value,
+        "size": u.size,
+        "allocated": u.allocated,
+        "free": u.free,
+        "utilisation": round(u.utilisation, 6),
+    }
+
+
+def pool_doc(p: Pool) -> Document:
+    return {
+        "name": p.name,
+        "ranges": [range_doc(r) for r in p.ranges],
+        "labels": dict(sorted(p.labels.items())),
+        "usage": [usage_doc(u) for u in p.usage],
+        "create_time": _time(p.create_time),
+    }
+
+
+def address_doc(a: Address) -> Document:
+    return {"family": a.family.value, "ip": str(a.ip), "prefix_length": a.prefix_length, "gateway": _opt(a.gateway)}
+
+
+def allocation_doc(a: Allocation) -> Document:
+    return {
+        "pool": a.pool,
+        "owner": a.owner,
+        "addresses": [address_doc(x) for x in a.addresses],
+        "attributes": dict(sorted(a.attributes.items())),
+        "create_time": _time(a.create_time),
+    }
+
+
+def allocate_doc(r: AllocateResult) -> Document:
+    return {"allocation": allocation_doc(r.allocation), "created": r.created}
+
+
+def to_json(doc: Any) -> str:
+    """Indented JSON with keys in a fixed order (the order the documents are built in)."""
+    return json.dumps(doc, indent=2, ensure_ascii=False)
+
+
+# -- YAML (a small emitter for the documents above; no dependency) ---------------------------
+
+_PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./:@+-]*$")
+_RESERVED = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "nan", "inf"}
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    text = str(value)
+    if _PLAIN.match(text) and text.lower() not in _RESERVED:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _yaml_lines(value: Any, indent: int) -> list[str]:
+    pad = " " * indent
+    out: list[str] = []
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            k = _yaml_scalar(str(key))
+            if isinstance(item, Mapping | list) and item:
+                out.append(f"{pad}{k}:")
+                out.extend(_yaml_lines(item, indent + 2))
+            else:
+                out.append(f"{pad}{k}: {_yaml_inline(item)}")
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, Mapping | list) and item:
+                nested = _yaml_lines(item, indent + 2)
+                out.append(f"{pad}- {nested[0].lstrip()}")
+                out.extend(nested[1:])
+            else:
+                out.append(f"{pad}- {_yaml_inline(item)}")
+    else:
+        out.append(pad + _yaml_scalar(value))
+    return out
+
+
+def _yaml_inline(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    return _yaml_scalar(value)
+
+
+def to_yaml(doc: Any) -> str:
+    """YAML for a document of dicts, lists, strings, numbers, booleans and None."""
+    if isinstance(doc, Mapping | list) and not doc:
+        return _yaml_inline(doc)
+    return "\n".join(_yaml_lines(doc, 0))
+
+
+def render_document(doc: Any, output: str) -> str:
+    """``doc`` as ``json`` or ``yaml``."""
+    return to_yaml(doc) if output == "yaml" else to_json(doc)
+
+
+# -- tables ---------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Iterable[int] = (), indent: int = 0) -> str:
+    """Columns padded to their widest cell, two spaces apart; ``right`` lists right-aligned columns."""
+    cells = [[str(c) for c in headers]] + [["-" if c is None or c == "" else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    align = set(right)
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i in align else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append(" " * indent + "  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def fields(pairs: Sequence[tuple[str, object]]) -> str:
+    """``Key:  value`` lines with the values aligned."""
+    width = max(len(k) for k, _ in pairs) + 1
+    return "\n".join(f"{(k + ':').ljust(width)}  {'-' if v is None or v == '' else v}" for k, v in pairs)
+
+
+def _unicode(stream: IO[str]) -> bool:
+    return (getattr(stream, "encoding", None) or "").lower().replace("-", "") in ("utf8", "utf_8")
+
+
+def bar(fraction: float, width: int = 20, *, unicode: bool | None = None) -> str:
+    """A utilisation bar such as ``[#####...............]``."""
+    if unicode is None:
+        unicode = _unicode(sys.stdout)
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = round(fraction * width)
+    if fraction > 0 and filled == 0:
+        filled = 1  # anything in use shows
+    full, empty = ("█", "░") if unicode else ("#", ".")
+    return f"[{full * filled}{empty * (width - filled)}]"
+
+
+def count(n: int) -> str:
+    """An address count: exact below 10^12, else in scientific notation (IPv6 sizes)."""
+    return str(n) if n < 10**12 else f"{n:.3e}"
+
+
+def when(value: dt.datetime | None) -> str | None:
+    """A timestamp for tables: UTC, to the second."""
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def labels_text(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def range_rows(ranges: Iterable[Range]) -> list[list[object]]:
+    return [
+        [str(r.cidr), r.first, r.last, r.gateway, ",".join(str(x) for x in r.exclude), r.block_size]
+        for r in ranges
+    ]
+
+
+def usage_rows(usage: Iterable[FamilyUsage]) -> list[list[object]]:
+    return [
+        [u.family.label, count(u.size), count(u.allocated), count(u.free), bar(u.utilisation),
+         f"{u.utilisation * 100:.1f}%"]
+        for u in usage
+    ]
+
+
+def pool_table(p: Pool) -> str:
+    parts = [
+        fields([("Pool", p.name), ("Created", when(p.create_time)), ("Labels", labels_text(p.labels))]),
+        "Ranges:",
+        table(["CIDR", "FIRST", "LAST", "GATEWAY", "EXCLUDE", "BLOCK"], range_rows(p.ranges), right=[5], indent=2),
+        "Usage:",
+        table(["FAMILY", "SIZE", "ALLOCATED", "FREE", "UTILISATION", ""], usage_rows(p.usage), right=[1, 2, 3, 5],
+              indent=2),
+    ]
+    return "\n".join(parts)
+
+
+def _used(u: FamilyUsage | None) -> str | None:
+    if u is None:
+        return None
+    return f"{count(u.allocated)}/{count(u.size)} ({u.utilisation * 100:.1f}%)"
+
+
+def pools_table(pools: Sequence[Pool]) -> str:
+    rows = [
+        [p.name, " ".join(str(r.cidr) for r in p.ranges), _used(p.usage_of("ipv4")), _used(p.usage_of("ipv6")),
+         when(p.create_time)]
+        for p in pools
+    ]
+    return table(["NAME", "RANGES", "IPV4 USED", "IPV6 USED", "CREATED"], rows)
+
+
+def _address_text(a: Address | None) -> str | None:
+    if a is None:
+        return None
+    return f"{a.interface} via {a.gateway}" if a.gateway else str(a.interface)
+
+
+def allocation_table(a: Allocation, *, created: bool | None = None) -> str:
+    pairs: list[tuple[str, object]] = []
+    if created is not None:
+        pairs.append(("Result", "allocated" if created else "already held (unchanged)"))
+    pairs += [("Pool", a.pool), ("Owner", a.owner)]
+    pairs += [(x.family.label, _address_text(x)) for x in a.addresses]
+    pairs += [("Attributes", labels_text(a.attributes)), ("Created", when(a.create_time))]
+    return fields(pairs)
+
+
+def allocations_table(items: Sequence[Allocation]) -> str:
+    rows = [
+        [a.owner, a.ipv4.interface if a.ipv4 else None, a.ipv6.interface if a.ipv6 else None, when(a.create_time)]
+        for a in items
+    ]
+    return table(["OWNER", "IPV4", "IPV6", "CREATED"], rows)
+
+
+def addresses_text(addresses: Sequence[Address]) -> str:
+    return ", ".join(str(a.interface) for a in addresses)
+
+
+# -- progress -------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line spinner on a terminal (stderr by default); silent when it is not a terminal."""
+
+    def __init__(self, label: str, stream: IO[str] | None = None, *, enabled: bool | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.label = label
+        self.frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏" if _unicode(self.stream) else "|/-\\"
+        self.tick = 0
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, text: str, *, force: bool = False) -> None:
+        """Shows ``label: text`` (at most ten times a second unless ``force``)."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < 0.1:
+            return
+        self.last = now
+        frame = self.frames[self.tick % len(self.frames)]
+        self.tick += 1
+        self.stream.write(f"\r\x1b[2K{frame} {self.label}: {text}")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        """Clears the line."""
+        if self.enabled and self.shown:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
