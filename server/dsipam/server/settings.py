@@ -16,6 +16,34 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"{name}: {value!r} is not an integer") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise SystemExit(f"{name}: {value!r} is not a number") from None
+
+
+def _env_bool(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def parse_mode(value: str, where: str) -> int:
+    """A file mode in octal, such as 660 or 0o660."""
+    try:
+        mode = int(value.removeprefix("0o"), 8)
+    except ValueError:
+        raise SystemExit(f"{where}: {value!r} is not an octal file mode such as 660") from None
+    if not 0 <= mode <= 0o777:
+        raise SystemExit(f"{where}: {value!r} is not an octal file mode such as 660")
+    return mode
+
+
+def _env_mode(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return parse_mode(value, name) if value else default
+
+
 @dataclass
 class Settings:
     database_url: str = ""
@@ -30,6 +58,19 @@ class Settings:
     data_dir: str = ""
     migrate: bool = False
     uvloop: bool = True
+    # Security (see docs/security.md): an auth config switches authentication on; without one the
+    # server refuses to start unless insecure is set.
+    insecure: bool = False
+    auth_config: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    unix_socket_mode: int = 0o660
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Observability: Prometheus on its own host:port (off when empty); database health pings.
+    metrics_listen: str = ""
+    metrics_pool_interval: float = 15.0
+    db_health_interval: float = 3.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -47,4 +88,14 @@ class Settings:
             data_dir=os.environ.get("DSIPAM_DATA_DIR", ""),
             migrate=os.environ.get("DSIPAM_MIGRATE", "") in ("1", "true", "yes"),
             uvloop=os.environ.get("DSIPAM_UVLOOP", "1") not in ("0", "false", "no"),
+            insecure=_env_bool("DSIPAM_INSECURE"),
+            auth_config=os.environ.get("DSIPAM_AUTH_CONFIG", ""),
+            tls_cert=os.environ.get("DSIPAM_TLS_CERT", ""),
+            tls_key=os.environ.get("DSIPAM_TLS_KEY", ""),
+            tls_client_ca=os.environ.get("DSIPAM_TLS_CLIENT_CA", ""),
+            unix_socket_mode=_env_mode("DSIPAM_UNIX_SOCKET_MODE", 0o660),
+            max_message_bytes=_env_int("DSIPAM_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            metrics_listen=os.environ.get("DSIPAM_METRICS_LISTEN", ""),
+            metrics_pool_interval=_env_float("DSIPAM_METRICS_POOL_INTERVAL", 15.0),
+            db_health_interval=_env_float("DSIPAM_DB_HEALTH_INTERVAL", 3.0),
         )

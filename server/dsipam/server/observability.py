@@ -1,0 +1,552 @@
+"""Metrics, structured logs and the per-call interceptor.
+
+* Prometheus metrics on their own HTTP port (``--metrics-listen``): per-RPC counts by status
+  and latency histograms, per pool and family address gauges, database pool use and wait
+  time, lock retries and database reachability.
+* JSON logs (``--log-format json``): one object per line, with the request ID of the call
+  that logged it (from the ``x-request-id`` header, else generated).
+* :class:`CallInterceptor`: one cheap wrapper around every IpamService method that sets the
+  request ID, checks the caller (:mod:`.security`), parses the request itself (so that a
+  malformed message is INVALID_ARGUMENT, not UNKNOWN) and records the call's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from .rpc.errors import to_grpc_status
+from .security import SERVICE_PREFIX, Authorizer, required_role
+
+log = logging.getLogger("dsipam.server")
+access_log = logging.getLogger("dsipam.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+AUTHORIZATION_HEADER = "authorization"
+_MAX_REQUEST_ID = 128
+
+
+@dataclass
+class CallInfo:
+    """What the logs know about the call being served."""
+
+    request_id: str
+    method: str
+    caller: str = ""
+
+
+current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("dsipam_call", default=None)
+"""The call the current task serves (each gRPC call runs in its own context)."""
+
+
+def _request_id(value: str | None) -> str:
+    if value and len(value) <= _MAX_REQUEST_ID and value.isprintable() and value.isascii():
+        return value
+    return os.urandom(16).hex()
+
+
+# -- logs ------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, request_id, method, caller, and extras
+    passed as ``extra={"fields": {...}}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        call = current_call.get()
+        if call is not None:
+            out["request_id"] = call.request_id
+            out["method"] = call.method
+            if call.caller:
+                out["caller"] = call.caller
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        call = current_call.get()
+        if call is not None:
+            text += f" request_id={call.request_id}"
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            text += "".join(f" {k}={v}" for k, v in fields.items())
+        return text
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Logs to stderr, as text or as JSON lines (``fmt="json"``)."""
+    if fmt not in ("text", "json"):
+        raise SystemExit(f"--log-format {fmt!r}: expected text or json")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else _TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_POOL_STATES = ("allocated", "free", "cooldown", "reserved")
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            GCCollector,
+            Histogram,
+            PlatformCollector,
+            ProcessCollector,
+        )
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        r = self.registry
+        self.rpc_requests = Counter(
+            "dsipam_rpc_requests", "IpamService calls by method and final status code.", ["method", "code"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "dsipam_rpc_duration_seconds", "IpamService call latency by method.", ["method"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.db_wait = Histogram(
+            "dsipam_db_pool_wait_seconds", "Time to get a connection from the database pool.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.db_in_use = Gauge("dsipam_db_pool_in_use", "Database connections checked out now.", registry=r)
+        self.db_pool_size = Gauge(
+            "dsipam_db_pool_size", "Database connections the pool keeps (plus up to max_overflow).", registry=r
+        )
+        self.lock_retries = Counter(
+            "dsipam_db_lock_retries",
+            "Transactions rolled back by a deadlock (40P01) or serialization failure (40001); each is run again.",
+            ["sqlstate"], registry=r,
+        )
+        self.db_up = Gauge("dsipam_db_up", "1 when the last database ping succeeded, else 0.", registry=r)
+        self.pool_snapshot: list[tuple[str, str, str, int]] = []
+        self.pool_snapshot_time = 0.0
+        r.register(_PoolCollector(self))
+        self._rpc_children: dict[tuple[str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """Counts one finished call and records its latency."""
+        key = (method, code)
+        child = self._rpc_children.get(key)
+        if child is None:
+            child = self._rpc_children[key] = self.rpc_requests.labels(method, code)
+        child.inc()
+        hist = self._latency_children.get(method)
+        if hist is None:
+            hist = self._latency_children[method] = self.rpc_seconds.labels(method)
+        hist.observe(seconds)
+
+    def instrument_engine(self, engine: Any, pool_size: int) -> None:
+        """Pool in use (read at scrape time), pool wait time and lock retries of a SQLAlchemy AsyncEngine."""
+        from sqlalchemy import event
+
+        sync_engine = engine.sync_engine
+        pool = sync_engine.pool
+        self.db_pool_size.set(pool_size)
+        self.db_in_use.set_function(lambda: float(sync_engine.pool.checkedout()))
+        do_get = getattr(pool, "_do_get", None)
+        if do_get is not None:  # SQLAlchemy has no "checkout started" event: time the pool's own get
+            wait = self.db_wait
+
+            def timed_get():  # type: ignore[no-untyped-def]
+                start = time.perf_counter()
+                try:
+                    return do_get()
+                finally:
+                    wait.observe(time.perf_counter() - start)
+
+            pool._do_get = timed_get
+
+        retries = self.lock_retries
+
+        @event.listens_for(sync_engine, "handle_error")
+        def _on_error(ctx):  # type: ignore[no-untyped-def]
+            from .store.db import RETRYABLE_SQLSTATES, sqlstate
+
+            code = sqlstate(ctx.sqlalchemy_exception or ctx.original_exception) if ctx.original_exception else None
+            if code in RETRYABLE_SQLSTATES:
+                retries.labels(code).inc()
+
+        for code in ("40001", "40P01"):
+            retries.labels(code)  # show zeros from the start
+
+    def serve_http(self, listen: str) -> tuple[Any, str]:
+        """Starts the /metrics HTTP server (a thread) on ``host:port``; returns it and its address."""
+        from prometheus_client import start_http_server
+
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
+        except ValueError:
+            raise SystemExit(f"--metrics-listen {listen!r}: expected host:port") from None
+        bound = server.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        return server, f"{shown}:{bound}"
+
+
+class _PoolCollector:
+    """``dsipam_pool_addresses{pool,family,state}`` from the last snapshot taken by :func:`refresh_pool_gauges`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "dsipam_pool_addresses",
+            "Addresses of each pool and family by state (allocated, free, cooldown, reserved); refreshed periodically.",
+            labels=["pool", "family", "state"],
+        )
+        for pool, fam, state, value in self.metrics.pool_snapshot:
+            family.add_metric([pool, fam, state], float(value))
+        yield family
+        age = GaugeMetricFamily(
+            "dsipam_pool_gauges_timestamp_seconds", "When the pool gauges were last refreshed (unix time)."
+        )
+        age.add_metric([], self.metrics.pool_snapshot_time)
+        yield age
+
+
+async def refresh_pool_gauges(store: Any, metrics: Metrics, interval: float) -> None:
+    """Every ``interval`` seconds, reads every pool's usage (ListPools pages) into the gauges."""
+    while True:
+        try:
+            rows: list[tuple[str, str, str, int]] = []
+            token = ""
+            while True:
+                pools, token = await store.list_pools(1000, token)
+                for p in pools:
+                    for u in p.usage:
+                        fam = u.family.label if hasattr(u.family, "label") else str(u.family)
+                        for state in _POOL_STATES:
+                            rows.append((p.spec.name, fam, state, int(getattr(u, state, 0) or 0)))
+                if not token:
+                    break
+            metrics.pool_snapshot = rows
+            metrics.pool_snapshot_time = time.time()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the gauges keep their last values
+            log.debug("pool gauges not refreshed: %s", exc)
+        await asyncio.sleep(interval)
+
+
+# -- database health -------------------------------------------------------------------
+
+
+async def watch_database(
+    ping: Callable[[], Any], set_serving: Callable[[bool], Any], interval: float, metrics: Metrics | None = None
+) -> None:
+    """Pings the database every ``interval`` seconds and reports the result through ``set_serving``
+    (health SERVING / NOT_SERVING). A failed ping is tried once more at once, so that one stale
+    pooled connection after a database restart does not flip the health."""
+    serving: bool | None = None
+    while True:
+        ok = False
+        for _attempt in range(2):
+            try:
+                await asyncio.wait_for(ping(), timeout=max(interval, 2.0))
+                ok = True
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+                last = exc
+        if metrics is not None:
+            metrics.db_up.set(1 if ok else 0)
+        if ok != serving:
+            if ok:
+                if serving is not None:
+                    log.warning("database reachable again: health SERVING")
+            else:
+                log.warning("database unreachable (%s): health NOT_SERVING", last)
+            await set_serving(ok)
+            serving = ok
+        await asyncio.sleep(interval)
+
+
+# -- wiring ----------------------------------------------------------------------------
+
+
+class Observability:
+    """What the server runs besides its RPCs: metrics (when ``settings.metrics_listen`` is set),
+    the pool gauges and the database health watch."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.metrics = Metrics() if settings.metrics_listen else None
+        self.metrics_address = ""
+        self._http: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ping_store: Any = None
+
+    def instrument(self, engine: Any) -> None:
+        """Database pool metrics for the store's engine."""
+        if self.metrics is not None:
+            self.metrics.instrument_engine(engine, self.settings.db_pool_size)
+
+    async def start(self, store: Any, health_servicer: Any, services: Iterable[str]) -> None:
+        """Starts the metrics HTTP server, the pool gauges and the database health watch, which
+        sets every service in ``services`` (and "") NOT_SERVING while the database is unreachable."""
+        from grpc_health.v1 import health_pb2
+
+        from .store import Store, create_engine
+
+        if self.metrics is not None:
+            self._http, self.metrics_address = self.metrics.serve_http(self.settings.metrics_listen)
+            self._tasks.append(asyncio.create_task(
+                refresh_pool_gauges(store, self.metrics, self.settings.metrics_pool_interval)))
+        if self.settings.db_health_interval > 0:
+            # Its own connection: a busy store pool must not read as "database down".
+            self._ping_store = Store(create_engine(self.settings.database_url, pool_size=1, max_overflow=0))
+            names = ["", *services]
+
+            async def set_serving(ok: bool) -> None:
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in names:
+                    await health_servicer.set(name, status)
+
+            self._tasks.append(asyncio.create_task(
+                watch_database(self._ping_store.ping, set_serving, self.settings.db_health_interval, self.metrics)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001,S110 - stopping anyway
+                pass
+        self._tasks.clear()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._ping_store is not None:
+            await self._ping_store.close()
+            self._ping_store = None
+
+
+# -- the interceptor -------------------------------------------------------------------
+
+_STATUS_NAMES = {code: code.name for code in grpc.StatusCode}
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return _STATUS_NAMES[code]
+    for c in grpc.StatusCode:  # an int
+        if c.value[0] == code:
+            return c.name
+    return "UNKNOWN"
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every IpamService method once; other services (health, reflection) pass through."""
+
+    def __init__(self, authorizer: Authorizer | None, metrics: Metrics | None) -> None:
+        self.authorizer = authorizer
+        self.metrics = metrics
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        name = method[len(SERVICE_PREFIX):]
+        required = required_role(method)
+        authorizer = self.authorizer
+        metrics = self.metrics
+        parse = handler.request_deserializer
+
+        async def begin(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id = authorization = None
+            for item in context.invocation_metadata() or ():
+                key = item[0]
+                if key == REQUEST_ID_HEADER:
+                    request_id = item[1]
+                elif key == AUTHORIZATION_HEADER:
+                    authorization = item[1]
+            call = CallInfo(_request_id(request_id), name)
+            current_call.set(call)
+            if authorizer is not None and required is not None:
+                call.caller = await authorizer.authorize(authorization, context, method, required)
+            if parse is None or handler.request_streaming:
+                return raw
+            try:
+                return parse(raw)
+            except (DecodeError, ValueError, TypeError) as exc:
+                status = to_grpc_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request: not a valid {name} request message ({type(exc).__name__})",
+                    "INVALID_ARGUMENT", {},
+                )
+                await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+        def finish(context: grpc.aio.ServicerContext, start: float, code: str | None) -> None:
+            code = code or _code_name(context)
+            elapsed = time.perf_counter() - start
+            if metrics is not None:
+                metrics.observe_rpc(name, code, elapsed)
+            if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                access_log.warning("%s refused: %s", name, code, extra={"fields": {"code": code}})
+            elif access_log.isEnabledFor(logging.DEBUG):
+                access_log.debug("%s %s", name, code, extra={"fields": {"code": code, "ms": round(elapsed * 1000, 3)}})
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                code = None
+                try:
+                    request = await begin(raw, context)
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except Exception as exc:
+                    if not isinstance(exc, grpc.aio.AbortError):
+                        code = "UNKNOWN"
+                    raise
+                finally:
+                    finish(context, start, code)
+
+            return handler._replace(unary_unary=unary_unary, request_deserializer=None)
+
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                start = time.perf_counter()
+                code = None
+                try:
+                    request = await begin(raw, context)
+                    result = inner_stream(request, context)
+                    if hasattr(result, "__aiter__"):
+                        async for item in result:
+                            yield item
+                    else:  # a coroutine that writes with context.write
+                        await result
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except Exception as exc:
+                    if not isinstance(exc, grpc.aio.AbortError):
+                        code = "UNKNOWN"
+                    raise
+                finally:
+                    finish(context, start, code)
+
+            return handler._replace(unary_stream=unary_stream, request_deserializer=None)
+
+        # Client-streaming methods (none today): check the caller and count; grpc parses the requests.
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                code = None
+                try:
+                    await begin(None, context)
+                    return await inner_su(request_iterator, context)
+                except Exception as exc:
+                    if not isinstance(exc, grpc.aio.AbortError):
+                        code = "UNKNOWN"
+                    raise
+                finally:
+                    finish(context, start, code)
+
+            return handler._replace(stream_unary=stream_unary)
+
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            code = None
+            try:
+                await begin(None, context)
+                result = inner_ss(request_iterator, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except Exception as exc:
+                if not isinstance(exc, grpc.aio.AbortError):
+                    code = "UNKNOWN"
+                raise
+            finally:
+                finish(context, start, code)
+
+        return handler._replace(stream_stream=stream_stream)
+
+
+__all__ = [
+    "CallInfo",
+    "CallInterceptor",
+    "JsonFormatter",
+    "Metrics",
+    "Observability",
+    "current_call",
+    "refresh_pool_gauges",
+    "setup_logging",
+    "watch_database",
+]
