@@ -12,6 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 
+from . import security
+from .observability import CallInterceptor, Observability
 from .rpc import reflection
 from .rpc.servicer import IpamServicer
 from .settings import DEFAULT_LISTEN, Settings
@@ -29,6 +31,8 @@ class Running:
     health: health.aio.HealthServicer
     store: Store
     addresses: list[str]
+    observability: Observability | None = None
+    insecure: bool = False
 
     async def stop(self, grace: float, delay: float = 0.0) -> None:
         """Health goes NOT_SERVING; after ``delay`` (for load balancers to notice) new calls are
@@ -37,6 +41,8 @@ class Running:
         if delay > 0:
             await asyncio.sleep(delay)
         await self.server.stop(grace)
+        if self.observability is not None:
+            await self.observability.stop()
         await self.store.close()
 
 
@@ -54,10 +60,15 @@ async def start(settings: Settings) -> Running:
         settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
     )
     store = Store(engine)
+    authorizer = security.authorizer_from_settings(settings)
+    credentials = security.credentials_from_settings(settings)
+    observability = Observability(settings)
+    observability.instrument(engine)
     server = grpc.aio.server(
+        interceptors=[CallInterceptor(authorizer, observability.metrics)],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
     )
@@ -71,7 +82,7 @@ async def start(settings: Settings) -> Running:
     bound = []
     for address in settings.listen or [DEFAULT_LISTEN]:
         address = normalise_listen(address)
-        port = server.add_insecure_port(address)
+        port = security.bind(server, address, credentials, settings.unix_socket_mode)
         if address.startswith("unix:"):
             bound.append(address)
         else:
@@ -80,14 +91,24 @@ async def start(settings: Settings) -> Running:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, health_servicer, store, bound)
+    await observability.start(store, health_servicer, [SERVICE_NAME])
+    running = Running(server, health_servicer, store, bound)
+    running.observability, running.insecure = observability, authorizer is None
+    return running
 
 
 async def serve(settings: Settings, on_started=None) -> None:  # type: ignore[no-untyped-def]
     running = await start(settings)
+    if running.insecure:
+        log.warning("authentication is off (--insecure)")
+        print(security.INSECURE_ANNOUNCEMENT, flush=True)
+    tls = "TLS with client certificates" if settings.tls_client_ca else "TLS" if settings.tls_cert else ""
     for address in running.addresses:
         log.info("dsipam listening on %s", address)
-        print(f"dsipam: listening on {address}", flush=True)
+        shown = f"{address} ({tls})" if tls and not address.startswith("unix:") else address
+        print(f"dsipam: listening on {shown}", flush=True)
+    if running.observability is not None and running.observability.metrics_address:
+        print(f"dsipam: metrics on http://{running.observability.metrics_address}/metrics", flush=True)
     if on_started is not None:
         on_started(running)
     stop = asyncio.Event()

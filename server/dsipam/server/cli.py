@@ -10,8 +10,13 @@ import sys
 from .settings import Settings
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    if fmt == "text" and level == "WARNING":  # migrate, fsck
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+        return
+    from .observability import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def _run_loop(coro, use_uvloop: bool):  # type: ignore[no-untyped-def]
@@ -43,7 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.db_pgbouncer = True
     if settings.db_pgbouncer:  # every engine of this process (store, migrations) reads it
         _use_pgbouncer()
-    _setup_logging(settings.log_level)
+    _apply_security_flags(args, settings)
+    _setup_logging(settings.log_level, settings.log_format)
     embedded = None
     if not settings.database_url:
         from .embedded import start_embedded
@@ -51,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedded = start_embedded(settings.data_dir)
         settings.database_url = embedded.url
         settings.migrate = True
+        if not settings.auth_config:  # a developer's machine, on loopback: announced as insecure
+            settings.insecure = True
         print(
             f"dsipam: started a private PostgreSQL ({embedded.bindir}) on 127.0.0.1:{embedded.port}; "
             f"data in {embedded.pgdata}",
@@ -69,6 +77,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
             print("dsipam: private PostgreSQL stopped", flush=True)
+    return 0
+
+
+def _apply_security_flags(args: argparse.Namespace, settings: Settings) -> None:
+    from .settings import parse_mode
+
+    if args.insecure and (args.auth_config or settings.auth_config):
+        raise SystemExit("dsipam: --insecure and an auth config contradict each other; give one")
+    if args.insecure:
+        settings.insecure = True
+    for name in ("auth_config", "tls_cert", "tls_key", "tls_client_ca", "metrics_listen", "log_format"):
+        value = getattr(args, name)
+        if value:
+            setattr(settings, name, value)
+    if args.max_message_bytes is not None:
+        settings.max_message_bytes = args.max_message_bytes
+    if args.unix_socket_mode:
+        settings.unix_socket_mode = parse_mode(args.unix_socket_mode, "--unix-socket-mode")
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .security import hash_token, parse_role, token_config_entry
+
+    if args.token_command == "new":
+        try:
+            role = parse_role(args.role, "ROLE")
+        except ValueError as exc:
+            raise SystemExit(f"dsipam: {exc}") from None
+        token, entry = token_config_entry(role, args.name or f"{role.label}-token")
+        print(f"token (give it to the caller; it is not stored): {token}", file=sys.stderr)
+        print(token)
+        print("auth config entry (under tokens:):", file=sys.stderr)
+        print(entry, end="", file=sys.stderr)
+        return 0
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise SystemExit("dsipam: token hash: give the token on standard input")
+    print(hash_token(token))
     return 0
 
 
@@ -139,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db-pgbouncer", action="store_true", help=_PGBOUNCER_HELP)
     serve.add_argument("--data-dir", help="data directory of the private PostgreSQL (env DSIPAM_DATA_DIR)")
     serve.add_argument("--migrate", action="store_true", help="apply migrations before serving (env DSIPAM_MIGRATE=1)")
+    serve.add_argument("--auth-config", help="YAML/JSON file of hashed tokens and client-certificate roles "
+                       "(env DSIPAM_AUTH_CONFIG); see docs/security.md")
+    serve.add_argument("--insecure", action="store_true",
+                       help="switch authentication off (env DSIPAM_INSECURE=1); announced at start")
+    serve.add_argument("--tls-cert", help="server certificate (PEM) for the TCP listeners (env DSIPAM_TLS_CERT)")
+    serve.add_argument("--tls-key", help="its private key (PEM) (env DSIPAM_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", help="CA (PEM) that signs client certificates; makes them required "
+                       "(env DSIPAM_TLS_CLIENT_CA)")
+    serve.add_argument("--unix-socket-mode", help="file mode of unix socket listeners, octal (default 660; "
+                       "env DSIPAM_UNIX_SOCKET_MODE)")
+    serve.add_argument("--max-message-bytes", type=int, help="largest request or response (default 4 MiB; "
+                       "env DSIPAM_MAX_MESSAGE_BYTES)")
+    serve.add_argument("--metrics-listen", help="host:port of the Prometheus /metrics endpoint; off when unset "
+                       "(env DSIPAM_METRICS_LISTEN)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON objects "
+                       "(env DSIPAM_LOG_FORMAT)")
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply database migrations")
@@ -147,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--revision", default="head")
     migrate.add_argument("--check", action="store_true", help="fail when models and schema disagree")
     migrate.set_defaults(func=cmd_migrate)
+
+    token = sub.add_parser("token", help="make bearer tokens for the auth config")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    new = token_sub.add_parser("new", help="print a new random token (stdout) and its config entry (stderr)")
+    new.add_argument("role", metavar="ROLE", help="shim, controller or admin")
+    new.add_argument("--name", help="the entry's name in logs")
+    token_sub.add_parser("hash", help="print the config hash of a token read from standard input")
+    token.set_defaults(func=cmd_token)
 
     fsck = sub.add_parser("fsck", help="check that a pool's blocks and allocations agree")
     fsck.add_argument("pool")
