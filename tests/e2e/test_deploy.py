@@ -211,7 +211,10 @@ def test_server_deployment_probes_resources_and_budget() -> None:
     assert _matches(spec["selector"], pod["metadata"]["labels"])
     (container,) = pod["spec"]["containers"]
     assert container["args"] == ["serve"]
-    assert [p["containerPort"] for p in container["ports"]] == [SERVER_PORT]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == SERVER_PORT
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DSIPAM_METRICS_LISTEN"].endswith(f":{ports['metrics']}")
     assert container["readinessProbe"]["grpc"] == {"port": SERVER_PORT, "service": "dsipam.v1.IpamService"}
     assert container["livenessProbe"]["grpc"] == {"port": SERVER_PORT}
     assert container["startupProbe"]["grpc"]["port"] == SERVER_PORT
@@ -247,6 +250,24 @@ def test_service_config_and_secret_feed_the_server() -> None:
     assert url_ref["name"] == "dsipam-database" and url_ref["key"] in secret["stringData"]
 
 
+def test_auth_secret_is_mounted_where_the_server_reads_it(tmp_path: Path) -> None:
+    deployment = _one("Deployment", "dsipam")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    path = next(e["value"] for e in container["env"] if e["name"] == "DSIPAM_AUTH_CONFIG")
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    secret = _one("Secret", volume["secret"]["secretName"])
+    filename = path.rsplit("/", 1)[1]
+    assert filename in secret["stringData"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]  # mode 0440 files readable
+    security = pytest.importorskip("dsipam.server.security")
+    config_file = tmp_path / filename
+    config_file.write_text(secret["stringData"][filename])
+    config = security.load_auth_config(config_file)  # the server's own parser accepts it
+    assert config.tokens and config.unix_socket_role is None
+
+
 def test_migration_job_uses_the_direct_database_url() -> None:
     job = _one("Job", "dsipam-migrate")
     pod = job["spec"]["template"]["spec"]
@@ -257,14 +278,16 @@ def test_migration_job_uses_the_direct_database_url() -> None:
     assert ref["key"] in _one("Secret", "dsipam-database")["stringData"]
 
 
-def test_network_policy_admits_clients_and_nodes_on_the_grpc_port_only() -> None:
+def test_network_policy_admits_clients_and_nodes_on_the_grpc_port() -> None:
     server_labels = _one("Deployment", "dsipam")["spec"]["template"]["metadata"]["labels"]
     deny = _one("NetworkPolicy", "dsipam-default-deny-ingress")
     assert deny["spec"]["podSelector"] == {} and "ingress" not in deny["spec"]
     policy = _one("NetworkPolicy", "dsipam-server")
     assert _matches(policy["spec"]["podSelector"], server_labels)
-    (rule,) = policy["spec"]["ingress"]
+    rule, metrics = policy["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": SERVER_PORT}]
+    assert metrics["ports"] == [{"protocol": "TCP", "port": 9090}]
+    assert [list(p) for p in metrics["from"]] == [["namespaceSelector"]]
     blocks = [p["ipBlock"]["cidr"] for p in rule["from"] if "ipBlock" in p]
     assert any(":" in b for b in blocks) and any("." in b for b in blocks)  # nodes of both families
     assert any(p.get("podSelector", {}).get("matchLabels") == {"dsipam.io/client": "true"} for p in rule["from"])
