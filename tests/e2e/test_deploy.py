@@ -147,7 +147,9 @@ def test_compose_builds_the_image_and_runs_migrations_first() -> None:
     services = compose["services"]
     assert services["server"]["build"] == "." and services["migrate"]["build"] == "."
     assert services["server"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert services["migrate"]["command"][-1] == "migrate"
+    # The image's ENTRYPOINT is dsipam: commands are its arguments.
+    assert services["migrate"]["command"] == ["migrate"] and services["server"]["command"] == ["serve"]
+    assert services["server"]["image"] == services["migrate"]["image"]  # one build serves both
 
 
 # -- Kubernetes manifests -------------------------------------------------------------------
