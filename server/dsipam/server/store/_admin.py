@@ -502,7 +502,7 @@ class AdminStore:
                              LIMIT :limit
                             """
                         ),
-                        {"pool": pool.id, "xid": None if position is None else xid,
+                        {"pool": pool.id, "xid": None if position is None else int(xid),
                          "id": 0 if position is None else last_id, "limit": limit},
                     )
                 ).mappings().all()
