@@ -29,6 +29,7 @@ import argparse
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -215,7 +216,7 @@ class Run:
         ) as servers:
             harness.create_pool(servers.targets[0], "s6", (a.scale_v4, a.scale_v6))
             rep = self.scenario(
-                "6", f"Scale: {n:,} pairs into a {a.scale_v4.split('/')[1]} + {a.scale_v6.split('/')[1]} pool",
+                "6", f"Scale: {n:,} pairs into a /{a.scale_v4.split('/')[1]} + /{a.scale_v6.split('/')[1]} pool",
                 servers, self.spec(servers, "allocate", "s6", n, owner_prefix="s6"), url, "s6", n,
             )
             size = harness.storage_bytes(url)
@@ -254,11 +255,19 @@ def _start_profiler(servers: harness.Servers, outdir: str) -> list[tuple[subproc
     procs = []
     for pid in servers.pids:
         path = Path(outdir) / f"s1-server-{pid}.txt"
-        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--nonblocking",
+        cmd = [_py_spy(), "record", "--pid", str(pid), "--rate", "100", "--format", "raw", "--native", "--full-filenames",
                "-o", str(path)]
         procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path))
     time.sleep(1.0)
     return procs
+
+
+def _py_spy() -> str:
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if not found:
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    return found
 
 
 def _stop_profiler(procs: list[tuple[subprocess.Popen, Path]]) -> None:
