@@ -316,13 +316,10 @@ def make_client(args: argparse.Namespace) -> IpamClient:
             raise UsageError(f"--timeout: {timeout_text!r} is not a number of seconds") from None
         if timeout <= 0:
             raise UsageError(f"--timeout: {timeout_text} is not positive")
-    return IpamClient(
-        _setting(args, "--target"),
-        tls=tls,
-        token=_setting(args, "--token"),
-        token_file=_setting(args, "--token-file"),
-        timeout=timeout,
-    )
+    token, token_file = getattr(args, _dest("--token"), None), getattr(args, _dest("--token-file"), None)
+    if token is None and token_file is None:  # a token flag overrides both variables
+        token, token_file = _setting(args, "--token"), _setting(args, "--token-file")
+    return IpamClient(_setting(args, "--target"), tls=tls, token=token, token_file=token_file, timeout=timeout)
 
 
 def _describe(err: IpamError, target: str) -> str:
