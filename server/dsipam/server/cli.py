@@ -1,4 +1,5 @@
-"""The ``dsipam`` command: serve, migrate and fsck (admin commands build on the SDK)."""
+"""The ``dsipam`` command: serve, migrate and fsck, plus the admin commands of the SDK
+(pool, alloc, release, gc; see dsipam.client._cli), which take connection options before the subcommand."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import asyncio
 import logging
 import sys
+
+from dsipam.client._cli import Parser, add_client_commands, add_client_options, prepare_argv
 
 from .settings import Settings
 
@@ -173,7 +176,8 @@ _PGBOUNCER_HELP = "the URL is PgBouncer in transaction mode: no prepared stateme
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsipam", description="Dual-stack IP address management.")
+    parser = Parser(prog="dsipam", description="Dual-stack IP address management.", allow_abbrev=False)
+    add_client_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC server")
@@ -223,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     fsck.add_argument("--database-url", help="postgresql://user@host:port/db (env DSIPAM_DATABASE_URL)")
     fsck.add_argument("--db-pgbouncer", action="store_true", help=_PGBOUNCER_HELP)
     fsck.set_defaults(func=cmd_fsck)
+
+    add_client_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(prepare_argv(sys.argv[1:] if argv is None else argv))
     return int(args.func(args) or 0)
 
 
