@@ -5,8 +5,6 @@ Run by a container runtime (``CNI_COMMAND`` set, no arguments) it is the CNI IPA
 Nothing is imported here beyond what the command at hand needs.
 """
 
-from __future__ import annotations
-
 import sys
 
 
@@ -17,19 +15,28 @@ def main(argv: list[str] | None = None) -> int:
         from ._install import cli
 
         return cli(args)
-    import os
-
     from ._plugin import run
 
     try:
         stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
     except OSError:
         stdin = b""
-    code, out = run(os.environ, stdin)
+    code, out = run(environment(), stdin)
     if out:
         sys.stdout.write(out + "\n")
         sys.stdout.flush()
     return code
+
+
+def environment() -> dict[str, str]:
+    """The process environment, read through ``posix``: importing ``os`` costs ~1 ms per run."""
+    os = sys.modules.get("os")
+    if os is not None:
+        return dict(os.environ)
+    import posix
+
+    return {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+            for k, v in posix.environ.items()}
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ Both transports return the plain types of :mod:`._wire` and raise :class:`._h2.R
 so the plugin does not care which one it has.
 """
 
-from __future__ import annotations
-
 import time
 
 from . import _h2, _wire
@@ -58,7 +56,13 @@ class NativeClient:
 def connect(cfg) -> NativeClient:  # type: ignore[no-untyped-def]
     """The client for a parsed :class:`._config.IpamConfig`."""
     if cfg.transport == "grpc":
-        from ._grpc_client import GrpcClient
+        try:
+            from ._grpc_client import GrpcClient
 
-        return GrpcClient(cfg.target, cfg.timeout, cfg.tls)  # type: ignore[return-value]
+            return GrpcClient(cfg.target, cfg.timeout, cfg.tls)  # type: ignore[return-value]
+        except ImportError as exc:
+            from ._errors import INVALID_CONFIG, CniError
+
+            raise CniError(INVALID_CONFIG, f"ipam.transport: grpc needs grpcio and dsipam.v1, which this "
+                           f"interpreter cannot import ({exc})") from None
     return NativeClient(cfg.target, cfg.timeout)

@@ -4,8 +4,6 @@ Every problem is a :class:`CniError` with code 7 (or 1 for a CNI version the plu
 speak) whose message names the field, such as ``ipam.pool: required``. Unknown keys are ignored.
 """
 
-from __future__ import annotations
-
 import _socket
 
 from ._errors import INCOMPATIBLE_VERSION, INVALID_CONFIG, CniError
@@ -231,9 +229,9 @@ def parse(netconf: object) -> IpamConfig:
     cfg.gc_grace = _seconds(ipam, "gcGrace", "ipam.gcGrace", None, allow_zero=True)
     cfg.node = _string(ipam, "node", "ipam.node")
     if not cfg.node:
-        import os
+        import posix
 
-        cfg.node = os.uname().nodename
+        cfg.node = posix.uname().nodename
     return cfg
 
 

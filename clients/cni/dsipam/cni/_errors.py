@@ -1,7 +1,5 @@
 """CNI error codes and the error the plugin reports."""
 
-from __future__ import annotations
-
 # Well-known codes (CNI spec, "Error codes").
 INCOMPATIBLE_VERSION = 1
 UNSUPPORTED_FIELD = 2

@@ -6,8 +6,6 @@ complete HPACK decoder. It uses only C modules of the standard library (``_socke
 ``binascii``, ``time``), so a plugin run pays no import cost for grpc or protobuf.
 """
 
-from __future__ import annotations
-
 import _socket
 import time
 
@@ -67,6 +65,11 @@ class RpcError(Exception):
     def __str__(self) -> str:
         reason = f" ({self.reason})" if self.reason else ""
         return f"{self.code_name}{reason}: {self.message}"
+
+
+class _Unprocessed(RpcError):
+    """The server did not start on the request (GOAWAY below its stream, REFUSED_STREAM, or the
+    connection found closed before sending): safe to send again on a new connection."""
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -200,6 +203,7 @@ class Channel:
         self.peer_initial_window = _DEFAULT_WINDOW
         self.peer_max_frame = 16384
         self.goaway = None
+        self.broken = False
 
     def close(self) -> None:
         """Closes the connection (without GOAWAY: the server treats EOF the same)."""
@@ -208,6 +212,8 @@ class Channel:
             self.sock = None
 
     def _send(self, data: bytes) -> None:
+        if self.sock is None or self.broken:
+            self._fail(UNAVAILABLE, "connection lost")
         assert self.sock is not None
         try:
             self.sock.settimeout(self._remaining())
@@ -216,6 +222,18 @@ class Channel:
             self._fail(DEADLINE_EXCEEDED, "deadline exceeded sending")
         except OSError as exc:
             self._fail(UNAVAILABLE, f"connection lost: {exc}")
+
+    def _send_control(self, data: bytes) -> None:
+        """Sends an acknowledgement. If the peer has gone, what it sent before may still hold the
+        whole response: keep reading, and open a new connection for the next call."""
+        assert self.sock is not None
+        try:
+            self.sock.settimeout(self._remaining())
+            self.sock.sendall(data)
+        except TimeoutError:
+            self._fail(DEADLINE_EXCEEDED, "deadline exceeded sending")
+        except OSError:
+            self.broken = True
 
     def _fail(self, code: int, message: str) -> None:
         self.close()
@@ -260,10 +278,10 @@ class Channel:
                     self.peer_initial_window = value
                 elif ident == 5:
                     self.peer_max_frame = value
-            self._send(_frame(_SETTINGS, _ACK, 0))
+            self._send_control(_frame(_SETTINGS, _ACK, 0))
         elif kind == _PING:
             if not flags & _ACK:
-                self._send(_frame(_PING, _ACK, 0, payload))
+                self._send_control(_frame(_PING, _ACK, 0, payload))
         elif kind == _WINDOW_UPDATE:
             increment = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
             if stream_id == 0:
@@ -273,7 +291,8 @@ class Channel:
         elif kind == _GOAWAY:
             self.goaway = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
             if stream is not None and stream.id > self.goaway:
-                self._fail(UNAVAILABLE, "the server is going away")
+                self.close()
+                raise _Unprocessed(UNAVAILABLE, f"the server is going away ({self.target})")
         elif stream is None or stream_id != stream.id:
             return  # frames of streams we no longer care about
         elif kind == _RST_STREAM:
@@ -309,8 +328,38 @@ class Channel:
 
     def call(self, method: str, request: bytes) -> bytes:
         """Sends one unary request (serialized message) to ``method`` (``/pkg.Service/Method``);
-        returns the serialized response or raises :class:`RpcError`."""
-        if self.goaway is not None:  # the server is closing this connection: open another
+        returns the serialized response or raises :class:`RpcError`.
+
+        A request the server provably did not start on is sent once more on a new connection.
+        """
+        try:
+            return self._call(method, request)
+        except _Unprocessed:
+            self.close()
+            return self._call(method, request)
+
+    def _drain(self) -> None:
+        """Handles what the server sent between calls (a GOAWAY, or the connection's end)."""
+        assert self.sock is not None
+        self.sock.setblocking(False)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    self.broken = True
+                    break
+                self.buffer += chunk
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.broken = True
+        while len(self.buffer) >= 9 and len(self.buffer) >= 9 + int.from_bytes(self.buffer[0:3], "big"):
+            self._handle(*self._read_frame())
+
+    def _call(self, method: str, request: bytes) -> bytes:
+        if self.sock is not None:
+            self._drain()
+        if self.goaway is not None or self.broken:  # the server is closing this connection: open another
             self.close()
         if self.sock is None:
             self._reset()
@@ -324,12 +373,14 @@ class Channel:
             ("grpc-timeout", f"{min(timeout_ms, 99_999_999)}m"),
         ])
         body = b"\x00" + len(request).to_bytes(4, "big") + request
-        max_frame = self.peer_max_frame
-        self._send(_frame(_HEADERS, _END_HEADERS | (0 if body else _END_STREAM), stream.id, block))
+        out = _frame(_HEADERS, _END_HEADERS, stream.id, block)  # sent with the first DATA: one write
         sent = 0
         while sent < len(body):
-            room = min(self.conn_window, stream.window, max_frame)
+            room = min(self.conn_window, stream.window, self.peer_max_frame)
             if room <= 0:
+                if out:
+                    self._send(out)
+                    out = b""
                 self._handle(*self._read_frame())
                 if stream.closed:
                     break
@@ -338,7 +389,8 @@ class Channel:
             sent += len(chunk)
             self.conn_window -= len(chunk)
             stream.window -= len(chunk)
-            self._send(_frame(_DATA, _END_STREAM if sent >= len(body) else 0, stream.id, chunk))
+            self._send(out + _frame(_DATA, _END_STREAM if sent >= len(body) else 0, stream.id, chunk))
+            out = b""
         while not stream.closed:
             self._handle(*self._read_frame())
         self.stream = None
@@ -363,9 +415,11 @@ def _result(stream: _Stream, target: str) -> bytes:
     headers = dict(stream.headers or ())
     trailers = dict(stream.trailers) if stream.trailers is not None else headers  # "Trailers-Only"
     if stream.reset is not None and "grpc-status" not in trailers:
-        # REFUSED_STREAM and ENHANCE_YOUR_CALM mean "try again"; CANCEL is a cancellation
-        code = {7: UNAVAILABLE, 8: CANCELLED, 11: UNAVAILABLE}.get(stream.reset, INTERNAL)
-        raise RpcError(code, f"stream reset by {target} (HTTP/2 error {stream.reset})")
+        message = f"stream reset by {target} (HTTP/2 error {stream.reset})"
+        if stream.reset == 7 and stream.headers is None:  # REFUSED_STREAM: not processed at all
+            raise _Unprocessed(UNAVAILABLE, message)
+        # ENHANCE_YOUR_CALM means "try again later"; CANCEL is a cancellation
+        raise RpcError({8: CANCELLED, 11: UNAVAILABLE}.get(stream.reset, INTERNAL), message)
     status = headers.get(":status", "")
     if status != "200":
         raise RpcError(_http_status_code(status), f"HTTP status {status or 'missing'} from {target}")

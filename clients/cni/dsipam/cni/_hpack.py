@@ -4,8 +4,6 @@ Only builtins are used, so that loading this module costs nearly nothing; the Hu
 decoding tables are built the first time a Huffman-coded string arrives.
 """
 
-from __future__ import annotations
-
 # RFC 7541 Appendix A. Names with their values where the table gives one.
 _STATIC_NAMES = (
     ":authority :method :method :path :path :scheme :scheme :status :status :status :status :status :status "

@@ -4,8 +4,6 @@ The C accelerator ``_json`` that ``json`` itself uses does the scanning; a small
 writes the plugin's output. Falls back to ``json`` where ``_json`` is missing.
 """
 
-from __future__ import annotations
-
 try:
     import _json
 except ImportError:  # pragma: no cover - CPython always has it

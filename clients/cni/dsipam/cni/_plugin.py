@@ -4,8 +4,6 @@
 so that it can be driven without a process.
 """
 
-from __future__ import annotations
-
 from . import _config, _errors, _jsonio
 from ._errors import CniError
 

@@ -5,8 +5,6 @@ The field numbers mirror proto/dsipam/v1/ipam.proto; tests/e2e/test_cni_wire.py 
 one of them against the generated descriptors and round-trips through ipam_pb2.
 """
 
-from __future__ import annotations
-
 IPV4 = 1  # dsipam.v1.IpFamily
 IPV6 = 2
 FAMILY_VERSION = {IPV4: 4, IPV6: 6}

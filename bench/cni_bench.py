@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""CNI plugin benchmark: ADD+DEL cycles through the real bridge plugin, dsipam vs host-local.
+
+    .venv/bin/python bench/cni_bench.py [--cycles 50] [--runs 30] [--json out.json]
+
+Needs root, iproute2 and containernetworking-plugins (/usr/lib/cni). It makes a scratch
+database, a dsipam server on loopback and a unix socket, a parent network namespace with two
+bridges (one per IPAM) and two pod namespaces, and removes all of it at the end.
+
+The timing runs inside the parent namespace (this script re-executes itself there with
+``ip netns exec``), so each sample is one bridge-plugin process, as a runtime would start it:
+
+* ``bridge+dsipam`` vs ``bridge+host-local``: ``--cycles`` ADD+DEL cycles each, interleaved
+  (the order alternates every cycle, so machine noise hits both alike); medians and ratios.
+* where the time goes (``--runs`` samples each): the bare interpreter (``python -IS``), the
+  plugin without an RPC (VERSION), the plugin's ADD and DEL alone, the same RPCs on a warm
+  connection, grpc's import cost, and ``bridge+dsipam`` with ``"transport": "grpc"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BRIDGE = "/usr/lib/cni/bridge"
+HOST_LOCAL_DIR = "/usr/lib/cni"
+POOL = "cnibench"
+DSIPAM_V4, DSIPAM_V4_GW = "198.18.0.0/20", "198.18.0.1"
+DSIPAM_V6, DSIPAM_V6_GW = "fd00:be::/112", "fd00:be::1"
+HOSTLOCAL_V4, HOSTLOCAL_V4_GW = "198.19.0.0/20", "198.19.0.1"
+HOSTLOCAL_V6, HOSTLOCAL_V6_GW = "fd00:bf::/112", "fd00:bf::1"
+
+
+def log(msg: str) -> None:
+    print(f"[cni-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(*args: str) -> str:
+    return subprocess.run(list(args), check=True, capture_output=True, text=True).stdout
+
+
+# -- inside the parent namespace -----------------------------------------------------------
+
+
+def _conf(bridge: str, ipam: dict) -> bytes:
+    return json.dumps({"cniVersion": "1.0.0", "name": f"bench-{bridge}", "type": "bridge", "bridge": bridge,
+                       "isGateway": True, "ipMasq": False, "ipam": ipam}).encode()
+
+
+def _run(argv: list[str], env: dict[str, str], stdin: bytes) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, input=stdin, env=env, capture_output=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} {env.get('CNI_COMMAND')} failed: {done.stdout!r} {done.stderr!r}")
+    return elapsed
+
+
+def _env(command: str, container: str, netns: str, cni_path: str) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container, "CNI_NETNS": f"/var/run/netns/{netns}", "CNI_IFNAME": "eth0",
+            "CNI_PATH": cni_path}
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {"median_ms": round(statistics.median(ordered) * 1000, 2),
+            "p90_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))] * 1000, 2),
+            "n": len(ordered)}
+
+
+def worker(spec: dict) -> dict:
+    """Runs every measurement; called inside the parent namespace."""
+    cni_bin, sock = spec["cni_bin"], spec["sock"]
+    dsipam_ipam = {"type": "dsipam", "endpoint": f"unix://{sock}", "pool": POOL, "ipFamilyPolicy": "RequireDualStack",
+                   "ipFamilies": ["IPv4", "IPv6"], "defaultRoutes": True}
+    hostlocal_ipam = {"type": "host-local", "dataDir": spec["data_dir"],
+                      "ranges": [[{"subnet": HOSTLOCAL_V4, "gateway": HOSTLOCAL_V4_GW}],
+                                 [{"subnet": HOSTLOCAL_V6, "gateway": HOSTLOCAL_V6_GW}]],
+                      "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}
+    variants = {
+        "dsipam": (_conf(spec["bridges"][0], dsipam_ipam), spec["pods"][0], cni_bin),
+        "host-local": (_conf(spec["bridges"][1], hostlocal_ipam), spec["pods"][1], HOST_LOCAL_DIR),
+        "dsipam-grpc": (_conf(spec["bridges"][0], {**dsipam_ipam, "transport": "grpc"}), spec["pods"][0], cni_bin),
+    }
+    samples: dict[str, list[float]] = {}
+
+    def cycle(name: str, i: int, record: bool = True) -> None:
+        conf, pod, cni_path = variants[name]
+        container = f"bench-{name}-{i}"
+        add = _run([BRIDGE], _env("ADD", container, pod, cni_path), conf)
+        delete = _run([BRIDGE], _env("DEL", container, pod, cni_path), conf)
+        if record:
+            samples.setdefault(f"bridge+{name} ADD", []).append(add)
+            samples.setdefault(f"bridge+{name} DEL", []).append(delete)
+
+    for i in range(3):  # warm caches (page cache, pyc, the server's database connections) for both
+        cycle("dsipam", i, record=False)
+        cycle("host-local", i, record=False)
+        cycle("dsipam-grpc", i, record=False)
+    log(f"{spec['cycles']} interleaved ADD+DEL cycles, dsipam and host-local")
+    for i in range(spec["cycles"]):
+        for name in (("dsipam", "host-local") if i % 2 == 0 else ("host-local", "dsipam")):
+            cycle(name, 1000 + i)
+
+    runs = spec["runs"]
+    log(f"where the time goes: {runs} samples each")
+    for i in range(runs):
+        cycle("dsipam-grpc", 100 + i)
+    plugin = str(Path(cni_bin) / "dsipam")
+    dsipam_conf = json.dumps({"cniVersion": "1.0.0", "name": "bench-direct", "ipam": dsipam_ipam}).encode()
+    hostlocal_conf = json.dumps({"cniVersion": "1.0.0", "name": "bench-direct", "ipam": hostlocal_ipam}).encode()
+    python = spec["python"]
+    for i in range(runs):
+        env = _env("ADD", f"direct-{i}", spec["pods"][0], cni_bin)
+        samples.setdefault("python -IS -c pass", []).append(_run([python, "-IS", "-c", "pass"], env, b""))
+        samples.setdefault("python -c 'import grpc, dsipam.v1 stubs'", []).append(_run(
+            [python, "-c", "import grpc; from dsipam.v1 import ipam_pb2_grpc"], env, b""))
+        samples.setdefault("dsipam VERSION (no RPC)", []).append(_run([plugin], {**env, "CNI_COMMAND": "VERSION"}, b""))
+        samples.setdefault("dsipam ADD alone", []).append(_run([plugin], env, dsipam_conf))
+        samples.setdefault("dsipam DEL alone", []).append(_run([plugin], {**env, "CNI_COMMAND": "DEL"}, dsipam_conf))
+        hl = [str(Path(HOST_LOCAL_DIR) / "host-local")]
+        samples.setdefault("host-local ADD alone", []).append(_run(hl, env, hostlocal_conf))
+        samples.setdefault("host-local DEL alone", []).append(_run(hl, {**env, "CNI_COMMAND": "DEL"}, hostlocal_conf))
+
+    sys.path.insert(0, spec["cni_root"])
+    from dsipam.cni._client import NativeClient
+
+    client = NativeClient(f"unix://{sock}", 120.0)
+    try:
+        for i in range(runs):
+            start = time.perf_counter()
+            client.allocate(POOL, f"warm-{i}/eth0", 3, [1, 2], [], {})
+            samples.setdefault("Allocate RPC, warm connection", []).append(time.perf_counter() - start)
+            start = time.perf_counter()
+            client.release(POOL, f"warm-{i}/eth0")
+            samples.setdefault("Release RPC, warm connection", []).append(time.perf_counter() - start)
+    finally:
+        client.close()
+    return {name: _ms(values) for name, values in samples.items()}
+
+
+# -- set-up in the root namespace ----------------------------------------------------------
+
+
+def report(results: dict, machine: dict) -> str:
+    lines = [f"machine: {machine.get('nproc')} CPUs, {machine.get('cpu')}; load at start {machine.get('loadavg_at_start')}",
+             "", f"{'measurement':45} {'median ms':>10} {'p90 ms':>8} {'n':>4}"]
+    for name, r in results["samples"].items():
+        lines.append(f"{name:45} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['n']:>4}")
+    lines.append("")
+    for name, value in results["ratios"].items():
+        lines.append(f"{name:60} {value:>6.2f}")
+    return "\n".join(lines)
+
+
+def ratios(samples: dict) -> dict[str, float]:
+    def med(name: str) -> float:
+        return samples[name]["median_ms"]
+
+    out = {
+        "ADD: bridge+dsipam / bridge+host-local (median)": med("bridge+dsipam ADD") / med("bridge+host-local ADD"),
+        "DEL: bridge+dsipam / bridge+host-local (median)": med("bridge+dsipam DEL") / med("bridge+host-local DEL"),
+        "ADD+DEL: bridge+dsipam / bridge+host-local (medians summed)":
+            (med("bridge+dsipam ADD") + med("bridge+dsipam DEL"))
+            / (med("bridge+host-local ADD") + med("bridge+host-local DEL")),
+    }
+    if "bridge+dsipam-grpc ADD" in samples:
+        out["ADD: bridge+dsipam over grpcio / bridge+host-local (median)"] = (
+            med("bridge+dsipam-grpc ADD") / med("bridge+host-local ADD"))
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cycles", type=int, default=50, help="interleaved ADD+DEL cycles per IPAM (default 50)")
+    parser.add_argument("--runs", type=int, default=30, help="samples per breakdown measurement (default 30)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if os.geteuid() != 0:
+        parser.error("needs root (network namespaces)")
+
+    sys.path.insert(0, str(HERE))
+    import harness
+
+    run = uuid.uuid4().hex[:6]
+    parent, pods = f"cnib-{run}-host", [f"cnib-{run}-d", f"cnib-{run}-h"]
+    tmp = Path(tempfile.mkdtemp(prefix="dsipam-cni-bench-"))
+    sock = tmp / "dsipam.sock"
+    created: list[str] = []
+    machine = harness.machine_info()
+    try:
+        with harness.scratch_database("dsipam_cnibench") as db_url, \
+                harness.Servers(db_url, args=("--listen", f"unix://{sock}")) as servers:
+            import grpc
+            from dsipam.v1 import ipam_pb2 as pb
+            from dsipam.v1 import ipam_pb2_grpc
+
+            with grpc.insecure_channel(servers.targets[0]) as channel:
+                ipam_pb2_grpc.IpamServiceStub(channel).CreatePool(pb.CreatePoolRequest(pool=pb.Pool(
+                    name=POOL, ranges=[pb.IpRange(cidr=DSIPAM_V4, gateway=DSIPAM_V4_GW),
+                                       pb.IpRange(cidr=DSIPAM_V6, gateway=DSIPAM_V6_GW)])), timeout=30)
+            subprocess.run([sys.executable, "-m", "dsipam.cni", "install", str(tmp / "bin")], check=True,
+                           capture_output=True)
+            for ns in (parent, *pods):
+                sh("ip", "netns", "add", ns)
+                created.append(ns)
+                sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+                for key in ("all", "default"):
+                    sh("ip", "netns", "exec", ns, "sh", "-c", f"echo 0 > /proc/sys/net/ipv6/conf/{key}/accept_dad")
+            import dsipam.cni
+
+            spec = {"cni_bin": str(tmp / "bin"), "sock": str(sock), "data_dir": str(tmp / "host-local"),
+                    "bridges": [f"cbd{run}", f"cbh{run}"], "pods": pods, "cycles": args.cycles, "runs": args.runs,
+                    "python": sys.executable, "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
+            done = subprocess.run(["ip", "netns", "exec", parent, sys.executable, str(Path(__file__).resolve()),
+                                   "--worker", json.dumps(spec)], capture_output=True, text=True)
+            sys.stderr.write(done.stderr)
+            if done.returncode != 0:
+                raise RuntimeError(f"worker failed ({done.returncode})")
+            samples = json.loads(done.stdout)
+    finally:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    results = {"machine": machine, "cycles": args.cycles, "runs": args.runs, "samples": samples,
+               "ratios": ratios(samples)}
+    print(report(results, machine))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
