@@ -13,6 +13,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class NodeAffinity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_AFFINITY_UNSPECIFIED: _ClassVar[NodeAffinity]
+    NODE_AFFINITY_BORROW: _ClassVar[NodeAffinity]
+    NODE_AFFINITY_STRICT: _ClassVar[NodeAffinity]
+
 class IpFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     IP_FAMILY_UNSPECIFIED: _ClassVar[IpFamily]
@@ -32,6 +38,9 @@ class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_TYPE_ALLOCATED: _ClassVar[EventType]
     EVENT_TYPE_RELEASED: _ClassVar[EventType]
     EVENT_TYPE_BOOKMARK: _ClassVar[EventType]
+NODE_AFFINITY_UNSPECIFIED: NodeAffinity
+NODE_AFFINITY_BORROW: NodeAffinity
+NODE_AFFINITY_STRICT: NodeAffinity
 IP_FAMILY_UNSPECIFIED: IpFamily
 IP_FAMILY_IPV4: IpFamily
 IP_FAMILY_IPV6: IpFamily
@@ -77,7 +86,7 @@ class FamilyUsage(_message.Message):
     def __init__(self, family: _Optional[_Union[IpFamily, str]] = ..., size: _Optional[int] = ..., allocated: _Optional[int] = ..., free: _Optional[int] = ..., cooldown: _Optional[int] = ..., reserved: _Optional[int] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("name", "ranges", "labels", "usage", "create_time", "cooldown", "reservations")
+    __slots__ = ("name", "ranges", "labels", "usage", "create_time", "cooldown", "reservations", "node_affinity")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +101,7 @@ class Pool(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     COOLDOWN_FIELD_NUMBER: _ClassVar[int]
     RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    NODE_AFFINITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     ranges: _containers.RepeatedCompositeFieldContainer[IpRange]
     labels: _containers.ScalarMap[str, str]
@@ -99,7 +109,8 @@ class Pool(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     cooldown: _duration_pb2.Duration
     reservations: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[IpRange, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., usage: _Optional[_Iterable[_Union[FamilyUsage, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reservations: _Optional[_Iterable[str]] = ...) -> None: ...
+    node_affinity: NodeAffinity
+    def __init__(self, name: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[IpRange, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., usage: _Optional[_Iterable[_Union[FamilyUsage, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reservations: _Optional[_Iterable[str]] = ..., node_affinity: _Optional[_Union[NodeAffinity, str]] = ...) -> None: ...
 
 class Address(_message.Message):
     __slots__ = ("family", "ip", "prefix_length", "gateway")
@@ -114,7 +125,7 @@ class Address(_message.Message):
     def __init__(self, family: _Optional[_Union[IpFamily, str]] = ..., ip: _Optional[str] = ..., prefix_length: _Optional[int] = ..., gateway: _Optional[str] = ...) -> None: ...
 
 class Allocation(_message.Message):
-    __slots__ = ("pool", "owner", "addresses", "attributes", "create_time")
+    __slots__ = ("pool", "owner", "addresses", "attributes", "create_time", "node", "borrowed")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -127,12 +138,16 @@ class Allocation(_message.Message):
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    BORROWED_FIELD_NUMBER: _ClassVar[int]
     pool: str
     owner: str
     addresses: _containers.RepeatedCompositeFieldContainer[Address]
     attributes: _containers.ScalarMap[str, str]
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, pool: _Optional[str] = ..., owner: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[Address, _Mapping]]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    node: str
+    borrowed: bool
+    def __init__(self, pool: _Optional[str] = ..., owner: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[Address, _Mapping]]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node: _Optional[str] = ..., borrowed: _Optional[bool] = ...) -> None: ...
 
 class CreatePoolRequest(_message.Message):
     __slots__ = ("pool",)
@@ -175,7 +190,7 @@ class DeletePoolResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AllocateRequest(_message.Message):
-    __slots__ = ("pool", "owner", "ip_family_policy", "ip_families", "addresses", "attributes")
+    __slots__ = ("pool", "owner", "ip_family_policy", "ip_families", "addresses", "attributes", "node")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -189,13 +204,15 @@ class AllocateRequest(_message.Message):
     IP_FAMILIES_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     pool: str
     owner: str
     ip_family_policy: IpFamilyPolicy
     ip_families: _containers.RepeatedScalarFieldContainer[IpFamily]
     addresses: _containers.RepeatedScalarFieldContainer[str]
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, pool: _Optional[str] = ..., owner: _Optional[str] = ..., ip_family_policy: _Optional[_Union[IpFamilyPolicy, str]] = ..., ip_families: _Optional[_Iterable[_Union[IpFamily, str]]] = ..., addresses: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    node: str
+    def __init__(self, pool: _Optional[str] = ..., owner: _Optional[str] = ..., ip_family_policy: _Optional[_Union[IpFamilyPolicy, str]] = ..., ip_families: _Optional[_Iterable[_Union[IpFamily, str]]] = ..., addresses: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., node: _Optional[str] = ...) -> None: ...
 
 class AllocateResponse(_message.Message):
     __slots__ = ("allocation", "created")
@@ -361,3 +378,53 @@ class WatchAllocationsResponse(_message.Message):
     time: _timestamp_pb2.Timestamp
     resume_token: str
     def __init__(self, type: _Optional[_Union[EventType, str]] = ..., owner: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[Address, _Mapping]]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class Block(_message.Message):
+    __slots__ = ("cidr", "family", "node", "used", "free")
+    CIDR_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    cidr: str
+    family: IpFamily
+    node: str
+    used: int
+    free: int
+    def __init__(self, cidr: _Optional[str] = ..., family: _Optional[_Union[IpFamily, str]] = ..., node: _Optional[str] = ..., used: _Optional[int] = ..., free: _Optional[int] = ...) -> None: ...
+
+class ListBlocksRequest(_message.Message):
+    __slots__ = ("pool", "node", "page_size", "page_token")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    node: str
+    page_size: int
+    page_token: str
+    def __init__(self, pool: _Optional[str] = ..., node: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListBlocksResponse(_message.Message):
+    __slots__ = ("blocks", "next_page_token")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[Block]
+    next_page_token: str
+    def __init__(self, blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ReleaseNodeRequest(_message.Message):
+    __slots__ = ("pool", "node")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    node: str
+    def __init__(self, pool: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class ReleaseNodeResponse(_message.Message):
+    __slots__ = ("released", "kept")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    released: _containers.RepeatedCompositeFieldContainer[Block]
+    kept: _containers.RepeatedCompositeFieldContainer[Block]
+    def __init__(self, released: _Optional[_Iterable[_Union[Block, _Mapping]]] = ..., kept: _Optional[_Iterable[_Union[Block, _Mapping]]] = ...) -> None: ...

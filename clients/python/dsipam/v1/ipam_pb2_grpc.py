@@ -115,6 +115,16 @@ class IpamServiceStub:
                 request_serializer=dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsRequest.SerializeToString,
                 response_deserializer=dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsResponse.FromString,
                 _registered_method=True)
+        self.ListBlocks = channel.unary_unary(
+                '/dsipam.v1.IpamService/ListBlocks',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.ListBlocksRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.ListBlocksResponse.FromString,
+                _registered_method=True)
+        self.ReleaseNode = channel.unary_unary(
+                '/dsipam.v1.IpamService/ReleaseNode',
+                request_serializer=dsipam_dot_v1_dot_ipam__pb2.ReleaseNodeRequest.SerializeToString,
+                response_deserializer=dsipam_dot_v1_dot_ipam__pb2.ReleaseNodeResponse.FromString,
+                _registered_method=True)
 
 
 class IpamServiceServicer:
@@ -239,6 +249,22 @@ class IpamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBlocks(self, request, context):
+        """Lists a pool's blocks (optionally one node's): what a routing controller
+        needs to program one route per block.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseNode(self, request, context):
+        """Frees a node's empty blocks; blocks that still hold allocations stay the
+        node's and are reported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IpamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -321,6 +347,16 @@ def add_IpamServiceServicer_to_server(servicer, server):
                     servicer.WatchAllocations,
                     request_deserializer=dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsRequest.FromString,
                     response_serializer=dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsResponse.SerializeToString,
+            ),
+            'ListBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBlocks,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.ListBlocksRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.ListBlocksResponse.SerializeToString,
+            ),
+            'ReleaseNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseNode,
+                    request_deserializer=dsipam_dot_v1_dot_ipam__pb2.ReleaseNodeRequest.FromString,
+                    response_serializer=dsipam_dot_v1_dot_ipam__pb2.ReleaseNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -755,6 +791,60 @@ class IpamService:
             '/dsipam.v1.IpamService/WatchAllocations',
             dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsRequest.SerializeToString,
             dsipam_dot_v1_dot_ipam__pb2.WatchAllocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsipam.v1.IpamService/ListBlocks',
+            dsipam_dot_v1_dot_ipam__pb2.ListBlocksRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.ListBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsipam.v1.IpamService/ReleaseNode',
+            dsipam_dot_v1_dot_ipam__pb2.ReleaseNodeRequest.SerializeToString,
+            dsipam_dot_v1_dot_ipam__pb2.ReleaseNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

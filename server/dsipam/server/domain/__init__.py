@@ -26,6 +26,7 @@ from ._model import (
     DEFAULT_COOLDOWN_MS,
     AddressInfo,
     AllocationInfo,
+    BlockInfo,
     FamilyUsage,
     PoolInfo,
     PoolSpec,
@@ -34,9 +35,11 @@ from ._model import (
     check_cooldown,
 )
 from ._ranges import RangeSpec, build_range, check_overlaps, family_of, parse_address
-from ._validate import AllocationPlan, check_map, check_owner, check_pool_name, plan_allocation
+from ._validate import AllocationPlan, check_map, check_node, check_owner, check_pool_name, plan_allocation
 
 __all__ = [
+    "BlockInfo",
+    "check_node",
     "AddressAllocated",
     "AddressInCooldown",
     "RangeNotFound",

@@ -28,6 +28,7 @@ class PoolSpec:
     ranges: tuple[RangeSpec, ...]
     labels: Mapping[str, str] = field(default_factory=dict)
     cooldown_ms: int = 30_000
+    strict_affinity: bool = False
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -48,7 +49,11 @@ def check_cooldown(ms: int, where: str = "pool.cooldown") -> int:
 
 
 def build_pool_spec(
-    name: str, ranges: Sequence[RangeInput], labels: Mapping[str, str], cooldown_ms: int = 30_000
+    name: str,
+    ranges: Sequence[RangeInput],
+    labels: Mapping[str, str],
+    cooldown_ms: int = 30_000,
+    strict_affinity: bool = False,
 ) -> PoolSpec:
     """Validates a pool as given by a caller; errors name fields under ``pool.``."""
     check_pool_name(name, "pool.name")
@@ -70,7 +75,11 @@ def build_pool_spec(
     )
     check_overlaps(built)
     return PoolSpec(
-        name=name, ranges=built, labels=check_map(labels, "pool.labels"), cooldown_ms=check_cooldown(cooldown_ms)
+        name=name,
+        ranges=built,
+        labels=check_map(labels, "pool.labels"),
+        cooldown_ms=check_cooldown(cooldown_ms),
+        strict_affinity=strict_affinity,
     )
 
 
@@ -98,6 +107,7 @@ class PoolInfo:
     create_time: dt.datetime
     cooldown_ms: int = DEFAULT_COOLDOWN_MS
     reservations: tuple[str, ...] = ()
+    strict_affinity: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,3 +125,17 @@ class AllocationInfo:
     addresses: tuple[AddressInfo, ...]
     attributes: Mapping[str, str]
     create_time: dt.datetime
+    node: str = ""
+    borrowed: bool = False
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """A block as a routing controller sees it."""
+
+    id: int
+    cidr: str
+    family: Family
+    node: str
+    used: int
+    free: int

@@ -39,6 +39,15 @@ def check_owner(owner: str, where: str = "owner") -> str:
     return owner
 
 
+def check_node(node: str, where: str = "node") -> str:
+    """A node name: empty (no affinity) or 1-253 printable ASCII characters without spaces."""
+    if len(node) > 253:
+        raise InvalidArgument(f"{where}: {len(node)} characters is longer than 253", field=where)
+    if not all(0x21 <= ord(c) <= 0x7E for c in node):
+        raise InvalidArgument(f"{where}: must be printable ASCII without spaces", field=where)
+    return node
+
+
 def check_map(values: Mapping[str, str], where: str) -> dict[str, str]:
     if len(values) > MAX_ATTRIBUTES:
         raise InvalidArgument(f"{where}: {len(values)} entries is more than {MAX_ATTRIBUTES}", field=where)

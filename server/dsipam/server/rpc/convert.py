@@ -51,7 +51,15 @@ def pool_spec_from_pb(pool: pb.Pool) -> domain.PoolSpec:
         )
         for r in pool.ranges
     ]
-    return domain.build_pool_spec(pool.name, ranges, dict(pool.labels), cooldown_ms_from_pb(pool))
+    return domain.build_pool_spec(
+        pool.name, ranges, dict(pool.labels), cooldown_ms_from_pb(pool), strict_affinity_from_pb(pool.node_affinity)
+    )
+
+
+def strict_affinity_from_pb(value: int) -> bool:
+    if value not in (pb.NODE_AFFINITY_UNSPECIFIED, pb.NODE_AFFINITY_BORROW, pb.NODE_AFFINITY_STRICT):
+        raise domain.InvalidArgument(f"pool.node_affinity: {value} is not BORROW or STRICT", field="pool.node_affinity")
+    return value == pb.NODE_AFFINITY_STRICT
 
 
 def cooldown_ms_from_pb(pool: pb.Pool) -> int:
@@ -107,6 +115,7 @@ def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:
         create_time=_timestamp(info.create_time),
         cooldown=duration_pb2.Duration(seconds=info.cooldown_ms // 1000, nanos=(info.cooldown_ms % 1000) * 1_000_000),
         reservations=list(info.reservations),
+        node_affinity=pb.NODE_AFFINITY_STRICT if info.strict_affinity else pb.NODE_AFFINITY_BORROW,
     )
 
 
@@ -121,7 +130,13 @@ def allocation_to_pb(a: domain.AllocationInfo) -> pb.Allocation:
         addresses=[address_to_pb(x) for x in a.addresses],
         attributes=dict(a.attributes),
         create_time=_timestamp(a.create_time),
+        node=a.node,
+        borrowed=a.borrowed,
     )
+
+
+def block_to_pb(b: domain.BlockInfo) -> pb.Block:
+    return pb.Block(cidr=b.cidr, family=_FAMILY_TO_PB[b.family], node=b.node, used=b.used, free=b.free)
 
 
 def event_to_pb(e) -> pb.WatchAllocationsResponse:  # type: ignore[no-untyped-def]

@@ -71,6 +71,7 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
             families=convert.families_from_pb(request.ip_families),
             addresses=list(request.addresses),
             attributes=dict(request.attributes),
+            node=request.node,
         )
         return pb.AllocateResponse(allocation=convert.allocation_to_pb(info), created=created)
 
@@ -116,17 +117,23 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
     @_guarded
     async def UpdatePool(self, request: pb.UpdatePoolRequest, context: grpc.aio.ServicerContext) -> pb.Pool:
         paths = set(request.update_mask.paths)
-        unknown = paths - {"labels", "cooldown"}
+        unknown = paths - {"labels", "cooldown", "node_affinity"}
         if unknown:
             raise domain.InvalidArgument(
-                f"update_mask: {sorted(unknown)[0]!r} cannot be updated (labels, cooldown)", field="update_mask"
+                f"update_mask: {sorted(unknown)[0]!r} cannot be updated (labels, cooldown, node_affinity)",
+                field="update_mask",
             )
         if not paths:
-            raise domain.InvalidArgument("update_mask: name at least one of labels, cooldown", field="update_mask")
+            raise domain.InvalidArgument(
+                "update_mask: name at least one of labels, cooldown, node_affinity", field="update_mask"
+            )
         info = await self.store.update_pool(
             request.pool.name,
             labels=dict(request.pool.labels) if "labels" in paths else None,
             cooldown_ms=convert.cooldown_ms_from_pb(request.pool) if "cooldown" in paths else None,
+            strict_affinity=(
+                convert.strict_affinity_from_pb(request.pool.node_affinity) if "node_affinity" in paths else None
+            ),
         )
         return convert.pool_to_pb(info)
 
@@ -196,3 +203,15 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
             if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
                 raise
             await abort_with(context, exc)
+
+    @_guarded
+    async def ListBlocks(self, request: pb.ListBlocksRequest, context: grpc.aio.ServicerContext) -> pb.ListBlocksResponse:
+        blocks, token = await self.store.list_blocks(request.pool, request.node, request.page_size, request.page_token)
+        return pb.ListBlocksResponse(blocks=[convert.block_to_pb(b) for b in blocks], next_page_token=token)
+
+    @_guarded
+    async def ReleaseNode(self, request: pb.ReleaseNodeRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseNodeResponse:
+        released, kept = await self.store.release_node(request.pool, request.node)
+        return pb.ReleaseNodeResponse(
+            released=[convert.block_to_pb(b) for b in released], kept=[convert.block_to_pb(b) for b in kept]
+        )

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..domain import (
     AddressAllocated,
     AddressInfo,
+    BlockInfo,
     FailedPrecondition,
     InvalidArgument,
     IpamError,
@@ -29,10 +30,11 @@ from ..domain import (
     build_range,
     check_cooldown,
     check_map,
+    check_node,
     check_pool_name,
 )
 from ..domain._ranges import IPNetwork, RangeSpec, parse_address_or_network, parse_network
-from ._base import StoredPool, decode_page_token, decode_token, encode_page_token, encode_token, page_size
+from ._base import StoredPool, decode_page_token, decode_token, encode_page_token, encode_token, page_size, pool_info
 from .db import unavailable_on_disconnect
 
 EVENT_RETENTION_SECONDS = 3600.0
@@ -94,11 +96,12 @@ class AdminStore:
             row = (
                 await conn.execute(
                     text(
-                        "INSERT INTO ipam_pools (name, labels, cooldown_ms) "
-                        "VALUES (:name, CAST(:labels AS jsonb), :cooldown) "
+                        "INSERT INTO ipam_pools (name, labels, cooldown_ms, node_affinity) "
+                        "VALUES (:name, CAST(:labels AS jsonb), :cooldown, :affinity) "
                         "ON CONFLICT (name) DO NOTHING RETURNING id"
                     ),
-                    {"name": spec.name, "labels": json.dumps(dict(spec.labels)), "cooldown": spec.cooldown_ms},
+                    {"name": spec.name, "labels": json.dumps(dict(spec.labels)), "cooldown": spec.cooldown_ms,
+                     "affinity": 2 if spec.strict_affinity else 1},
                 )
             ).first()
             if row is None:
@@ -136,8 +139,7 @@ class AdminStore:
                     except PoolNotFound:  # deleted between the two reads
                         continue
                 usage = await self._usage(conn, pools) if pools else {}
-        infos = [PoolInfo(p.spec, usage[p.id], p.create_time, p.cooldown_ms, tuple(str(r) for r in p.reservations))
-                 for p in pools]
+        infos = [pool_info(p, usage[p.id]) for p in pools]
         return infos, (encode_page_token(names[limit - 1]) if len(names) > limit else "")
 
     async def _lock_pool(self, conn: AsyncConnection, name: str, where: str = "pool") -> int:
@@ -181,7 +183,9 @@ class AdminStore:
 
         await self._transaction(run)
 
-    async def update_pool(self, name: str, *, labels: dict[str, str] | None, cooldown_ms: int | None) -> PoolInfo:
+    async def update_pool(
+        self, name: str, *, labels: dict[str, str] | None, cooldown_ms: int | None, strict_affinity: bool | None = None
+    ) -> PoolInfo:
         check_pool_name(name, "pool.name")
         if labels is not None:
             labels = check_map(labels, "pool.labels")
@@ -196,6 +200,9 @@ class AdminStore:
             if cooldown_ms is not None:
                 await conn.execute(text("UPDATE ipam_pools SET cooldown_ms = :c WHERE id = :p"),
                                    {"c": cooldown_ms, "p": pool_id})
+            if strict_affinity is not None:
+                await conn.execute(text("UPDATE ipam_pools SET node_affinity = :a WHERE id = :p"),
+                                   {"a": 2 if strict_affinity else 1, "p": pool_id})
             return await self._pool_info(conn, await self._load_pool(conn, name))
 
         return await self._transaction(run)
@@ -459,6 +466,57 @@ class AdminStore:
             yield MigrationProgress(total, processed, upgraded, failed, tuple(errors))
         yield MigrationProgress(total, processed, upgraded, failed, tuple(errors))
 
+    # -- node affinity ----------------------------------------------------------------
+
+    async def list_blocks(self, name: str, node: str, size: int, token: str) -> tuple[list[BlockInfo], str]:
+        check_pool_name(name, "pool")
+        check_node(node)
+        limit = page_size(size)
+        after = decode_page_token(token)
+        with unavailable_on_disconnect():
+            async with self.engine.connect() as conn:
+                pool = await self._load_pool(conn, name)
+                rows = (
+                    await conn.execute(
+                        text(
+                            "SELECT id, host(base) || '/' || masklen(base) AS cidr, family, node, "
+                            "avail_count - free_count AS used, free_count AS free FROM ipam_blocks "
+                            "WHERE pool_id = :p AND (CAST(:node AS text) = '' OR node = :node) "
+                            "AND id > :after ORDER BY id LIMIT :limit"
+                        ),
+                        {"p": pool.id, "node": node, "after": int(after or 0), "limit": limit + 1},
+                    )
+                ).mappings().all()
+        blocks = [_block(r) for r in rows[:limit]]
+        return blocks, (encode_page_token(str(rows[limit - 1]["id"])) if len(rows) > limit else "")
+
+    async def release_node(self, name: str, node: str) -> tuple[list[BlockInfo], list[BlockInfo]]:
+        """Frees the node's empty blocks; returns (released, kept)."""
+        check_pool_name(name, "pool")
+        if not check_node(node):
+            raise InvalidArgument("node: required", field="node")
+
+        async def run(conn: AsyncConnection) -> tuple[list[BlockInfo], list[BlockInfo]]:
+            pool = await self._load_pool(conn, name)
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT id, host(base) || '/' || masklen(base) AS cidr, family, node, "
+                        "avail_count - free_count AS used, free_count AS free, cooling FROM ipam_blocks "
+                        "WHERE pool_id = :p AND node = :node ORDER BY id FOR UPDATE"
+                    ),
+                    {"p": pool.id, "node": node},
+                )
+            ).mappings().all()
+            empty = [r["id"] for r in rows if r["used"] == 0]
+            if empty:
+                await conn.execute(text("UPDATE ipam_blocks SET node = NULL WHERE id = ANY(:ids)"), {"ids": empty})
+            released = [_block({**r, "node": None}) for r in rows if r["id"] in set(empty)]
+            kept = [_block(r) for r in rows if r["id"] not in set(empty)]
+            return released, kept
+
+        return await self._transaction(run)
+
     # -- events -----------------------------------------------------------------------
 
     async def read_events(self, name: str, token: str, limit: int = 500) -> tuple[list[Event], str]:
@@ -534,3 +592,12 @@ class AdminStore:
 
         return await self._transaction(run)  # type: ignore[attr-defined,no-any-return]
 
+
+
+def _block(row: Any) -> BlockInfo:
+    from ..domain import Family
+
+    return BlockInfo(
+        id=row["id"], cidr=row["cidr"], family=Family(row["family"]), node=row["node"] or "", used=int(row["used"]),
+        free=int(row["free"]),
+    )

@@ -30,6 +30,7 @@ from ..domain import (
     PoolExhausted,
     PoolNotFound,
     check_map,
+    check_node,
     check_owner,
     check_pool_name,
     plan_allocation,
@@ -56,7 +57,7 @@ _SQL_TAKE_SKIP = text(
     WITH b AS (
         SELECT id, position(B'0' IN bitmap) - 1 AS bit
           FROM ipam_blocks
-         WHERE pool_id = :pool AND family = :family AND free_count > 0
+         WHERE pool_id = :pool AND family = :family AND free_count > 0 AND node IS NULL
          ORDER BY id
          LIMIT 1
            FOR UPDATE SKIP LOCKED)
@@ -69,6 +70,30 @@ _SQL_TAKE_SKIP = text(
 )
 # The same, waiting for locked blocks (only reached when no unlocked block had room).
 _SQL_TAKE_WAIT = text(str(_SQL_TAKE_SKIP).replace("FOR UPDATE SKIP LOCKED", "FOR UPDATE"))
+# Last resort without a node: any block with room, node-affine ones included.
+_SQL_TAKE_ANY_WAIT = text(str(_SQL_TAKE_WAIT).replace(" AND node IS NULL", ""))
+# A node's own blocks.
+_SQL_TAKE_NODE_SKIP = text(str(_SQL_TAKE_SKIP).replace("AND node IS NULL", "AND node = :node"))
+_SQL_TAKE_NODE_WAIT = text(str(_SQL_TAKE_WAIT).replace("AND node IS NULL", "AND node = :node"))
+# Claim an existing, completely empty block that no node holds.
+_SQL_CLAIM_EMPTY = text(
+    """
+    WITH b AS (
+        SELECT id, position(B'0' IN bitmap) - 1 AS bit
+          FROM ipam_blocks
+         WHERE pool_id = :pool AND family = :family AND node IS NULL
+           AND free_count > 0 AND free_count = avail_count AND cooling = 0
+         ORDER BY id
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED)
+    UPDATE ipam_blocks k
+       SET node = :node, bitmap = set_bit(k.bitmap, b.bit, 1), free_count = k.free_count - 1
+      FROM b
+     WHERE k.id = b.id
+    RETURNING host(k.base + b.bit) AS ip
+    """
+)
+_SQL_NODE_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 
 _SQL_LOCK_RANGE_SKIP = text(
     """
@@ -84,8 +109,9 @@ _SQL_LOCK_RANGE_WAIT = text(str(_SQL_LOCK_RANGE_SKIP).replace("FOR UPDATE OF r S
 
 _SQL_INSERT_BLOCK = text(
     """
-    INSERT INTO ipam_blocks (pool_id, range_id, family, base, bitmap, free_count, avail_count)
-    VALUES (:pool, :range, :family, CAST(:base AS cidr), CAST(CAST(:bitmap AS text) AS varbit), :free, :avail)
+    INSERT INTO ipam_blocks (pool_id, range_id, family, base, bitmap, free_count, avail_count, node)
+    VALUES (:pool, :range, :family, CAST(:base AS cidr), CAST(CAST(:bitmap AS text) AS varbit), :free, :avail,
+            :node)
     ON CONFLICT (range_id, base) DO NOTHING
     RETURNING id
     """
@@ -126,7 +152,7 @@ _SQL_COOL_BIT = text(
 
 _SQL_OWNER_FOR_UPDATE = text(
     """
-    SELECT host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time
+    SELECT host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time, node, borrowed
       FROM ipam_allocations
      WHERE pool_id = :pool AND owner = :owner
        FOR UPDATE
@@ -136,14 +162,14 @@ _SQL_OWNER_FOR_UPDATE = text(
 _SQL_INSERT_ALLOCATION = text(
     """
     WITH a AS (
-        INSERT INTO ipam_allocations (pool_id, owner, ipv4, ipv6, attributes)
-        VALUES (:pool, :owner, CAST(:ipv4 AS inet), CAST(:ipv6 AS inet), CAST(:attrs AS jsonb))
+        INSERT INTO ipam_allocations (pool_id, owner, ipv4, ipv6, attributes, node, borrowed)
+        VALUES (:pool, :owner, CAST(:ipv4 AS inet), CAST(:ipv6 AS inet), CAST(:attrs AS jsonb), :node, :borrowed)
         ON CONFLICT (pool_id, owner) DO NOTHING
-        RETURNING attributes, create_time),
+        RETURNING attributes, create_time, node, borrowed),
     e AS (
         INSERT INTO ipam_events (pool_id, type, owner, ipv4, ipv6)
         SELECT :pool, 1, :owner, CAST(:ipv4 AS inet), CAST(:ipv6 AS inet) FROM a)
-    SELECT attributes, create_time FROM a
+    SELECT attributes, create_time, node, borrowed FROM a
     """
 )
 
@@ -184,14 +210,16 @@ class AllocationStore(StoreBase):
         families: Sequence[Family],
         addresses: Sequence[str],
         attributes: dict[str, str],
+        node: str = "",
     ) -> tuple[AllocationInfo, bool]:
         check_pool_name(pool, "pool")
         check_owner(owner)
         check_map(attributes, "attributes")
+        check_node(node)
 
         async def run(conn: AsyncConnection) -> tuple[AllocationInfo, bool]:
             stored = await self._load_pool(conn, pool)
-            return await self._allocate_in(conn, stored, owner, policy, families, addresses, attributes)
+            return await self._allocate_in(conn, stored, owner, policy, families, addresses, attributes, node)
 
         try:
             return await self._transaction(run)
@@ -212,6 +240,7 @@ class AllocationStore(StoreBase):
         families: Sequence[Family],
         addresses: Sequence[str],
         attributes: dict[str, str],
+        node: str = "",
     ) -> tuple[AllocationInfo, bool]:
         plan = plan_allocation(pool_families=stored.families, policy=policy, families=families, addresses=addresses)
         row = (await conn.execute(_SQL_OWNER_FOR_UPDATE, {"pool": stored.id, "owner": owner})).mappings().first()
@@ -229,19 +258,30 @@ class AllocationStore(StoreBase):
                 )
         missing = sorted(f for f in plan.wanted if f not in held)  # IPv4 first: one lock order
         taken: dict[Family, IPAddress] = {}
+        borrowed = False
         for fam in missing:
             if fam in plan.addresses:
                 addr = plan.addresses[fam]
                 await self._take_specific(conn, stored, owner, addr, wheres[fam])
                 taken[fam] = addr
                 continue
-            got = await self._take_any(conn, stored, fam)
+            if node:
+                got, lent = await self._take_for_node(conn, stored, fam, node)
+                borrowed = borrowed or lent
+            else:
+                got = await self._take_any(conn, stored, fam)
             if got is not None:
                 taken[fam] = got
                 continue
             if (await conn.execute(_SQL_EXPIRED_EXISTS, {"pool": stored.id, "family": int(fam)})).first():
                 raise Reclaim(stored.id, fam)
-            if fam in plan.required:
+            if fam in plan.required or (node and stored.strict_affinity):
+                if node and stored.strict_affinity:
+                    raise PoolExhausted(
+                        f"pool: {stored.name!r} has no free {fam.label} block for node {node!r} "
+                        "(strict node affinity)",
+                        field="node", pool=stored.name, family=fam.label, node=node,
+                    )
                 raise PoolExhausted(
                     f"pool: {stored.name!r} has no free {fam.label} address",
                     field="pool", pool=stored.name, family=fam.label,
@@ -255,26 +295,33 @@ class AllocationStore(StoreBase):
             created = (
                 await conn.execute(
                     _SQL_INSERT_ALLOCATION,
-                    {"pool": stored.id, "owner": owner, "ipv4": ipv4, "ipv6": ipv6, "attrs": json.dumps(attributes)},
+                    {"pool": stored.id, "owner": owner, "ipv4": ipv4, "ipv6": ipv6, "attrs": json.dumps(attributes),
+                     "node": node or None, "borrowed": borrowed},
                 )
             ).mappings().first()
             if created is None:  # a concurrent Allocate for the same owner won: read its result
                 raise Retry()
-            attrs, create_time = created["attributes"], created["create_time"]
+            result = created
         else:
-            attrs, create_time = row["attributes"], row["create_time"]
+            result = dict(row)
             if taken:
+                result["borrowed"] = bool(row["borrowed"]) or borrowed
+                result["node"] = row["node"] or node or None
                 sets = ", ".join(f"{FAMILY_COLUMN[f]} = CAST(:{FAMILY_COLUMN[f]} AS inet)" for f in taken)
                 await conn.execute(
-                    text(f"UPDATE ipam_allocations SET {sets} WHERE pool_id = :pool AND owner = :owner"),
-                    {"pool": stored.id, "owner": owner, **{FAMILY_COLUMN[f]: str(a) for f, a in taken.items()}},
+                    text(f"UPDATE ipam_allocations SET {sets}, node = :node, borrowed = :borrowed "
+                         "WHERE pool_id = :pool AND owner = :owner"),
+                    {"pool": stored.id, "owner": owner, "node": result["node"], "borrowed": result["borrowed"],
+                     **{FAMILY_COLUMN[f]: str(a) for f, a in taken.items()}},
                 )
                 await conn.execute(
                     _SQL_EVENT,
                     {"pool": stored.id, "type": EVENT_ALLOCATED, "owner": owner, "ipv4": ipv4, "ipv6": ipv6},
                 )
         held.update(taken)
-        return allocation_info(stored, owner, held, plan.order, attrs, create_time), bool(taken)
+        info = allocation_info(stored, owner, held, plan.order, result["attributes"], result["create_time"],
+                               result["node"], bool(result["borrowed"]))
+        return info, bool(taken)
 
     async def _take_any(self, conn: AsyncConnection, pool: StoredPool, fam: Family) -> IPAddress | None:
         params = {"pool": pool.id, "family": int(fam)}
@@ -291,9 +338,45 @@ class AllocationStore(StoreBase):
                     return got
                 return await self._take_any(conn, pool, fam)  # that range is used up; look again
         ip = (await conn.execute(_SQL_TAKE_WAIT, params)).scalar()
+        if ip is None:
+            ip = (await conn.execute(_SQL_TAKE_ANY_WAIT, params)).scalar()
         return ipaddress.ip_address(ip) if ip is not None else None
 
-    async def _new_block(self, conn: AsyncConnection, pool: StoredPool, range_id: int, next_block: str) -> IPAddress | None:
+    async def _take_for_node(
+        self, conn: AsyncConnection, pool: StoredPool, fam: Family, node: str
+    ) -> tuple[IPAddress | None, bool]:
+        """An address from a block affine to ``node``; claims a block when the node's are full.
+        Returns (address, borrowed)."""
+        params = {"pool": pool.id, "family": int(fam), "node": node}
+        ip = (await conn.execute(_SQL_TAKE_NODE_SKIP, params)).scalar()
+        if ip is not None:
+            return ipaddress.ip_address(ip), False
+        # One claimer per (pool, node, family) at a time, so a node never holds more blocks than it
+        # needs; other nodes and allocations without a node are not blocked by it.
+        await conn.execute(_SQL_NODE_LOCK, {"key": f"dsipam:{pool.id}:{int(fam)}:{node}"})
+        ip = (await conn.execute(_SQL_TAKE_NODE_WAIT, params)).scalar()
+        if ip is None:
+            ip = (await conn.execute(_SQL_CLAIM_EMPTY, params)).scalar()
+        if ip is not None:
+            return ipaddress.ip_address(ip), False
+        for lock_sql in (_SQL_LOCK_RANGE_SKIP, _SQL_LOCK_RANGE_WAIT):
+            while True:
+                rng = (await conn.execute(lock_sql, params)).first()
+                if rng is None:
+                    break
+                if rng.version != pool.version:
+                    raise Retry()
+                got = await self._new_block(conn, pool, rng.id, rng.next_block, node)
+                if got is not None:
+                    return got, False
+        if pool.strict_affinity:
+            return None, False
+        got = await self._take_any(conn, pool, fam)
+        return got, got is not None
+
+    async def _new_block(
+        self, conn: AsyncConnection, pool: StoredPool, range_id: int, next_block: str, node: str | None = None
+    ) -> IPAddress | None:
         """Creates the next block of a locked range and takes its first free address."""
         rng = pool.range_by_id(range_id)
         if rng is None:
@@ -310,7 +393,7 @@ class AllocationStore(StoreBase):
                     await conn.execute(
                         _SQL_INSERT_BLOCK,
                         {"pool": pool.id, "range": range_id, "family": int(spec.family), "base": spec.block_cidr(base),
-                         "bitmap": bitmap, "free": free - 1, "avail": free},
+                         "bitmap": bitmap, "free": free - 1, "avail": free, "node": node},
                     )
                 ).first()
                 if created is not None:
@@ -338,7 +421,7 @@ class AllocationStore(StoreBase):
         await conn.execute(
             _SQL_INSERT_BLOCK,
             {"pool": pool.id, "range": rng.id, "family": int(rng.spec.family), "base": rng.spec.block_cidr(base),
-             "bitmap": bitmap, "free": free, "avail": free},
+             "bitmap": bitmap, "free": free, "avail": free, "node": None},
         )
 
     async def _take_specific(
@@ -493,7 +576,7 @@ class AllocationStore(StoreBase):
                 await conn.execute(
                     text(
                         """
-                        SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time
+                        SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time, node, borrowed
                           FROM ipam_allocations
                          WHERE pool_id = :pool AND NOT (owner = ANY(:valid))
                            AND create_time < now() - make_interval(secs => :grace)
@@ -520,6 +603,12 @@ class AllocationStore(StoreBase):
                     text("DELETE FROM ipam_allocations WHERE pool_id = :pool AND owner = ANY(:owners)"),
                     {"pool": stored.id, "owners": [r["owner"] for r in rows]},
                 )
+                # Node blocks left without any address in use are free for any node again.
+                await conn.execute(
+                    text("UPDATE ipam_blocks SET node = NULL WHERE pool_id = :pool AND node IS NOT NULL "
+                         "AND free_count = avail_count AND cooling = 0"),
+                    {"pool": stored.id},
+                )
             return released
 
         return await self._transaction(run)
@@ -535,7 +624,7 @@ class AllocationStore(StoreBase):
                 row = (
                     await conn.execute(
                         text(
-                            "SELECT host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time "
+                            "SELECT host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time, node, borrowed "
                             "FROM ipam_allocations WHERE pool_id = :pool AND owner = :owner"
                         ),
                         {"pool": stored.id, "owner": owner},
@@ -563,8 +652,8 @@ class AllocationStore(StoreBase):
                 rows = (
                     await conn.execute(
                         text(
-                            "SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time "
-                            "FROM ipam_allocations WHERE pool_id = :pool "
+                            "SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time, node, "
+                            "borrowed FROM ipam_allocations WHERE pool_id = :pool "
                             "AND (CAST(:after AS text) IS NULL OR owner > :after) "
                             "AND attributes @> CAST(:selector AS jsonb)" + family_filter +
                             " ORDER BY owner LIMIT :limit"

@@ -70,10 +70,17 @@ class StoredPool:
     version: int
     ranges: tuple[StoredRange, ...]
     reservations: tuple[IPNetwork, ...]
+    strict_affinity: bool = False
 
     @property
     def spec(self) -> PoolSpec:
-        return PoolSpec(name=self.name, ranges=tuple(r.spec for r in self.ranges), labels=self.labels)
+        return PoolSpec(
+            name=self.name,
+            ranges=tuple(r.spec for r in self.ranges),
+            labels=self.labels,
+            cooldown_ms=self.cooldown_ms,
+            strict_affinity=self.strict_affinity,
+        )
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -140,10 +147,10 @@ def page_size(value: int) -> int:
 
 
 _SQL_POOL_HEAD = text(
-    "SELECT id, name, labels, create_time, cooldown_ms, version FROM ipam_pools WHERE name = :name"
+    "SELECT id, name, labels, create_time, cooldown_ms, version, node_affinity FROM ipam_pools WHERE name = :name"
 )
 _SQL_POOL_HEAD_BY_ID = text(
-    "SELECT id, name, labels, create_time, cooldown_ms, version FROM ipam_pools WHERE id = :id"
+    "SELECT id, name, labels, create_time, cooldown_ms, version, node_affinity FROM ipam_pools WHERE id = :id"
 )
 _SQL_POOL_LAYOUT = text(
     """
@@ -224,7 +231,9 @@ class StoreBase:
     async def _layout(self, conn: AsyncConnection, head: Any) -> StoredPool:
         cached = self._layouts.get(head["id"])
         if cached is not None and cached.version == head["version"] and cached.create_time == head["create_time"]:
-            if cached.labels != head["labels"] or cached.cooldown_ms != head["cooldown_ms"]:
+            if (cached.labels, cached.cooldown_ms, cached.strict_affinity) != (
+                head["labels"], head["cooldown_ms"], head["node_affinity"] == 2
+            ):
                 cached = _replace_head(cached, head)
                 self._layouts[head["id"]] = cached
             return cached
@@ -246,7 +255,7 @@ class StoreBase:
             ranges.append(StoredRange(row["range_id"], spec, int(row["size"])))
         pool = StoredPool(
             head["id"], head["name"], dict(head["labels"]), head["create_time"], head["cooldown_ms"],
-            head["version"], tuple(ranges), reservations,
+            head["version"], tuple(ranges), reservations, head["node_affinity"] == 2,
         )
         self._layouts[pool.id] = pool
         return pool
@@ -268,14 +277,19 @@ class StoreBase:
 
     async def _pool_info(self, conn: AsyncConnection, pool: StoredPool) -> PoolInfo:
         usage = await self._usage(conn, [pool])
-        return PoolInfo(pool.spec, usage[pool.id], pool.create_time, pool.cooldown_ms,
-                        tuple(str(r) for r in pool.reservations))
+        return pool_info(pool, usage[pool.id])
 
 
 def _replace_head(pool: StoredPool, head: Any) -> StoredPool:
     from dataclasses import replace
 
-    return replace(pool, labels=dict(head["labels"]), cooldown_ms=head["cooldown_ms"])
+    return replace(pool, labels=dict(head["labels"]), cooldown_ms=head["cooldown_ms"],
+                   strict_affinity=head["node_affinity"] == 2)
+
+
+def pool_info(pool: StoredPool, usage: tuple[FamilyUsage, ...]) -> PoolInfo:
+    return PoolInfo(pool.spec, usage, pool.create_time, pool.cooldown_ms, tuple(str(r) for r in pool.reservations),
+                    pool.strict_affinity)
 
 
 def allocation_info(
@@ -285,6 +299,8 @@ def allocation_info(
     order: Sequence[Family],
     attributes: dict[str, str],
     create_time: dt.datetime,
+    node: str | None = None,
+    borrowed: bool = False,
 ) -> AllocationInfo:
     fams = [f for f in order if f in held] + [f for f in held if f not in order]
     return AllocationInfo(
@@ -293,9 +309,12 @@ def allocation_info(
         addresses=tuple(pool.address_info(held[f]) for f in fams),
         attributes=dict(attributes),
         create_time=create_time,
+        node=node or "",
+        borrowed=borrowed,
     )
 
 
 def row_allocation(pool: StoredPool, owner: str, row: Any) -> AllocationInfo:
     held = {f: ipaddress.ip_address(row[c]) for f, c in FAMILY_COLUMN.items() if row[c]}
-    return allocation_info(pool, owner, held, pool.families, row["attributes"], row["create_time"])
+    return allocation_info(pool, owner, held, pool.families, row["attributes"], row["create_time"],
+                           row.get("node"), bool(row.get("borrowed", False)))

@@ -48,7 +48,10 @@ pools = sa.Table(
     # Changed (to a random value) on every change of ranges or reservations: servers cache a
     # pool's layout by (id, create_time, version).
     sa.Column("version", sa.BigInteger, nullable=False, server_default=sa.text("1")),
+    # 1: borrow (take from another node's block when the node has none left), 2: strict.
+    sa.Column("node_affinity", sa.SmallInteger, nullable=False, server_default=sa.text("1")),
     sa.CheckConstraint("cooldown_ms >= 0", name="cooldown"),
+    sa.CheckConstraint("node_affinity IN (1, 2)", name="node_affinity"),
 )
 
 # One row per range. ``next_block`` is the base of the next block that lazy block
@@ -88,6 +91,8 @@ blocks = sa.Table(
     sa.Column("avail_count", sa.Integer, nullable=False),
     # Released addresses of this block in cooldown (their bits stay set until reclaimed).
     sa.Column("cooling", sa.Integer, nullable=False, server_default=sa.text("0")),
+    # The node this block is affine to (claimed under a row lock: one node per block).
+    sa.Column("node", sa.Text),
     sa.UniqueConstraint("range_id", "base"),
     sa.CheckConstraint("free_count >= 0 AND free_count <= avail_count", name="counts"),
     sa.CheckConstraint("cooling >= 0", name="cooling"),
@@ -96,8 +101,9 @@ blocks = sa.Table(
         "pool_id",
         "family",
         "id",
-        postgresql_where=sa.text("free_count > 0"),
+        postgresql_where=sa.text("free_count > 0 AND node IS NULL"),
     ),
+    sa.Index("ix_ipam_blocks_node", "pool_id", "node", "family", "id", postgresql_where=sa.text("node IS NOT NULL")),
 )
 
 # One row per (pool, owner), one column per family: the primary key is the
@@ -112,6 +118,9 @@ allocations = sa.Table(
     sa.Column("ipv6", pg.INET),
     sa.Column("attributes", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("node", sa.Text),
+    # An address came from another node's block (borrow mode).
+    sa.Column("borrowed", sa.Boolean, nullable=False, server_default=sa.text("false")),
     sa.UniqueConstraint("pool_id", "ipv4"),
     sa.UniqueConstraint("pool_id", "ipv6"),
     sa.CheckConstraint("ipv4 IS NOT NULL OR ipv6 IS NOT NULL", name="some_address"),

@@ -127,7 +127,7 @@ def unavailable_on_disconnect() -> Iterator[None]:
     """Turns connection failures into :class:`DatabaseUnavailable`."""
     try:
         yield
-    except (sqlalchemy.exc.SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         if is_unavailable(exc):
             raise DatabaseUnavailable("database: unreachable, try again later") from exc
         raise
