@@ -92,7 +92,13 @@ async def _capture(db_url: str, pool: str) -> tuple[Captured, int]:
 def _as_text(value: Any) -> str:
     if isinstance(value, dict | list):
         return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return str(value)
+
+
+def _ref(name: str) -> str:
+    return name if name == "NULL" else ":" + name
 
 
 def _is_address(value: Any) -> bool:
@@ -120,6 +126,8 @@ def script_from_capture(captured: Captured, pool_id: int) -> tuple[str, dict[str
             text_value = _as_text(value)
             if isinstance(value, str) and value.startswith(CAPTURE_OWNER):
                 names.append("owner")
+            elif value is None:
+                names.append("NULL")  # pgbench -D cannot say NULL: inline it
             elif text_value in produced and text_value != str(pool_id):
                 var = produced[text_value]
                 names.append(var)
@@ -127,7 +135,7 @@ def script_from_capture(captured: Captured, pool_id: int) -> tuple[str, dict[str
             else:
                 names.append(f"c{i}_{k + 1}")
                 constants[names[-1]] = text_value
-        statements.append(re.sub(r"\$(\d+)", lambda m, names=names: ":" + names[int(m.group(1)) - 1], sql.strip()))
+        statements.append(re.sub(r"\$(\d+)", lambda m, names=names: _ref(names[int(m.group(1)) - 1]), sql.strip()))
         if row is not None:
             for col, value in zip(cols, row, strict=False):
                 if _is_address(value) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", col):

@@ -122,7 +122,9 @@ class Run:
     def main_db(self) -> None:
         a = self.args
         env = _server_env(a)
-        with harness.scratch_database(keep=a.keep_db) as url, harness.Servers(url, a.servers, env=env) as servers:
+        with harness.scratch_database(keep=a.keep_db) as url, harness.Servers(
+            server_url(url, a.db_socket), a.servers, env=env
+        ) as servers:
             time.sleep(1.0)
             idle = {pid: harness.rss_bytes(pid)[0] for pid in servers.pids}
             target = servers.targets[0]
@@ -212,7 +214,7 @@ class Run:
         if n > capacity:
             raise SystemExit(f"--scale-count {n} is more than the scale pool holds ({capacity})")
         with harness.scratch_database(prefix="dsipam_bench_scale", keep=a.keep_db) as url, harness.Servers(
-            url, a.servers, env=_server_env(a)
+            server_url(url, a.db_socket), a.servers, env=_server_env(a)
         ) as servers:
             harness.create_pool(servers.targets[0], "s6", (a.scale_v4, a.scale_v6))
             rep = self.scenario(
@@ -239,6 +241,15 @@ class Run:
                     res["ratio_to_pgbench"] = res["rps"] / c["pgbench"]["tps"] if c["pgbench"]["tps"] else 0.0
                     res["ratio_to_empty_rpc"] = res["rps"] / c["empty_rpc"]["rps"] if c["empty_rpc"]["rps"] else 0.0
         return self.out
+
+
+def server_url(url: str, socket_dir: str | None) -> str:
+    """The servers' database URL: the scratch database over TCP, or over a Unix socket in ``socket_dir``."""
+    if not socket_dir:
+        return url
+    name = url.rsplit("/", 1)[1]
+    user = url.split("://", 1)[1].split("@", 1)[0] if "@" in url else "postgres"
+    return f"postgresql://{user}@/{name}?host={socket_dir}"
 
 
 def _server_env(a: argparse.Namespace) -> dict[str, str]:
@@ -382,7 +393,8 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{m['loadavg_at_start']}. The machine was shared with other work: expect noise.",
         "",
         f"Median of {meta['runs']} run(s); concurrency {meta['concurrency']}; {meta['servers']} server process(es); "
-        f"{meta['processes']} load process(es); scenario 1 count {meta['s1_count']:,}, scenario 6 count "
+        f"{meta['processes']} load process(es); servers reach PostgreSQL over "
+        f"{'the Unix socket in ' + meta['db_socket'] if meta.get('db_socket') else 'TCP on 127.0.0.1'}; scenario 1 count {meta['s1_count']:,}, scenario 6 count "
         f"{meta['scale_count']:,}.",
         "",
         "Command: `" + meta["command"] + "`",
@@ -422,6 +434,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-ceilings", action="store_true")
     p.add_argument("--db-pool-size", type=int, help="DSIPAM_DB_POOL_SIZE of the servers (default: theirs)")
     p.add_argument("--db-max-overflow", type=int, help="DSIPAM_DB_MAX_OVERFLOW of the servers (default: theirs)")
+    p.add_argument("--db-socket", metavar="DIR", help="servers reach PostgreSQL over the Unix socket in DIR, not TCP")
     p.add_argument("--profile", action="store_true", help="one more scenario-1 run under py-spy (not in the medians)")
     p.add_argument("--keep-db", action="store_true", help="keep the scratch databases")
     p.add_argument("--tag", default="", help="suffix of the result files")
@@ -442,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": a.concurrency,
         "servers": a.servers,
         "processes": a.processes,
+        "db_socket": a.db_socket,
         "s1_count": a.s1_count,
         "mixed_count": a.mixed_count,
         "scale_count": a.scale_count,
