@@ -46,6 +46,9 @@ class CallInfo:
     method: str
     caller: str = ""
 
+    def set_caller(self, caller: str) -> None:
+        self.caller = caller
+
 
 current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("dsipam_call", default=None)
 """The call the current task serves (each gRPC call runs in its own context)."""
@@ -262,7 +265,7 @@ async def refresh_pool_gauges(store: Any, metrics: Metrics, interval: float) -> 
                 pools, token = await store.list_pools(1000, token)
                 for p in pools:
                     for u in p.usage:
-                        fam = u.family.label if hasattr(u.family, "label") else str(u.family)
+                        fam = f"ipv{int(u.family)}"
                         for state in _POOL_STATES:
                             rows.append((p.spec.name, fam, state, int(getattr(u, state, 0) or 0)))
                 if not token:
@@ -427,7 +430,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             call = CallInfo(_request_id(request_id), name)
             current_call.set(call)
             if authorizer is not None and required is not None:
-                call.caller = await authorizer.authorize(authorization, context, method, required)
+                await authorizer.authorize(authorization, context, method, required, call.set_caller)
             if parse is None or handler.request_streaming:
                 return raw
             try:

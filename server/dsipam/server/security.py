@@ -37,7 +37,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,9 +309,15 @@ class Authorizer:
         return None, f"cert:CN={names[0]}" if names else ""
 
     async def authorize(
-        self, authorization: str | None, context: grpc.aio.ServicerContext, method: str, required: Role
+        self,
+        authorization: str | None,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        required: Role,
+        identified: Callable[[str], None] | None = None,
     ) -> str:
-        """Returns the caller's name for logs, or ends the call with UNAUTHENTICATED or PERMISSION_DENIED."""
+        """Returns the caller's name for logs, or ends the call with UNAUTHENTICATED or PERMISSION_DENIED.
+        ``identified`` is told the caller's name as soon as it is known (before a denial)."""
         role: Role | None = None
         who = ""
         if authorization is not None:
@@ -328,6 +334,8 @@ class Authorizer:
             auth = context.auth_context()
             if auth.get("x509_common_name") or auth.get("x509_subject_alternative_name"):
                 role, who = self.certificate_role(auth)
+                if identified is not None and who:
+                    identified(who)
                 if role is None:
                     await _deny(context, grpc.StatusCode.PERMISSION_DENIED,
                                 f"{who or 'client certificate'}: no role is mapped to this certificate",
@@ -336,6 +344,8 @@ class Authorizer:
             await _deny(context, grpc.StatusCode.UNAUTHENTICATED,
                         "authorization: a bearer token (or a client certificate) is required", "UNAUTHENTICATED")
         assert role is not None
+        if identified is not None:
+            identified(who)
         if role < required:
             name = method[len(SERVICE_PREFIX):] if method.startswith(SERVICE_PREFIX) else method
             await _deny(context, grpc.StatusCode.PERMISSION_DENIED,
