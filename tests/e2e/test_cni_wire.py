@@ -30,7 +30,7 @@ FIELDS = {
     "FamilyUsage": {"family": 1, "size": 2, "allocated": 3, "free": 4},
     "Address": {"family": 1, "ip": 2, "prefix_length": 3, "gateway": 4},
     "Allocation": {"pool": 1, "owner": 2, "addresses": 3, "attributes": 4, "create_time": 5},
-    "ListAllocationsRequest": {"pool": 1, "page_size": 2, "page_token": 3},
+    "ListAllocationsRequest": {"pool": 1, "page_size": 2, "page_token": 3, "attribute_selector": 4},
     "ListAllocationsResponse": {"allocations": 1, "next_page_token": 2},
     "GarbageCollectRequest": {"pool": 1, "valid_owners": 2, "grace": 3},
     "GarbageCollectResponse": {"released": 1},
@@ -74,6 +74,9 @@ def test_small_requests_are_byte_identical_to_protobuf() -> None:
     assert _wire.get_allocation_request("p", "o") == pb.GetAllocationRequest(pool="p", owner="o").SerializeToString()
     assert _wire.list_allocations_request("p", 1000, "tok") == pb.ListAllocationsRequest(
         pool="p", page_size=1000, page_token="tok").SerializeToString()
+    msg = pb.ListAllocationsRequest.FromString(
+        _wire.list_allocations_request("p", 10, "", {"cni.node": "n1", "cni.network": "net"}))
+    assert dict(msg.attribute_selector) == {"cni.node": "n1", "cni.network": "net"} and msg.page_size == 10
 
 
 @pytest.mark.parametrize("grace", [None, 0.0, 1.5, 60.0])

@@ -15,8 +15,9 @@ LIST_PAGE_SIZE = 1000
 class NativeClient:
     """dsipam over one cleartext HTTP/2 connection (unix socket or TCP); stdlib C modules only."""
 
-    def __init__(self, target: str, timeout: float) -> None:
-        self.channel = _h2.Channel(target, time.monotonic() + timeout, user_agent="dsipam-cni")
+    def __init__(self, target: str, timeout: float, token: str = "") -> None:
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.channel = _h2.Channel(target, time.monotonic() + timeout, user_agent="dsipam-cni", metadata=metadata)
 
     def allocate(self, pool: str, owner: str, policy: int, families: list[int], addresses: list[str],
                  attributes: dict[str, str]) -> _wire.Allocation:
@@ -38,10 +39,11 @@ class NativeClient:
         """GetPool's usage per family."""
         return _wire.pool_usage(self.channel.call(SERVICE + "GetPool", _wire.get_pool_request(pool)))
 
-    def list_allocations(self, pool: str, page_token: str) -> tuple[list[_wire.Allocation], str]:
-        """One page of ListAllocations."""
+    def list_allocations(self, pool: str, page_token: str,
+                         selector: dict[str, str]) -> tuple[list[_wire.Allocation], str]:
+        """One page of ListAllocations, of the allocations whose attributes contain ``selector``."""
         return _wire.list_allocations_response(self.channel.call(
-            SERVICE + "ListAllocations", _wire.list_allocations_request(pool, LIST_PAGE_SIZE, page_token)))
+            SERVICE + "ListAllocations", _wire.list_allocations_request(pool, LIST_PAGE_SIZE, page_token, selector)))
 
     def garbage_collect(self, pool: str, valid_owners: list[str], grace: float | None) -> list[_wire.Allocation]:
         """GarbageCollect: releases what is not valid and older than the grace."""
@@ -59,10 +61,10 @@ def connect(cfg) -> NativeClient:  # type: ignore[no-untyped-def]
         try:
             from ._grpc_client import GrpcClient
 
-            return GrpcClient(cfg.target, cfg.timeout, cfg.tls)  # type: ignore[return-value]
+            return GrpcClient(cfg.target, cfg.timeout, cfg.tls, cfg.token)  # type: ignore[return-value]
         except ImportError as exc:
             from ._errors import INVALID_CONFIG, CniError
 
             raise CniError(INVALID_CONFIG, f"ipam.transport: grpc needs grpcio and dsipam.v1, which this "
                            f"interpreter cannot import ({exc})") from None
-    return NativeClient(cfg.target, cfg.timeout)
+    return NativeClient(cfg.target, cfg.timeout, cfg.token)

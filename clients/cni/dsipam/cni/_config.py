@@ -124,7 +124,8 @@ class IpamConfig:
     """The parsed ``ipam`` section (plus the network's name and CNI version)."""
 
     __slots__ = ("cni_version", "network", "endpoint", "target", "pool", "policy", "families", "addresses",
-                 "routes", "default_routes", "dns", "timeout", "tls", "transport", "gc_scope", "gc_grace", "node")
+                 "routes", "default_routes", "dns", "timeout", "tls", "token", "transport", "gc_scope", "gc_grace",
+                 "node")
 
     def __init__(self) -> None:
         self.cni_version = LATEST_VERSION
@@ -140,6 +141,7 @@ class IpamConfig:
         self.dns: dict = {}
         self.timeout = DEFAULT_TIMEOUT
         self.tls: dict[str, str] | None = None
+        self.token = ""
         self.transport = "native"
         self.gc_scope = "node"
         self.gc_grace: float | None = None
@@ -223,6 +225,8 @@ def parse(netconf: object) -> IpamConfig:
             raise _bad("ipam.transport", "native speaks cleartext only; TLS needs transport grpc")
         cfg.transport = "grpc"
 
+    cfg.token = _token(ipam, cfg)
+
     cfg.gc_scope = _string(ipam, "gcScope", "ipam.gcScope") or "node"
     if cfg.gc_scope not in ("node", "pool"):
         raise _bad("ipam.gcScope", f"{cfg.gc_scope!r} is not node or pool")
@@ -233,6 +237,29 @@ def parse(netconf: object) -> IpamConfig:
 
         cfg.node = posix.uname().nodename
     return cfg
+
+
+def _token(ipam: dict, cfg: IpamConfig) -> str:
+    """The bearer token of ``token`` or ``tokenFile``; sent only where nobody can read it on the way."""
+    token = _string(ipam, "token", "ipam.token")
+    where = "ipam.token"
+    path = _string(ipam, "tokenFile", "ipam.tokenFile")
+    if path:
+        if token:
+            raise _bad("ipam.tokenFile", "give token or tokenFile, not both")
+        where = "ipam.tokenFile"
+        try:
+            with open(path, "rb") as f:
+                token = f.read().decode("utf-8", "replace").strip()
+        except OSError as exc:
+            raise _bad(where, f"cannot read {path!r}: {exc.strerror}") from None
+    if not token:
+        return ""
+    if not all(0x21 <= ord(c) <= 0x7E for c in token):
+        raise _bad(where, "a token is printable ASCII without spaces")
+    if cfg.tls is None and not cfg.target.startswith("unix:"):
+        raise _bad(where, "a bearer token is sent only over a unix socket or TLS, not cleartext TCP")
+    return token
 
 
 def requested_address(text: str) -> str:

@@ -18,6 +18,7 @@ ADDRESS_IN_USE = 101
 POOL_NOT_FOUND = 102
 ALLOCATION_NOT_FOUND = 103
 ALLOCATION_MISMATCH = 104
+NOT_AUTHORIZED = 106
 SERVER_ERROR = 110
 
 
@@ -58,6 +59,8 @@ def from_rpc(exc, method: str, endpoint: str) -> CniError:  # type: ignore[no-un
         cni = POOL_NOT_FOUND
     elif reason == "ALLOCATION_NOT_FOUND":
         cni = ALLOCATION_NOT_FOUND
+    elif code in (_h2.UNAUTHENTICATED, _h2.PERMISSION_DENIED):
+        cni = NOT_AUTHORIZED  # ipam.token (or the unix socket's role) does not allow this call
     elif code == _h2.INVALID_ARGUMENT or reason == "FAMILY_NOT_IN_POOL":
         cni = INVALID_CONFIG  # the request built from the config (and CNI_ARGS) does not fit the pool
     else:

@@ -33,7 +33,7 @@ def _read(path: str, field: str) -> bytes | None:
 class GrpcClient:
     """The same calls as :class:`._client.NativeClient`, through ``grpc`` and ``dsipam.v1`` stubs."""
 
-    def __init__(self, target: str, timeout: float, tls: dict[str, str] | None) -> None:
+    def __init__(self, target: str, timeout: float, tls: dict[str, str] | None, token: str = "") -> None:
         _enable_site()
         import grpc
         from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
@@ -42,6 +42,7 @@ class GrpcClient:
         self.pb = ipam_pb2
         self.target = target
         self.deadline = time.monotonic() + timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if tls is not None:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=_read(tls.get("ca", ""), "ipam.tls.ca"),
@@ -59,7 +60,7 @@ class GrpcClient:
         if remaining <= 0:
             raise _h2.RpcError(_h2.DEADLINE_EXCEEDED, f"deadline exceeded talking to {self.target}")
         try:
-            return getattr(self.stub, method)(request, timeout=remaining)
+            return getattr(self.stub, method)(request, timeout=remaining, metadata=self.metadata)
         except self._grpc.RpcError as exc:
             reason, metadata = "", {}
             for key, value in exc.trailing_metadata() or ():
@@ -101,12 +102,13 @@ class GrpcClient:
         return [_wire.FamilyUsage(_wire.FAMILY_VERSION.get(u.family, 0), u.size, u.allocated, u.free)
                 for u in resp.usage]
 
-    def list_allocations(self, pool: str, page_token: str) -> tuple[list[_wire.Allocation], str]:
-        """One page of ListAllocations."""
+    def list_allocations(self, pool: str, page_token: str,
+                         selector: dict[str, str]) -> tuple[list[_wire.Allocation], str]:
+        """One page of ListAllocations, of the allocations whose attributes contain ``selector``."""
         from ._client import LIST_PAGE_SIZE
 
         resp = self._call("ListAllocations", self.pb.ListAllocationsRequest(
-            pool=pool, page_size=LIST_PAGE_SIZE, page_token=page_token))
+            pool=pool, page_size=LIST_PAGE_SIZE, page_token=page_token, attribute_selector=selector))
         return [self._allocation(a) for a in resp.allocations], resp.next_page_token
 
     def garbage_collect(self, pool: str, valid_owners: list[str], grace: float | None) -> list[_wire.Allocation]:

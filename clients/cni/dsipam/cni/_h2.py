@@ -138,8 +138,10 @@ class Channel:
     ``deadline`` (a ``time.monotonic()`` value) bounds everything done through the channel.
     """
 
-    def __init__(self, target: str, deadline: float, user_agent: str = "dsipam-cni") -> None:
+    def __init__(self, target: str, deadline: float, user_agent: str = "dsipam-cni",
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.target = target
+        self.metadata = metadata
         self.deadline = deadline
         self.user_agent = user_agent
         self.sock: _socket.socket | None = None
@@ -370,7 +372,7 @@ class Channel:
         block = _hpack.encode([
             (":method", "POST"), (":scheme", "http"), (":path", method), (":authority", self.authority),
             ("content-type", "application/grpc"), ("te", "trailers"), ("user-agent", self.user_agent),
-            ("grpc-timeout", f"{min(timeout_ms, 99_999_999)}m"),
+            ("grpc-timeout", f"{min(timeout_ms, 99_999_999)}m"), *self.metadata,
         ])
         body = b"\x00" + len(request).to_bytes(4, "big") + request
         out = _frame(_HEADERS, _END_HEADERS, stream.id, block)  # sent with the first DATA: one write

@@ -285,10 +285,13 @@ def collect_node(cfg, client, valid: set[str]) -> list[str]:  # type: ignore[no-
     import time
 
     grace = cfg.gc_grace if cfg.gc_grace is not None else _config.DEFAULT_GC_GRACE
+    selector = {ATTR_NODE: cfg.node}
+    if cfg.network:
+        selector[ATTR_NETWORK] = cfg.network
     stale: list[str] = []
     token = ""
-    while True:
-        page, token = _rpc(cfg, "ListAllocations", lambda t=token: client.list_allocations(cfg.pool, t))
+    while True:  # the server filters by the selector; the check below also holds where it does not
+        page, token = _rpc(cfg, "ListAllocations", lambda t=token: client.list_allocations(cfg.pool, t, selector))
         now = time.time()  # allocations younger than the grace may be an ADD in flight
         for a in page:
             if (a.owner not in valid and a.attributes.get(ATTR_NODE) == cfg.node
@@ -303,13 +306,18 @@ def collect_node(cfg, client, valid: set[str]) -> list[str]:  # type: ignore[no-
 
 def cmd_status(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]
     """STATUS: the service answers and the pool has free addresses for what ADD would ask; else 50."""
-    from . import _client
+    from . import _client, _h2
 
     client = _client.connect(cfg)
     try:
-        usage = _rpc(cfg, "GetPool", lambda: client.pool_usage(cfg.pool))
-    except CniError as exc:
-        raise CniError(_errors.NOT_AVAILABLE, exc.msg, f"{exc.details} (would be CNI error {exc.code})") from None
+        usage = _with_retries(lambda: client.pool_usage(cfg.pool))
+    except _h2.RpcError as exc:
+        if exc.code == _h2.PERMISSION_DENIED:
+            # The service answered and knows us, but our role may not read pools (GetPool needs
+            # "controller"): it is reachable, and whether the pool is full stays unknown.
+            return None
+        err = _errors.from_rpc(exc, "GetPool", cfg.endpoint)
+        raise CniError(_errors.NOT_AVAILABLE, err.msg, f"{err.details} (would be CNI error {err.code})") from None
     finally:
         client.close()
     free = {u.version: u.free for u in usage}

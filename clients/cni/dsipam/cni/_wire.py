@@ -74,9 +74,10 @@ def get_pool_request(name: str) -> bytes:
     return _string(1, name)
 
 
-def list_allocations_request(pool: str, page_size: int, page_token: str) -> bytes:
+def list_allocations_request(pool: str, page_size: int, page_token: str,
+                             attribute_selector: dict[str, str] | None = None) -> bytes:
     """dsipam.v1.ListAllocationsRequest."""
-    return _string(1, pool) + _uint(2, page_size) + _string(3, page_token)
+    return _string(1, pool) + _uint(2, page_size) + _string(3, page_token) + _map(4, attribute_selector or {})
 
 
 def garbage_collect_request(pool: str, valid_owners: list[str], grace: float | None) -> bytes:
