@@ -103,10 +103,12 @@ def worker(spec: dict) -> dict:
             samples.setdefault(f"bridge+{name} ADD", []).append(add)
             samples.setdefault(f"bridge+{name} DEL", []).append(delete)
 
+    with_grpc = spec["grpc"]  # grpcio is importable by the plugin's interpreter
     for i in range(3):  # warm caches (page cache, pyc, the server's database connections) for both
         cycle("dsipam", i, record=False)
         cycle("host-local", i, record=False)
-        cycle("dsipam-grpc", i, record=False)
+        if with_grpc:
+            cycle("dsipam-grpc", i, record=False)
     log(f"{spec['cycles']} interleaved ADD+DEL cycles, dsipam and host-local")
     for i in range(spec["cycles"]):
         for name in (("dsipam", "host-local") if i % 2 == 0 else ("host-local", "dsipam")):
@@ -114,7 +116,7 @@ def worker(spec: dict) -> dict:
 
     runs = spec["runs"]
     log(f"where the time goes: {runs} samples each")
-    for i in range(runs):
+    for i in range(runs if with_grpc else 0):
         cycle("dsipam-grpc", 100 + i)
     plugin = str(Path(cni_bin) / "dsipam")
     dsipam_conf = json.dumps({"cniVersion": "1.0.0", "name": "bench-direct", "ipam": dsipam_ipam}).encode()
@@ -123,8 +125,8 @@ def worker(spec: dict) -> dict:
     for i in range(runs):
         env = _env("ADD", f"direct-{i}", spec["pods"][0], cni_bin)
         samples.setdefault("python -IS -c pass", []).append(_run([python, "-IS", "-c", "pass"], env, b""))
-        samples.setdefault("python -c 'import grpc, dsipam.v1 stubs'", []).append(_run(
-            [python, "-c", "import grpc; from dsipam.v1 import ipam_pb2_grpc"], env, b""))
+        samples.setdefault("venv python -c 'import grpc, dsipam.v1 stubs'", []).append(_run(
+            [spec["venv_python"], "-c", "import grpc; from dsipam.v1 import ipam_pb2_grpc"], env, b""))
         samples.setdefault("dsipam VERSION (no RPC)", []).append(_run([plugin], {**env, "CNI_COMMAND": "VERSION"}, b""))
         samples.setdefault("dsipam ADD alone", []).append(_run([plugin], env, dsipam_conf))
         samples.setdefault("dsipam DEL alone", []).append(_run([plugin], {**env, "CNI_COMMAND": "DEL"}, dsipam_conf))
@@ -154,6 +156,7 @@ def worker(spec: dict) -> dict:
 
 def report(results: dict, machine: dict) -> str:
     lines = [f"machine: {machine.get('nproc')} CPUs, {machine.get('cpu')}; load at start {machine.get('loadavg_at_start')}",
+             f"plugin interpreter: {machine.get('plugin_python')}",
              "", f"{'measurement':45} {'median ms':>10} {'p90 ms':>8} {'n':>4}"]
     for name, r in results["samples"].items():
         lines.append(f"{name:45} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['n']:>4}")
@@ -185,6 +188,8 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=50, help="interleaved ADD+DEL cycles per IPAM (default 50)")
     parser.add_argument("--runs", type=int, default=30, help="samples per breakdown measurement (default 30)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--plugin-python", help="interpreter for the installed plugin (default: this one); "
+                        "the built-in transport needs only the standard library")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -213,8 +218,10 @@ def main() -> int:
                 ipam_pb2_grpc.IpamServiceStub(channel).CreatePool(pb.CreatePoolRequest(pool=pb.Pool(
                     name=POOL, ranges=[pb.IpRange(cidr=DSIPAM_V4, gateway=DSIPAM_V4_GW),
                                        pb.IpRange(cidr=DSIPAM_V6, gateway=DSIPAM_V6_GW)])), timeout=30)
-            subprocess.run([sys.executable, "-m", "dsipam.cni", "install", str(tmp / "bin")], check=True,
-                           capture_output=True)
+            install = [sys.executable, "-m", "dsipam.cni", "install", str(tmp / "bin")]
+            if args.plugin_python:
+                install[4:4] = ["--python", args.plugin_python]
+            subprocess.run(install, check=True, capture_output=True)
             for ns in (parent, *pods):
                 sh("ip", "netns", "add", ns)
                 created.append(ns)
@@ -225,7 +232,8 @@ def main() -> int:
 
             spec = {"cni_bin": str(tmp / "bin"), "sock": str(sock), "data_dir": str(tmp / "host-local"),
                     "bridges": [f"cbd{run}", f"cbh{run}"], "pods": pods, "cycles": args.cycles, "runs": args.runs,
-                    "python": sys.executable, "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
+                    "python": args.plugin_python or sys.executable, "venv_python": sys.executable,
+                    "grpc": not args.plugin_python, "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
             done = subprocess.run(["ip", "netns", "exec", parent, sys.executable, str(Path(__file__).resolve()),
                                    "--worker", json.dumps(spec)], capture_output=True, text=True)
             sys.stderr.write(done.stderr)
@@ -236,6 +244,7 @@ def main() -> int:
         for ns in created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    machine["plugin_python"] = args.plugin_python or sys.executable
     results = {"machine": machine, "cycles": args.cycles, "runs": args.runs, "samples": samples,
                "ratios": ratios(samples)}
     print(report(results, machine))

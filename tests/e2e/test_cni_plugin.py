@@ -172,7 +172,7 @@ def test_add_prints_the_result_and_is_idempotent(plugin: Plugin, cni_server: tup
     conf = netconf(endpoint, pool, transport=transport, defaultRoutes=True, dns=dns,
                    routes=[{"dst": "198.19.0.0/16", "gw": "198.18.0.254"}, {"dst": "fd00:99::/64"}])
     args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0"
-    rc, out, err = plugin("ADD", conf, container="add1", args=args)
+    rc, out, err = plugin("ADD", conf, container="add1", args=args, K8S_NODE_NAME="node-from-env")
     assert rc == 0, (out, err)
     assert isinstance(out, dict) and out["cniVersion"] == "1.0.0"
     held = allocation(ipam, pool, "add1/eth0")
@@ -185,7 +185,8 @@ def test_add_prints_the_result_and_is_idempotent(plugin: Plugin, cni_server: tup
     assert out["dns"] == dns
     attrs = dict(held.attributes)
     assert attrs["cni.containerID"] == "add1" and attrs["cni.ifname"] == "eth0" and attrs["cni.network"] == "cni-test"
-    assert attrs["k8s.namespace"] == "team-a" and attrs["k8s.pod"] == "web-0" and attrs["cni.node"]
+    assert attrs["k8s.namespace"] == "team-a" and attrs["k8s.pod"] == "web-0"
+    assert attrs["cni.node"] == "node-from-env" and held.node == "node-from-env"  # the node affinity field
 
     rc, again, _ = plugin("ADD", conf, container="add1", args=args)
     assert rc == 0 and again == out

@@ -20,7 +20,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 # The field numbers _wire.py writes and reads, by message.
 FIELDS = {
-    "AllocateRequest": {"pool": 1, "owner": 2, "ip_family_policy": 3, "ip_families": 4, "addresses": 5, "attributes": 6},
+    "AllocateRequest": {"pool": 1, "owner": 2, "ip_family_policy": 3, "ip_families": 4, "addresses": 5, "attributes": 6,
+                        "node": 7},
     "AllocateResponse": {"allocation": 1, "created": 2},
     "ReleaseRequest": {"pool": 1, "owner": 2},
     "ReleaseResponse": {"released": 1},
@@ -29,7 +30,7 @@ FIELDS = {
     "Pool": {"usage": 4},
     "FamilyUsage": {"family": 1, "size": 2, "allocated": 3, "free": 4},
     "Address": {"family": 1, "ip": 2, "prefix_length": 3, "gateway": 4},
-    "Allocation": {"pool": 1, "owner": 2, "addresses": 3, "attributes": 4, "create_time": 5},
+    "Allocation": {"pool": 1, "owner": 2, "addresses": 3, "attributes": 4, "create_time": 5, "node": 6},
     "ListAllocationsRequest": {"pool": 1, "page_size": 2, "page_token": 3, "attribute_selector": 4},
     "ListAllocationsResponse": {"allocations": 1, "next_page_token": 2},
     "GarbageCollectRequest": {"pool": 1, "valid_owners": 2, "grace": 3},
@@ -56,7 +57,7 @@ def test_enum_values_match_the_proto() -> None:
 def test_allocate_request_parses_as_the_generated_message() -> None:
     data = _wire.allocate_request(
         "pods", "c1/eth0", _wire.REQUIRE_DUAL_STACK, [_wire.IPV6, _wire.IPV4], ["198.18.0.9", "fd00::9"],
-        {"cni.ifname": "eth0", "k8s.pod": "née"},
+        {"cni.ifname": "eth0", "k8s.pod": "née"}, "node-7.example",
     )
     msg = pb.AllocateRequest.FromString(data)
     assert msg.pool == "pods" and msg.owner == "c1/eth0"
@@ -64,6 +65,7 @@ def test_allocate_request_parses_as_the_generated_message() -> None:
     assert list(msg.ip_families) == [pb.IP_FAMILY_IPV6, pb.IP_FAMILY_IPV4]
     assert list(msg.addresses) == ["198.18.0.9", "fd00::9"]
     assert dict(msg.attributes) == {"cni.ifname": "eth0", "k8s.pod": "née"}
+    assert msg.node == "node-7.example"
     # defaults are left out, as protobuf does
     assert _wire.allocate_request("p", "o", 0, [], [], {}) == pb.AllocateRequest(pool="p", owner="o").SerializeToString()
 
@@ -92,7 +94,7 @@ def test_garbage_collect_request(grace: float | None) -> None:
 def _allocation_pb(owner: str, n: int) -> pb.Allocation:
     ts = timestamp_pb2.Timestamp(seconds=1_700_000_000 + n, nanos=250_000_000)
     return pb.Allocation(
-        pool="pods", owner=owner, create_time=ts, attributes={"cni.node": f"node-{n}", "x": ""},
+        pool="pods", owner=owner, create_time=ts, attributes={"cni.node": f"node-{n}", "x": ""}, node=f"node-{n}",
         addresses=[
             pb.Address(family=pb.IP_FAMILY_IPV6, ip=f"fd00::{n:x}", prefix_length=120, gateway="fd00::1"),
             pb.Address(family=pb.IP_FAMILY_IPV4, ip=f"198.18.0.{n}", prefix_length=24),
@@ -105,6 +107,7 @@ def test_responses_decode_from_the_generated_messages() -> None:
         pb.AllocateResponse(allocation=_allocation_pb("c1/eth0", 7), created=True).SerializeToString())
     assert created is True
     assert (alloc.pool, alloc.owner, alloc.attributes) == ("pods", "c1/eth0", {"cni.node": "node-7", "x": ""})
+    assert alloc.node == "node-7"
     assert alloc.create_time == pytest.approx(1_700_000_007.25)
     assert [(a.version, a.ip, a.prefix_length, a.gateway) for a in alloc.addresses] == [
         (6, "fd00::7", 120, "fd00::1"), (4, "198.18.0.7", 24, "")]

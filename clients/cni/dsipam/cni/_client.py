@@ -20,10 +20,10 @@ class NativeClient:
         self.channel = _h2.Channel(target, time.monotonic() + timeout, user_agent="dsipam-cni", metadata=metadata)
 
     def allocate(self, pool: str, owner: str, policy: int, families: list[int], addresses: list[str],
-                 attributes: dict[str, str]) -> _wire.Allocation:
-        """Allocate: idempotent per (pool, owner)."""
+                 attributes: dict[str, str], node: str = "") -> _wire.Allocation:
+        """Allocate: idempotent per (pool, owner); ``node`` asks for the node's affine blocks."""
         data = self.channel.call(SERVICE + "Allocate",
-                                 _wire.allocate_request(pool, owner, policy, families, addresses, attributes))
+                                 _wire.allocate_request(pool, owner, policy, families, addresses, attributes, node))
         return _wire.allocate_response(data)[0]
 
     def release(self, pool: str, owner: str) -> list[_wire.Address]:

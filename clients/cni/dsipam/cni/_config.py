@@ -161,8 +161,11 @@ def check_version(netconf: dict) -> str:
     return version
 
 
-def parse(netconf: object) -> IpamConfig:
-    """Reads and validates the plugin's configuration from a decoded network configuration."""
+def parse(netconf: object, environ: dict[str, str] | None = None) -> IpamConfig:
+    """Reads and validates the plugin's configuration from a decoded network configuration.
+
+    ``environ`` supplies ``K8S_NODE_NAME`` when the configuration names no ``node``.
+    """
     if not isinstance(netconf, dict):
         raise _bad("network configuration", f"must be a JSON object, not {_kind(netconf)}")
     cfg = IpamConfig()
@@ -231,7 +234,7 @@ def parse(netconf: object) -> IpamConfig:
     if cfg.gc_scope not in ("node", "pool"):
         raise _bad("ipam.gcScope", f"{cfg.gc_scope!r} is not node or pool")
     cfg.gc_grace = _seconds(ipam, "gcGrace", "ipam.gcGrace", None, allow_zero=True)
-    cfg.node = _string(ipam, "node", "ipam.node")
+    cfg.node = _string(ipam, "node", "ipam.node") or (environ or {}).get("K8S_NODE_NAME", "")
     if not cfg.node:
         import posix
 

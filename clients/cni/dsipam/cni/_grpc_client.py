@@ -77,14 +77,15 @@ class GrpcClient:
 
     def _allocation(self, a) -> _wire.Allocation:  # type: ignore[no-untyped-def]
         created = a.create_time.seconds + a.create_time.nanos / 1e9
-        return _wire.Allocation(a.pool, a.owner, [self._address(x) for x in a.addresses], dict(a.attributes), created)
+        return _wire.Allocation(a.pool, a.owner, [self._address(x) for x in a.addresses], dict(a.attributes), created,
+                                a.node)
 
     def allocate(self, pool: str, owner: str, policy: int, families: list[int], addresses: list[str],
-                 attributes: dict[str, str]) -> _wire.Allocation:
-        """Allocate: idempotent per (pool, owner)."""
+                 attributes: dict[str, str], node: str = "") -> _wire.Allocation:
+        """Allocate: idempotent per (pool, owner); ``node`` asks for the node's affine blocks."""
         resp = self._call("Allocate", self.pb.AllocateRequest(
             pool=pool, owner=owner, ip_family_policy=policy, ip_families=families, addresses=addresses,
-            attributes=attributes))
+            attributes=attributes, node=node))
         return self._allocation(resp.allocation)
 
     def release(self, pool: str, owner: str) -> list[_wire.Address]:

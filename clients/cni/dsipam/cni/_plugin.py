@@ -45,7 +45,7 @@ def run(environ, stdin: bytes) -> tuple[int, str]:  # type: ignore[no-untyped-de
         netconf = _decode(stdin)
         if isinstance(netconf, dict) and isinstance(netconf.get("cniVersion"), str) and netconf["cniVersion"]:
             version = netconf["cniVersion"]
-        cfg = _config.parse(netconf)
+        cfg = _config.parse(netconf, environ)
         since = _SINCE.get(command)
         if since and _config.version_tuple(cfg.cni_version) < since:
             raise CniError(_errors.INCOMPATIBLE_VERSION,
@@ -186,7 +186,7 @@ def cmd_add(cfg, netconf: dict, environ) -> dict:  # type: ignore[no-untyped-def
     client = _client.connect(cfg)
     try:
         allocation = _rpc(cfg, "Allocate", lambda: client.allocate(
-            cfg.pool, owner_of(container_id, ifname), cfg.policy, cfg.families, addresses, attributes))
+            cfg.pool, owner_of(container_id, ifname), cfg.policy, cfg.families, addresses, attributes, cfg.node))
     finally:
         client.close()
     return build_result(cfg, allocation)

@@ -53,10 +53,10 @@ def _map(number: int, values: dict[str, str]) -> bytes:
 
 
 def allocate_request(pool: str, owner: str, policy: int, families: list[int], addresses: list[str],
-                     attributes: dict[str, str]) -> bytes:
+                     attributes: dict[str, str], node: str = "") -> bytes:
     """dsipam.v1.AllocateRequest."""
     return (_string(1, pool) + _string(2, owner) + _uint(3, policy) + _packed(4, families)
-            + b"".join(_bytes_field(5, a.encode()) for a in addresses) + _map(6, attributes))
+            + b"".join(_bytes_field(5, a.encode()) for a in addresses) + _map(6, attributes) + _string(7, node))
 
 
 def release_request(pool: str, owner: str) -> bytes:
@@ -183,15 +183,16 @@ class Address:
 class Allocation:
     """dsipam.v1.Allocation; ``create_time`` in seconds since the epoch."""
 
-    __slots__ = ("pool", "owner", "addresses", "attributes", "create_time")
+    __slots__ = ("pool", "owner", "addresses", "attributes", "create_time", "node")
 
     def __init__(self, pool: str, owner: str, addresses: list[Address], attributes: dict[str, str],
-                 create_time: float) -> None:
+                 create_time: float, node: str = "") -> None:
         self.pool = pool
         self.owner = owner
         self.addresses = addresses
         self.attributes = attributes
         self.create_time = create_time
+        self.node = node
 
     def __repr__(self) -> str:
         return f"Allocation({self.pool}/{self.owner} {self.addresses})"
@@ -222,7 +223,8 @@ def allocation(data: bytes) -> Allocation:
     if 5 in f:
         ts = parse(f[5][-1])
         created = _int(ts, 1) + _int(ts, 2) / 1e9
-    return Allocation(_text(f, 1), _text(f, 2), [address(a) for a in f.get(3, ())], _decode_map(f, 4), created)
+    return Allocation(_text(f, 1), _text(f, 2), [address(a) for a in f.get(3, ())], _decode_map(f, 4), created,
+                      _text(f, 6))
 
 
 def allocate_response(data: bytes) -> tuple[Allocation, bool]:
