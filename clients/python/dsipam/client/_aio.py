@@ -10,7 +10,7 @@ import datetime as dt
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import grpc
 from dsipam.v1 import ipam_pb2 as pb
@@ -90,6 +90,7 @@ class AsyncIpamClient:
             self._channel = grpc.aio.insecure_channel(
                 self._conn.target, options=self._conn.options, interceptors=list(interceptors) or None
             )
+        self._stubs: dict[str, Any] = {}
         self._closed = False
 
     @classmethod
@@ -126,9 +127,11 @@ class AsyncIpamClient:
     async def _invoke(self, method: b.Method[b.Req, b.Resp], request: b.Req, timeout: float | None) -> b.Resp:
         if self._closed:
             raise ValueError("AsyncIpamClient is closed")
-        stub = self._channel.unary_unary(
-            method.path, request_serializer=b.serialize, response_deserializer=method.deserialize
-        )
+        stub = self._stubs.get(method.name)
+        if stub is None:
+            stub = self._stubs[method.name] = self._channel.unary_unary(
+                method.path, request_serializer=b.serialize, response_deserializer=method.deserialize
+            )
         deadline = Deadline(self._conn.timeout if timeout is None else timeout)
         policy = self._conn.retry
         attempt = 0
@@ -136,7 +139,7 @@ class AsyncIpamClient:
             attempt += 1
             left = deadline.remaining()
             try:
-                return await stub(request, timeout=left, metadata=self._conn.call_metadata())
+                return cast(b.Resp, await stub(request, timeout=left, metadata=self._conn.call_metadata()))
             except grpc.RpcError as exc:
                 err = error_from_rpc(exc, attempts=attempt)
                 if not policy.should_retry(err.code, attempt):

@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import grpc
 from dsipam.v1 import ipam_pb2 as pb
@@ -81,6 +81,7 @@ class IpamClient:
         else:
             self._raw = grpc.insecure_channel(self._conn.target, options=self._conn.options)
         self._channel = grpc.intercept_channel(self._raw, *interceptors) if interceptors else self._raw
+        self._stubs: dict[str, Any] = {}
         self._closed = False
 
     @classmethod
@@ -116,9 +117,11 @@ class IpamClient:
     def _invoke(self, method: b.Method[b.Req, b.Resp], request: b.Req, timeout: float | None) -> b.Resp:
         if self._closed:
             raise ValueError("IpamClient is closed")
-        stub = self._channel.unary_unary(
-            method.path, request_serializer=b.serialize, response_deserializer=method.deserialize
-        )
+        stub = self._stubs.get(method.name)
+        if stub is None:
+            stub = self._stubs[method.name] = self._channel.unary_unary(
+                method.path, request_serializer=b.serialize, response_deserializer=method.deserialize
+            )
         deadline = Deadline(self._conn.timeout if timeout is None else timeout)
         policy = self._conn.retry
         attempt = 0
@@ -126,7 +129,7 @@ class IpamClient:
             attempt += 1
             left = deadline.remaining()
             try:
-                return stub(request, timeout=left, metadata=self._conn.call_metadata())
+                return cast(b.Resp, stub(request, timeout=left, metadata=self._conn.call_metadata()))
             except grpc.RpcError as exc:
                 err = error_from_rpc(exc, attempts=attempt)
                 if not policy.should_retry(err.code, attempt):

@@ -250,6 +250,8 @@ ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.INTERNAL, "INTERNAL", InternalError),
 )
 
+"""The mapping, one row per (status code, reason); a reason of None is the code's fallback."""
+
 _LOOKUP: dict[tuple[grpc.StatusCode, str | None], ErrorClass] = {(c, r): cls for c, r, cls in ERROR_TABLE}
 
 
