@@ -310,3 +310,16 @@ def test_serve_migrate_and_fsck_still_work(target: str, db_url: str) -> None:
                                  capture_output=True, text=True, timeout=60)
     assert client_only.returncode == 0
     assert re.search(r"^\s+alloc\s", client_only.stdout, re.M) and not re.search(r"^\s+serve\s", client_only.stdout, re.M)
+
+
+def test_yaml_output_keeps_awkward_strings(target: str) -> None:
+    ok(dsipam("pool", "create", "odd", "--range", "198.18.4.0/24", "--label", "note=x: y #z", target=target))
+    attrs = ["--attr", "ip=fd00::", "--attr", "empty=", "--attr", "word=null", "--attr", "yes=no", "--attr",
+             "when=2026-01-01T00:00:00Z", "--attr", "uni=é ✓", "--attr", "num=010"]
+    as_yaml = yaml.safe_load(ok(dsipam("alloc", "odd", "o", *attrs, "-o", "yaml", target=target)))
+    as_json = json.loads(ok(dsipam("alloc", "show", "odd", "o", "-o", "json", target=target)))
+    assert as_yaml["allocation"] == as_json
+    assert as_json["attributes"] == {"empty": "", "ip": "fd00::", "num": "010", "uni": "é ✓",
+                                     "when": "2026-01-01T00:00:00Z", "word": "null", "yes": "no"}
+    pool = yaml.safe_load(ok(dsipam("pool", "show", "odd", "-o", "yaml", target=target)))
+    assert pool["labels"] == {"note": "x: y #z"}

@@ -101,7 +101,7 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, int | float):
         return json.dumps(value)
     text = str(value)
-    if _PLAIN.match(text) and text.lower() not in _RESERVED:
+    if _PLAIN.match(text) and not text.endswith(":") and text.lower() not in _RESERVED:
         return text
     return json.dumps(text, ensure_ascii=False)
 
