@@ -96,8 +96,8 @@ class AdminStore:
             row = (
                 await conn.execute(
                     text(
-                        "INSERT INTO ipam_pools (name, labels, cooldown_ms, node_affinity) "
-                        "VALUES (:name, CAST(:labels AS jsonb), :cooldown, :affinity) "
+                        "INSERT INTO ipam_pools (name, labels, cooldown_ms, node_affinity, version) "
+                        "VALUES (:name, CAST(:labels AS jsonb), :cooldown, :affinity, floor(random() * 9e18)::bigint) "
                         "ON CONFLICT (name) DO NOTHING RETURNING id"
                     ),
                     {"name": spec.name, "labels": json.dumps(dict(spec.labels)), "cooldown": spec.cooldown_ms,

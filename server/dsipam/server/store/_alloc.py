@@ -217,6 +217,11 @@ class AllocationStore(StoreBase):
         check_map(attributes, "attributes")
         check_node(node)
 
+        if self.fast is not None and not addresses:
+            done = await self._allocate_fast(pool, owner, policy, families, attributes, node)
+            if done is not None:
+                return done
+
         async def run(conn: AsyncConnection) -> tuple[AllocationInfo, bool]:
             stored = await self._load_pool(conn, pool)
             return await self._allocate_in(conn, stored, owner, policy, families, addresses, attributes, node)
@@ -230,6 +235,28 @@ class AllocationStore(StoreBase):
             if code == UNIQUE_VIOLATION:  # the engine's bookkeeping disagrees with the constraint
                 raise AddressInUse("addresses: an address was taken concurrently; retry", field="addresses") from None
             raise
+
+    async def _allocate_fast(
+        self, pool: str, owner: str, policy: Policy, families: Sequence[Family], attributes: dict[str, str], node: str
+    ) -> tuple[AllocationInfo, bool] | None:
+        """One batched round trip for the common case; None when the full path must run."""
+        stored = self._by_name.get(pool)
+        if stored is None or self.fast is None:
+            return None
+        plan = plan_allocation(pool_families=stored.families, policy=policy, families=families, addresses=())
+        row = await self.fast.allocate(
+            pool, stored.version, owner, Family.IPV4 in plan.wanted, Family.IPV6 in plan.wanted,
+            json.dumps(attributes), node,
+        )
+        if row is None or row["status"] not in ("created", "exists"):
+            if row is not None and row["status"] == "stale":
+                self._by_name.pop(pool, None)
+            return None
+        held = {f: ipaddress.ip_address(row[c]) for f, c in FAMILY_COLUMN.items() if row[c]}
+        attrs = row["attributes"]
+        info = allocation_info(stored, owner, held, plan.order, json.loads(attrs) if isinstance(attrs, str) else attrs,
+                               row["create_time"], row["node"], bool(row["borrowed"]))
+        return info, row["status"] == "created"
 
     async def _allocate_in(
         self,

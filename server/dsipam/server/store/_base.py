@@ -183,9 +183,13 @@ class StoreBase:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._layouts: dict[int, StoredPool] = {}
+        self._by_name: dict[str, StoredPool] = {}  # for the fast path, which checks the version itself
+        self.fast: Any = None  # a _fast.FastPath when enabled
         self.retries = 0  # transactions run again after a lost race (deadlock, serialization, conflict)
 
     async def close(self) -> None:
+        if self.fast is not None:
+            await self.fast.close()
         await self.engine.dispose()
 
     async def ping(self) -> None:
@@ -236,6 +240,7 @@ class StoreBase:
             ):
                 cached = _replace_head(cached, head)
                 self._layouts[head["id"]] = cached
+            self._by_name[cached.name] = cached
             return cached
         rows = (await conn.execute(_SQL_POOL_LAYOUT, {"pool": head["id"]})).mappings().all()
         reservations: tuple[IPNetwork, ...] = ()
@@ -258,6 +263,7 @@ class StoreBase:
             head["version"], tuple(ranges), reservations, head["node_affinity"] == 2,
         )
         self._layouts[pool.id] = pool
+        self._by_name[pool.name] = pool
         return pool
 
     async def _usage(self, conn: AsyncConnection, pools: Sequence[StoredPool]) -> dict[int, tuple[FamilyUsage, ...]]:
