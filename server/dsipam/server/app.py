@@ -8,11 +8,11 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
-
 from . import security
+from .domain import DatabaseUnavailable
 from .observability import CallInterceptor, Observability
 from .rpc import reflection
 from .rpc.servicer import IpamServicer
@@ -25,12 +25,37 @@ SERVICE_NAME = ipam_pb2.DESCRIPTOR.services_by_name["IpamService"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
+MAINTENANCE_SECONDS = 2.0
+PRUNE_EVERY = 30  # maintenance rounds between event prunes
+
+
+async def maintain(store: Store) -> None:
+    """Frees addresses whose cooldown has passed and prunes old events. Every server runs
+    this; the SQL skips rows another server holds, so they never collide."""
+    rounds = 0
+    while True:
+        try:
+            while await store.reclaim_cooldowns(limit=500) == 500:
+                pass
+            if rounds % PRUNE_EVERY == 0:
+                await store.prune_events()
+        except asyncio.CancelledError:
+            raise
+        except DatabaseUnavailable:
+            log.warning("maintenance round skipped: database unreachable")
+        except Exception:  # noqa: BLE001 - keep maintaining; the database may be back next round
+            log.warning("maintenance round failed", exc_info=True)
+        rounds += 1
+        await asyncio.sleep(MAINTENANCE_SECONDS)
+
+
 @dataclass
 class Running:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     store: Store
     addresses: list[str]
+    maintenance: asyncio.Task[None] | None = None
     observability: Observability | None = None
     insecure: bool = False
 
@@ -43,6 +68,8 @@ class Running:
         await self.server.stop(grace)
         if self.observability is not None:
             await self.observability.stop()
+        if self.maintenance is not None:
+            self.maintenance.cancel()
         await self.store.close()
 
 
@@ -60,6 +87,12 @@ async def start(settings: Settings) -> Running:
         settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
     )
     store = Store(engine)
+    if settings.fast_path:
+        from .store._fast import FastPath
+        from .store.db import pgbouncer_from_env
+
+        store.fast = FastPath(settings.database_url, pool_size=settings.db_fast_pool_size,
+                              pgbouncer=pgbouncer_from_env())
     authorizer = security.authorizer_from_settings(settings)
     credentials = security.credentials_from_settings(settings)
     observability = Observability(settings)
@@ -92,7 +125,7 @@ async def start(settings: Settings) -> Running:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await observability.start(store, health_servicer, [SERVICE_NAME])
-    running = Running(server, health_servicer, store, bound)
+    running = Running(server, health_servicer, store, bound, asyncio.create_task(maintain(store)))
     running.observability, running.insecure = observability, authorizer is None
     return running
 

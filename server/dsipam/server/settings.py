@@ -58,6 +58,9 @@ class Settings:
     data_dir: str = ""
     migrate: bool = False
     uvloop: bool = True
+    # Coalesce concurrent Allocates into batched calls of dsipam_allocate_batch (DSIPAM_FAST_PATH=0 turns it off).
+    fast_path: bool = True
+    db_fast_pool_size: int = 4
     # Security (see docs/security.md): an auth config switches authentication on; without one the
     # server refuses to start unless insecure is set.
     insecure: bool = False
@@ -88,6 +91,8 @@ class Settings:
             data_dir=os.environ.get("DSIPAM_DATA_DIR", ""),
             migrate=os.environ.get("DSIPAM_MIGRATE", "") in ("1", "true", "yes"),
             uvloop=os.environ.get("DSIPAM_UVLOOP", "1") not in ("0", "false", "no"),
+            fast_path=os.environ.get("DSIPAM_FAST_PATH", "1") not in ("0", "false", "no"),
+            db_fast_pool_size=_env_int("DSIPAM_DB_FAST_POOL_SIZE", 4),
             insecure=_env_bool("DSIPAM_INSECURE"),
             auth_config=os.environ.get("DSIPAM_AUTH_CONFIG", ""),
             tls_cert=os.environ.get("DSIPAM_TLS_CERT", ""),
