@@ -312,8 +312,8 @@ def _status_trailer(code: int, reason: str, message: str) -> tuple[tuple[str, by
 
 
 def test_unknown_reasons_fall_back_on_the_code_and_the_table_extends() -> None:
-    err = sdk.error_from_status(grpc.StatusCode.NOT_FOUND, "range: gone", _status_trailer(5, "RANGE_NOT_FOUND", "x"))
-    assert type(err) is sdk.NotFound and err.reason == "RANGE_NOT_FOUND" and err.field == "x"
+    err = sdk.error_from_status(grpc.StatusCode.NOT_FOUND, "thing: gone", _status_trailer(5, "THING_NOT_FOUND", "x"))
+    assert type(err) is sdk.NotFound and err.reason == "THING_NOT_FOUND" and err.field == "x"
     err = sdk.error_from_status(grpc.StatusCode.PERMISSION_DENIED, "role shim may not", None)
     assert type(err) is sdk.PermissionDenied and err.reason == ""
     err = sdk.error_from_status(grpc.StatusCode.UNAUTHENTICATED, "no token", None)
@@ -321,15 +321,17 @@ def test_unknown_reasons_fall_back_on_the_code_and_the_table_extends() -> None:
     err = sdk.error_from_status(grpc.StatusCode.DATA_LOSS, "odd", None)
     assert type(err) is sdk.IpamError and err.code == grpc.StatusCode.DATA_LOSS
 
-    class RangeNotFound(sdk.NotFound):
-        reason = "RANGE_NOT_FOUND"
+    class ThingNotFound(sdk.NotFound):
+        reason = "THING_NOT_FOUND"
 
-    sdk.register_error(grpc.StatusCode.NOT_FOUND, "RANGE_NOT_FOUND", RangeNotFound)
+    sdk.register_error(grpc.StatusCode.NOT_FOUND, "THING_NOT_FOUND", ThingNotFound)
     try:
-        err = sdk.error_from_status(grpc.StatusCode.NOT_FOUND, "gone", _status_trailer(5, "RANGE_NOT_FOUND", "x"))
-        assert type(err) is RangeNotFound and isinstance(err, sdk.NotFound)
+        err = sdk.error_from_status(grpc.StatusCode.NOT_FOUND, "gone", _status_trailer(5, "THING_NOT_FOUND", "x"))
+        assert type(err) is ThingNotFound and isinstance(err, sdk.NotFound)
     finally:
-        sdk.register_error(grpc.StatusCode.NOT_FOUND, "RANGE_NOT_FOUND", sdk.NotFound)
+        sdk.register_error(grpc.StatusCode.NOT_FOUND, "THING_NOT_FOUND", sdk.NotFound)
+    err = sdk.error_from_status(grpc.StatusCode.NOT_FOUND, "range: gone", _status_trailer(5, "RANGE_NOT_FOUND", "x"))
+    assert type(err) is sdk.RangeNotFound
     # every row of the table agrees with its class
     for code, reason, cls in sdk.ERROR_TABLE:
         assert cls.code == code, (code, reason, cls)
@@ -461,7 +463,7 @@ def test_the_sdk_imports_no_server_dependencies(target: str) -> None:
 
 
 def test_public_names_are_documented_and_exported() -> None:
-    assert sorted(sdk.__all__) == sorted(set(sdk.__all__))
+    assert sorted(sdk.__all__) == sorted(set(sdk.__all__)) == sorted(sdk._MODULE_OF)
     for name in sdk.__all__:
         value = getattr(sdk, name)
         if callable(value) and not isinstance(value, frozenset):

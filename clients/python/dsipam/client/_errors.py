@@ -100,6 +100,12 @@ class AllocationNotFound(NotFound):
     reason = "ALLOCATION_NOT_FOUND"
 
 
+class RangeNotFound(NotFound):
+    """The pool has no range with that CIDR."""
+
+    reason = "RANGE_NOT_FOUND"
+
+
 class AlreadyExists(IpamError):
     """Something the request would create exists already (never retried)."""
 
@@ -140,6 +146,24 @@ class OwnerHoldsOtherAddress(FailedPrecondition):
     """The owner already holds a different address of that family than the one asked for."""
 
     reason = "OWNER_HOLDS_OTHER_ADDRESS"
+
+
+class AddressInCooldown(FailedPrecondition):
+    """The address was released recently and waits for the pool's cooldown to pass."""
+
+    reason = "ADDRESS_IN_COOLDOWN"
+
+
+class AddressAllocated(FailedPrecondition):
+    """A reservation or a range removal would hit addresses that are allocated."""
+
+    reason = "ADDRESS_ALLOCATED"
+
+
+class ResumeTokenExpired(FailedPrecondition):
+    """A watch's resume token is older than the events the server keeps; list and watch anew."""
+
+    reason = "RESUME_TOKEN_EXPIRED"
 
 
 class ResourceExhausted(IpamError):
@@ -196,12 +220,14 @@ class Unauthenticated(IpamError):
     """The server did not accept the credentials (token or client certificate)."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(IpamError):
-    """The caller is known but not allowed to do this."""
+    """The caller is known but its role does not allow this."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
 
 
 class Unimplemented(IpamError):
@@ -228,6 +254,7 @@ ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.NOT_FOUND, None, NotFound),
     (_S.NOT_FOUND, "POOL_NOT_FOUND", PoolNotFound),
     (_S.NOT_FOUND, "ALLOCATION_NOT_FOUND", AllocationNotFound),
+    (_S.NOT_FOUND, "RANGE_NOT_FOUND", RangeNotFound),
     (_S.ALREADY_EXISTS, None, AlreadyExists),
     (_S.ALREADY_EXISTS, "POOL_ALREADY_EXISTS", PoolAlreadyExists),
     (_S.ALREADY_EXISTS, "ADDRESS_IN_USE", AddressInUse),
@@ -235,6 +262,9 @@ ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.FAILED_PRECONDITION, "POOL_HAS_ALLOCATIONS", PoolHasAllocations),
     (_S.FAILED_PRECONDITION, "FAMILY_NOT_IN_POOL", FamilyNotInPool),
     (_S.FAILED_PRECONDITION, "OWNER_HOLDS_OTHER_ADDRESS", OwnerHoldsOtherAddress),
+    (_S.FAILED_PRECONDITION, "ADDRESS_IN_COOLDOWN", AddressInCooldown),
+    (_S.FAILED_PRECONDITION, "ADDRESS_ALLOCATED", AddressAllocated),
+    (_S.FAILED_PRECONDITION, "RESUME_TOKEN_EXPIRED", ResumeTokenExpired),
     (_S.RESOURCE_EXHAUSTED, None, ResourceExhausted),
     (_S.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED", PoolExhausted),
     (_S.ABORTED, None, Aborted),
@@ -244,7 +274,9 @@ ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.DEADLINE_EXCEEDED, None, DeadlineExceeded),
     (_S.CANCELLED, None, Cancelled),
     (_S.UNAUTHENTICATED, None, Unauthenticated),
+    (_S.UNAUTHENTICATED, "UNAUTHENTICATED", Unauthenticated),
     (_S.PERMISSION_DENIED, None, PermissionDenied),
+    (_S.PERMISSION_DENIED, "PERMISSION_DENIED", PermissionDenied),
     (_S.UNIMPLEMENTED, None, Unimplemented),
     (_S.INTERNAL, None, InternalError),
     (_S.INTERNAL, "INTERNAL", InternalError),
