@@ -364,7 +364,7 @@ class Check:
         exp = "" if self.expected_allocations is None else f" (expected {self.expected_allocations})"
         return (
             f"check {self.pool}: {self.allocations} allocations{exp}, duplicates v4={self.duplicate_v4} "
-            f"v6={self.duplicate_v6}, bits used v4={self.bitmap_used_v4} v6={self.bitmap_used_v6}, "
+            f"v6={self.duplicate_v6}, bits set v4={self.bitmap_used_v4} v6={self.bitmap_used_v6} (held or cooling), "
             f"fsck {'clean' if self.fsck_clean else 'NOT CLEAN'} -> {'OK' if self.ok else 'FAILED'}"
         )
 
@@ -395,15 +395,22 @@ def check_pool(db_url: str, pool: str, expected_allocations: int | None = None) 
 
 
 def storage_bytes(db_url: str) -> dict[str, int]:
-    """On-disk size of the allocation tables with their indexes (and TOAST), and of the whole database."""
-    row = psql(
+    """On-disk size (table, indexes and TOAST: ``pg_total_relation_size``) of every ``ipam_*`` table.
+
+    ``allocation_tables`` is ipam_allocations + ipam_blocks; ``tables_total`` every ipam_* table
+    (events, cooldowns, pools, ranges, ... included); ``database`` the whole database.
+    """
+    rows = psql(
         db_url,
-        "SELECT pg_total_relation_size('ipam_allocations'), pg_total_relation_size('ipam_blocks'), "
-        "pg_total_relation_size('ipam_ranges') + pg_total_relation_size('ipam_pools'), "
-        "pg_database_size(current_database())",
+        "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'r' AND n.nspname = 'public' AND c.relname LIKE 'ipam\\_%' ORDER BY 1",
     )
-    a, b, rest, db = (int(x) for x in row.split("|"))
-    return {"allocations": a, "blocks": b, "pools_ranges": rest, "tables_total": a + b + rest, "database": db}
+    sizes = {name: int(size) for name, size in (line.split("|") for line in rows.splitlines() if line)}
+    out = {f"table_{k}": v for k, v in sizes.items()}
+    out["allocation_tables"] = sizes.get("ipam_allocations", 0) + sizes.get("ipam_blocks", 0)
+    out["tables_total"] = sum(sizes.values())
+    out["database"] = int(psql(db_url, "SELECT pg_database_size(current_database())"))
+    return out
 
 
 def machine_info() -> dict[str, str]:
