@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import os
 import subprocess
 import sys
@@ -14,6 +16,10 @@ from pathlib import Path
 import dsipam.client as sdk
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from dsipam.client import AsyncIpamClient, IpamClient, RetryPolicy, TlsConfig
 from support import free_port, wait_healthy
 
@@ -29,24 +35,43 @@ class AuthServer:
     token_files: dict[str, Path]
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+def _write_pki(d: Path, server_names: list[str], server_ips: list[str]) -> None:
+    """ca.pem, server.pem/key (for the given names and IPs) and client.pem/key, made with cryptography."""
+    now = dt.datetime.now(dt.UTC)
 
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
 
-def _pki(d: Path) -> None:
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sdk auth CA",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", cwd=d)
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=dsipam", cwd=d)
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "2", "-extfile", "server.ext", cwd=d)
+    def save(name: str, cert: x509.Certificate, private: ec.EllipticCurvePrivateKey) -> None:
+        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (d / f"{name}.key").write_bytes(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    def builder(subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(issuer).public_key(public).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1)))
+
+    ca_key = key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dsipam sdk test CA")])
+    ca = (builder("dsipam sdk test CA", ca_name, ca_key.public_key())
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    save("ca", ca, ca_key)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
+    for name, usage, extra in (("server", ExtendedKeyUsageOID.SERVER_AUTH, sans), ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])):
+        private = key()
+        b = builder(name, ca_name, private.public_key()).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if extra:
+            b = b.add_extension(x509.SubjectAlternativeName(extra), critical=False)
+        save(name, b.sign(ca_key, hashes.SHA256()), private)
 
 
 @pytest.fixture(scope="module")
 def auth_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
     tmp = tmp_path_factory.mktemp("sdk-auth")
-    _pki(tmp)
+    _write_pki(tmp, ["localhost"], ["127.0.0.1"])
     tokens: dict[str, str] = {}
     entries = []
     for role in ("shim", "controller", "admin"):

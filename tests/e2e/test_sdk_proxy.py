@@ -5,6 +5,8 @@ lost after the server did the work (the proxy forwards a call, then fails it wit
 from __future__ import annotations
 
 import collections
+import datetime as dt
+import ipaddress
 import json
 import os
 import subprocess
@@ -18,6 +20,10 @@ from typing import Any
 import dsipam.client as sdk
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from dsipam.client import AsyncIpamClient, IpamClient, RetryPolicy, TlsConfig
 
 DUAL = ["198.18.0.0/24", "fd00::/120"]
@@ -93,23 +99,44 @@ class Proxy:
         self.channel.close()
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+def _write_pki(d: Path, server_names: list[str], server_ips: list[str]) -> None:
+    """ca.pem, server.pem/key (for the given names and IPs) and client.pem/key, made with cryptography."""
+    now = dt.datetime.now(dt.UTC)
+
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def save(name: str, cert: x509.Certificate, private: ec.EllipticCurvePrivateKey) -> None:
+        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (d / f"{name}.key").write_bytes(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    def builder(subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(issuer).public_key(public).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1)))
+
+    ca_key = key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dsipam sdk test CA")])
+    ca = (builder("dsipam sdk test CA", ca_name, ca_key.public_key())
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    save("ca", ca, ca_key)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
+    for name, usage, extra in (("server", ExtendedKeyUsageOID.SERVER_AUTH, sans), ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])):
+        private = key()
+        b = builder(name, ca_name, private.public_key()).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if extra:
+            b = b.add_extension(x509.SubjectAlternativeName(extra), critical=False)
+        save(name, b.sign(ca_key, hashes.SHA256()), private)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA, a server certificate for the name dsipam.test only, and a client certificate."""
     d = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=dsipam test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", cwd=d)
-    for name, ext in (("server", "subjectAltName=DNS:dsipam.test\nextendedKeyUsage=serverAuth\n"),
-                      ("client", "extendedKeyUsage=clientAuth\n")):
-        (d / f"{name}.ext").write_text(ext)
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    _write_pki(d, ["dsipam.test"], [])
     return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
