@@ -124,7 +124,8 @@ def _write_pki(d: Path, server_names: list[str], server_ips: list[str]) -> None:
     save("ca", ca, ca_key)
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
-    for name, usage, extra in (("server", ExtendedKeyUsageOID.SERVER_AUTH, sans), ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])):
+    for name, usage, extra in (("server", ExtendedKeyUsageOID.SERVER_AUTH, sans),
+                               ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])):
         private = key()
         b = builder(name, ca_name, private.public_key()).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if extra:

@@ -313,7 +313,8 @@ class AsyncIpamClient:
         is older than ``grace`` (seconds or a timedelta; None: the server's 60 s), and returns
         what was released."""
         request = c.gc_request(pool, valid_owners, grace)
-        return tuple(c.allocation_from_pb(a) for a in (await self._invoke(b.GARBAGE_COLLECT, request, timeout)).released)
+        response = await self._invoke(b.GARBAGE_COLLECT, request, timeout)
+        return tuple(c.allocation_from_pb(a) for a in response.released)
 
 
 __all__ = ["AsyncIpamClient", "IpamError"]

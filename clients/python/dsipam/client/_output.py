@@ -153,7 +153,9 @@ def render_document(doc: Any, output: str) -> str:
 # -- tables ---------------------------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Iterable[int] = (), indent: int = 0) -> str:
+def table(
+    headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Iterable[int] = (), indent: int = 0
+) -> str:
     """Columns padded to their widest cell, two spaces apart; ``right`` lists right-aligned columns."""
     cells = [[str(c) for c in headers]] + [["-" if c is None or c == "" else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
