@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from dsipam.v1 import ipam_pb2 as pb
+from dsipam.v1 import ipam_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import REQUIRE, pool
 from pgcluster import create_dsipam_database, private_cluster
 from support import free_port, scratch_database, spawn_server
-
-from dsipam.v1 import ipam_pb2 as pb
-from dsipam.v1 import ipam_pb2_grpc
 
 POOL = "faults"
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -291,7 +290,8 @@ def test_postgres_failover_to_synchronous_replica(tmp_path):
         create_dsipam_database(primary)
         standby = cluster.standby(primary)
         cluster.make_synchronous(primary, standby)
-        url = (f"postgresql://postgres@/dsipam?host=127.0.0.1:{primary.port}&host=127.0.0.1:{standby.port}"
+        # libpq's multi-host form with host and port lists, which SQLAlchemy and asyncpg read alike.
+        url = (f"postgresql://postgres@/dsipam?host=127.0.0.1,127.0.0.1&port={primary.port},{standby.port}"
                "&target_session_attrs=read-write")
         server = spawn_server(url, tmp_path, extra_env=FAST_HEALTH)
         try:
