@@ -22,8 +22,9 @@ RUN /opt/dsipam/venv/bin/pip install --no-compile . \
 
 # ---- cni-bundle: a self-contained runtime that the DaemonSet copies onto each node -------
 # Nodes have no Python of the right version, so the plugin travels with its interpreter:
-# python/ is a copy of the base image's /usr/local Python; site-packages/ holds only the
-# dsipam.cni package, which needs nothing beyond the standard library.
+# python/ is a copy of the base image's /usr/local Python; site-packages/ is the venv's
+# (the plugin's native transport needs only the standard library, but TLS, which bearer
+# tokens require, goes through grpcio and the dsipam.v1 stubs).
 FROM build AS cni-bundle
 RUN set -eux; \
     b=/opt/dsipam/cni-bundle; \
@@ -33,9 +34,11 @@ RUN set -eux; \
     cp -a /usr/local/lib/python3.11 "$b/python/lib/python3.11"; \
     rm -rf "$b/python/lib/python3.11/site-packages" "$b/python/lib/python3.11/test" \
            "$b/python/lib/python3.11/ensurepip" "$b/python/lib/python3.11/idlelib" "$b/python/lib/python3.11/tkinter"; \
-    mkdir -p "$b/site-packages/dsipam"; \
-    cp -a /opt/dsipam/venv/lib/python3.11/site-packages/dsipam/cni "$b/site-packages/dsipam/cni"; \
+    cp -a /opt/dsipam/venv/lib/python3.11/site-packages "$b/site-packages"; \
+    rm -rf "$b/site-packages/pip" "$b/site-packages/setuptools" "$b/site-packages/_distutils_hack"; \
     find "$b" -name __pycache__ -prune -exec rm -rf {} +; \
+    PYTHONHOME="$b/python" PYTHONPATH="$b/site-packages" LD_LIBRARY_PATH="$b/python/lib" \
+        "$b/python/bin/python3.11" -s -c "import grpc, dsipam.v1.ipam_pb2, dsipam.cni"; \
     echo '{"cniVersion":"1.0.0"}' | CNI_COMMAND=VERSION LD_LIBRARY_PATH="$b/python/lib" PYTHONHOME="$b/python" \
         PYTHONPATH="$b/site-packages" "$b/python/bin/python3.11" -s -m dsipam.cni
 

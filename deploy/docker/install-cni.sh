@@ -9,14 +9,19 @@
 #      with that runtime (written to a temporary name, then renamed: never half a file),
 #      and the link <bin dir>/dsipam -> dsipam-cni (the IPAM type in the conflist);
 #   3. renders the conflist template (@SERVER@, @POOL@, @NODE_NAME@, @CNI_VERSION@),
-#      checks that it is JSON and writes <conf dir>/<name> the same way;
+#      checks that it is JSON and writes <conf dir>/<name> the same way; with credentials
+#      (a directory holding `token` and `ca.crt`, from the Secret dsipam-cni-credentials)
+#      it first copies them to <secrets dir> on the node (token mode 0600) and adds
+#      tokenFile, tls {ca, serverName} and transport "grpc" to every dsipam IPAM section:
+#      the plugin sends a bearer token only over TLS;
 #   4. runs the installed plugin's VERSION command, so a broken runtime fails the pod;
 #   5. with --once exits, otherwise waits for SIGTERM (the DaemonSet keeps the pod up so
 #      that an image update re-runs the install).
 # Every setting is an environment variable (defaults in brackets):
 #   DSIPAM_CNI_HOST_ROOT [/host]  DSIPAM_CNI_BIN_DIR [/opt/cni/bin]  DSIPAM_CNI_CONF_DIR [/etc/cni/net.d]
 #   DSIPAM_CNI_BUNDLE_DIR [/opt/dsipam-cni]  DSIPAM_CNI_CONFLIST_NAME [90-dsipam.conflist]
-#   DSIPAM_CNI_TEMPLATE [/etc/dsipam-cni/conflist.template]
+#   DSIPAM_CNI_TEMPLATE [/config/conflist.template]  DSIPAM_CNI_CREDENTIALS [/etc/dsipam-cni-credentials]
+#   DSIPAM_CNI_SECRETS_DIR [/etc/dsipam-cni]  DSIPAM_CNI_TLS_SERVER_NAME [dsipam.dsipam-system.svc]
 #   DSIPAM_CNI_SERVER [$DSIPAM_SERVICE_HOST:$DSIPAM_SERVICE_PORT_GRPC, from the Service's links]
 #   DSIPAM_CNI_POOL [pods]  DSIPAM_CNI_VERSION [1.0.0]  NODE_NAME [hostname]  DSIPAM_CNI_VERIFY [1]
 #   DSIPAM_CNI_BUNDLE_SRC [/opt/dsipam/cni-bundle]  DSIPAM_CNI_WRAPPER_SRC [/opt/dsipam/dsipam-cni.sh]
@@ -29,7 +34,7 @@ once=0
 for arg in "$@"; do
   case "$arg" in
     --once) once=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) die "unknown argument $arg (expected --once)" ;;
   esac
 done
@@ -39,7 +44,10 @@ bin_dir="${DSIPAM_CNI_BIN_DIR:-/opt/cni/bin}"
 conf_dir="${DSIPAM_CNI_CONF_DIR:-/etc/cni/net.d}"
 bundle_dir="${DSIPAM_CNI_BUNDLE_DIR:-/opt/dsipam-cni}"
 conflist_name="${DSIPAM_CNI_CONFLIST_NAME:-90-dsipam.conflist}"
-template="${DSIPAM_CNI_TEMPLATE:-/etc/dsipam-cni/conflist.template}"
+template="${DSIPAM_CNI_TEMPLATE:-/config/conflist.template}"
+credentials="${DSIPAM_CNI_CREDENTIALS:-/etc/dsipam-cni-credentials}"
+secrets_dir="${DSIPAM_CNI_SECRETS_DIR:-/etc/dsipam-cni}"
+server_name="${DSIPAM_CNI_TLS_SERVER_NAME:-dsipam.dsipam-system.svc}"
 server="${DSIPAM_CNI_SERVER:-}"
 pool="${DSIPAM_CNI_POOL:-pods}"
 cni_version="${DSIPAM_CNI_VERSION:-1.0.0}"
@@ -101,9 +109,43 @@ if ! python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); assert c["p
   rm -f "$tmp_conf"
   die "the rendered conflist is not valid JSON with plugins: check $template"
 fi
+auth="none"
+if [ -s "$credentials/token" ]; then
+  if [ ! -s "$credentials/ca.crt" ]; then
+    rm -f "$tmp_conf"
+    die "$credentials has a token but no ca.crt: the plugin sends a token only over TLS"
+  fi
+  mkdir -p "$root$secrets_dir"
+  chmod 0755 "$root$secrets_dir"
+  (umask 077 && cp "$credentials/token" "$root$secrets_dir/.token.tmp")
+  mv -f "$root$secrets_dir/.token.tmp" "$root$secrets_dir/token"
+  cp "$credentials/ca.crt" "$root$secrets_dir/.ca.crt.tmp"
+  chmod 0644 "$root$secrets_dir/.ca.crt.tmp"
+  mv -f "$root$secrets_dir/.ca.crt.tmp" "$root$secrets_dir/ca.crt"
+  if ! python3 - "$tmp_conf" "$secrets_dir" "$server_name" <<'PY'
+import json, sys
+path, secrets, server_name = sys.argv[1:]
+conf = json.load(open(path))
+found = 0
+for plugin in conf["plugins"]:
+    ipam = plugin.get("ipam")
+    if isinstance(ipam, dict) and ipam.get("type") in ("dsipam", "dsipam-cni"):
+        ipam.update({"transport": "grpc", "tokenFile": f"{secrets}/token",
+                     "tls": {"ca": f"{secrets}/ca.crt", "serverName": server_name}})
+        found += 1
+if not found:
+    sys.exit("no ipam section of type dsipam in the template")
+json.dump(conf, open(path, "w"), indent=2)
+PY
+  then
+    rm -f "$tmp_conf"
+    die "could not add the credentials to the conflist"
+  fi
+  auth="token over TLS, server name $server_name"
+fi
 chmod 0644 "$tmp_conf"
 mv -f "$tmp_conf" "$root$conf_dir/$conflist_name"
-log "conflist $conf_dir/$conflist_name (server $server, pool $pool, node $node)"
+log "conflist $conf_dir/$conflist_name (server $server, pool $pool, node $node, auth: $auth)"
 
 # 4. the installed runtime answers VERSION (run through the container's view of the bundle).
 if [ "$verify" = 1 ]; then

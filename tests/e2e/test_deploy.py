@@ -217,9 +217,22 @@ def test_server_deployment_probes_resources_and_budget() -> None:
     assert ports["grpc"] == SERVER_PORT
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DSIPAM_METRICS_LISTEN"].endswith(f":{ports['metrics']}")
-    assert container["readinessProbe"]["grpc"] == {"port": SERVER_PORT, "service": "dsipam.v1.IpamService"}
-    assert container["livenessProbe"]["grpc"] == {"port": SERVER_PORT}
-    assert container["startupProbe"]["grpc"]["port"] == SERVER_PORT
+    # Probes: the image's gRPC health client through the unix socket that the server listens on.
+    listen = _one("ConfigMap", "dsipam-settings")["data"]["DSIPAM_LISTEN"].split(",")
+    assert f"[::]:{SERVER_PORT}" in listen
+    (socket,) = [a for a in listen if a.startswith("unix://")]
+    socket_dir = socket.removeprefix("unix://").rsplit("/", 1)[0]
+    assert container["readinessProbe"]["exec"]["command"] == ["dsipam-healthcheck", socket, "dsipam.v1.IpamService"]
+    assert container["livenessProbe"]["exec"]["command"] == ["dsipam-healthcheck", socket]
+    assert container["startupProbe"]["exec"]["command"] == ["dsipam-healthcheck", socket]
+    run = next(m for m in container["volumeMounts"] if m["mountPath"] == socket_dir)
+    assert "emptyDir" in next(v for v in pod["spec"]["volumes"] if v["name"] == run["name"])
+    # TLS on the TCP port: the Secret's files where DSIPAM_TLS_CERT/KEY point.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
+    for var, key in (("DSIPAM_TLS_CERT", "tls.crt"), ("DSIPAM_TLS_KEY", "tls.key")):
+        directory, filename = env[var].rsplit("/", 1)
+        assert filename == key and secrets[mounts[directory]] == "dsipam-tls"
     for kind in ("requests", "limits"):
         assert container["resources"][kind]["memory"]
     assert container["resources"]["requests"]["cpu"]
@@ -306,12 +319,20 @@ def test_cni_daemonset_installs_into_the_node_cni_directories() -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     env = {e["name"]: e.get("value") for e in container["env"]}
     root = env["DSIPAM_CNI_HOST_ROOT"]
-    for host in ("/opt/cni/bin", "/etc/cni/net.d", "/opt/dsipam-cni"):
+    for host in ("/opt/cni/bin", "/etc/cni/net.d", "/opt/dsipam-cni", "/etc/dsipam-cni"):
         name = next(n for n, p in host_paths.items() if p == host)
         assert mounts[name] == root + host
     config = _one("ConfigMap", "dsipam-cni")
     template = config["data"]["conflist.template"]
-    assert env["DSIPAM_CNI_TEMPLATE"].endswith("/conflist.template")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    template_dir, template_file = env["DSIPAM_CNI_TEMPLATE"].rsplit("/", 1)
+    template_volume = volumes[next(n for n, m in mounts.items() if m == template_dir)]
+    assert template_volume["configMap"]["name"] == "dsipam-cni"
+    assert template_volume["configMap"]["items"] == [{"key": "conflist.template", "path": template_file}]
+    credentials = volumes[next(n for n, m in mounts.items() if m == env["DSIPAM_CNI_CREDENTIALS"])]
+    assert credentials["secret"] == {"secretName": "dsipam-cni-credentials", "optional": True, "defaultMode": 0o400}
+    service = _one("Service", "dsipam")
+    assert env["DSIPAM_CNI_TLS_SERVER_NAME"] == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
     rendered = json.loads(
         template.replace("@SERVER@", "[fd00::a]:50051").replace("@POOL@", "pods").replace("@CNI_VERSION@", "1.0.0")
     )

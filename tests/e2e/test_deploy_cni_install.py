@@ -65,6 +65,7 @@ def _install(tmp: Path, bundle: Path, template: str | None = None, **env: str) -
         "DSIPAM_CNI_BUNDLE_SRC": str(bundle),
         "DSIPAM_CNI_WRAPPER_SRC": str(WRAPPER),
         "DSIPAM_CNI_TEMPLATE": str(tpl),
+        "DSIPAM_CNI_CREDENTIALS": str(tmp / "no-credentials"),
         "NODE_NAME": "node-a",
         **env,
     }
@@ -181,3 +182,40 @@ def test_real_plugin_runs_from_the_bundle_and_reads_the_conflist(tmp_path: Path)
     netconf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **conflist["plugins"][0]}
     cfg = parse_config(netconf)
     assert (cfg.endpoint, cfg.pool, cfg.node) == ("[fd00::53]:50051", "pods", "node-a")
+
+
+def test_credentials_go_to_the_node_and_into_the_conflist(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "token").write_text("dsipam_node-shim-token\n")
+    (creds / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n")
+    done = _install(
+        tmp_path,
+        bundle,
+        DSIPAM_CNI_SERVER="198.18.0.10:50051",
+        DSIPAM_CNI_CREDENTIALS=str(creds),
+        DSIPAM_CNI_TLS_SERVER_NAME="dsipam.dsipam-system.svc",
+    )
+    assert done.returncode == 0, done.stderr
+    secrets = tmp_path / "node/etc/dsipam-cni"
+    assert (secrets / "token").read_text() == "dsipam_node-shim-token\n"
+    assert (secrets / "token").stat().st_mode & 0o777 == 0o600
+    assert (secrets / "ca.crt").stat().st_mode & 0o777 == 0o644
+    ipam = json.loads((tmp_path / "node/etc/cni/net.d/90-dsipam.conflist").read_text())["plugins"][0]["ipam"]
+    assert ipam["transport"] == "grpc" and ipam["tokenFile"] == "/etc/dsipam-cni/token"
+    assert ipam["tls"] == {"ca": "/etc/dsipam-cni/ca.crt", "serverName": "dsipam.dsipam-system.svc"}
+    assert ipam["endpoint"] == "198.18.0.10:50051" and ipam["pool"] == "pods"
+    assert "auth: token over TLS" in done.stderr
+
+
+def test_a_token_without_a_ca_is_refused(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "token").write_text("dsipam_node-shim-token\n")
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051", DSIPAM_CNI_CREDENTIALS=str(creds))
+    assert done.returncode != 0 and "no ca.crt" in done.stderr
+    conf_dir = tmp_path / "node/etc/cni/net.d"
+    assert not conf_dir.exists() or not list(conf_dir.iterdir())
+    assert not (tmp_path / "node/etc/dsipam-cni/token").exists()
