@@ -62,11 +62,11 @@ class GrpcClient:
         try:
             return getattr(self.stub, method)(request, timeout=remaining, metadata=self.metadata)
         except self._grpc.RpcError as exc:
-            reason, metadata = "", {}
-            for key, value in exc.trailing_metadata() or ():
-                if key == "grpc-status-details-bin":
+            reason, metadata = "", {}  # type: ignore[var-annotated]
+            for item in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+                if item[0] == "grpc-status-details-bin":  # type: ignore[index]
                     try:
-                        reason, metadata = _wire.status_details(value)
+                        reason, metadata = _wire.status_details(item[1])  # type: ignore[index]
                     except ValueError:
                         pass
             raise _h2.RpcError(exc.code().value[0], exc.details() or "", reason, metadata) from None

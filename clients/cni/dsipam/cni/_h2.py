@@ -103,7 +103,7 @@ def _http_status_code(status: str) -> int:
             "429": UNAVAILABLE, "502": UNAVAILABLE, "503": UNAVAILABLE, "504": UNAVAILABLE}.get(status, UNKNOWN)
 
 
-def split_target(target: str) -> tuple[int, object, str]:
+def split_target(target: str) -> tuple[int, str | tuple[str, int], str]:
     """(address family, socket address, :authority) for ``unix:///path``, ``unix:path`` or ``host:port``."""
     if target.startswith("unix://"):
         return _socket.AF_UNIX, target[len("unix://"):], "localhost"
@@ -163,12 +163,13 @@ class Channel:
         except ValueError as exc:
             raise RpcError(UNAVAILABLE, str(exc)) from None
         last: Exception | None = None
+        candidates: list[tuple[int, object]]
         if family == _socket.AF_UNIX:
             candidates = [(family, address)]
         else:
             try:
-                candidates = [(info[0], info[4]) for info in _socket.getaddrinfo(
-                    address[0], address[1], 0, _socket.SOCK_STREAM)]
+                host, port = address  # type: ignore[misc,str-unpack]
+                candidates = [(info[0], info[4]) for info in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)]
             except OSError as exc:
                 raise RpcError(UNAVAILABLE, f"cannot resolve {self.target}: {exc}") from None
         for fam, addr in candidates:
@@ -176,7 +177,7 @@ class Channel:
             sock = _socket.socket(fam, _socket.SOCK_STREAM)
             try:
                 sock.settimeout(remaining)
-                sock.connect(addr)
+                sock.connect(addr)  # type: ignore[arg-type]
             except TimeoutError:
                 sock.close()
                 raise RpcError(DEADLINE_EXCEEDED, f"deadline exceeded connecting to {self.target}") from None
@@ -204,7 +205,7 @@ class Channel:
         self.conn_window = _DEFAULT_WINDOW
         self.peer_initial_window = _DEFAULT_WINDOW
         self.peer_max_frame = 16384
-        self.goaway = None
+        self.goaway: int | None = None
         self.broken = False
 
     def close(self) -> None:
@@ -430,7 +431,7 @@ def _result(stream: _Stream, target: str) -> bytes:
     code = int(trailers["grpc-status"]) if trailers["grpc-status"].isdigit() else UNKNOWN
     if code != OK:
         message = percent_decode(trailers.get("grpc-message", ""))
-        reason, metadata = "", {}
+        reason, metadata = "", {}  # type: ignore[var-annotated]
         details = trailers.get("grpc-status-details-bin")
         if details:
             try:

@@ -32,7 +32,7 @@ def loads(text: str) -> object:
     if _json is not None:
         start = len(text) - len(text.lstrip(_WHITESPACE))
         try:
-            value, end = _json.make_scanner(_Context())(text, start)
+            value, end = _json.make_scanner(_Context())(text, start)  # type: ignore[arg-type]
             if not text[end:].strip(_WHITESPACE):
                 return value
         except Exception:  # noqa: BLE001 - the scanner reports errors only once json.decoder is loaded

@@ -54,7 +54,7 @@ def run(environ, stdin: bytes) -> tuple[int, str]:  # type: ignore[no-untyped-de
         if command in _REQUIRED_ENV:
             _check_attachment(environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])
         handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}[command]
-        result = handler(cfg, netconf, environ)
+        result = handler(cfg, netconf, environ)  # type: ignore[arg-type]
         return 0, (_jsonio.dumps(result) if result is not None else "")
     except CniError as exc:
         return 1, _jsonio.dumps(exc.to_json(version))
@@ -222,7 +222,7 @@ def cmd_check(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-d
     expected = set()
     for i, ip in enumerate(prev_ips):
         address = ip.get("address") if isinstance(ip, dict) else None
-        if not _config.cidr_version(address):
+        if not isinstance(address, str) or not _config.cidr_version(address):
             raise CniError(_errors.INVALID_CONFIG, f"prevResult.ips[{i}].address: {address!r} is not a CIDR")
         host, prefix = address.split("/")
         expected.add(f"{_config.canonical_ip(host)}/{int(prefix)}")

@@ -109,6 +109,7 @@ def parse(data: bytes) -> dict[int, list]:
                 if not byte & 0x80:
                     break
             kind = key & 7
+            value: int | bytes
             if kind == 0:
                 value = shift = 0
                 while True:
