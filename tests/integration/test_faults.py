@@ -213,20 +213,24 @@ def summary(name: str, out: Outcome, verdict: str, held: int) -> None:
           f"lost attempt had committed), {held} owners hold pairs at the end; fsck: {verdict}", flush=True)
 
 
-def health(target: str) -> int:
+def health(target: str, service: str = "") -> int:
     try:
         with grpc.insecure_channel(target) as ch:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
     except grpc.RpcError:
         return -1
 
 
 def wait_health(target: str, status: int, timeout: float = 30.0) -> None:
+    """Waits until the server's health ("") is ``status``; the service's follows it."""
     deadline = time.monotonic() + timeout
     while health(target) != status:
         if time.monotonic() > deadline:
             raise TimeoutError(f"health of {target} is {health(target)}, not {status}")
         time.sleep(0.1)
+    assert health(target, "dsipam.v1.IpamService") == status
+    # "liveness" only says the process serves: it stays SERVING while the database is away.
+    assert health(target, "liveness") == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.mark.timeout(420)

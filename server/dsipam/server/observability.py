@@ -315,6 +315,9 @@ async def watch_database(
 
 # -- wiring ----------------------------------------------------------------------------
 
+LIVENESS_SERVICE = "liveness"
+"""A health service name that is SERVING while the process serves, whatever the database does."""
+
 
 class Observability:
     """What the server runs besides its RPCs: metrics (when ``settings.metrics_listen`` is set),
@@ -344,6 +347,9 @@ class Observability:
             self._http, self.metrics_address = self.metrics.serve_http(self.settings.metrics_listen)
             self._tasks.append(asyncio.create_task(
                 refresh_pool_gauges(store, self.metrics, self.settings.metrics_pool_interval)))
+        # "liveness": the process serves gRPC; it does not follow the database, so that a liveness
+        # probe pointed at it does not restart every replica during a database outage.
+        await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.db_health_interval > 0:
             # Its own connection: a busy store pool must not read as "database down".
             self._ping_store = Store(create_engine(self.settings.database_url, pool_size=1, max_overflow=0))
