@@ -24,11 +24,11 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from dsipam.server import security
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
 from support import free_port
 
-security = pytest.importorskip("dsipam.server.security")
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for a test certificate")
 
 ROOT = Path(__file__).resolve().parents[2]
