@@ -91,7 +91,8 @@ def test_gc_races_allocate_and_never_takes_a_young_owner(db_url, clean_db, stub,
     GarbageCollect runs again and again. A released owner must have been older than the grace
     when that GC call started; every stale owner is released; valid owners never are."""
     grace = 2.0
-    stub.CreatePool(pool("gc", "198.18.0.0/22", "fd00::/118", cooldown=0))
+    stub.CreatePool(pool("gc", "198.18.0.0/20", "fd00::/116", cooldown=0))
+    thread_errors: list[str] = []
     keep = [f"keep-{i}" for i in range(10)]
     for o in keep:
         alloc(stub, "gc", o)
@@ -115,7 +116,11 @@ def test_gc_races_allocate_and_never_takes_a_young_owner(db_url, clean_db, stub,
                 while not stop.is_set():
                     o = f"fresh-{rnd}-{tag}-{i}"
                     allocated_at[o] = time.time()
-                    alloc(s, "gc", o)
+                    try:
+                        alloc(s, "gc", o)
+                    except grpc.RpcError as e:
+                        thread_errors.append(f"{o}: {e.code()} {e.details()}")
+                        return
                     i += 1
 
         threads = [threading.Thread(target=allocate_fresh, args=(t,)) for t in range(3)]
@@ -135,6 +140,7 @@ def test_gc_races_allocate_and_never_takes_a_young_owner(db_url, clean_db, stub,
             t.join()
         assert set(stale) <= set(released), set(stale) - set(released)
     assert too_young == []
+    assert thread_errors == []
     assert not (set(keep) & set(released))
     assert any(o.startswith("fresh-") for o in allocated_at)
     fsck_clean(db_url, "gc")

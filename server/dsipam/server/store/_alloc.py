@@ -507,6 +507,14 @@ class AllocationStore(StoreBase):
     async def release(self, *, pool: str, owner: str, families: Sequence[Family]) -> list[AddressInfo]:
         check_pool_name(pool, "pool")
         check_owner(owner)
+        stored = self._by_name.get(pool)
+        if self.fast is not None and stored is not None:
+            drop = set(families) if families else {Family.IPV4, Family.IPV6}
+            row = await self.fast.release(pool, stored.version, owner, Family.IPV4 in drop, Family.IPV6 in drop)
+            if row is not None and row["status"] != "stale":
+                return [stored.address_info(ipaddress.ip_address(row[c])) for c in ("ipv4", "ipv6") if row[c]]
+            if row is not None:
+                self._by_name.pop(pool, None)
 
         async def run(conn: AsyncConnection) -> list[AddressInfo]:
             stored = await self._load_pool(conn, pool)

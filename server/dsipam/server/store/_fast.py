@@ -28,16 +28,15 @@ from ..domain import DatabaseUnavailable
 
 log = logging.getLogger("dsipam.store.fast")
 
-_SQL = "SELECT * FROM dsipam_allocate_batch($1, $2, $3, $4, $5, $6::jsonb[], $7)"
+_SQL = {
+    "allocate": "SELECT * FROM dsipam_allocate_batch($1, $2, $3, $4, $5, $6::jsonb[], $7)",
+    "release": "SELECT * FROM dsipam_release_batch($1, $2, $3, $4, $5)",
+}
 
 
 @dataclass
 class _Request:
-    owner: str
-    want4: bool
-    want6: bool
-    attributes: str  # JSON
-    node: str
+    args: tuple[Any, ...]  # allocate: (owner, want4, want6, attributes JSON, node); release: (owner, drop4, drop6)
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -63,7 +62,7 @@ class FastPath:
         self.max_inflight = max_inflight
         self._pool: asyncpg.Pool | None = None
         self._starting: asyncio.Lock | None = None
-        self._queues: dict[tuple[str, int], _PoolQueue] = {}
+        self._queues: dict[tuple[str, str, int], _PoolQueue] = {}
         self.batches = 0
         self.requests = 0
 
@@ -92,21 +91,30 @@ class FastPath:
     async def allocate(self, pool_name: str, version: int, owner: str, want4: bool, want6: bool,
                        attributes: str, node: str) -> Any:
         """Returns the function's row for this request, or None when the full path must run."""
-        req = _Request(owner, want4, want6, attributes, node)
-        queue = self._queues.setdefault((pool_name, version), _PoolQueue())
+        return await self._submit("allocate", pool_name, version, (owner, want4, want6, attributes, node))
+
+    async def release(self, pool_name: str, version: int, owner: str, drop4: bool, drop6: bool) -> Any:
+        """Returns the function's row for this request, or None when the full path must run."""
+        return await self._submit("release", pool_name, version, (owner, drop4, drop6))
+
+    async def _submit(self, kind: str, pool_name: str, version: int, args: tuple[Any, ...]) -> Any:
+        req = _Request(args)
+        key = (kind, pool_name, version)
+        queue = self._queues.setdefault(key, _PoolQueue())
         queue.waiting.append(req)
         if queue.inflight < self.max_inflight:
             queue.inflight += 1
-            asyncio.get_running_loop().create_task(self._drain(pool_name, version, queue))
+            asyncio.get_running_loop().create_task(self._drain(key, queue))
         return await req.future
 
-    async def _drain(self, pool_name: str, version: int, queue: _PoolQueue) -> None:
+    async def _drain(self, key: tuple[str, str, int], queue: _PoolQueue) -> None:
+        kind, pool_name, version = key
         try:
             while queue.waiting:
                 n = min(len(queue.waiting), self.max_batch)
                 batch = [queue.waiting.popleft() for _ in range(n)]
                 try:
-                    rows = await self._call(pool_name, version, batch)
+                    rows = await self._call(kind, pool_name, version, batch)
                 except DatabaseUnavailable as exc:
                     for r in batch:
                         if not r.future.done():
@@ -123,22 +131,14 @@ class FastPath:
         finally:
             queue.inflight -= 1
             if not queue.waiting and queue.inflight == 0:
-                self._queues.pop((pool_name, version), None)
+                self._queues.pop(key, None)
 
-    async def _call(self, pool_name: str, version: int, batch: list[_Request]) -> list[Any]:
+    async def _call(self, kind: str, pool_name: str, version: int, batch: list[_Request]) -> list[Any]:
+        columns = [list(col) for col in zip(*(r.args for r in batch), strict=True)]
         try:
             pool = await self._connect()
             async with pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(
-                    _SQL,
-                    pool_name,
-                    version,
-                    [r.owner for r in batch],
-                    [r.want4 for r in batch],
-                    [r.want6 for r in batch],
-                    [r.attributes for r in batch],
-                    [r.node for r in batch],
-                )
+                rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
         except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError,
                 asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError) as exc:
             raise DatabaseUnavailable("database: unreachable, try again later") from exc
