@@ -404,7 +404,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authorizer: Authorizer | None, metrics: Metrics | None) -> None:
         self.authorizer = authorizer
         self.metrics = metrics
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
@@ -418,7 +418,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, method: str, handler: Any) -> Any:  # grpc's RpcMethodHandler namedtuple
         name = method[len(SERVICE_PREFIX):]
         required = required_role(method)
         authorizer = self.authorizer
@@ -426,13 +426,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         parse = handler.request_deserializer
 
         async def begin(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id = authorization = None
+            request_id: str | None = None
+            authorization: str | None = None
             for item in context.invocation_metadata() or ():
-                key = item[0]
-                if key == REQUEST_ID_HEADER:
-                    request_id = item[1]
-                elif key == AUTHORIZATION_HEADER:
-                    authorization = item[1]
+                key, value = item[0], item[1]
+                if key == REQUEST_ID_HEADER and isinstance(value, str):
+                    request_id = value
+                elif key == AUTHORIZATION_HEADER and isinstance(value, str):
+                    authorization = value
             call = CallInfo(_request_id(request_id), name)
             current_call.set(call)
             if authorizer is not None and required is not None:
