@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -38,13 +37,22 @@ AUTHORIZATION_HEADER = "authorization"
 _MAX_REQUEST_ID = 128
 
 
-@dataclass
 class CallInfo:
-    """What the logs know about the call being served."""
+    """What the logs know about the call being served. The request ID is the caller's
+    ``x-request-id`` when it is usable, else made the first time something logs."""
 
-    request_id: str
-    method: str
-    caller: str = ""
+    __slots__ = ("_request_id", "caller", "method")
+
+    def __init__(self, given_request_id: str | None, method: str, caller: str = "") -> None:
+        self._request_id = given_request_id
+        self.method = method
+        self.caller = caller
+
+    @property
+    def request_id(self) -> str:
+        if self._request_id is None or not _usable_request_id(self._request_id):
+            self._request_id = os.urandom(16).hex()
+        return self._request_id
 
     def set_caller(self, caller: str) -> None:
         self.caller = caller
@@ -54,10 +62,8 @@ current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("
 """The call the current task serves (each gRPC call runs in its own context)."""
 
 
-def _request_id(value: str | None) -> str:
-    if value and len(value) <= _MAX_REQUEST_ID and value.isprintable() and value.isascii():
-        return value
-    return os.urandom(16).hex()
+def _usable_request_id(value: str) -> bool:
+    return 0 < len(value) <= _MAX_REQUEST_ID and value.isascii() and value.isprintable()
 
 
 # -- logs ------------------------------------------------------------------------------
@@ -434,7 +440,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     request_id = value
                 elif key == AUTHORIZATION_HEADER and isinstance(value, str):
                     authorization = value
-            call = CallInfo(_request_id(request_id), name)
+            call = CallInfo(request_id, name)
             current_call.set(call)
             if authorizer is not None and required is not None:
                 await authorizer.authorize(authorization, context, method, required, call.set_caller)
