@@ -12,6 +12,8 @@ The timing runs inside the parent namespace (this script re-executes itself ther
 
 * ``bridge+dsipam`` vs ``bridge+host-local``: ``--cycles`` ADD+DEL cycles each, interleaved
   (the order alternates every cycle, so machine noise hits both alike); medians and ratios.
+* each sample's CPU time (the process and the children it waited for, from ``wait4``) is
+  reported next to its wall time: on a busy machine it moves much less than the wall time;
 * where the time goes (``--runs`` samples each): the bare interpreter (``python -IS``), the
   plugin without an RPC (VERSION), the plugin's ADD and DEL alone, the same RPCs on a warm
   connection, grpc's import cost, and ``bridge+dsipam`` with ``"transport": "grpc"``.
@@ -56,13 +58,22 @@ def _conf(bridge: str, ipam: dict) -> bytes:
                        "isGateway": True, "ipMasq": False, "ipam": ipam}).encode()
 
 
-def _run(argv: list[str], env: dict[str, str], stdin: bytes) -> float:
+def _run(argv: list[str], env: dict[str, str], stdin: bytes) -> tuple[float, float]:
+    """Runs one process: (wall seconds, CPU seconds of it and the children it waited for)."""
     start = time.perf_counter()
-    done = subprocess.run(argv, input=stdin, env=env, capture_output=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(stdin)
+    proc.stdin.close()
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv[0]} {env.get('CNI_COMMAND')} failed: {done.stdout!r} {done.stderr!r}")
-    return elapsed
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} {env.get('CNI_COMMAND')} failed: {out!r} {err!r}")
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
 def _env(command: str, container: str, netns: str, cni_path: str) -> dict[str, str]:
@@ -71,11 +82,12 @@ def _env(command: str, container: str, netns: str, cni_path: str) -> dict[str, s
             "CNI_PATH": cni_path}
 
 
-def _ms(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {"median_ms": round(statistics.median(ordered) * 1000, 2),
-            "p90_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))] * 1000, 2),
-            "n": len(ordered)}
+def _ms(samples: list[tuple[float, float]]) -> dict[str, float]:
+    wall = sorted(w for w, _ in samples)
+    return {"median_ms": round(statistics.median(wall) * 1000, 2),
+            "p90_ms": round(wall[min(len(wall) - 1, int(len(wall) * 0.9))] * 1000, 2),
+            "cpu_median_ms": round(statistics.median(c for _, c in samples) * 1000, 2),
+            "n": len(wall)}
 
 
 def worker(spec: dict) -> dict:
@@ -92,7 +104,7 @@ def worker(spec: dict) -> dict:
         "host-local": (_conf(spec["bridges"][1], hostlocal_ipam), spec["pods"][1], HOST_LOCAL_DIR),
         "dsipam-grpc": (_conf(spec["bridges"][0], {**dsipam_ipam, "transport": "grpc"}), spec["pods"][0], cni_bin),
     }
-    samples: dict[str, list[float]] = {}
+    samples: dict[str, list[tuple[float, float]]] = {}
 
     def cycle(name: str, i: int, record: bool = True) -> None:
         conf, pod, cni_path = variants[name]
@@ -140,12 +152,14 @@ def worker(spec: dict) -> dict:
     client = NativeClient(f"unix://{sock}", 120.0)
     try:
         for i in range(runs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             client.allocate(POOL, f"warm-{i}/eth0", 3, [1, 2], [], {})
-            samples.setdefault("Allocate RPC, warm connection", []).append(time.perf_counter() - start)
-            start = time.perf_counter()
+            samples.setdefault("Allocate RPC, warm connection", []).append(
+                (time.perf_counter() - start, time.process_time() - cpu))
+            start, cpu = time.perf_counter(), time.process_time()
             client.release(POOL, f"warm-{i}/eth0")
-            samples.setdefault("Release RPC, warm connection", []).append(time.perf_counter() - start)
+            samples.setdefault("Release RPC, warm connection", []).append(
+                (time.perf_counter() - start, time.process_time() - cpu))
     finally:
         client.close()
     return {name: _ms(values) for name, values in samples.items()}
@@ -157,9 +171,9 @@ def worker(spec: dict) -> dict:
 def report(results: dict, machine: dict) -> str:
     lines = [f"machine: {machine.get('nproc')} CPUs, {machine.get('cpu')}; load at start {machine.get('loadavg_at_start')}",
              f"plugin interpreter: {machine.get('plugin_python')}",
-             "", f"{'measurement':45} {'median ms':>10} {'p90 ms':>8} {'n':>4}"]
+             "", f"{'measurement':45} {'median ms':>10} {'p90 ms':>8} {'CPU ms':>7} {'n':>4}"]
     for name, r in results["samples"].items():
-        lines.append(f"{name:45} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['n']:>4}")
+        lines.append(f"{name:45} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['cpu_median_ms']:>7.2f} {r['n']:>4}")
     lines.append("")
     for name, value in results["ratios"].items():
         lines.append(f"{name:60} {value:>6.2f}")
@@ -177,6 +191,8 @@ def ratios(samples: dict) -> dict[str, float]:
             (med("bridge+dsipam ADD") + med("bridge+dsipam DEL"))
             / (med("bridge+host-local ADD") + med("bridge+host-local DEL")),
     }
+    out["ADD CPU time (client side): bridge+dsipam / bridge+host-local (median)"] = (
+        samples["bridge+dsipam ADD"]["cpu_median_ms"] / samples["bridge+host-local ADD"]["cpu_median_ms"])
     if "bridge+dsipam-grpc ADD" in samples:
         out["ADD: bridge+dsipam over grpcio / bridge+host-local (median)"] = (
             med("bridge+dsipam-grpc ADD") / med("bridge+host-local ADD"))
