@@ -22,9 +22,10 @@ RUN /opt/dsipam/venv/bin/pip install --no-compile . \
 
 # ---- cni-bundle: a self-contained runtime that the DaemonSet copies onto each node -------
 # Nodes have no Python of the right version, so the plugin travels with its interpreter:
-# python/ is a copy of the base image's /usr/local Python; site-packages/ is the venv's
-# (the plugin's native transport needs only the standard library, but TLS, which bearer
-# tokens require, goes through grpcio and the dsipam.v1 stubs).
+# python/ is a copy of the base image's /usr/local Python without tests, tools and the
+# static library; site-packages/ holds what the plugin imports: dsipam.cni (standard library
+# only, for its native transport) and, for TLS, which bearer tokens require, grpcio (with
+# typing_extensions), protobuf and the dsipam.v1 stubs (tests/e2e/test_deploy.py checks the list).
 FROM build AS cni-bundle
 RUN set -eux; \
     b=/opt/dsipam/cni-bundle; \
@@ -32,10 +33,12 @@ RUN set -eux; \
     cp -L /usr/local/bin/python3.11 "$b/python/bin/python3.11"; \
     cp -a /usr/local/lib/libpython3.11.so* "$b/python/lib/"; \
     cp -a /usr/local/lib/python3.11 "$b/python/lib/python3.11"; \
-    rm -rf "$b/python/lib/python3.11/site-packages" "$b/python/lib/python3.11/test" \
-           "$b/python/lib/python3.11/ensurepip" "$b/python/lib/python3.11/idlelib" "$b/python/lib/python3.11/tkinter"; \
-    cp -a /opt/dsipam/venv/lib/python3.11/site-packages "$b/site-packages"; \
-    rm -rf "$b/site-packages/pip" "$b/site-packages/setuptools" "$b/site-packages/_distutils_hack"; \
+    cd "$b/python/lib/python3.11"; \
+    rm -rf site-packages test idlelib tkinter turtledemo ensurepip lib2to3 pydoc_data config-3.11-*; \
+    sp=/opt/dsipam/venv/lib/python3.11/site-packages; \
+    mkdir -p "$b/site-packages/dsipam"; \
+    cp -a "$sp/grpc" "$sp/google" "$sp/typing_extensions.py" "$b/site-packages/"; \
+    cp -a "$sp/dsipam/cni" "$sp/dsipam/v1" "$b/site-packages/dsipam/"; \
     find "$b" -name __pycache__ -prune -exec rm -rf {} +; \
     PYTHONHOME="$b/python" PYTHONPATH="$b/site-packages" LD_LIBRARY_PATH="$b/python/lib" \
         "$b/python/bin/python3.11" -s -c "import grpc, dsipam.v1.ipam_pb2, dsipam.cni"; \

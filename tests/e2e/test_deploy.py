@@ -97,6 +97,31 @@ def test_dockerfile_is_multistage_on_the_project_python() -> None:
     assert not any(c.split()[0] == "." for c in copies), "the runtime stage copies the whole source tree"
 
 
+def test_cni_bundle_copies_every_package_the_plugin_imports(tmp_path: Path) -> None:
+    """A site-packages made of exactly what the cni-bundle stage copies is enough for the plugin,
+    TLS transport included, with nothing but the standard library besides (python -S)."""
+    import grpc
+
+    bundle_run = " ".join(v for i, v in _stages()[1]["instructions"] if i == "RUN")
+    copied = re.findall(r'"\$sp/([A-Za-z0-9_./]+)"', bundle_run)
+    assert {"dsipam/cni", "dsipam/v1", "grpc", "google"} <= set(copied)
+    venv_site = Path(grpc.__file__).resolve().parent.parent
+    sources = {"dsipam/cni": ROOT / "clients/cni/dsipam/cni", "dsipam/v1": ROOT / "clients/python/dsipam/v1"}
+    site = tmp_path / "site-packages"
+    for entry in copied:
+        target = site / entry
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(sources.get(entry, venv_site / entry))
+    probe = (
+        f"import sys; sys.path.insert(0, {str(site)!r})\n"
+        "import dsipam.cni, dsipam.cni._plugin, dsipam.cni._grpc_client, grpc, dsipam.v1.ipam_pb2_grpc\n"
+        "print(grpc.__file__)\n"
+    )
+    done = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, f"the cni-bundle stage misses a package:\n{done.stderr}"
+    assert done.stdout.startswith(str(site))
+
+
 def test_dockerfile_runs_as_non_root_user_created_in_the_image() -> None:
     runtime = _stages()[-1]
     user = _last(runtime, "USER")

@@ -159,6 +159,9 @@ def _bundle(tmp: Path) -> Path:
     purelib = Path(grpc.__file__).resolve().parent.parent
     (site / "grpc").symlink_to(purelib / "grpc", target_is_directory=True)
     (site / "google").symlink_to(Path(google.protobuf.__file__).resolve().parent.parent, target_is_directory=True)
+    import typing_extensions
+
+    (site / "typing_extensions.py").symlink_to(Path(typing_extensions.__file__).resolve())
     (site / "dsipam" / "cni").symlink_to(ROOT / "clients" / "cni" / "dsipam" / "cni", target_is_directory=True)
     (site / "dsipam" / "v1").symlink_to(ROOT / "clients" / "python" / "dsipam" / "v1", target_is_directory=True)
     return bundle
