@@ -4,9 +4,10 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-29
 
-Online-safe: new nullable/constant-default columns; the free-block index is rebuilt
-(CREATE INDEX takes a SHARE lock on ipam_blocks for its duration; allocations that create
-no block are not blocked, block creation waits).
+Not fully online-safe: the new columns are (nullable or constant defaults, no rewrite), but the
+free-block index is dropped and rebuilt inside the migration's transaction, so ipam_blocks is
+locked (ACCESS EXCLUSIVE, then SHARE) until it commits and allocations wait meanwhile. It is quick
+while blocks are few; on a large database run it in a quiet window (see docs/operations.md).
 """
 
 from __future__ import annotations

@@ -84,15 +84,17 @@ def normalise_listen(address: str) -> str:
 
 async def start(settings: Settings) -> Running:
     engine = create_engine(
-        settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pgbouncer=settings.db_pgbouncer,
     )
     store = Store(engine)
     if settings.fast_path:
         from .store._fast import FastPath
-        from .store.db import pgbouncer_from_env
 
         store.fast = FastPath(settings.database_url, pool_size=settings.db_fast_pool_size,
-                              pgbouncer=pgbouncer_from_env())
+                              pgbouncer=settings.db_pgbouncer)
     authorizer = security.authorizer_from_settings(settings)
     credentials = security.credentials_from_settings(settings)
     observability = Observability(settings)
