@@ -20,11 +20,14 @@ from dsipam.client import IpamClient, Range
 
 DSIPAM = str(Path(sys.executable).with_name("dsipam"))
 
+WAIT = 30.0  # deadline of the tests' calls: generous, for a loaded machine
+
 
 def dsipam(*args: str, target: str | None = None, env: dict[str, str] | None = None,
            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Runs the real command; DSIPAM_* variables come only from ``target`` and ``env``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("DSIPAM_")}
+    base["DSIPAM_TIMEOUT"] = str(WAIT)
     if target is not None:
         base["DSIPAM_TARGET"] = target
     return subprocess.run([DSIPAM, *args], capture_output=True, text=True, timeout=60, input=stdin,
@@ -62,7 +65,7 @@ def create_dual(target: str, name: str = "pods") -> None:
 
 def test_pool_create_attaches_options_to_the_preceding_range(target: str) -> None:
     create_dual(target)
-    with IpamClient(target) as ipam:
+    with IpamClient(target, timeout=WAIT) as ipam:
         pool = ipam.get_pool("pods")
     v4, v6 = pool.ranges
     assert (str(v4.cidr), str(v4.gateway), v4.first, v4.last) == ("198.18.0.0/24", "198.18.0.1", None, None)
@@ -84,7 +87,7 @@ def test_pool_show_table_has_size_allocated_free_and_a_bar_per_family(target: st
     assert re.search(r"^\s+fd00::/120\s+fd00::10\s+fd00::ff\s+-\s+-\s+16$", out, re.M), out
     usage = {m[0]: m[1:] for m in re.findall(r"^\s+(IPv[46])\s+(\d+)\s+(\d+)\s+(\d+)\s+\[(.+)\]\s+([\d.]+)%$", out,
                                              re.M)}
-    with IpamClient(target) as ipam:
+    with IpamClient(target, timeout=WAIT) as ipam:
         pool = ipam.get_pool("pods")
     for u in pool.usage:
         size, allocated, free, bar, percent = usage[u.family.label]
@@ -220,7 +223,7 @@ def test_usage_errors_exit_2_with_one_line(target: str) -> None:
     refused(dsipam("--target", "no-port", "pool", "list"), 2, "target")
     refused(dsipam("--timeout", "-1", "pool", "list", target=target), 2, "--timeout")
     refused(dsipam("pool", "list", target=target, env={"DSIPAM_OUTPUT": "xml"}), 2, "DSIPAM_OUTPUT")
-    with IpamClient(target) as ipam:
+    with IpamClient(target, timeout=WAIT) as ipam:
         assert list(ipam.list_pools()) == []  # nothing reached the server
 
 
@@ -270,12 +273,13 @@ def _run_with_terminal_stderr(args: list[str], env: dict[str, str]) -> tuple[int
 
 
 def test_alloc_list_pages_with_progress_on_a_terminal_only(target: str) -> None:
-    with IpamClient(target) as ipam:
+    with IpamClient(target, timeout=WAIT) as ipam:
         ipam.create_pool("big", [Range("198.18.0.0/22"), "fd00::/118"])
         owners = [f"pod-{i:03d}" for i in range(120)]
         for owner in owners:
             ipam.allocate("big", owner, policy="require")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DSIPAM_")}, "DSIPAM_TARGET": target}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DSIPAM_")}, "DSIPAM_TARGET": target,
+           "DSIPAM_TIMEOUT": str(WAIT)}
     code, out, terminal = _run_with_terminal_stderr([DSIPAM, "alloc", "list", "big", "--page-size", "25", "-o", "json"],
                                                     env)
     assert code == 0

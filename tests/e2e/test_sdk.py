@@ -30,6 +30,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from support import ROOT, ServerProcess, spawn_server
 
+WAIT = 30.0  # deadline of the tests' calls: generous, for a loaded machine
+
 
 class Threaded:
     """The sync client behind the async client's interface: each call runs in a worker thread,
@@ -50,10 +52,10 @@ class Threaded:
 @pytest.fixture(params=["sync", "async"])
 async def client(request: pytest.FixtureRequest, target: str) -> AsyncIterator[Any]:
     if request.param == "sync":
-        with IpamClient(target) as sync:
+        with IpamClient(target, timeout=WAIT) as sync:
             yield Threaded(sync)
     else:
-        async with AsyncIpamClient(target) as aio:
+        async with AsyncIpamClient(target, timeout=WAIT) as aio:
             yield aio
 
 
@@ -79,7 +81,8 @@ async def test_pool_lifecycle_with_plain_and_ipaddress_arguments(client: Any) ->
     assert v4.cidr == ipaddress.ip_network("198.18.0.0/24")
     assert v4.gateway == ipaddress.ip_address("198.18.0.1")
     assert set(v4.exclude) == {ipaddress.ip_network("198.18.0.5/32"), ipaddress.ip_network("198.18.0.128/25")}
-    assert (v6.first, v6.last, v6.block_size) == (ipaddress.ip_address("fd00::10"), ipaddress.ip_address("fd00::ff"), 16)
+    assert (v6.first, v6.last, v6.block_size) == (ipaddress.ip_address("fd00::10"), ipaddress.ip_address("fd00::ff"),
+                                                  16)
     assert v4.first is None and v4.last is None
     assert dict(pool.labels) == {"team": "net"}
     assert isinstance(pool.create_time, dt.datetime) and pool.create_time.tzinfo is not None
@@ -147,7 +150,7 @@ async def test_garbage_collect_keeps_live_owners(client: Any) -> None:
 
 
 def test_pages_and_iterators_sync(target: str) -> None:
-    with IpamClient(target) as ipam:
+    with IpamClient(target, timeout=WAIT) as ipam:
         ipam.create_pool("paged", DUAL)
         owners = [f"owner-{i:02d}" for i in range(23)]
         for owner in owners:
@@ -163,7 +166,7 @@ def test_pages_and_iterators_sync(target: str) -> None:
 
 
 async def test_pages_and_iterators_async(target: str) -> None:
-    async with AsyncIpamClient(target) as ipam:
+    async with AsyncIpamClient(target, timeout=WAIT) as ipam:
         await ipam.create_pool("paged", DUAL)
         owners = [f"owner-{i:02d}" for i in range(12)]
         await asyncio.gather(*(ipam.allocate("paged", o, policy="require") for o in owners))
@@ -290,10 +293,10 @@ def test_local_validation_raises_before_any_call() -> None:
     assert Policy.parse("require-dual-stack") is Policy.REQUIRE_DUAL_STACK
     assert Family.parse(6) is Family.IPV6 and Family.parse("IP_FAMILY_IPV4") is Family.IPV4
     with pytest.raises(sdk.InvalidArgument, match="target"):
-        IpamClient("no-port-here")
+        IpamClient("no-port-here", timeout=WAIT)
     with pytest.raises(sdk.InvalidArgument, match="mixes IPv4 and IPv6"):
-        IpamClient("127.0.0.1:1,[::1]:2")
-    with IpamClient("127.0.0.1:1") as ipam:  # nothing is sent for a malformed argument
+        IpamClient("127.0.0.1:1,[::1]:2", timeout=WAIT)
+    with IpamClient("127.0.0.1:1", timeout=WAIT) as ipam:  # nothing is sent for a malformed argument
         with pytest.raises(sdk.InvalidArgument) as caught:
             ipam.allocate("p", "o", addresses=["198.18.0.300"])
         assert caught.value.attempts == 0 and caught.value.field == "addresses[0]"
@@ -384,7 +387,7 @@ def test_closing_the_sync_client_releases_its_channel(private: ServerProcess) ->
     target = private.target
     port = int(target.rsplit(":", 1)[1])
     assert _eventually(lambda: _established_to(port) == 0)
-    with IpamClient(target) as ipam:
+    with IpamClient(target, timeout=WAIT) as ipam:
         ipam.list_pools()
         assert _established_to(port) == 1
     assert _eventually(lambda: _established_to(port) == 0)
@@ -397,7 +400,7 @@ async def test_closing_the_async_client_releases_its_channel(private: ServerProc
     target = private.target
     port = int(target.rsplit(":", 1)[1])
     assert await asyncio.to_thread(_eventually, lambda: _established_to(port) == 0)
-    async with AsyncIpamClient(target) as ipam:
+    async with AsyncIpamClient(target, timeout=WAIT) as ipam:
         await ipam.list_pools()
         assert _established_to(port) == 1
     assert await asyncio.to_thread(_eventually, lambda: _established_to(port) == 0)
@@ -407,11 +410,11 @@ async def test_closing_the_async_client_releases_its_channel(private: ServerProc
 
 def test_unix_socket_target_and_env(private: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     sock = private.log_path.parent / "ipam.sock"
-    with IpamClient(f"unix://{sock}") as ipam:
+    with IpamClient(f"unix://{sock}", timeout=WAIT) as ipam:
         ipam.create_pool("unix", "198.18.5.0/24")
         assert ipam.allocate("unix", "a").allocation.ipv4 is not None
     monkeypatch.setenv("DSIPAM_TARGET", f"unix://{sock}")
-    with IpamClient() as ipam:  # the target comes from DSIPAM_TARGET
+    with IpamClient(timeout=WAIT) as ipam:  # the target comes from DSIPAM_TARGET
         assert ipam.target == f"unix://{sock}"
         assert [p.name for p in ipam.list_pools()] == ["unix"]
     monkeypatch.setenv("DSIPAM_TIMEOUT", "5")
@@ -424,14 +427,14 @@ def test_round_robin_over_two_servers(db_url: str, clean_db: str, tmp_path: Path
     two = spawn_server(db_url, tmp_path)
     ports = [int(s.target.rsplit(":", 1)[1]) for s in (one, two)]
     try:
-        with IpamClient(f"ipv4:{one.target},{two.target}") as ipam:
+        with IpamClient(f"ipv4:{one.target},{two.target}", timeout=WAIT) as ipam:
             ipam.create_pool("rr", DUAL)
             for i in range(4):
                 ipam.allocate("rr", f"o{i}", policy="require")
             # round_robin keeps a connection to every address (pick_first would hold one)
             assert _eventually(lambda: all(_established_to(p) == 1 for p in ports))
         assert _eventually(lambda: all(_established_to(p) == 0 for p in ports))
-        with IpamClient(f"{one.target},{two.target}") as ipam:  # a plain list becomes an ipv4: target
+        with IpamClient(f"{one.target},{two.target}", timeout=WAIT) as ipam:  # a plain list becomes an ipv4: target
             assert ipam.target == f"ipv4:{one.target},{two.target}"
             for i in range(4, 8):
                 ipam.allocate("rr", f"o{i}", policy="require")

@@ -26,6 +26,8 @@ from support import free_port, wait_healthy
 DSIPAM = str(Path(sys.executable).with_name("dsipam"))
 DUAL = ["198.18.0.0/24", "fd00::/120"]
 
+WAIT = 30.0  # deadline of the tests' calls: generous, for a loaded machine
+
 
 @dataclass
 class AuthServer:
@@ -113,10 +115,10 @@ def auth_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def test_sync_tokens_and_roles(auth_server: AuthServer, clean_db: str) -> None:
     tls = TlsConfig(ca_file=auth_server.ca)
-    with IpamClient(auth_server.target, tls=tls, token=auth_server.tokens["admin"]) as admin:
+    with IpamClient(auth_server.target, tls=tls, token=auth_server.tokens["admin"], timeout=WAIT) as admin:
         admin.create_pool("auth", DUAL)
     with IpamClient(auth_server.target, tls=tls, token=auth_server.tokens["shim"],
-                    retry=RetryPolicy(max_attempts=5)) as shim:
+                    retry=RetryPolicy(max_attempts=5), timeout=WAIT) as shim:
         assert shim.allocate("auth", "c1/eth0", policy="require").created
         with pytest.raises(sdk.PermissionDenied) as denied:
             shim.create_pool("other", DUAL)
@@ -124,7 +126,8 @@ def test_sync_tokens_and_roles(auth_server: AuthServer, clean_db: str) -> None:
     assert (err.code, err.reason, err.attempts) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED", 1)
     assert "CreatePool" in err.message
     for token in (None, "not-a-token"):
-        with IpamClient(auth_server.target, tls=tls, token=token, retry=RetryPolicy(max_attempts=5)) as anonymous:
+        with IpamClient(auth_server.target, tls=tls, token=token, retry=RetryPolicy(max_attempts=5),
+                        timeout=WAIT) as anonymous:
             with pytest.raises(sdk.Unauthenticated) as caught:
                 anonymous.get_pool("auth")
         assert caught.value.reason == "UNAUTHENTICATED" and caught.value.attempts == 1
@@ -132,11 +135,12 @@ def test_sync_tokens_and_roles(auth_server: AuthServer, clean_db: str) -> None:
 
 async def test_async_token_file(auth_server: AuthServer, clean_db: str) -> None:
     tls = TlsConfig(ca_file=str(auth_server.ca))
-    async with AsyncIpamClient(auth_server.target, tls=tls, token_file=auth_server.token_files["admin"]) as admin:
+    async with AsyncIpamClient(auth_server.target, tls=tls, token_file=auth_server.token_files["admin"],
+                               timeout=WAIT) as admin:
         await admin.create_pool("auth", DUAL)
         await admin.allocate("auth", "o", policy="require")
     async with AsyncIpamClient(auth_server.target, tls=tls,
-                               token_file=auth_server.token_files["controller"]) as controller:
+                               token_file=auth_server.token_files["controller"], timeout=WAIT) as controller:
         assert [a.owner async for a in controller.iter_allocations("auth")] == ["o"]
         with pytest.raises(sdk.PermissionDenied):
             await controller.delete_pool("auth", force=True)
@@ -144,7 +148,8 @@ async def test_async_token_file(auth_server: AuthServer, clean_db: str) -> None:
 
 def test_cli_with_tls_and_tokens(auth_server: AuthServer, clean_db: str) -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith("DSIPAM_")}
-    env = {**base, "DSIPAM_TARGET": auth_server.target, "DSIPAM_CA_FILE": str(auth_server.ca)}
+    env = {**base, "DSIPAM_TARGET": auth_server.target, "DSIPAM_CA_FILE": str(auth_server.ca),
+           "DSIPAM_TIMEOUT": str(WAIT)}
 
     def dsipam(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([DSIPAM, *args], capture_output=True, text=True, timeout=60, env={**env, **extra})

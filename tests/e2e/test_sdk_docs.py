@@ -16,6 +16,8 @@ from support import ROOT
 DOC = ROOT / "docs" / "sdk.md"
 MARKED = re.compile(r"<!-- test: run(?: (?P<name>[\w-]+))? -->\n```python\n(?P<code>.*?)\n```", re.S)
 
+WAIT = 30.0  # deadline of the tests' calls: generous, for a loaded machine
+
 
 def examples() -> dict[str, str]:
     found = {m["name"] or f"example-{i}": m["code"] for i, m in enumerate(MARKED.finditer(DOC.read_text()))}
@@ -44,7 +46,7 @@ def test_the_controller_example_allocates_reconciles_and_releases(target: str, t
     assert all(a.startswith("fd00:16::") and a.endswith("/120") for a in v6)
     assert "reconciled: added ['default/api-0/eth0'], released ['default/web-0/eth0', 'default/web-1/eth0']" in lines
     assert lines[-1] == "allocated now: {'IPv4': 0, 'IPv6': 0}"
-    with IpamClient(target) as ipam:
+    with IpamClient(target, timeout=WAIT) as ipam:
         pool = ipam.get_pool("web")
         assert dict(pool.labels) == {"managed-by": "web-controller"}
         assert list(ipam.iter_allocations("web")) == []

@@ -20,6 +20,8 @@ from support import ServerProcess, free_port, psql, scratch_database, spawn_serv
 DUAL = ["198.18.0.0/24", "fd00::/120"]
 QUICK = RetryPolicy(initial_backoff=0.05, max_backoff=0.5)
 
+WAIT = 30.0  # deadline of the tests' calls: generous, for a loaded machine
+
 
 class Counting(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Counts the calls that reach the channel, per method."""
@@ -147,7 +149,7 @@ def test_unreachable_server_gives_up_at_the_deadline_with_service_unavailable() 
     assert type(err) is sdk.ServiceUnavailable and err.reason == "" and err.code == grpc.StatusCode.UNAVAILABLE
     assert err.attempts == counting.calls["ListPools"] > 1
     with IpamClient(f"127.0.0.1:{free_port()}", retry=RetryPolicy(max_attempts=3, initial_backoff=0.01),
-                    interceptors=[counting]) as ipam:
+                    interceptors=[counting], timeout=WAIT) as ipam:
         with pytest.raises(sdk.ServiceUnavailable) as caught:
             ipam.get_pool("x")
     assert caught.value.attempts == counting.calls["GetPool"] == 3
@@ -158,7 +160,7 @@ def test_unreachable_server_gives_up_at_the_deadline_with_service_unavailable() 
 
 def test_sync_pool_exhausted_is_not_retried(target: str) -> None:
     counting = Counting()
-    with IpamClient(target, retry=RetryPolicy(max_attempts=5), interceptors=[counting]) as ipam:
+    with IpamClient(target, retry=RetryPolicy(max_attempts=5), interceptors=[counting], timeout=WAIT) as ipam:
         ipam.create_pool("one", [Range("198.18.7.0/24", first="198.18.7.9", last="198.18.7.9")])
         ipam.allocate("one", "holder")
         with pytest.raises(sdk.PoolExhausted) as caught:
@@ -169,7 +171,8 @@ def test_sync_pool_exhausted_is_not_retried(target: str) -> None:
 
 async def test_async_pool_exhausted_is_not_retried(target: str) -> None:
     counting = AsyncCounting()
-    async with AsyncIpamClient(target, retry=RetryPolicy(max_attempts=5), interceptors=[counting]) as ipam:
+    async with AsyncIpamClient(target, retry=RetryPolicy(max_attempts=5), interceptors=[counting],
+                               timeout=WAIT) as ipam:
         await ipam.create_pool("one", [Range("198.18.7.0/24", first="198.18.7.9", last="198.18.7.9")])
         await ipam.allocate("one", "holder")
         with pytest.raises(sdk.PoolExhausted) as caught:
@@ -192,7 +195,7 @@ def db_down_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
 def test_sync_database_unavailable_is_retried(db_down_server: ServerProcess) -> None:
     counting = Counting()
     with IpamClient(db_down_server.target, retry=RetryPolicy(max_attempts=3, initial_backoff=0.01),
-                    interceptors=[counting]) as ipam:
+                    interceptors=[counting], timeout=WAIT) as ipam:
         with pytest.raises(sdk.DatabaseUnavailable) as caught:
             ipam.allocate("pods", "o")
     err = caught.value
@@ -218,7 +221,7 @@ def sabotaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server
     with scratch_database("dsipam_sdk_sabotage") as url:
         server = spawn_server(url, tmp_path_factory.mktemp("sabotage"))
         try:
-            with IpamClient(server.target) as ipam:
+            with IpamClient(server.target, timeout=WAIT) as ipam:
                 ipam.create_pool("existing", DUAL)
             psql(url, """
                 CREATE SEQUENCE pool_inserts;
@@ -242,7 +245,7 @@ def test_conflict_is_aborted_and_retried(sabotaged: tuple[ServerProcess, str]) -
     counting = Counting()
     before = int(psql(url, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pool_inserts"))
     with IpamClient(server.target, retry=RetryPolicy(max_attempts=3, initial_backoff=0.01),
-                    interceptors=[counting]) as ipam:
+                    interceptors=[counting], timeout=WAIT) as ipam:
         with pytest.raises(sdk.Conflict) as caught:
             ipam.create_pool("never", DUAL)
     err = caught.value
@@ -255,7 +258,8 @@ def test_conflict_is_aborted_and_retried(sabotaged: tuple[ServerProcess, str]) -
 async def test_internal_errors_are_not_retried_and_hide_internals(sabotaged: tuple[ServerProcess, str]) -> None:
     server, _ = sabotaged
     counting = AsyncCounting()
-    async with AsyncIpamClient(server.target, retry=RetryPolicy(max_attempts=5), interceptors=[counting]) as ipam:
+    async with AsyncIpamClient(server.target, retry=RetryPolicy(max_attempts=5), interceptors=[counting],
+                               timeout=WAIT) as ipam:
         with pytest.raises(sdk.InternalError) as caught:
             await ipam.allocate("existing", "o", policy="require")
         assert (await ipam.get_pool("existing")).name == "existing"  # the server itself is fine

@@ -29,6 +29,8 @@ from dsipam.client import AsyncIpamClient, IpamClient, RetryPolicy, TlsConfig
 DUAL = ["198.18.0.0/24", "fd00::/120"]
 DSIPAM = str(Path(sys.executable).with_name("dsipam"))
 
+WAIT = 30.0  # deadline of the tests' calls: generous, for a loaded machine
+
 
 class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
     pass
@@ -171,12 +173,12 @@ ONCE = RetryPolicy(max_attempts=2, initial_backoff=0.01)
 
 def test_tls_with_a_ca_file_and_a_server_name(tls_proxy: Proxy, pki: dict[str, Path]) -> None:
     tls = TlsConfig(ca_file=pki["ca.pem"], server_name="dsipam.test")
-    with IpamClient(tls_proxy.target, tls=tls) as ipam:
+    with IpamClient(tls_proxy.target, tls=tls, timeout=WAIT) as ipam:
         ipam.create_pool("tls", DUAL)
         assert ipam.allocate("tls", "a", policy="require").allocation.ipv6 is not None
     assert tls_proxy.count("CreatePool") == 1 and tls_proxy.count("Allocate") == 1
     # the certificate names dsipam.test, not 127.0.0.1: without the override the handshake fails
-    with IpamClient(tls_proxy.target, tls=TlsConfig(ca_file=pki["ca.pem"]), retry=ONCE) as ipam:
+    with IpamClient(tls_proxy.target, tls=TlsConfig(ca_file=pki["ca.pem"]), retry=ONCE, timeout=WAIT) as ipam:
         with pytest.raises(sdk.ServiceUnavailable):
             ipam.list_pools()
     # and plaintext against a TLS port fails too
@@ -189,36 +191,37 @@ def test_tls_with_a_ca_file_and_a_server_name(tls_proxy: Proxy, pki: dict[str, P
 async def test_mutual_tls_needs_the_client_certificate(mtls_proxy: Proxy, pki: dict[str, Path]) -> None:
     tls = TlsConfig(ca_file=str(pki["ca.pem"]), cert_file=str(pki["client.pem"]), key_file=str(pki["client.key"]),
                     server_name="dsipam.test")
-    async with AsyncIpamClient(mtls_proxy.target, tls=tls) as ipam:
+    async with AsyncIpamClient(mtls_proxy.target, tls=tls, timeout=WAIT) as ipam:
         await ipam.create_pool("mtls", DUAL)
         assert [p.name for p in await ipam.list_pools()] == ["mtls"]
     no_cert = TlsConfig(ca_file=str(pki["ca.pem"]), server_name="dsipam.test")
-    async with AsyncIpamClient(mtls_proxy.target, tls=no_cert, retry=ONCE) as ipam:
+    async with AsyncIpamClient(mtls_proxy.target, tls=no_cert, retry=ONCE, timeout=WAIT) as ipam:
         with pytest.raises(sdk.ServiceUnavailable):
             await ipam.list_pools()
     assert mtls_proxy.count("ListPools") == 1
     with pytest.raises(sdk.InvalidArgument, match="cert_file and key_file go together"):
-        IpamClient(mtls_proxy.target, tls=TlsConfig(cert_file=pki["client.pem"]))
+        IpamClient(mtls_proxy.target, tls=TlsConfig(cert_file=pki["client.pem"]), timeout=WAIT)
     with pytest.raises(sdk.InvalidArgument, match="ca_file: cannot read"):
-        IpamClient(mtls_proxy.target, tls=TlsConfig(ca_file="/nonexistent/ca.pem"))
+        IpamClient(mtls_proxy.target, tls=TlsConfig(ca_file="/nonexistent/ca.pem"), timeout=WAIT)
 
 
 def test_bearer_token_on_every_call_and_token_files_are_reread(tls_proxy: Proxy, pki: dict[str, Path],
                                                                tmp_path: Path) -> None:
     tls = TlsConfig(ca_file=pki["ca.pem"], server_name="dsipam.test")
-    with IpamClient(tls_proxy.target, tls=tls, token="s3cret", metadata={"x-request-source": "test"}) as ipam:
+    with IpamClient(tls_proxy.target, tls=tls, token="s3cret", metadata={"x-request-source": "test"},
+                    timeout=WAIT) as ipam:
         ipam.create_pool("tok", DUAL)
         ipam.allocate("tok", "a")
     assert [md.get("authorization") for _, md in tls_proxy.calls] == ["Bearer s3cret"] * 2
     assert all(md.get("x-request-source") == "test" for _, md in tls_proxy.calls)
     token_file = tmp_path / "token"
     token_file.write_text("first\n")
-    with IpamClient(tls_proxy.target, tls=tls, token_file=token_file) as ipam:
+    with IpamClient(tls_proxy.target, tls=tls, token_file=token_file, timeout=WAIT) as ipam:
         ipam.get_pool("tok")
         token_file.write_text("rotated\n")
         ipam.get_pool("tok")
     assert [md.get("authorization") for _, md in tls_proxy.calls[2:]] == ["Bearer first", "Bearer rotated"]
-    with IpamClient(tls_proxy.target, tls=tls) as ipam:  # no token, no header
+    with IpamClient(tls_proxy.target, tls=tls, timeout=WAIT) as ipam:  # no token, no header
         ipam.get_pool("tok")
     assert "authorization" not in tls_proxy.calls[-1][1]
 
@@ -229,7 +232,7 @@ def test_bearer_token_on_every_call_and_token_files_are_reread(tls_proxy: Proxy,
 def test_lost_responses_are_retried_safely(target: str) -> None:
     proxy = Proxy(target, lose=("CreatePool", "Allocate", "Release", "DeletePool"))
     try:
-        with IpamClient(proxy.target, retry=RetryPolicy(initial_backoff=0.01)) as ipam:
+        with IpamClient(proxy.target, retry=RetryPolicy(initial_backoff=0.01), timeout=WAIT) as ipam:
             pool = ipam.create_pool("lost", DUAL, labels={"a": "b"})  # created, answer lost, retried
             assert pool.name == "lost" and dict(pool.labels) == {"a": "b"}
             assert proxy.count("CreatePool") == 2 and proxy.count("GetPool") == 1
@@ -251,11 +254,11 @@ def test_lost_responses_are_retried_safely(target: str) -> None:
 
 
 def test_a_retried_create_that_finds_a_different_pool_fails(target: str) -> None:
-    with IpamClient(target) as ipam:
+    with IpamClient(target, timeout=WAIT) as ipam:
         ipam.create_pool("taken", ["198.18.8.0/24"])
     proxy = Proxy(target, refuse=("CreatePool",))
     try:
-        with IpamClient(proxy.target, retry=RetryPolicy(initial_backoff=0.01)) as ipam:
+        with IpamClient(proxy.target, retry=RetryPolicy(initial_backoff=0.01), timeout=WAIT) as ipam:
             with pytest.raises(sdk.PoolAlreadyExists) as caught:
                 ipam.create_pool("taken", DUAL)
             assert caught.value.attempts == 2 and proxy.count("GetPool") == 1
@@ -271,6 +274,7 @@ def test_a_retried_create_that_finds_a_different_pool_fails(target: str) -> None
 
 def _dsipam(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("DSIPAM_")}
+    base["DSIPAM_TIMEOUT"] = str(WAIT)
     return subprocess.run([DSIPAM, *args], capture_output=True, text=True, timeout=60, env={**base, **(env or {})})
 
 
