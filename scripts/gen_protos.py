@@ -42,6 +42,7 @@ def generate(dest: Path) -> None:
         if path.suffix in (".py", ".pyi"):
             path.write_text(HEADER + path.read_text())
     (pkg / "__init__.py").write_text(HEADER + '"""Generated protobuf and gRPC code for dsipam.v1."""\n')
+    (pkg / "py.typed").write_text("")
 
 
 def main() -> int:
@@ -51,10 +52,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh = Path(tmp) / "dsipam" / "v1"
-        names = sorted(p.name for p in fresh.iterdir() if p.suffix in (".py", ".pyi"))
+        names = sorted(p.name for p in fresh.iterdir() if p.suffix in (".py", ".pyi") or p.name == "py.typed")
         if args.check:
             stale = [n for n in names if not (PACKAGE / n).exists() or not filecmp.cmp(fresh / n, PACKAGE / n, shallow=False)]
-            extra = sorted(p.name for p in PACKAGE.glob("*.py*") if p.name not in names)
+            extra = sorted(p.name for p in PACKAGE.iterdir() if p.is_file() and p.name not in names)
             if stale or extra:
                 print(f"generated code is stale: {stale + extra}; run python scripts/gen_protos.py", file=sys.stderr)
                 return 1
