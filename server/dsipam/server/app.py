@@ -104,7 +104,7 @@ async def start(settings: Settings) -> Running:
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ]
     )
     ipam_pb2_grpc.add_IpamServiceServicer_to_server(IpamServicer(store), server)

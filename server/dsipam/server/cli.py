@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from dsipam.client._cli import Parser, add_client_commands, add_client_options, prepare_argv
@@ -49,9 +50,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.data_dir = args.data_dir
     if args.db_pgbouncer:
         settings.db_pgbouncer = True
+    if args.workers is not None:
+        settings.workers = args.workers
     if settings.db_pgbouncer:  # every engine of this process (store, migrations) reads it
         _use_pgbouncer()
     _apply_security_flags(args, settings)
+    worker = os.environ.get("DSIPAM_WORKER_INDEX")
+    if worker and settings.metrics_listen:  # one metrics port per worker: base port + index
+        host, _, port = settings.metrics_listen.rpartition(":")
+        settings.metrics_listen = f"{host}:{int(port) + int(worker)}"
     _setup_logging(settings.log_level, settings.log_format)
     embedded = None
     if not settings.database_url:
@@ -73,6 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             upgrade(settings.database_url)
             print("dsipam: database migrated to head", flush=True)
+        if settings.workers > 1 and not os.environ.get("DSIPAM_WORKER_INDEX"):
+            return _run_workers(settings)
         from .app import serve
 
         _run_loop(serve(settings), settings.uvloop)
@@ -81,6 +90,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
             embedded.stop()
             print("dsipam: private PostgreSQL stopped", flush=True)
     return 0
+
+
+def _run_workers(settings: Settings) -> int:
+    """Runs ``settings.workers`` server processes sharing each TCP port (SO_REUSEPORT): the
+    kernel spreads connections over them. Each has its own connection pools; PostgreSQL's row
+    locks keep them correct together. SIGTERM/SIGINT are passed on; when one worker dies, the
+    others are stopped and the exit code is non-zero (let the supervisor restart the set)."""
+    import signal
+    import subprocess
+    import time
+
+    for address in settings.listen or ["127.0.0.1:50051"]:
+        if not address.startswith("unix:") and address.rsplit(":", 1)[-1] == "0":
+            raise SystemExit(f"dsipam: --workers {settings.workers} needs a fixed port, not {address}")
+    env = dict(os.environ)
+    env.update({"DSIPAM_DATABASE_URL": settings.database_url, "DSIPAM_REUSE_PORT": "1", "DSIPAM_MIGRATE": "0"})
+    if settings.insecure:
+        env["DSIPAM_INSECURE"] = "1"
+    argv = [a for a in sys.argv[1:] if a != "--migrate"]
+    children = []
+    for index in range(settings.workers):
+        children.append(subprocess.Popen([sys.executable, "-m", "dsipam.server", *argv],
+                                         env={**env, "DSIPAM_WORKER_INDEX": str(index)}))
+    print(f"dsipam: started {settings.workers} worker processes sharing the listen addresses", flush=True)
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    while any(c.poll() is None for c in children):
+        for child in children:
+            rc = child.poll()
+            if rc is not None and rc != 0 and not stopping:
+                print(f"dsipam: worker {child.pid} exited with {rc}; stopping the others", flush=True)
+                code = 1
+                forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    return code or max((c.returncode for c in children), default=0)
 
 
 def _apply_security_flags(args: argparse.Namespace, settings: Settings) -> None:
@@ -188,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env DSIPAM_LOG_LEVEL)")
     serve.add_argument("--db-pgbouncer", action="store_true", help=_PGBOUNCER_HELP)
     serve.add_argument("--data-dir", help="data directory of the private PostgreSQL (env DSIPAM_DATA_DIR)")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (env DSIPAM_WORKERS; default 1)")
     serve.add_argument("--migrate", action="store_true", help="apply migrations before serving (env DSIPAM_MIGRATE=1)")
     serve.add_argument("--auth-config", help="YAML/JSON file of hashed tokens and client-certificate roles "
                        "(env DSIPAM_AUTH_CONFIG); see docs/security.md")

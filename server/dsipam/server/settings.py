@@ -60,6 +60,9 @@ class Settings:
     uvloop: bool = True
     # Coalesce concurrent Allocates into batched calls of dsipam_allocate_batch (DSIPAM_FAST_PATH=0 turns it off).
     fast_path: bool = True
+    # Server processes sharing the listen port (SO_REUSEPORT); reuse_port is set in each of them.
+    workers: int = 1
+    reuse_port: bool = False
     db_fast_pool_size: int = 4
     # Security (see docs/security.md): an auth config switches authentication on; without one the
     # server refuses to start unless insecure is set.
@@ -92,6 +95,8 @@ class Settings:
             migrate=os.environ.get("DSIPAM_MIGRATE", "") in ("1", "true", "yes"),
             uvloop=os.environ.get("DSIPAM_UVLOOP", "1") not in ("0", "false", "no"),
             fast_path=os.environ.get("DSIPAM_FAST_PATH", "1") not in ("0", "false", "no"),
+            workers=_env_int("DSIPAM_WORKERS", 1),
+            reuse_port=os.environ.get("DSIPAM_REUSE_PORT", "") in ("1", "true", "yes"),
             db_fast_pool_size=_env_int("DSIPAM_DB_FAST_POOL_SIZE", 4),
             insecure=_env_bool("DSIPAM_INSECURE"),
             auth_config=os.environ.get("DSIPAM_AUTH_CONFIG", ""),
