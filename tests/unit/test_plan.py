@@ -61,3 +61,15 @@ def test_single_stack_family_missing_from_pool():
 def test_specific_address_picks_the_single_stack_family():
     p = plan(Policy.SINGLE_STACK, addresses=["fd00::9"])
     assert p.wanted == (V6,) and str(p.addresses[V6]) == "fd00::9"
+
+
+def test_attribute_maps_are_bounded_in_count_and_bytes():
+    from dsipam.server.domain import check_map
+
+    assert check_map({"node": "n1"}, "attributes") == {"node": "n1"}
+    with pytest.raises(InvalidArgument, match=r"attributes: 65 entries"):
+        check_map({f"k{i}": "v" for i in range(65)}, "attributes")
+    with pytest.raises(InvalidArgument, match=r"attributes: \d+ bytes in all is more than 16384"):
+        check_map({f"k{i}": "é" * 500 for i in range(20)}, "attributes")
+    with pytest.raises(InvalidArgument, match=r"value longer than 1024"):
+        check_map({"k": "x" * 1025}, "attributes")

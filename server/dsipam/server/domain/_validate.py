@@ -15,6 +15,7 @@ MAX_OWNER = 253
 MAX_ATTRIBUTES = 64
 MAX_KEY = 253
 MAX_VALUE = 1024
+MAX_MAP_BYTES = 16 * 1024  # all keys and values of one map, in UTF-8
 
 
 def check_pool_name(name: str, where: str = "pool") -> str:
@@ -58,6 +59,10 @@ def check_map(values: Mapping[str, str], where: str) -> dict[str, str]:
             raise InvalidArgument(f"{where}[{key!r}]: value longer than {MAX_VALUE} characters", field=where)
         if "\x00" in key or "\x00" in value:
             raise InvalidArgument(f"{where}[{key!r}]: NUL characters are not allowed", field=where)
+    total = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+                for k, v in values.items())
+    if total > MAX_MAP_BYTES:
+        raise InvalidArgument(f"{where}: {total} bytes in all is more than {MAX_MAP_BYTES}", field=where)
     return dict(values)
 
 

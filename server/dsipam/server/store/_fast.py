@@ -47,7 +47,9 @@ class _PoolQueue:
 
 
 def asyncpg_dsn(url: str) -> str:
-    parts = urlsplit(url)
+    from .db import normalise_multihost
+
+    parts = urlsplit(normalise_multihost(url))
     scheme = "postgresql" if parts.scheme.startswith("postgres") else parts.scheme
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
 
@@ -120,10 +122,10 @@ class FastPath:
                         if not r.future.done():
                             r.future.set_exception(exc)
                     continue
-                except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    # A deadlock or another race of the batch as a whole: everybody goes the full path,
-                    # which retries per request.
-                    log.info("fast path batch of %d fell back: %s", len(batch), exc)
+                except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
+                    # A deadlock, a lost connection or a client-state error of the batch as a whole:
+                    # everybody goes the full path, which retries per request and reports outages.
+                    log.info("fast path batch of %d fell back: %r", len(batch), exc)
                     rows = [None] * len(batch)
                 for r, row in zip(batch, rows, strict=True):
                     if not r.future.done():
@@ -139,8 +141,8 @@ class FastPath:
             pool = await self._connect()
             async with pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
-        except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError,
-                asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError) as exc:
+        except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
+                asyncpg.AdminShutdownError, asyncpg.TargetServerAttributeNotMatched) as exc:
             raise DatabaseUnavailable("database: unreachable, try again later") from exc
         self.batches += 1
         self.requests += len(batch)
