@@ -110,7 +110,9 @@ def worker(spec: dict) -> dict:
         conf, pod, cni_path = variants[name]
         container = f"bench-{name}-{i}"
         add = _run([BRIDGE], _env("ADD", container, pod, cni_path), conf)
+        time.sleep(spec["pause"])
         delete = _run([BRIDGE], _env("DEL", container, pod, cni_path), conf)
+        time.sleep(spec["pause"])  # the kernel finishes tearing the veth down before the next ADD
         if record:
             samples.setdefault(f"bridge+{name} ADD", []).append(add)
             samples.setdefault(f"bridge+{name} DEL", []).append(delete)
@@ -203,6 +205,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=50, help="interleaved ADD+DEL cycles per IPAM (default 50)")
     parser.add_argument("--runs", type=int, default=30, help="samples per breakdown measurement (default 30)")
+    parser.add_argument("--pause", type=float, default=0.1,
+                        help="seconds between one bridge call and the next (default 0.1): an ADD right after a "
+                             "DEL otherwise waits for the kernel to finish removing the previous veth")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--plugin-python", help="interpreter for the installed plugin (default: this one); "
                         "the built-in transport needs only the standard library")
@@ -248,6 +253,7 @@ def main() -> int:
 
             spec = {"cni_bin": str(tmp / "bin"), "sock": str(sock), "data_dir": str(tmp / "host-local"),
                     "bridges": [f"cbd{run}", f"cbh{run}"], "pods": pods, "cycles": args.cycles, "runs": args.runs,
+                    "pause": args.pause,
                     "python": args.plugin_python or sys.executable, "venv_python": sys.executable,
                     "grpc": not args.plugin_python, "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
             done = subprocess.run(["ip", "netns", "exec", parent, sys.executable, str(Path(__file__).resolve()),
@@ -261,7 +267,7 @@ def main() -> int:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
     machine["plugin_python"] = args.plugin_python or sys.executable
-    results = {"machine": machine, "cycles": args.cycles, "runs": args.runs, "samples": samples,
+    results = {"machine": machine, "cycles": args.cycles, "runs": args.runs, "pause": args.pause, "samples": samples,
                "ratios": ratios(samples)}
     print(report(results, machine))
     if args.json:
