@@ -185,6 +185,13 @@ def prepare_ceiling_pool(target: str, db_url: str) -> None:
     harness.prepare_blocks(db_url, CEILING_POOL)
 
 
+def prepare_ceiling_pool_again(db_url: str) -> None:
+    """Empties pool ``ceiling`` for another pgbench run: no allocations, every block present and free."""
+    pool_id = harness.psql(db_url, f"SELECT id FROM ipam_pools WHERE name = '{CEILING_POOL}'")
+    harness.psql(db_url, f"DELETE FROM ipam_allocations WHERE pool_id = {pool_id}")
+    harness.prepare_blocks(db_url, CEILING_POOL)
+
+
 def ceiling_capacity() -> int:
     """Pairs the pgbench pool holds (the smaller family)."""
     return min(ipaddress.ip_network(c).num_addresses - 2 for c in CEILING_RANGES)

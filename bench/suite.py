@@ -52,6 +52,7 @@ END_MARK = "<!-- bench:results:end -->"
 
 S1_RANGES = ("198.18.0.0/16", "fd00:1::/112")
 S4_RANGES = ("198.18.0.0/15", "fd00:4::/111")
+WARMUP_RANGES = ("198.18.0.0/20", "fd00:ff::/116")
 
 
 def _report_fields(report: loadgen.Report) -> dict[str, Any]:
@@ -127,6 +128,7 @@ class Run:
         ) as servers:
             time.sleep(1.0)
             idle = {pid: harness.rss_bytes(pid)[0] for pid in servers.pids}
+            self.warmup(servers)
             target = servers.targets[0]
             n1 = a.s1_count
             wanted = set(a.scenarios)
@@ -193,6 +195,15 @@ class Run:
             if not servers.alive():
                 raise RuntimeError("a server process died during the run")
 
+    def warmup(self, servers: harness.Servers) -> None:
+        """Opens the servers' database connections and prepares their statements, in a pool of its own."""
+        n = self.args.warmup
+        if n <= 0:
+            return
+        harness.create_pool(servers.targets[0], "warmup", WARMUP_RANGES)
+        rep = loadgen.run_load(self.spec(servers, "allocate", "warmup", max(n, self.args.concurrency), owner_prefix="w"))
+        log(f"  warm-up: {rep.count} Allocates into pool warmup at {rep.rps:.0f}/s (not measured)")
+
     def ceilings(self, url: str, servers: harness.Servers, n1: int) -> None:
         a = self.args
         log(f"run {self.index} ceilings at concurrency {a.concurrency}")
@@ -207,11 +218,26 @@ class Run:
                                                                               "error": str(exc)[:2000]}}
             return
         check = harness.check_pool(url, ceiling.CEILING_POOL, pg.transactions)
-        log(f"  empty RPC {empty.rps:.1f}/s; pgbench {pg.tps:.1f} tx/s; {check.line()}")
+        log(f"  empty RPC {empty.rps:.1f}/s; pgbench -c {a.concurrency} {pg.tps:.1f} tx/s; {check.line()}")
         self.out["ceilings"] = {
             "empty_rpc": _report_fields(empty),
             "pgbench": {**pg.to_json(), "check": check.line(), "check_ok": check.ok},
         }
+        # For information: the same script with as many clients as the servers have database connections,
+        # which is the concurrency the database really sees from the API.
+        conns = a.servers * ((a.db_pool_size or 10) + (a.db_max_overflow if a.db_max_overflow is not None else 10))
+        if 0 < conns < a.concurrency:
+            ceiling.prepare_ceiling_pool_again(url)
+            try:
+                pg2 = ceiling.run_pgbench(url, conns, tx)
+            except RuntimeError as exc:
+                log(f"  pgbench -c {conns} failed: {str(exc)[:300]}")
+            else:
+                check2 = harness.check_pool(url, ceiling.CEILING_POOL, pg2.transactions)
+                log(f"  pgbench -c {conns} {pg2.tps:.1f} tx/s; {check2.line()}")
+                self.out["ceilings"]["pgbench_db_conns"] = {
+                    **pg2.to_json(), "clients": conns, "check": check2.line(), "check_ok": check2.ok,
+                }
 
     def scale(self) -> None:
         a = self.args
@@ -222,6 +248,7 @@ class Run:
         with harness.scratch_database(prefix="dsipam_bench_scale", keep=a.keep_db) as url, harness.Servers(
             server_url(url, a.db_socket), a.servers, env=_server_env(a)
         ) as servers:
+            self.warmup(servers)
             harness.create_pool(servers.targets[0], "s6", (a.scale_v4, a.scale_v6))
             rep = self.scenario(
                 "6", f"Scale: {n:,} pairs into a /{a.scale_v4.split('/')[1]} + /{a.scale_v6.split('/')[1]} pool",
@@ -337,6 +364,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "pgbench_runs": [round(c["pgbench"]["tps"], 1) for c in ceil],
             "pgbench_checks_ok": all(c["pgbench"]["check_ok"] for c in ceil),
         }
+        extra = [c["pgbench_db_conns"] for c in ceil if "pgbench_db_conns" in c]
+        if extra:
+            out["ceilings"]["pgbench_db_conns_tps"] = _median([x["tps"] for x in extra])
+            out["ceilings"]["pgbench_db_conns_runs"] = [round(x["tps"], 1) for x in extra]
+            out["ceilings"]["pgbench_db_conns_clients"] = extra[0]["clients"]
+            out["ceilings"]["pgbench_checks_ok"] &= all(x["check_ok"] for x in extra)
     return out
 
 
@@ -391,6 +424,12 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             f"({', '.join(f'{x:,.0f}' for x in c['pgbench_runs'])}) | – | – | "
             f"{'clean' if c['pgbench_checks_ok'] else '**FAILED**'} | 1.00 | – | – |",
         ]
+        if "pgbench_db_conns_tps" in c:
+            rows.append(
+                f"| (info) | The same pgbench script with -c {c['pgbench_db_conns_clients']} (the servers' database "
+                f"connections) | **{c['pgbench_db_conns_tps']:,.0f} tx/s** "
+                f"({', '.join(f'{x:,.0f}' for x in c['pgbench_db_conns_runs'])}) | – | – | – | – | – | – |"
+            )
     return "\n".join(rows)
 
 
@@ -404,7 +443,8 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"Median of {meta['runs']} run(s); concurrency {meta['concurrency']}; {meta['servers']} server process(es); "
         f"{meta['processes']} load process(es); servers reach PostgreSQL over "
-        f"{'the Unix socket in ' + meta['db_socket'] if meta.get('db_socket') else 'TCP on 127.0.0.1'}; scenario 1 count {meta['s1_count']:,}, scenario 6 count "
+        f"{'the Unix socket in ' + meta['db_socket'] if meta.get('db_socket') else 'TCP on 127.0.0.1'}; "
+        f"{meta.get('warmup', 0):,} unmeasured warm-up Allocates after each server start; scenario 1 count {meta['s1_count']:,}, scenario 6 count "
         f"{meta['scale_count']:,}.",
         "",
         "Command: `" + meta["command"] + "`",
@@ -442,6 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ceiling-requests", type=int, default=0, help="empty RPCs per run (default: the s1 count)")
     p.add_argument("--pgbench-transactions", type=int, default=100000)
     p.add_argument("--no-ceilings", action="store_true")
+    p.add_argument("--warmup", type=int, default=2000, help="unmeasured Allocates into a pool of their own first")
     p.add_argument("--db-pool-size", type=int, help="DSIPAM_DB_POOL_SIZE of the servers (default: theirs)")
     p.add_argument("--db-max-overflow", type=int, help="DSIPAM_DB_MAX_OVERFLOW of the servers (default: theirs)")
     p.add_argument("--db-socket", metavar="DIR", help="servers reach PostgreSQL over the Unix socket in DIR, not TCP")
@@ -466,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "servers": a.servers,
         "processes": a.processes,
         "db_socket": a.db_socket,
+        "warmup": a.warmup,
         "s1_count": a.s1_count,
         "mixed_count": a.mixed_count,
         "scale_count": a.scale_count,
