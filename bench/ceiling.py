@@ -49,56 +49,107 @@ CEILING_POOL = "ceiling"
 CEILING_RANGES = ("198.18.0.0/15", "fd00:c::/111")
 CAPTURE_OWNER = "ceiling-capture"
 
-Captured = list[tuple[str, tuple, list[str], "tuple | None"]]
+# One recorded statement: (connection id, SQL with $n placeholders, parameters, result rows).
+Captured = list[tuple[int, str, tuple, list]]
+
+# Statements asyncpg and SQLAlchemy run for themselves (connection reset, type introspection).
+_HOUSEKEEPING = re.compile(r"pg_advisory_unlock_all|RESET ALL|UNLISTEN|pg_catalog\.pg_type|pg_catalog\.pg_range|"
+                           r"^\s*select pg_catalog\.version\(\)|^\s*SELECT 1\s*$", re.I)
 
 
-async def _capture(db_url: str, pool: str) -> tuple[Captured, int]:
-    """Runs two Allocates of new owners through the engine's ``Store``; records the statements of the second.
+async def _capture(db_url: str, pool: str) -> Captured:
+    """Runs the real server in-process (``dsipam.server.app.start``) and records one Allocate.
 
-    Per statement: its SQL (``$n`` placeholders), its parameters, its result column names
-    and its only result row when it returned exactly one (peeked, not consumed).
+    Two Allocates of new owners go through gRPC; the statements of the second are captured
+    at the asyncpg level (``Connection.execute`` / ``_execute`` and prepared statements), so
+    SQLAlchemy's statements and direct asyncpg calls (a fast path, server-side functions)
+    are seen alike. Only the connections that touched the recorded owner are kept.
     """
-    from dsipam.server.domain import Policy
-    from dsipam.server.store import Store, create_engine
-    from sqlalchemy import event, text
+    import grpc
+    from asyncpg import connection as pg_connection
+    from asyncpg import prepared_stmt
+    from dsipam.server.app import start
+    from dsipam.server.settings import Settings
+    from dsipam.v1 import ipam_pb2 as pb
+    from dsipam.v1 import ipam_pb2_grpc
 
-    engine = create_engine(db_url, pool_size=1, max_overflow=0)
-    store = Store(engine)
     log: Captured = []
     recording = [False]
+    orig_execute = pg_connection.Connection.execute
+    orig__execute = pg_connection.Connection._execute
+    orig_bind = prepared_stmt.PreparedStatement._PreparedStatement__bind_execute
 
-    def after(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+    async def execute(self, query, *args, timeout=None):  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+        result = await orig_execute(self, query, *args, timeout=timeout)
+        if recording[0] and not args:
+            log.append((id(self), query, (), []))
+        return result
+
+    async def _execute(self, query, args, limit, timeout, **kw):  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+        result = await orig__execute(self, query, args, limit, timeout, **kw)
         if recording[0]:
-            cols = [d[0] for d in (cursor.description or ())]
-            rows = list(getattr(cursor, "_rows", ()) or ())
-            log.append((statement, tuple(parameters or ()), cols, tuple(rows[0]) if len(rows) == 1 else None))
+            rows = result[0] if kw.get("return_status") else result
+            log.append((id(self), query, tuple(args), list(rows or [])))
+        return result
 
-    event.listen(engine.sync_engine, "after_cursor_execute", after)
+    async def bind_execute(self, args, limit, timeout):  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+        result = await orig_bind(self, args, limit, timeout)
+        if recording[0]:
+            rows = result[0] if isinstance(result, tuple) else result
+            log.append((id(self._connection), self._query, tuple(args), list(rows or [])))
+        return result
+
+    settings = Settings.from_env()
+    settings.database_url = db_url
+    settings.listen = ["127.0.0.1:0"]
+    if hasattr(settings, "insecure"):
+        settings.insecure = True
+    pg_connection.Connection.execute = execute  # type: ignore[method-assign]
+    pg_connection.Connection._execute = _execute  # type: ignore[method-assign]
+    prepared_stmt.PreparedStatement._PreparedStatement__bind_execute = bind_execute  # type: ignore[attr-defined]
+    running = await start(settings)
     try:
-        kw: dict[str, Any] = {
-            "pool": pool, "policy": Policy.REQUIRE_DUAL_STACK, "families": (), "addresses": (), "attributes": {},
-        }
-        await store.allocate(owner=f"{CAPTURE_OWNER}-warm", **kw)  # loads (and caches) the pool
-        recording[0] = True
-        await store.allocate(owner=CAPTURE_OWNER, **kw)
-        recording[0] = False
-        async with engine.connect() as conn:
-            pool_id = (await conn.execute(text("SELECT id FROM ipam_pools WHERE name = :n"), {"n": pool})).scalar_one()
+        async with grpc.aio.insecure_channel(running.addresses[0]) as channel:
+            stub = ipam_pb2_grpc.IpamServiceStub(channel)
+            policy = pb.IP_FAMILY_POLICY_REQUIRE_DUAL_STACK
+            await stub.Allocate(pb.AllocateRequest(pool=pool, owner=f"{CAPTURE_OWNER}-warm", ip_family_policy=policy))
+            recording[0] = True
+            await stub.Allocate(pb.AllocateRequest(pool=pool, owner=CAPTURE_OWNER, ip_family_policy=policy))
+            recording[0] = False
     finally:
-        await store.close()
-    return log, int(pool_id)
+        recording[0] = False
+        pg_connection.Connection.execute = orig_execute  # type: ignore[method-assign]
+        pg_connection.Connection._execute = orig__execute  # type: ignore[method-assign]
+        prepared_stmt.PreparedStatement._PreparedStatement__bind_execute = orig_bind  # type: ignore[attr-defined]
+        await running.stop(0)
+
+    def mentions_owner(value: Any) -> bool:
+        if isinstance(value, list | tuple):
+            return any(mentions_owner(v) for v in value)
+        return isinstance(value, str) and value == CAPTURE_OWNER
+
+    conns = {c for c, sql, args, _ in log if mentions_owner(list(args)) or f"'{CAPTURE_OWNER}'" in sql}
+    return [entry for entry in log if entry[0] in conns and not _HOUSEKEEPING.search(entry[1])]
 
 
-def _as_text(value: Any) -> str:
-    if isinstance(value, dict | list):
-        return json.dumps(value)
+def _literal(value: Any) -> str:
+    """A parameter as PostgreSQL's text input (arrays in {…} form)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "{" + ",".join(_element(v) for v in value) + "}"
     return str(value)
 
 
-def _ref(name: str) -> str:
-    return name if name == "NULL" else ":" + name
+def _element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, list | tuple):
+        return _literal(value)
+    text = _literal(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _is_address(value: Any) -> bool:
@@ -109,59 +160,64 @@ def _is_address(value: Any) -> bool:
     return True
 
 
-def script_from_capture(captured: Captured, pool_id: int) -> tuple[str, dict[str, str]]:
-    """Turns the recorded statements of one Allocate into a one-transaction pgbench script.
+def script_from_capture(captured: Captured) -> tuple[str, dict[str, str]]:
+    """Turns the recorded statements of one Allocate into a pgbench script of one transaction.
 
-    A parameter that is the owner becomes a random owner per transaction; an address that
-    an earlier statement returned (the addresses taken) becomes that statement's ``\\gset``
-    variable; anything else is a constant, returned for ``pgbench -D``.
+    The owner becomes a random owner per transaction (``ARRAY[:owner]`` where the engine
+    passed it in an array); an address an earlier statement returned becomes that
+    statement's ``\\gset`` variable; NULL is inlined; anything else is a constant for
+    ``pgbench -D``. BEGIN/COMMIT are the engine's own when it sent them; a lone statement
+    runs in its own transaction, as it does in the server.
     """
-    produced: dict[str, str] = {}  # value -> variable of the statement that returned it
+    produced: dict[str, str] = {}
     constants: dict[str, str] = {}
     statements: list[str] = []
     gset: set[int] = set()
-    for i, (sql, params, cols, row) in enumerate(captured):
-        names = []
+    for i, (_, sql, params, rows) in enumerate(captured):
+        refs = []
         for k, value in enumerate(params):
-            text_value = _as_text(value)
-            if isinstance(value, str) and value.startswith(CAPTURE_OWNER):
-                names.append("owner")
+            if value == CAPTURE_OWNER:
+                refs.append(":owner")
+            elif isinstance(value, list | tuple) and list(value) == [CAPTURE_OWNER]:
+                refs.append("ARRAY[:owner]")
             elif value is None:
-                names.append("NULL")  # pgbench -D cannot say NULL: inline it
-            elif text_value in produced and text_value != str(pool_id):
-                var = produced[text_value]
-                names.append(var)
-                gset.add(int(var[1:].split("_", 1)[0]))
+                refs.append("NULL")
+            elif isinstance(value, str) and value in produced:
+                refs.append(":" + produced[value])
+                gset.add(int(produced[value][1:].split("_", 1)[0]))
             else:
-                names.append(f"c{i}_{k + 1}")
-                constants[names[-1]] = text_value
-        statements.append(re.sub(r"\$(\d+)", lambda m, names=names: _ref(names[int(m.group(1)) - 1]), sql.strip()))
-        if row is not None:
-            for col, value in zip(cols, row, strict=False):
-                if _is_address(value) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", col):
-                    produced.setdefault(_as_text(value), f"r{i}_{col}")
+                name = f"c{i}_{k + 1}"
+                constants[name] = _literal(value)
+                refs.append(":" + name)
+        statements.append(re.sub(r"\$(\d+)", lambda m, refs=refs: refs[int(m.group(1)) - 1], sql.strip().rstrip(";")))
+        if len(rows) == 1:
+            for col, value in dict(rows[0]).items():
+                if value is not None and _is_address(value) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", col):
+                    produced.setdefault(str(value), f"r{i}_{col}")
     lines = [
-        "-- Recorded by bench/ceiling.py: the statements of one Allocate (REQUIRE_DUAL_STACK, new owner)",
-        "-- as dsipam's Store ran them, in order, as one transaction.",
+        "-- Recorded by bench/ceiling.py: the statements one Allocate (REQUIRE_DUAL_STACK, new owner)",
+        "-- sent to PostgreSQL from a real dsipam server, in order.",
         "-- Constants (pgbench -D): " + " ".join(f"{k}={v}" for k, v in constants.items()),
         "\\set owner random(1, 9000000000000000000)",
-        "BEGIN;",
     ]
     for i, sql in enumerate(statements):
         lines.append(sql + (f"\n\\gset r{i}_" if i in gset else ";"))
-    lines += ["COMMIT;", ""]
+    lines.append("")
     return "\n".join(lines), constants
 
 
 def record_script(db_url: str, pool: str = CEILING_POOL) -> tuple[str, dict[str, str], int]:
-    """The hot path as the engine runs it now: a pgbench script, its -D constants, its statement count."""
-    captured, pool_id = asyncio.run(_capture(db_url, pool))
+    """The hot path as the engine runs it now: a pgbench script, its -D constants, its statement count.
+
+    Afterwards the pool is empty again (allocations deleted, every block re-created free).
+    """
+    captured = asyncio.run(_capture(db_url, pool))
     if not captured:
         raise SystemExit("ceiling: recorded no statement; pass --pgbench-script FILE")
-    harness.psql(db_url, f"DELETE FROM ipam_allocations WHERE pool_id = {pool_id} AND owner LIKE '{CAPTURE_OWNER}%'")
-    # The two recorded allocations' bits go back too, so that fsck stays exact: re-create the blocks.
-    script, constants = script_from_capture(captured, pool_id)
-    return script, constants, len(captured)
+    prepare_ceiling_pool_again(db_url)
+    script, constants = script_from_capture(captured)
+    work = [c for c in captured if not re.match(r"\s*(BEGIN|COMMIT|START TRANSACTION)", c[1], re.I)]
+    return script, constants, len(work)
 
 
 @dataclass
@@ -201,7 +257,6 @@ def run_pgbench(db_url: str, clients: int, transactions: int, script: str | None
     """Records the hot path (unless ``script`` is given) and runs it with pgbench on pool ``ceiling``."""
     if script is None:
         script, constants, count = record_script(db_url)
-        harness.prepare_blocks(db_url, CEILING_POOL)  # empty again, after the two recorded allocations
     else:
         pool_id = harness.psql(db_url, f"SELECT id FROM ipam_pools WHERE name = '{CEILING_POOL}'")
         constants, count = {"pool": pool_id, "name": CEILING_POOL}, script.count(";")
