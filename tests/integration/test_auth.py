@@ -32,7 +32,7 @@ from grpc_helpers import REQUIRE, error_info, pool
 from support import ServerProcess, free_port, spawn_server, wait_healthy
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IpamService"]
-SHIM_METHODS = {"Allocate", "Release", "GetAllocation"}
+SHIM_METHODS = {"Allocate", "Release", "GetAllocation", "GetPool"}
 ADMIN_METHODS = {"CreatePool", "UpdatePool", "DeletePool", "AddPoolRange", "RemovePoolRange", "ReserveAddresses",
                  "UnreserveAddresses"}
 

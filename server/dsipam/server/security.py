@@ -84,8 +84,8 @@ METHOD_ROLES: Mapping[str, Role] = {
     "Allocate": Role.SHIM,
     "Release": Role.SHIM,
     "GetAllocation": Role.SHIM,
-    # controller: reads, lists, garbage collection, watch and migration.
-    "GetPool": Role.CONTROLLER,
+    "GetPool": Role.SHIM,  # CNI STATUS reads a pool's free addresses
+    # controller: lists, garbage collection, watch and migration.
     "ListPools": Role.CONTROLLER,
     "ListAllocations": Role.CONTROLLER,
     "ListBlocks": Role.CONTROLLER,
