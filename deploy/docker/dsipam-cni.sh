@@ -9,4 +9,5 @@ PYTHONPATH="$bundle/site-packages"
 PYTHONNOUSERSITE=1
 PYTHONDONTWRITEBYTECODE=1
 export LD_LIBRARY_PATH PYTHONHOME PYTHONPATH PYTHONNOUSERSITE PYTHONDONTWRITEBYTECODE
-exec "$bundle/python/bin/python3.11" -m dsipam.cni "$@"
+# -S: no site module (about 15 ms per call); PYTHONPATH still applies.
+exec "$bundle/python/bin/python3.11" -S -m dsipam.cni "$@"
