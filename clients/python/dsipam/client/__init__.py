@@ -8,7 +8,9 @@
 Arguments are plain Python values (strings or :mod:`ipaddress` objects); results are frozen
 dataclasses. Failures raise subclasses of :class:`IpamError` built from the gRPC status code
 and the ``google.rpc.ErrorInfo`` reason. UNAVAILABLE and ABORTED are retried with backoff
-within the call's deadline.
+within the call's deadline. The streaming RPCs (``migrate_pool``, ``watch_allocations``) return
+iterators (:class:`Stream`, :class:`WatchStream`; async iterators for :class:`AsyncIpamClient`)
+whose start is retried; ``follow_allocations`` is a watch that resumes by itself.
 
 Names are imported on first use, so that ``import dsipam.client`` (and the ``dsipam`` command)
 stays fast; gRPC is loaded when a client or an error class is first touched.
@@ -62,16 +64,24 @@ if TYPE_CHECKING:
         register_error,
     )
     from ._retry import NO_RETRY, RETRY_CODES, RetryPolicy
+    from ._stream import AsyncStream, AsyncWatchStream, Stream, WatchStream
     from ._types import (
+        DEFAULT_COOLDOWN,
         Address,
         AllocateResult,
         Allocation,
+        Block,
+        EventType,
         Family,
         FamilyUsage,
+        MigrationProgress,
+        NodeAffinity,
         Page,
         Policy,
         Pool,
         Range,
+        ReleaseNodeResult,
+        WatchEvent,
     )
 
 _WHERE = {
@@ -115,7 +125,25 @@ _WHERE = {
         "register_error",
     ),
     "._retry": ("NO_RETRY", "RETRY_CODES", "RetryPolicy"),
-    "._types": ("Address", "AllocateResult", "Allocation", "Family", "FamilyUsage", "Page", "Policy", "Pool", "Range"),
+    "._stream": ("AsyncStream", "AsyncWatchStream", "Stream", "WatchStream"),
+    "._types": (
+        "Address",
+        "AllocateResult",
+        "Allocation",
+        "Block",
+        "DEFAULT_COOLDOWN",
+        "EventType",
+        "Family",
+        "FamilyUsage",
+        "MigrationProgress",
+        "NodeAffinity",
+        "Page",
+        "Policy",
+        "Pool",
+        "Range",
+        "ReleaseNodeResult",
+        "WatchEvent",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 
@@ -130,14 +158,19 @@ __all__ = [
     "AllocationNotFound",
     "AlreadyExists",
     "AsyncIpamClient",
+    "AsyncStream",
+    "AsyncWatchStream",
+    "Block",
     "Cancelled",
     "Conflict",
+    "DEFAULT_COOLDOWN",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
     "DatabaseUnavailable",
     "DeadlineExceeded",
     "ERROR_DOMAIN",
     "ERROR_TABLE",
+    "EventType",
     "FailedPrecondition",
     "Family",
     "FamilyNotInPool",
@@ -146,7 +179,9 @@ __all__ = [
     "InvalidArgument",
     "IpamClient",
     "IpamError",
+    "MigrationProgress",
     "NO_RETRY",
+    "NodeAffinity",
     "NotFound",
     "OwnerHoldsOtherAddress",
     "Page",
@@ -160,13 +195,17 @@ __all__ = [
     "RETRY_CODES",
     "Range",
     "RangeNotFound",
+    "ReleaseNodeResult",
     "ResourceExhausted",
     "ResumeTokenExpired",
     "RetryPolicy",
     "ServiceUnavailable",
+    "Stream",
     "TlsConfig",
     "Unauthenticated",
     "Unimplemented",
+    "WatchEvent",
+    "WatchStream",
     "env_settings",
     "error_class",
     "error_from_status",

@@ -35,7 +35,7 @@ Resp = TypeVar("Resp", bound=Message)
 
 @dataclass(frozen=True)
 class Method(Generic[Req, Resp]):
-    """One unary RPC of IpamService."""
+    """One RPC of IpamService (unary, or server streaming for the ``*_STREAM`` ones)."""
 
     name: str
     request: type[Req]
@@ -63,6 +63,15 @@ RELEASE = Method("Release", pb.ReleaseRequest, pb.ReleaseResponse)
 GET_ALLOCATION = Method("GetAllocation", pb.GetAllocationRequest, pb.Allocation)
 LIST_ALLOCATIONS = Method("ListAllocations", pb.ListAllocationsRequest, pb.ListAllocationsResponse)
 GARBAGE_COLLECT = Method("GarbageCollect", pb.GarbageCollectRequest, pb.GarbageCollectResponse)
+UPDATE_POOL = Method("UpdatePool", pb.UpdatePoolRequest, pb.Pool)
+RESERVE_ADDRESSES = Method("ReserveAddresses", pb.ReserveAddressesRequest, pb.Pool)
+UNRESERVE_ADDRESSES = Method("UnreserveAddresses", pb.UnreserveAddressesRequest, pb.Pool)
+ADD_POOL_RANGE = Method("AddPoolRange", pb.AddPoolRangeRequest, pb.Pool)
+REMOVE_POOL_RANGE = Method("RemovePoolRange", pb.RemovePoolRangeRequest, pb.Pool)
+LIST_BLOCKS = Method("ListBlocks", pb.ListBlocksRequest, pb.ListBlocksResponse)
+RELEASE_NODE = Method("ReleaseNode", pb.ReleaseNodeRequest, pb.ReleaseNodeResponse)
+MIGRATE_POOL_STREAM = Method("MigratePool", pb.MigratePoolRequest, pb.MigratePoolResponse)
+WATCH_ALLOCATIONS_STREAM = Method("WatchAllocations", pb.WatchAllocationsRequest, pb.WatchAllocationsResponse)
 
 
 @dataclass(frozen=True)

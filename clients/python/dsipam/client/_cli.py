@@ -1,10 +1,12 @@
-"""The ``dsipam`` admin commands, built on the SDK: pools, allocations, releases and GC.
+"""The ``dsipam`` admin commands, built on the SDK: pools (and their settings, reservations,
+ranges and migration), allocations, releases, GC, blocks, nodes and watches.
 
     dsipam [--target HOST:PORT|unix:///path] [TLS and token options] COMMAND ...
 
-Exit codes: 0 success; 1 the server refused the request or could not be reached;
-2 the command line is wrong (argparse errors and anything found before calling the server);
-130 interrupted. Errors are one line on stderr; ``--debug`` adds the traceback.
+Exit codes: 0 success; 1 the server refused the request or could not be reached (or refused
+some owners of a migration); 2 the command line is wrong (argparse errors and anything found
+before calling the server); 130 interrupted. Errors are one line on stderr; ``--debug`` adds
+the traceback.
 
 Only :mod:`argparse`, :mod:`os` and :mod:`sys` are imported up front; gRPC and the SDK are
 imported when a command runs, so ``dsipam --help`` and usage errors are fast.
@@ -22,7 +24,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from ._client import IpamClient
     from ._errors import IpamError
-    from ._types import Allocation, Range
+    from ._types import Allocation, Block, Range
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -34,6 +36,10 @@ OUTPUTS = ("table", "json", "yaml")
 
 class UsageError(Exception):
     """The command line is wrong (exit 2)."""
+
+
+class Refused(Exception):
+    """The server did the command only in part, such as a migration with failed owners (exit 1)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -142,6 +148,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number of seconds")
+    return value
+
+
 def _output_default() -> str:
     return os.environ.get("DSIPAM_OUTPUT", "table") or "table"
 
@@ -162,29 +178,48 @@ range options attach to the --range before them, so each range gets its own:
 """
 
 
+def _add_range_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--range", dest="ranges", action=_RangeAction, metavar="CIDR", required=True,
+                   help="a range such as 198.18.0.0/24 or fd00::/120 (repeatable)")
+    p.add_argument("--gateway", dest="range_gateway", action=_RangeOption, metavar="IP",
+                   help="gateway of the preceding --range (never handed out)")
+    p.add_argument("--first", dest="range_first", action=_RangeOption, metavar="IP",
+                   help="first address handed out from the preceding --range")
+    p.add_argument("--last", dest="range_last", action=_RangeOption, metavar="IP",
+                   help="last address handed out from the preceding --range")
+    p.add_argument("--exclude", dest="range_exclude", action=_RangeOption, metavar="ADDR|CIDR",
+                   help="never hand out these addresses of the preceding --range (repeatable)")
+    p.add_argument("--block-size", dest="range_block_size", action=_RangeOption, type=_positive_int,
+                   metavar="N", help="addresses per block of the preceding --range (a power of two; default 64)")
+
+
+def _add_settings(p: argparse.ArgumentParser, *, update: bool) -> None:
+    p.add_argument("--cooldown", type=_seconds, metavar="SECONDS",
+                   help="how long a released address waits before it is handed out again (0: none; "
+                        + ("unchanged when not given)" if update else "default 30)"))
+    p.add_argument("--node-affinity", choices=("borrow", "strict"),
+                   help="borrow: a node with no free block takes an address from another node's block "
+                        + ("(unchanged when not given)" if update else "(the default)")
+                        + "; strict: it never does")
+
+
+POOL_COMMANDS = "{create,list,show,delete,update,reserve,unreserve,add-range,remove-range,migrate}"
+
+
 def add_client_commands(sub: Any) -> None:
-    """Adds ``pool``, ``alloc``, ``release`` and ``gc`` to a subparsers object."""
+    """Adds ``pool``, ``alloc``, ``release``, ``gc``, ``blocks``, ``node`` and ``watch`` to a
+    subparsers object."""
     fmt = argparse.RawDescriptionHelpFormatter
 
-    pool = sub.add_parser("pool", help="create, list, show and delete pools", description="Pools.")
-    pool_sub = pool.add_subparsers(dest="pool_command", required=True, metavar="{create,list,show,delete}")
+    pool = sub.add_parser("pool", help="create, list, show, change, migrate and delete pools", description="Pools.")
+    pool_sub = pool.add_subparsers(dest="pool_command", required=True, metavar=POOL_COMMANDS)
 
     create = pool_sub.add_parser("create", help="create a pool", description="Create a pool.", epilog=_RANGE_HELP,
                                  formatter_class=fmt)
     create.add_argument("name", metavar="NAME", help="a lowercase DNS label")
-    create.add_argument("--range", dest="ranges", action=_RangeAction, metavar="CIDR", required=True,
-                        help="a range such as 198.18.0.0/24 or fd00::/120 (repeatable)")
-    create.add_argument("--gateway", dest="range_gateway", action=_RangeOption, metavar="IP",
-                        help="gateway of the preceding --range (never handed out)")
-    create.add_argument("--first", dest="range_first", action=_RangeOption, metavar="IP",
-                        help="first address handed out from the preceding --range")
-    create.add_argument("--last", dest="range_last", action=_RangeOption, metavar="IP",
-                        help="last address handed out from the preceding --range")
-    create.add_argument("--exclude", dest="range_exclude", action=_RangeOption, metavar="ADDR|CIDR",
-                        help="never hand out these addresses of the preceding --range (repeatable)")
-    create.add_argument("--block-size", dest="range_block_size", action=_RangeOption, type=_positive_int,
-                        metavar="N", help="addresses per block of the preceding --range (a power of two; default 64)")
+    _add_range_options(create)
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
+    _add_settings(create, update=False)
     _add_output(create)
     create.set_defaults(func=run, handler=_pool_create)
 
@@ -203,6 +238,63 @@ def add_client_commands(sub: Any) -> None:
     delete.add_argument("--force", action="store_true", help="delete it even when it holds allocations (released)")
     _add_output(delete)
     delete.set_defaults(func=run, handler=_pool_delete)
+
+    update = pool_sub.add_parser("update", help="change a pool's labels, cooldown or node affinity",
+                                 description="Change the settings of pool NAME; what is not given stays as it is.")
+    update.add_argument("name", metavar="NAME")
+    update.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="the pool's labels become exactly those given (repeatable)")
+    update.add_argument("--clear-labels", action="store_true", help="remove every label")
+    _add_settings(update, update=True)
+    _add_output(update)
+    update.set_defaults(func=run, handler=_pool_update)
+
+    reserve = pool_sub.add_parser("reserve", help="reserve addresses so that they are never handed out",
+                                  description="Reserve addresses or CIDRs of pool NAME: they are never handed out.")
+    reserve.add_argument("name", metavar="NAME")
+    reserve.add_argument("addresses", nargs="+", metavar="ADDR|CIDR")
+    reserve.add_argument("--force", action="store_true",
+                         help="reserve allocated addresses too: their owners keep them, and they are not handed "
+                              "out again after release")
+    _add_output(reserve)
+    reserve.set_defaults(func=run, handler=_pool_reserve)
+
+    unreserve = pool_sub.add_parser("unreserve", help="remove reservations",
+                                    description="Remove reservations of pool NAME (each as it was reserved).")
+    unreserve.add_argument("name", metavar="NAME")
+    unreserve.add_argument("addresses", nargs="+", metavar="ADDR|CIDR")
+    _add_output(unreserve)
+    unreserve.set_defaults(func=run, handler=_pool_unreserve)
+
+    add_range = pool_sub.add_parser(
+        "add-range", help="add ranges to a live pool", epilog=_RANGE_HELP, formatter_class=fmt,
+        description="Add ranges to pool NAME, one call per --range in order (an IPv6 range makes an IPv4 pool "
+                    "dual-stack; see 'pool migrate'). It stops at the first range the server refuses.")
+    add_range.add_argument("name", metavar="NAME")
+    _add_range_options(add_range)
+    _add_output(add_range)
+    add_range.set_defaults(func=run, handler=_pool_add_range)
+
+    remove_range = pool_sub.add_parser("remove-range", help="remove a range that holds no allocations",
+                                       description="Remove the range CIDR from pool NAME.")
+    remove_range.add_argument("name", metavar="NAME")
+    remove_range.add_argument("cidr", metavar="CIDR")
+    _add_output(remove_range)
+    remove_range.set_defaults(func=run, handler=_pool_remove_range)
+
+    migrate = pool_sub.add_parser(
+        "migrate", help="give every owner of a pool the families a policy asks for",
+        description="Give every owner of pool NAME the families the policy asks for, in batches, keeping the "
+                    "addresses owners hold; prints progress after each batch. Safe to run again. Exits 1 when "
+                    "some owners could not be migrated.")
+    migrate.add_argument("name", metavar="NAME")
+    migrate.add_argument("--policy", choices=("prefer", "require"), default="prefer",
+                         help="prefer (the default): add what is free; require: owners that cannot get both "
+                              "families count as failed")
+    migrate.add_argument("--batch-size", type=_positive_int, default=0, metavar="N",
+                         help="owners per batch (at most 1000; default: the server's 100)")
+    _add_output(migrate)
+    migrate.set_defaults(func=run, handler=_pool_migrate)
 
     alloc = sub.add_parser(
         "alloc", help="allocate addresses for an owner; list or show allocations",
@@ -225,12 +317,16 @@ def add_client_commands(sub: Any) -> None:
                      help="take this specific address (repeatable, one per family)")
     new.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
                      help="an attribute stored with the allocation (repeatable)")
+    new.add_argument("--node", metavar="NODE", help="the node the owner runs on: addresses come from its blocks")
     _add_output(new)
     new.set_defaults(func=run, handler=_alloc_new)
 
     alist = alloc_sub.add_parser("list", help="list a pool's allocations",
                                  description="List the allocations of pool NAME, ordered by owner.")
     alist.add_argument("name", metavar="NAME")
+    alist.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE",
+                       help="only allocations with this attribute (repeatable: all of them)")
+    alist.add_argument("--family", choices=("ipv4", "ipv6"), help="only allocations holding an address of this family")
     alist.add_argument("--page-size", type=_positive_int, default=500, metavar="N",
                        help="allocations fetched per call (default 500, at most 1000)")
     _add_output(alist)
@@ -262,6 +358,38 @@ def add_client_commands(sub: Any) -> None:
                     help="keep allocations younger than this (default: the server's 60)")
     _add_output(gc)
     gc.set_defaults(func=run, handler=_gc)
+
+    blocks = sub.add_parser("blocks", help="list a pool's blocks (one route each)",
+                            description="List the blocks of pool NAME, or of one node: CIDR, family, node, used "
+                                        "and free addresses.")
+    blocks.add_argument("name", metavar="NAME")
+    blocks.add_argument("--node", metavar="NODE", help="only this node's blocks")
+    _add_output(blocks)
+    blocks.set_defaults(func=run, handler=_blocks)
+
+    node = sub.add_parser("node", help="release a node's blocks", description="Nodes.")
+    node_sub = node.add_subparsers(dest="node_command", required=True, metavar="{release}")
+    node_release = node_sub.add_parser(
+        "release", help="free the empty blocks of a node that left",
+        description="Free the empty blocks of NODE in pool NAME; blocks that still hold allocations stay the "
+                    "node's and are listed.")
+    node_release.add_argument("name", metavar="NAME")
+    node_release.add_argument("node", metavar="NODE")
+    _add_output(node_release)
+    node_release.set_defaults(func=run, handler=_node_release)
+
+    watch = sub.add_parser(
+        "watch", help="print a pool's allocate and release events as they happen",
+        description="Print the allocate and release events of pool NAME, one line each (JSON lines with -o json), "
+                    "until interrupted. When the server goes away the watch resumes where it was, missing "
+                    "nothing; on Ctrl-C the resume token to continue from is printed.")
+    watch.add_argument("name", metavar="NAME")
+    watch.add_argument("--resume-token", metavar="TOKEN", help="continue after the event that carried this token")
+    watch.add_argument("--bookmarks", action="store_true",
+                       help="print bookmarks too (no change; they carry the current resume token)")
+    watch.add_argument("--count", type=_positive_int, metavar="N", help="exit after N events")
+    _add_output(watch)
+    watch.set_defaults(func=run, handler=_watch)
 
 
 def build_parser() -> Parser:
@@ -372,8 +500,11 @@ def run(args: argparse.Namespace, *, stdout: IO[str] | None = None, stderr: IO[s
             traceback.print_exc(file=err_stream)
         print(f"dsipam: error: {exc}", file=err_stream)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("dsipam: interrupted", file=err_stream)
+    except Refused as exc:
+        print(f"dsipam: {exc}", file=err_stream)
+        return EXIT_REFUSED
+    except KeyboardInterrupt as exc:
+        print(f"dsipam: {exc or 'interrupted'}", file=err_stream)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `dsipam alloc list pods | head`
         try:
@@ -428,8 +559,89 @@ def _pool_create(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> 
 
     ranges = _ranges(args.ranges)
     labels = _pairs(args.label, "--label")
-    pool = client.create_pool(args.name, ranges, labels=labels)
+    pool = client.create_pool(args.name, ranges, labels=labels, cooldown=args.cooldown,
+                              node_affinity=args.node_affinity)
     _emit(args, out, pool_doc(pool), lambda: pool_table(pool))
+
+
+def _pool_update(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import pool_doc, pool_table
+
+    if args.label and args.clear_labels:
+        raise UsageError("--label and --clear-labels do not go together")
+    labels = _pairs(args.label, "--label") if args.label else ({} if args.clear_labels else None)
+    if labels is None and args.cooldown is None and args.node_affinity is None:
+        raise UsageError("nothing to change: give --label, --clear-labels, --cooldown or --node-affinity")
+    pool = client.update_pool(args.name, labels=labels, cooldown=args.cooldown, node_affinity=args.node_affinity)
+    _emit(args, out, pool_doc(pool), lambda: pool_table(pool))
+
+
+def _pool_reserve(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import pool_doc, pool_table
+
+    pool = client.reserve_addresses(args.name, args.addresses, force=args.force)
+    _emit(args, out, pool_doc(pool), lambda: pool_table(pool))
+
+
+def _pool_unreserve(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import pool_doc, pool_table
+
+    pool = client.unreserve_addresses(args.name, args.addresses)
+    _emit(args, out, pool_doc(pool), lambda: pool_table(pool))
+
+
+def _pool_add_range(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import pool_doc, pool_table
+
+    ranges = _ranges(args.ranges)
+    pool = None
+    for r in ranges:
+        pool = client.add_pool_range(args.name, r)
+    assert pool is not None  # --range is required
+    _emit(args, out, pool_doc(pool), lambda: pool_table(pool))
+
+
+def _pool_remove_range(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import pool_doc, pool_table
+
+    pool = client.remove_pool_range(args.name, args.cidr)
+    _emit(args, out, pool_doc(pool), lambda: pool_table(pool))
+
+
+def _pool_migrate(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import Progress, progress_doc, progress_line, render_document
+    from ._types import MigrationProgress, Policy
+
+    policy = Policy.parse(args.policy)
+    table = args.output == "table"
+    progress = Progress(f"migrating {args.name} to {policy.value}")
+    last: MigrationProgress | None = None
+    try:
+        progress.update("starting", force=True)
+        with client.migrate_pool(args.name, policy=policy, batch_size=args.batch_size) as stream:
+            for report in stream:
+                if report == last:  # the server repeats the last report as the total
+                    continue
+                last = report
+                progress.update(progress_line(report), force=True)
+                if table:
+                    progress.close()
+                    print(progress_line(report), file=out, flush=True)
+    finally:
+        progress.close()
+    if last is None:  # the server ended the stream without a report
+        last = MigrationProgress(0, 0, 0, 0)
+    if table:
+        for error in last.errors:
+            print(f"  failed: {error}", file=out)
+        print(f"migrated pool {args.name} to {policy.value}: {last.processed} owner(s) processed, {last.upgraded} "
+              f"upgraded, {last.failed} failed", file=out)
+    else:
+        print(render_document(progress_doc(args.name, policy.value, last), args.output), file=out)
+    if last.failed:
+        shown = f"; first: {last.errors[0]}" if last.errors else ""
+        raise Refused(f"migration of pool {args.name} incomplete: {last.failed} of {last.total} owner(s) failed"
+                      f"{shown}")
 
 
 def _pool_list(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
@@ -456,15 +668,16 @@ def _alloc_new(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> No
 
     attributes = _pairs(args.attr, "--attr")
     result = client.allocate(args.name, args.owner, policy=args.policy, families=args.family, addresses=args.ip,
-                             attributes=attributes)
+                             attributes=attributes, node=args.node)
     _emit(args, out, allocate_doc(result), lambda: allocation_table(result.allocation, created=result.created))
 
 
 def _alloc_list(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
     from ._output import Progress, allocation_doc, allocations_table
 
+    selector = _pairs(args.selector, "--selector")
     pool = client.get_pool(args.name)  # fails early on a missing pool, and gives the expected count
-    expected = max((u.allocated for u in pool.usage), default=0)
+    expected = max((u.allocated for u in pool.usage if args.family in (None, u.family.value)), default=0)
     progress = Progress(f"listing allocations of {args.name}")
     items: list[Allocation] = []
     token = ""
@@ -472,7 +685,8 @@ def _alloc_list(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> N
     try:
         progress.update(f"0 of about {expected}", force=True)
         while True:
-            page = client.list_allocations(args.name, page_size=args.page_size, page_token=token)
+            page = client.list_allocations(args.name, selector=selector, family=args.family,
+                                           page_size=args.page_size, page_token=token)
             items.extend(page)
             pages += 1
             progress.update(f"{len(items)} of about {expected} ({pages} page{'s' if pages > 1 else ''})")
@@ -484,7 +698,7 @@ def _alloc_list(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> N
     _emit(
         args, out, {"pool": args.name, "allocations": [allocation_doc(a) for a in items]},
         lambda: (allocations_table(items) + f"\n({len(items)} allocation{'s' if len(items) != 1 else ''})")
-        if items else f"no allocations in pool {args.name}",
+        if items else f"no allocations in pool {args.name}" + (" match" if selector or args.family else ""),
     )
 
 
@@ -526,3 +740,60 @@ def _gc(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
         lambda: (allocations_table(released) + f"\nreleased {len(released)} allocation(s)") if released
         else "released nothing",
     )
+
+
+def _blocks(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import block_doc, blocks_table
+
+    blocks: list[Block] = list(client.iter_blocks(args.name, node=args.node, page_size=500))
+    whose = f" of node {args.node}" if args.node else ""
+    _emit(
+        args, out, {"pool": args.name, "node": args.node, "blocks": [block_doc(b) for b in blocks]},
+        lambda: blocks_table(blocks) if blocks else f"no blocks{whose} in pool {args.name}",
+    )
+
+
+def _node_release(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import release_node_doc, release_node_text
+
+    result = client.release_node(args.name, args.node)
+    _emit(args, out, release_node_doc(args.name, args.node, result),
+          lambda: release_node_text(args.name, args.node, result))
+
+
+def _watch(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    import logging
+
+    from ._output import event_doc, event_line, to_json_line, to_yaml
+
+    client.get_pool(args.name)  # a missing pool or an unreachable server fails now, within --timeout
+    # Resumptions after the server went away are worth a line on stderr.
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter("dsipam: %(message)s"))
+    notes.setLevel(logging.INFO)
+    logger = logging.getLogger("dsipam.client")
+    logger.addHandler(notes)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    stream = None
+    seen = 0
+    try:
+        stream = client.follow_allocations(args.name, resume_token=args.resume_token, bookmarks=args.bookmarks)
+        with stream as events:
+            for event in events:
+                if args.output == "json":
+                    text = to_json_line(event_doc(event))
+                elif args.output == "yaml":
+                    text = "---\n" + to_yaml(event_doc(event))
+                else:
+                    text = event_line(event)
+                print(text, file=out, flush=True)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    return
+    except KeyboardInterrupt:
+        token = stream.resume_token if stream is not None else args.resume_token
+        raise KeyboardInterrupt(f"interrupted; resume with --resume-token {token}" if token
+                                else "interrupted") from None
+    finally:
+        logger.removeHandler(notes)

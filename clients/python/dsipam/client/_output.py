@@ -14,7 +14,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._types import Address, AllocateResult, Allocation, FamilyUsage, Pool, Range
+    from ._types import (
+        Address,
+        AllocateResult,
+        Allocation,
+        Block,
+        FamilyUsage,
+        IPNetwork,
+        MigrationProgress,
+        Pool,
+        Range,
+        ReleaseNodeResult,
+        WatchEvent,
+    )
 
 Document = dict[str, Any]
 
@@ -51,7 +63,15 @@ def usage_doc(u: FamilyUsage) -> Document:
         "allocated": u.allocated,
         "free": u.free,
         "utilisation": round(u.utilisation, 6),
+        "cooldown": u.cooldown,
+        "reserved": u.reserved,
     }
+
+
+def seconds(value: dt.timedelta) -> int | float:
+    """A duration as seconds: an integer when it is whole."""
+    total = value.total_seconds()
+    return int(total) if total == int(total) else total
 
 
 def pool_doc(p: Pool) -> Document:
@@ -61,6 +81,9 @@ def pool_doc(p: Pool) -> Document:
         "labels": dict(sorted(p.labels.items())),
         "usage": [usage_doc(u) for u in p.usage],
         "create_time": _time(p.create_time),
+        "cooldown": seconds(p.cooldown),
+        "node_affinity": p.node_affinity.value,
+        "reservations": [str(r) for r in p.reservations],
     }
 
 
@@ -75,6 +98,8 @@ def allocation_doc(a: Allocation) -> Document:
         "addresses": [address_doc(x) for x in a.addresses],
         "attributes": dict(sorted(a.attributes.items())),
         "create_time": _time(a.create_time),
+        "node": a.node,
+        "borrowed": a.borrowed,
     }
 
 
@@ -82,9 +107,38 @@ def allocate_doc(r: AllocateResult) -> Document:
     return {"allocation": allocation_doc(r.allocation), "created": r.created}
 
 
+def block_doc(b: Block) -> Document:
+    return {"cidr": str(b.cidr), "family": b.family.value, "node": b.node, "used": b.used, "free": b.free}
+
+
+def release_node_doc(pool: str, node: str, r: ReleaseNodeResult) -> Document:
+    return {"pool": pool, "node": node, "released": [block_doc(b) for b in r.released],
+            "kept": [block_doc(b) for b in r.kept]}
+
+
+def progress_doc(pool: str, policy: str, p: MigrationProgress) -> Document:
+    return {"pool": pool, "policy": policy, "total": p.total, "processed": p.processed, "upgraded": p.upgraded,
+            "failed": p.failed, "errors": list(p.errors)}
+
+
+def event_doc(e: WatchEvent) -> Document:
+    return {
+        "type": e.type.value,
+        "owner": e.owner or None,
+        "addresses": [address_doc(a) for a in e.addresses],
+        "time": _time(e.time),
+        "resume_token": e.resume_token,
+    }
+
+
 def to_json(doc: Any) -> str:
     """Indented JSON with keys in a fixed order (the order the documents are built in)."""
     return json.dumps(doc, indent=2, ensure_ascii=False)
+
+
+def to_json_line(doc: Any) -> str:
+    """One line of JSON (for streams of documents: JSON lines)."""
+    return json.dumps(doc, ensure_ascii=False, separators=(", ", ": "))
 
 
 # -- YAML (a small emitter for the documents above; no dependency) ---------------------------
@@ -214,20 +268,32 @@ def range_rows(ranges: Iterable[Range]) -> list[list[object]]:
 
 def usage_rows(usage: Iterable[FamilyUsage]) -> list[list[object]]:
     return [
-        [u.family.label, count(u.size), count(u.allocated), count(u.free), bar(u.utilisation),
-         f"{u.utilisation * 100:.1f}%"]
+        [u.family.label, count(u.size), count(u.allocated), count(u.cooldown), count(u.reserved), count(u.free),
+         bar(u.utilisation), f"{u.utilisation * 100:.1f}%"]
         for u in usage
     ]
 
 
+def duration_text(value: dt.timedelta) -> str:
+    """``30s``, ``1.5s``, ``0s (none)``."""
+    total = seconds(value)
+    return f"{total}s" if total else "0s (none)"
+
+
+def networks_text(nets: Sequence[IPNetwork]) -> str:
+    return ", ".join(str(n) for n in nets)
+
+
 def pool_table(p: Pool) -> str:
     parts = [
-        fields([("Pool", p.name), ("Created", when(p.create_time)), ("Labels", labels_text(p.labels))]),
+        fields([("Pool", p.name), ("Created", when(p.create_time)), ("Labels", labels_text(p.labels)),
+                ("Cooldown", duration_text(p.cooldown)), ("Node affinity", p.node_affinity.value),
+                ("Reservations", networks_text(p.reservations))]),
         "Ranges:",
         table(["CIDR", "FIRST", "LAST", "GATEWAY", "EXCLUDE", "BLOCK"], range_rows(p.ranges), right=[5], indent=2),
         "Usage:",
-        table(["FAMILY", "SIZE", "ALLOCATED", "FREE", "UTILISATION", ""], usage_rows(p.usage), right=[1, 2, 3, 5],
-              indent=2),
+        table(["FAMILY", "SIZE", "ALLOCATED", "COOLDOWN", "RESERVED", "FREE", "UTILISATION", ""], usage_rows(p.usage),
+              right=[1, 2, 3, 4, 5, 7], indent=2),
     ]
     return "\n".join(parts)
 
@@ -259,16 +325,49 @@ def allocation_table(a: Allocation, *, created: bool | None = None) -> str:
         pairs.append(("Result", "allocated" if created else "already held (unchanged)"))
     pairs += [("Pool", a.pool), ("Owner", a.owner)]
     pairs += [(x.family.label, _address_text(x)) for x in a.addresses]
-    pairs += [("Attributes", labels_text(a.attributes)), ("Created", when(a.create_time))]
+    pairs += [("Node", node_text(a)), ("Attributes", labels_text(a.attributes)), ("Created", when(a.create_time))]
     return fields(pairs)
+
+
+def node_text(a: Allocation) -> str | None:
+    """The allocation's node, marked when an address was borrowed from another node's block."""
+    if a.node is None:
+        return None
+    return f"{a.node} (borrowed)" if a.borrowed else a.node
 
 
 def allocations_table(items: Sequence[Allocation]) -> str:
     rows = [
-        [a.owner, a.ipv4.interface if a.ipv4 else None, a.ipv6.interface if a.ipv6 else None, when(a.create_time)]
+        [a.owner, a.ipv4.interface if a.ipv4 else None, a.ipv6.interface if a.ipv6 else None, node_text(a),
+         when(a.create_time)]
         for a in items
     ]
-    return table(["OWNER", "IPV4", "IPV6", "CREATED"], rows)
+    return table(["OWNER", "IPV4", "IPV6", "NODE", "CREATED"], rows)
+
+
+def blocks_table(blocks: Sequence[Block]) -> str:
+    rows = [[str(b.cidr), b.family.label, b.node, b.used, b.free] for b in blocks]
+    return table(["CIDR", "FAMILY", "NODE", "USED", "FREE"], rows, right=[3, 4])
+
+
+def release_node_text(pool: str, node: str, r: ReleaseNodeResult) -> str:
+    lines = [f"released {len(r.released)} empty block(s) of node {node} in {pool}"
+             + (f": {', '.join(str(b.cidr) for b in r.released)}" if r.released else "")]
+    if r.kept:
+        lines.append(f"kept {len(r.kept)} block(s) that still hold allocations:")
+        lines.append(blocks_table(r.kept))
+    return "\n".join(lines)
+
+
+def progress_line(p: MigrationProgress) -> str:
+    return f"processed {p.processed} of {p.total}: {p.upgraded} upgraded, {p.failed} failed"
+
+
+def event_line(e: WatchEvent) -> str:
+    """One line per event: time, type, owner and addresses (a bookmark shows its token)."""
+    if e.is_bookmark:
+        return f"{when(e.time) or '-'}  bookmark  resume-token={e.resume_token}"
+    return f"{when(e.time) or '-'}  {e.type.value:<9}  {e.owner}  {addresses_text(e.addresses) or '-'}"
 
 
 def addresses_text(addresses: Sequence[Address]) -> str:

@@ -100,6 +100,41 @@ class Policy(enum.StrEnum):
         return Policy(spelled)
 
 
+class NodeAffinity(enum.StrEnum):
+    """How allocations that name a node use blocks (a pool setting).
+
+    ``BORROW`` (the default): when no free block is left for the node, take a free address
+    from another node's block and mark the allocation ``borrowed``.
+    ``STRICT``: a node never takes from another node's block; the pool is exhausted for it instead.
+    """
+
+    BORROW = "borrow"
+    STRICT = "strict"
+
+    @classmethod
+    def parse(cls, value: NodeAffinity | str, where: str = "node_affinity") -> NodeAffinity:
+        """Accepts a :class:`NodeAffinity`, ``"borrow"``/``"strict"`` or ``"NODE_AFFINITY_STRICT"``."""
+        if isinstance(value, NodeAffinity):
+            return value
+        key = str(value).strip().lower().removeprefix("node_affinity_")
+        try:
+            return NodeAffinity(key)
+        except ValueError:
+            raise InvalidArgument(f"{where}: {value!r} is not borrow or strict", metadata={"field": where}) from None
+
+
+class EventType(enum.StrEnum):
+    """The kind of a :class:`WatchEvent`."""
+
+    ALLOCATED = "allocated"
+    """Addresses were allocated to the owner."""
+    RELEASED = "released"
+    """Addresses were released by the owner (Release, GarbageCollect)."""
+    BOOKMARK = "bookmark"
+    """No change: carries the current resume token (the first message of every watch, and
+    every 30 s on an idle watch)."""
+
+
 def parse_address(value: AddressLike, where: str) -> IPAddress:
     """Parses an address; errors name ``where``."""
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
@@ -108,6 +143,20 @@ def parse_address(value: AddressLike, where: str) -> IPAddress:
         return ipaddress.ip_address(str(value).strip())
     except ValueError:
         raise InvalidArgument(f"{where}: {value!r} is not an IP address", metadata={"field": where}) from None
+
+
+def parse_seconds(value: float | int | dt.timedelta, where: str) -> dt.timedelta:
+    """A non-negative duration given as seconds or a :class:`datetime.timedelta`."""
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise InvalidArgument(f"{where}: {value!r} is not a number of seconds or a timedelta",
+                              metadata={"field": where})
+    if not seconds >= 0 or seconds == float("inf"):  # also refuses NaN
+        raise InvalidArgument(f"{where}: {value!r} is not a non-negative number of seconds", metadata={"field": where})
+    return value if isinstance(value, dt.timedelta) else dt.timedelta(seconds=seconds)
 
 
 def parse_network(value: NetworkLike | IPAddress, where: str, *, allow_address: bool = False) -> IPNetwork:
@@ -191,14 +240,24 @@ class Range:
 class FamilyUsage:
     """How much of one family of a pool is in use.
 
-    ``size`` counts the addresses that can be handed out (network, broadcast, gateway and
-    excluded addresses are not counted).
+    Attributes:
+        family: the family.
+        size: the addresses that can be handed out (network, broadcast, gateway and excluded
+            addresses are not counted).
+        allocated: addresses held by owners.
+        free: addresses that can be handed out now: ``size - allocated - cooldown - reserved``.
+        cooldown: released addresses waiting for the pool's cooldown to pass.
+        reserved: addresses reserved with ``reserve_addresses`` (and not allocated).
+
+    The server's counters saturate at 2^64-1 (an IPv6 /48 holds 2^80 addresses).
     """
 
     family: Family
     size: int
     allocated: int
     free: int
+    cooldown: int = 0
+    reserved: int = 0
 
     @property
     def utilisation(self) -> float:
@@ -206,15 +265,33 @@ class FamilyUsage:
         return self.allocated / self.size if self.size else 0.0
 
 
+DEFAULT_COOLDOWN = dt.timedelta(seconds=30)
+"""The server's cooldown for a pool created without one."""
+
+
 @dataclass(frozen=True)
 class Pool:
-    """A pool: named ranges of one or two families, with labels and usage."""
+    """A pool: named ranges of one or two families, with labels, settings and usage.
+
+    Attributes:
+        name: a lowercase DNS label.
+        ranges: the ranges, in order (the first range's family is the default primary).
+        labels: free-form key/value labels.
+        usage: the usage of each family (see :meth:`usage_of`).
+        create_time: when the pool was created (UTC).
+        cooldown: how long a released address waits before it is handed out again.
+        reservations: the networks reserved with ``reserve_addresses`` (an address is a /32 or /128).
+        node_affinity: how allocations that name a node use blocks.
+    """
 
     name: str
     ranges: tuple[Range, ...]
     labels: Mapping[str, str] = field(default_factory=dict)
     usage: tuple[FamilyUsage, ...] = ()
     create_time: dt.datetime | None = None
+    cooldown: dt.timedelta = DEFAULT_COOLDOWN
+    reservations: tuple[IPNetwork, ...] = ()
+    node_affinity: NodeAffinity = NodeAffinity.BORROW
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -251,13 +328,21 @@ class Address:
 
 @dataclass(frozen=True)
 class Allocation:
-    """What one owner holds in one pool: at most one address per family, primary first."""
+    """What one owner holds in one pool: at most one address per family, primary first.
+
+    Attributes:
+        node: the node named when the owner allocated, or None.
+        borrowed: True when an address came from another node's block (the pool's
+            ``node_affinity`` is ``borrow`` and the node had no free block).
+    """
 
     pool: str
     owner: str
     addresses: tuple[Address, ...]
     attributes: Mapping[str, str] = field(default_factory=dict)
     create_time: dt.datetime | None = None
+    node: str | None = None
+    borrowed: bool = False
 
     def address(self, family: Family | str | int) -> Address | None:
         """The address of one family, or None."""
@@ -291,6 +376,87 @@ class AllocateResult:
 
     allocation: Allocation
     created: bool
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a pool's range: what a routing controller programs one route for.
+
+    Attributes:
+        cidr: the block's network, such as ``198.18.0.64/26`` or ``fd00::40/122``.
+        family: its family.
+        node: the node the block is affine to, or None.
+        used: allocated addresses, including ones in cooldown.
+        free: addresses that can be handed out.
+    """
+
+    cidr: IPNetwork
+    family: Family
+    node: str | None
+    used: int
+    free: int
+
+
+@dataclass(frozen=True)
+class ReleaseNodeResult:
+    """The result of ``release_node``.
+
+    Attributes:
+        released: the node's empty blocks, free for any node again (their ``node`` is None).
+        kept: the node's blocks that still hold allocations; they stay the node's.
+    """
+
+    released: tuple[Block, ...]
+    kept: tuple[Block, ...]
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """One progress report of ``migrate_pool`` (sent after each batch of owners).
+
+    Attributes:
+        total: owners in the pool when the migration started.
+        processed: owners looked at so far.
+        upgraded: owners that gained an address.
+        failed: owners that could not get what the policy asks (a family is full, say).
+        errors: the first errors, as ``"owner: message"``.
+    """
+
+    total: int
+    processed: int
+    upgraded: int
+    failed: int
+    errors: tuple[str, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        """``processed / total``, from 0.0 to 1.0 (1.0 for an empty pool; owners added during the
+        migration can make ``processed`` exceed ``total``, which counts as 1.0)."""
+        return min(self.processed / self.total, 1.0) if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One message of a watch: an allocation, a release, or a bookmark.
+
+    Attributes:
+        type: :attr:`EventType.ALLOCATED`, :attr:`EventType.RELEASED` or :attr:`EventType.BOOKMARK`.
+        owner: the owner (empty for a bookmark).
+        addresses: the addresses allocated or released by this event (empty for a bookmark).
+        time: when the change committed (None for a bookmark).
+        resume_token: pass it back to resume right after this message.
+    """
+
+    type: EventType
+    owner: str
+    addresses: tuple[Address, ...]
+    time: dt.datetime | None
+    resume_token: str
+
+    @property
+    def is_bookmark(self) -> bool:
+        """True for a bookmark (no change)."""
+        return self.type is EventType.BOOKMARK
 
 
 T = TypeVar("T")
