@@ -1,6 +1,7 @@
 """The ``dsipam`` admin CLI as a subprocess against a real server: tables, JSON and YAML output,
 per-range options, the alloc forms, exit codes (2 usage, 1 refusals), one-line errors,
-progress on a terminal, lazy imports, and serve/migrate/fsck still in place."""
+progress on a terminal, lazy imports, and serve/migrate/fsck still in place. The lifecycle,
+node and watch commands are in test_cli_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -85,13 +86,15 @@ def test_pool_show_table_has_size_allocated_free_and_a_bar_per_family(target: st
     assert re.search(r"^\s+198\.18\.0\.0/24\s+-\s+-\s+198\.18\.0\.1\s+198\.18\.0\.128/25,198\.18\.0\.5/32\s+64$", out,
                      re.M), out
     assert re.search(r"^\s+fd00::/120\s+fd00::10\s+fd00::ff\s+-\s+-\s+16$", out, re.M), out
-    usage = {m[0]: m[1:] for m in re.findall(r"^\s+(IPv[46])\s+(\d+)\s+(\d+)\s+(\d+)\s+\[(.+)\]\s+([\d.]+)%$", out,
-                                             re.M)}
+    assert re.search(r"^\s+FAMILY\s+SIZE\s+ALLOCATED\s+COOLDOWN\s+RESERVED\s+FREE\s+UTILISATION$", out, re.M), out
+    usage = {m[0]: m[1:] for m in re.findall(
+        r"^\s+(IPv[46])\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+\[(.+)\]\s+([\d.]+)%$", out, re.M)}
     with IpamClient(target, timeout=WAIT) as ipam:
         pool = ipam.get_pool("pods")
     for u in pool.usage:
-        size, allocated, free, bar, percent = usage[u.family.label]
-        assert (int(size), int(allocated), int(free)) == (u.size, u.allocated, u.free)
+        size, allocated, cooldown, reserved, free, bar, percent = usage[u.family.label]
+        assert (int(size), int(allocated), int(cooldown), int(reserved), int(free)) == (
+            u.size, u.allocated, u.cooldown, u.reserved, u.free)
         assert len(bar) == 20 and bar != bar[0] * 20  # something of each is in use: a partly filled bar
         assert float(percent) == pytest.approx(u.allocated / u.size * 100, abs=0.05)
     assert usage["IPv4"][1] == "3" and usage["IPv6"][1] == "4"
@@ -104,14 +107,18 @@ def test_pool_list_and_show_json_are_stable_documents(target: str) -> None:
     assert list(listed) == ["pools"] and [p["name"] for p in listed["pools"]] == ["pods", "v4"]
     shown = json.loads(ok(dsipam("pool", "show", "pods", "--output", "json", target=target)))
     assert shown == listed["pools"][0]
-    assert list(shown) == ["name", "ranges", "labels", "usage", "create_time"]
+    assert list(shown) == ["name", "ranges", "labels", "usage", "create_time", "cooldown", "node_affinity",
+                           "reservations"]
+    assert (shown["cooldown"], shown["node_affinity"], shown["reservations"]) == (30, "borrow", [])
     assert shown["ranges"][0] == {"cidr": "198.18.0.0/24", "family": "ipv4", "first": None, "last": None,
                                   "gateway": "198.18.0.1", "exclude": ["198.18.0.128/25", "198.18.0.5/32"],
                                   "block_size": 64}
     assert shown["ranges"][1]["first"] == "fd00::10" and shown["ranges"][1]["block_size"] == 16
     assert shown["labels"] == {"env": "dev"}
-    assert [list(u) for u in shown["usage"]] == [["family", "size", "allocated", "free", "utilisation"]] * 2
-    assert shown["usage"][0] == {"family": "ipv4", "size": 125, "allocated": 0, "free": 125, "utilisation": 0.0}
+    assert [list(u) for u in shown["usage"]] == [["family", "size", "allocated", "free", "utilisation", "cooldown",
+                                                  "reserved"]] * 2
+    assert shown["usage"][0] == {"family": "ipv4", "size": 125, "allocated": 0, "free": 125, "utilisation": 0.0,
+                                 "cooldown": 0, "reserved": 0}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", shown["create_time"])
     table = ok(dsipam("pool", "list", target=target)).splitlines()
     assert table[0].split() == ["NAME", "RANGES", "IPV4", "USED", "IPV6", "USED", "CREATED"]
@@ -139,7 +146,8 @@ def test_alloc_forms_and_outputs(target: str) -> None:
                                  "--family", "ipv4", "--attr", "ns=default", "-o", "json", target=target)))
     assert list(first) == ["allocation", "created"] and first["created"] is True
     alloc = first["allocation"]
-    assert list(alloc) == ["pool", "owner", "addresses", "attributes", "create_time"]
+    assert list(alloc) == ["pool", "owner", "addresses", "attributes", "create_time", "node", "borrowed"]
+    assert (alloc["node"], alloc["borrowed"]) == (None, False)
     assert [a["family"] for a in alloc["addresses"]] == ["ipv6", "ipv4"]
     assert list(alloc["addresses"][0]) == ["family", "ip", "prefix_length", "gateway"]
     v6, v4 = alloc["addresses"]
@@ -173,9 +181,9 @@ def test_alloc_forms_and_outputs(target: str) -> None:
     assert [a["owner"] for a in listed["allocations"]] == ["c1/eth0", "c2/eth0"]
     assert yaml.safe_load(ok(dsipam("alloc", "list", "pods", "-o", "yaml", target=target))) == listed
     rows = ok(dsipam("alloc", "list", "pods", target=target)).splitlines()
-    assert rows[0].split() == ["OWNER", "IPV4", "IPV6", "CREATED"]
-    assert rows[1].split()[:3] == ["c1/eth0", f"{v4['ip']}/24", f"{v6['ip']}/120"]
-    assert rows[2].split()[:3] == ["c2/eth0", "198.18.0.42/24", "-"]
+    assert rows[0].split() == ["OWNER", "IPV4", "IPV6", "NODE", "CREATED"]
+    assert rows[1].split()[:4] == ["c1/eth0", f"{v4['ip']}/24", f"{v6['ip']}/120", "-"]
+    assert rows[2].split()[:4] == ["c2/eth0", "198.18.0.42/24", "-", "-"]
     assert rows[-1] == "(2 allocations)"
 
 

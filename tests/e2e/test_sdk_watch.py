@@ -135,16 +135,16 @@ async def test_watch_async_delivers_resumes_and_cancels(target: str) -> None:
         expected.append(("released", "a", tuple(str(a.ip) for a in sorted(released, key=lambda a: a.family.version))))
         resumed = ipam.watch_allocations("aw", token)
         rest: list[Key] = []
+        arrived = asyncio.Event()
 
         async def consume() -> None:
             async for event in resumed:
                 if not event.is_bookmark:
                     rest.append(key(event))
+                    arrived.set()
 
         consumer = asyncio.create_task(consume())
-        end = time.monotonic() + WAIT
-        while not rest and time.monotonic() < end:
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(arrived.wait(), WAIT)
         resumed.cancel()  # the consumer waits for the next event: it ends quietly
         await asyncio.wait_for(consumer, WAIT)
         assert rest == expected[2:] and resumed.cancelled
