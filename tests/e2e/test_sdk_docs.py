@@ -45,6 +45,8 @@ def test_the_controller_example_allocates_reconciles_and_releases(target: str, t
     assert all(a.startswith("198.18.16.") and a.endswith("/24") for a in v4)
     assert all(a.startswith("fd00:16::") and a.endswith("/120") for a in v6)
     assert "reconciled: added ['default/api-0/eth0'], released ['default/web-0/eth0', 'default/web-1/eth0']" in lines
+    # the watch saw every change once: six pairs and api-0's, two collected and five released
+    assert lines[-2] == "watched: {'allocated': 7, 'released': 7}, cached owners: []"
     assert lines[-1] == "allocated now: {'IPv4': 0, 'IPv6': 0}"
     with IpamClient(target, timeout=WAIT) as ipam:
         pool = ipam.get_pool("web")
@@ -53,7 +55,8 @@ def test_the_controller_example_allocates_reconciles_and_releases(target: str, t
     # run again: the pool is found, not created, and the same story holds
     again = run(examples()["controller"], target, tmp_path)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.splitlines()[-1] == "allocated now: {'IPv4': 0, 'IPv6': 0}"
+    assert again.stdout.splitlines()[-2:] == ["watched: {'allocated': 7, 'released': 7}, cached owners: []",
+                                              "allocated now: {'IPv4': 0, 'IPv6': 0}"]
 
 
 @pytest.mark.parametrize("name", [n for n in examples() if n != "controller"])

@@ -253,6 +253,34 @@ def test_lost_responses_are_retried_safely(target: str) -> None:
         proxy.close()
 
 
+def test_lost_responses_of_pool_changes_are_retried_safely(target: str) -> None:
+    """Each change was made by the attempt whose answer was lost; the retry reports success."""
+    lost = ("UpdatePool", "ReserveAddresses", "UnreserveAddresses", "AddPoolRange", "RemovePoolRange", "ReleaseNode")
+    with IpamClient(target, timeout=WAIT) as direct:
+        direct.create_pool("changes", "198.18.0.0/24", cooldown=0)
+        direct.allocate("changes", "o", node="node-a")
+        direct.release("changes", "o")
+    proxy = Proxy(target, lose=lost)
+    try:
+        with IpamClient(proxy.target, retry=RetryPolicy(initial_backoff=0.01), timeout=WAIT) as ipam:
+            assert ipam.update_pool("changes", labels={"x": "y"}, cooldown=1).cooldown == dt.timedelta(seconds=1)
+            pool = ipam.reserve_addresses("changes", ["198.18.0.9", "198.18.0.16/30"])
+            assert set(map(str, pool.reservations)) == {"198.18.0.9/32", "198.18.0.16/30"}
+            pool = ipam.unreserve_addresses("changes", "198.18.0.16/30")  # the retry finds it unreserved
+            assert [str(r) for r in pool.reservations] == ["198.18.0.9/32"]
+            pool = ipam.add_pool_range("changes", sdk.Range("fd00::/120", first="fd00::10"))  # the retry: overlap
+            assert [str(r.cidr) for r in pool.ranges] == ["198.18.0.0/24", "fd00::/120"]
+            pool = ipam.remove_pool_range("changes", "fd00::/120")  # the retry: RANGE_NOT_FOUND
+            assert [str(r.cidr) for r in pool.ranges] == ["198.18.0.0/24"]
+            freed = ipam.release_node("changes", "node-a")  # the lost attempt freed the block
+            assert freed.released == () and freed.kept == ()
+            for name in lost:
+                assert proxy.count(name) == 2, name
+            assert ipam.get_pool("changes").labels == {"x": "y"}
+    finally:
+        proxy.close()
+
+
 def test_a_retried_create_that_finds_a_different_pool_fails(target: str) -> None:
     with IpamClient(target, timeout=WAIT) as ipam:
         ipam.create_pool("taken", ["198.18.8.0/24"])

@@ -18,7 +18,15 @@ from dsipam.v1 import ipam_pb2 as pb
 from . import _base as b
 from . import _convert as c
 from ._channel import ChannelOptions, TlsConfig
-from ._errors import DeadlineExceeded, InvalidArgument, IpamError, PoolAlreadyExists, PoolNotFound, error_from_rpc
+from ._errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    IpamError,
+    PoolAlreadyExists,
+    PoolNotFound,
+    RangeNotFound,
+    error_from_rpc,
+)
 from ._retry import Deadline, RetryPolicy
 from ._stream import AsyncStream, AsyncWatchStream
 from ._types import (
@@ -416,20 +424,44 @@ class AsyncIpamClient:
         """Removes reservations made by :meth:`reserve_addresses` and returns the pool.
         See :meth:`IpamClient.unreserve_addresses`."""
         request = pb.UnreserveAddressesRequest(pool=pool, addresses=c.networks(addresses))
-        return c.pool_from_pb(await self._invoke(b.UNRESERVE_ADDRESSES, request, timeout))
+        try:
+            return c.pool_from_pb(await self._invoke(b.UNRESERVE_ADDRESSES, request, timeout))
+        except InvalidArgument as exc:
+            if exc.attempts <= 1:
+                raise
+            current = await self.get_pool(pool, timeout=timeout)  # an earlier attempt may have removed them
+            if c.holds_none_of(current, request.addresses):
+                return current
+            raise
 
     async def add_pool_range(self, pool: str, range: Range | NetworkLike, *, timeout: float | None = None) -> Pool:
         """Adds a range (a :class:`Range` or a CIDR) to a live pool and returns the pool.
         See :meth:`IpamClient.add_pool_range`."""
         request = c.add_range(pool, range)
-        return c.pool_from_pb(await self._invoke(b.ADD_POOL_RANGE, request, timeout))
+        try:
+            return c.pool_from_pb(await self._invoke(b.ADD_POOL_RANGE, request, timeout))
+        except InvalidArgument as exc:
+            if exc.attempts <= 1:
+                raise
+            current = await self.get_pool(pool, timeout=timeout)  # an earlier attempt may have added it
+            if c.has_range(current, request):
+                return current
+            raise
 
     async def remove_pool_range(self, pool: str, cidr: NetworkLike, *, timeout: float | None = None) -> Pool:
         """Removes the range with this CIDR from a live pool and returns the pool.
         See :meth:`IpamClient.remove_pool_range`."""
         net = parse_network(cidr, "cidr")
         request = pb.RemovePoolRangeRequest(pool=pool, cidr=str(net))
-        return c.pool_from_pb(await self._invoke(b.REMOVE_POOL_RANGE, request, timeout))
+        try:
+            return c.pool_from_pb(await self._invoke(b.REMOVE_POOL_RANGE, request, timeout))
+        except RangeNotFound as exc:
+            if exc.attempts <= 1:
+                raise
+            current = await self.get_pool(pool, timeout=timeout)  # an earlier attempt may have removed it
+            if all(r.cidr != net for r in current.ranges):
+                return current
+            raise
 
     def migrate_pool(
         self,

@@ -16,7 +16,15 @@ from dsipam.v1 import ipam_pb2 as pb
 from . import _base as b
 from . import _convert as c
 from ._channel import ChannelOptions, TlsConfig
-from ._errors import DeadlineExceeded, InvalidArgument, IpamError, PoolAlreadyExists, PoolNotFound, error_from_rpc
+from ._errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    IpamError,
+    PoolAlreadyExists,
+    PoolNotFound,
+    RangeNotFound,
+    error_from_rpc,
+)
 from ._retry import Deadline, RetryPolicy
 from ._stream import Stream, WatchStream
 from ._types import (
@@ -427,12 +435,20 @@ class IpamClient:
         and returns the pool.
 
         Raises:
-            InvalidArgument: an address or CIDR is malformed or not reserved (also when a retried
-                call had removed it already).
+            InvalidArgument: an address or CIDR is malformed or not reserved (not raised when a
+                retried call finds that an earlier attempt removed them all).
             PoolNotFound: no pool has that name.
         """
         request = pb.UnreserveAddressesRequest(pool=pool, addresses=c.networks(addresses))
-        return c.pool_from_pb(self._invoke(b.UNRESERVE_ADDRESSES, request, timeout))
+        try:
+            return c.pool_from_pb(self._invoke(b.UNRESERVE_ADDRESSES, request, timeout))
+        except InvalidArgument as exc:
+            if exc.attempts <= 1:
+                raise
+            current = self.get_pool(pool, timeout=timeout)  # an earlier attempt may have removed them
+            if c.holds_none_of(current, request.addresses):
+                return current
+            raise
 
     def add_pool_range(self, pool: str, range: Range | NetworkLike, *, timeout: float | None = None) -> Pool:
         """Adds a range to a live pool and returns the pool; an IPv6 range turns an IPv4-only pool
@@ -443,12 +459,20 @@ class IpamClient:
             range: a :class:`Range` or a plain CIDR; it must not overlap the pool's ranges.
 
         Raises:
-            InvalidArgument: a malformed range, or one that overlaps the pool's (also when a retried
-                call had added it already).
+            InvalidArgument: a malformed range, or one that overlaps the pool's (not raised when a
+                retried call finds the same range added by an earlier attempt).
             PoolNotFound: no pool has that name.
         """
         request = c.add_range(pool, range)
-        return c.pool_from_pb(self._invoke(b.ADD_POOL_RANGE, request, timeout))
+        try:
+            return c.pool_from_pb(self._invoke(b.ADD_POOL_RANGE, request, timeout))
+        except InvalidArgument as exc:
+            if exc.attempts <= 1:
+                raise
+            current = self.get_pool(pool, timeout=timeout)  # an earlier attempt may have added it
+            if c.has_range(current, request):
+                return current
+            raise
 
     def remove_pool_range(self, pool: str, cidr: NetworkLike, *, timeout: float | None = None) -> Pool:
         """Removes the range with this CIDR from a live pool and returns the pool. Addresses of the
@@ -457,12 +481,21 @@ class IpamClient:
         Raises:
             AddressAllocated: the range still holds allocations.
             FailedPrecondition: it is the pool's last range (delete the pool instead).
-            RangeNotFound: the pool has no such range (also when a retried call had removed it).
+            RangeNotFound: the pool has no such range (not raised when a retried call finds that an
+                earlier attempt removed it).
             PoolNotFound: no pool has that name.
         """
         net = parse_network(cidr, "cidr")
-        return c.pool_from_pb(self._invoke(b.REMOVE_POOL_RANGE, pb.RemovePoolRangeRequest(pool=pool, cidr=str(net)),
-                                           timeout))
+        request = pb.RemovePoolRangeRequest(pool=pool, cidr=str(net))
+        try:
+            return c.pool_from_pb(self._invoke(b.REMOVE_POOL_RANGE, request, timeout))
+        except RangeNotFound as exc:
+            if exc.attempts <= 1:
+                raise
+            current = self.get_pool(pool, timeout=timeout)  # an earlier attempt may have removed it
+            if all(r.cidr != net for r in current.ranges):
+                return current
+            raise
 
     def migrate_pool(
         self,

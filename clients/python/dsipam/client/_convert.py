@@ -338,12 +338,24 @@ def watch_event(message: pb.WatchAllocationsResponse, requested: str, first: boo
     return event
 
 
+def _range_key(r: Range) -> tuple[object, ...]:
+    return (r.cidr, r.first, r.last, r.gateway, frozenset(r.exclude))
+
+
+def has_range(pool: Pool, request: pb.AddPoolRangeRequest) -> bool:
+    """Whether a pool holds the range an AddPoolRange asked for (block size aside)."""
+    return _range_key(range_from_pb(request.range)) in {_range_key(r) for r in pool.ranges}
+
+
+def holds_none_of(pool: Pool, addresses: Iterable[str]) -> bool:
+    """Whether none of these reservations (as sent) is in the pool's reservations."""
+    return not {parse_network(a, "addresses", allow_address=True) for a in addresses} & set(pool.reservations)
+
+
 def same_pool(pool: Pool, request: pb.CreatePoolRequest, ranges: tuple[Range, ...]) -> bool:
     """Whether a stored pool is what a CreatePool asked for (block sizes aside)."""
 
-    def key(r: Range) -> tuple[object, ...]:
-        return (r.cidr, r.first, r.last, r.gateway, frozenset(r.exclude))
-
+    key = _range_key
     wanted = request.pool
     cooldown = wanted.cooldown.ToTimedelta() if wanted.HasField("cooldown") else DEFAULT_COOLDOWN
     affinity = NodeAffinity.STRICT if wanted.node_affinity == pb.NODE_AFFINITY_STRICT else NodeAffinity.BORROW
