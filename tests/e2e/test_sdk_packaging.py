@@ -40,7 +40,7 @@ def test_the_wheel_holds_the_sdk_and_stubs_and_no_server(wheel: Path) -> None:
         meta = email.message_from_bytes(z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))))
         entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert {"dsipam/client/py.typed", "dsipam/client/__init__.py", "dsipam/client/_client.py",
-            "dsipam/client/_aio.py", "dsipam/client/_cli.py", "dsipam/v1/ipam_pb2.py",
+            "dsipam/client/_aio.py", "dsipam/client/_cli.py", "dsipam/client/_stream.py", "dsipam/v1/ipam_pb2.py",
             "dsipam/v1/ipam_pb2.pyi"} <= names
     assert not [n for n in names if n.startswith(("dsipam/server", "dsipam/migrations", "dsipam/cni"))]
     assert "dsipam/__init__.py" not in names  # dsipam stays a namespace package
