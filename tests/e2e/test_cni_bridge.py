@@ -23,9 +23,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support import spawn_server
+
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
-from support import spawn_server
 
 BRIDGE = Path("/usr/lib/cni/bridge")
 V4_RANGE, V4_GATEWAY = "198.18.0.0/24", "198.18.0.1"

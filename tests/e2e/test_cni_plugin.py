@@ -20,9 +20,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support import ServerProcess, free_port, spawn_server
+
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
-from support import ServerProcess, free_port, spawn_server
 
 _pool_ids = itertools.count(1)
 ERROR_KEYS = {"cniVersion", "code", "msg", "details"}

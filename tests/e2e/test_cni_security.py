@@ -18,11 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support import free_port
+from test_cni_plugin import Plugin, allocation, assert_cni_error, netconf
+
 from dsipam.server.security import hash_token
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
-from support import free_port
-from test_cni_plugin import Plugin, allocation, assert_cni_error, netconf
 
 SHIM_TOKEN = "dsipam_test-shim-" + os.urandom(8).hex()
 CONTROLLER_TOKEN = "dsipam_test-controller-" + os.urandom(8).hex()

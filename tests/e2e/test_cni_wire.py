@@ -13,10 +13,11 @@ import os
 import random
 
 import pytest
-from dsipam.cni import _hpack, _jsonio, _wire
-from dsipam.v1 import ipam_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
+
+from dsipam.cni import _hpack, _jsonio, _wire
+from dsipam.v1 import ipam_pb2 as pb
 
 # The field numbers _wire.py writes and reads, by message.
 FIELDS = {

@@ -24,10 +24,11 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from support import free_port
+
 from dsipam.server import security
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
-from support import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for a test certificate")
 

@@ -9,8 +9,9 @@ import time
 from collections import Counter
 
 import grpc
-from dsipam.client import IpamClient, IpamError
 from support import free_port, psql, spawn_server, wait_healthy
+
+from dsipam.client import IpamClient, IpamError
 
 
 class CountAttempts(grpc.UnaryUnaryClientInterceptor):

@@ -25,11 +25,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from dsipam.v1 import ipam_pb2 as pb
-from dsipam.v1 import ipam_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import REQUIRE, error_info, pool
 from support import ServerProcess, free_port, spawn_server, wait_healthy
+
+from dsipam.v1 import ipam_pb2 as pb
+from dsipam.v1 import ipam_pb2_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IpamService"]
 SHIM_METHODS = {"Allocate", "Release", "GetAllocation", "GetPool"}

@@ -15,7 +15,6 @@ import pytest
 from grpc_helpers import pool
 from support import psql, running_server
 
-from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
 
 WORKER = str(Path(__file__).resolve().parent.parent / "alloc_worker.py")

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from dsipam.server.domain import Family, PoolExhausted, Policy, RangeInput, build_pool_spec
+from dsipam.server.domain import Family, Policy, PoolExhausted, RangeInput, build_pool_spec
 from dsipam.server.store import Store, create_engine
 from dsipam.server.store._fast import FastPath
 

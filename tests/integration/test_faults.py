@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from dsipam.v1 import ipam_pb2 as pb
-from dsipam.v1 import ipam_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import REQUIRE, pool
 from pgcluster import create_dsipam_database, private_cluster
 from support import free_port, scratch_database, spawn_server
+
+from dsipam.v1 import ipam_pb2 as pb
+from dsipam.v1 import ipam_pb2_grpc
 
 POOL = "faults"
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from dsipam.v1 import ipam_pb2 as pb
-from dsipam.v1 import ipam_pb2_grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import ServerProcess, scratch_database, spawn_server
 from test_auth import md, new_token, write_config
+
+from dsipam.v1 import ipam_pb2 as pb
+from dsipam.v1 import ipam_pb2_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IpamService"]
 METHODS = list(SERVICE.methods)

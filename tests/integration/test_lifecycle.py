@@ -4,10 +4,9 @@ import threading
 import time
 
 import grpc
-import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 from grpc_helpers import PREFER, REQUIRE, SINGLE, V4, V6, expect_error, families, ips, pool
-from support import psql, running_server, spawn_server
+from support import running_server
 
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc

@@ -13,12 +13,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from dsipam.v1 import ipam_pb2 as pb
-from dsipam.v1 import ipam_pb2_grpc
 from grpc_helpers import REQUIRE, SINGLE, V4, pool
 from prometheus_client.parser import text_string_to_metric_families
 from support import ServerProcess, free_port, spawn_server
 from test_auth import md, new_token, write_config
+
+from dsipam.v1 import ipam_pb2 as pb
+from dsipam.v1 import ipam_pb2_grpc
 
 
 @pytest.fixture(scope="module")

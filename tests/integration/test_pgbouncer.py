@@ -26,10 +26,11 @@ from urllib.parse import urlsplit
 
 import grpc
 import pytest
-from dsipam.v1 import ipam_pb2 as pb
-from dsipam.v1 import ipam_pb2_grpc
 from grpc_helpers import REQUIRE, V4, V6, expect_error, families, ips, pool
 from support import ADMIN_URL, ServerProcess, free_port, psql, scratch_database, spawn_server
+
+from dsipam.v1 import ipam_pb2 as pb
+from dsipam.v1 import ipam_pb2_grpc
 
 C = grpc.StatusCode
 SERVER_POOL_SIZE = 3  # PgBouncer's server connections per database: fewer than the engine's client connections

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dsipam.v1 import ipam_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from dsipam.v1 import ipam_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 GHZ_CONFIGS = sorted((ROOT / "bench" / "ghz").glob("*.json"))

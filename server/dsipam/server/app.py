@@ -8,8 +8,9 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 
 from . import security
 from .domain import DatabaseUnavailable

@@ -36,6 +36,7 @@ class GrpcClient:
     def __init__(self, target: str, timeout: float, tls: dict[str, str] | None, token: str = "") -> None:
         _enable_site()
         import grpc
+
         from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 
         self._grpc = grpc

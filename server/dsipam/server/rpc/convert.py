@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dsipam.v1 import ipam_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
+
+from dsipam.v1 import ipam_pb2 as pb
 
 from .. import domain
 from ..domain import Family, Policy

@@ -141,8 +141,7 @@ class FastPath:
             pool = await self._connect()
             async with pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
-        except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
-                asyncpg.AdminShutdownError, asyncpg.TargetServerAttributeNotMatched) as exc:
+        except (TimeoutError, OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError, asyncpg.TargetServerAttributeNotMatched) as exc:
             raise DatabaseUnavailable("database: unreachable, try again later") from exc
         self.batches += 1
         self.requests += len(batch)
