@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from dsipam.client import IpamClient, Range
 
 DSIPAM = str(Path(sys.executable).with_name("dsipam"))

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from dsipam.client import IpamClient, Range
 
 DSIPAM = str(Path(sys.executable).with_name("dsipam"))

@@ -15,9 +15,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import dsipam.client as sdk
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from support import ROOT, ServerProcess, spawn_server
+
+import dsipam.client as sdk
 from dsipam.client import (
     Address,
     AsyncIpamClient,
@@ -26,9 +30,6 @@ from dsipam.client import (
     Policy,
     Range,
 )
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-from support import ROOT, ServerProcess, spawn_server
 
 WAIT = 30.0  # deadline of the tests' calls: generous, for a loaded machine
 

@@ -13,15 +13,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import dsipam.client as sdk
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from dsipam.client import AsyncIpamClient, IpamClient, RetryPolicy, TlsConfig
 from support import free_port, wait_healthy
+
+import dsipam.client as sdk
+from dsipam.client import AsyncIpamClient, IpamClient, RetryPolicy, TlsConfig
 
 DSIPAM = str(Path(sys.executable).with_name("dsipam"))
 DUAL = ["198.18.0.0/24", "fd00::/120"]

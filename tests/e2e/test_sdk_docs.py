@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from dsipam.client import IpamClient
 from support import ROOT
+
+from dsipam.client import IpamClient
 
 DOC = ROOT / "docs" / "sdk.md"
 MARKED = re.compile(r"<!-- test: run(?: (?P<name>[\w-]+))? -->\n```python\n(?P<code>.*?)\n```", re.S)

@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dsipam.client as sdk
 import grpc
 import pytest
-from dsipam.client import AsyncIpamClient, IpamClient, Range, RetryPolicy
 from support import ServerProcess, free_port, psql, scratch_database, spawn_server
+
+import dsipam.client as sdk
+from dsipam.client import AsyncIpamClient, IpamClient, Range, RetryPolicy
 
 DUAL = ["198.18.0.0/24", "fd00::/120"]
 QUICK = RetryPolicy(initial_backoff=0.05, max_backoff=0.5)

@@ -11,9 +11,10 @@ import ipaddress
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import dsipam.client as sdk
 import grpc
 import pytest
+
+import dsipam.client as sdk
 from dsipam.client import AsyncIpamClient, Family, IpamClient, NodeAffinity, Range
 
 WAIT = 30.0  # deadline of the tests' calls: generous, for a loaded machine

@@ -17,13 +17,14 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import dsipam.client as sdk
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+import dsipam.client as sdk
 from dsipam.client import AsyncIpamClient, IpamClient, RetryPolicy, TlsConfig
 
 DUAL = ["198.18.0.0/24", "fd00::/120"]

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import dsipam.client as sdk
 import pytest
-from dsipam.client import AsyncIpamClient, EventType, IpamClient, RetryPolicy, WatchEvent
 from support import ServerProcess, free_port, spawn_server
+
+import dsipam.client as sdk
+from dsipam.client import AsyncIpamClient, EventType, IpamClient, RetryPolicy, WatchEvent
 
 WAIT = 30.0  # deadline of the tests' calls and of waits for events: generous, for a loaded machine
 QUICK = RetryPolicy(initial_backoff=0.05, max_backoff=0.5)

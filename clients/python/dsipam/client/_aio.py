@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 import grpc
+
 from dsipam.v1 import ipam_pb2 as pb
 
 from . import _base as b

@@ -8,8 +8,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from dsipam.v1 import ipam_pb2 as pb
 from google.protobuf.message import Message
+
+from dsipam.v1 import ipam_pb2 as pb
 
 from ._channel import (
     DEFAULT_TARGET,

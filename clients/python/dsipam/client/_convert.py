@@ -7,8 +7,9 @@ import datetime as dt
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from dsipam.v1 import ipam_pb2 as pb
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+
+from dsipam.v1 import ipam_pb2 as pb
 
 from ._errors import InvalidArgument
 from ._types import (
