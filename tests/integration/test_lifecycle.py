@@ -312,3 +312,30 @@ def test_prefer_upgrade_keeps_address_when_other_family_is_full(stub):
     alloc(stub, "pf", "y", SINGLE, [V6])
     up = alloc(stub, "pf", "a", PREFER)
     assert not up.created and ips(up.allocation) == ips(a)
+
+
+def test_a_new_watch_starts_from_now(stub, target):
+    stub.CreatePool(pool("wn", "198.18.0.0/24", "fd00::/120"))
+    alloc(stub, "wn", "before")
+    with grpc.insecure_channel(target) as ch:
+        watch = ipam_pb2_grpc.IpamServiceStub(ch).WatchAllocations(pb.WatchAllocationsRequest(pool="wn"))
+        assert next(watch).type == pb.EVENT_TYPE_BOOKMARK
+        alloc(stub, "wn", "after")
+        e = next(watch)
+        while e.type == pb.EVENT_TYPE_BOOKMARK:
+            e = next(watch)
+        assert e.owner == "after"
+        watch.cancel()
+
+
+def test_migrate_keeps_the_owners_node(stub, clean_db):
+    stub.CreatePool(pool("mn", "198.18.0.0/24"))
+    for i in range(5):
+        stub.Allocate(pb.AllocateRequest(pool="mn", owner=f"p{i}", node="node-a", ip_family_policy=SINGLE))
+    stub.AddPoolRange(pb.AddPoolRangeRequest(pool="mn", range=pb.IpRange(cidr="fd00::/120")))
+    progress = list(stub.MigratePool(pb.MigratePoolRequest(pool="mn", ip_family_policy=REQUIRE)))
+    assert len(progress) == 1 and progress[0].upgraded == 5
+    v6_blocks = [b.cidr for b in stub.ListBlocks(pb.ListBlocksRequest(pool="mn", node="node-a")).blocks
+                 if b.family == V6]
+    assert len(v6_blocks) == 1
+    fsck_clean(clean_db, "mn")

@@ -198,7 +198,7 @@ class IpamServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdatePool(self, request, context):
-        """Changes a live pool's labels or cooldown (the fields named in update_mask).
+        """Changes a live pool's labels, cooldown or node affinity (the fields named in update_mask).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -184,9 +184,15 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
         self, request: pb.WatchAllocationsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchAllocationsResponse]:
         try:
-            token = request.resume_token
-            events, token = await self.store.read_events(request.pool, token)
-            yield pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=token)
+            # The first message is a bookmark of where this watch starts: the request's token when
+            # resuming (events after it follow), or the current position for a new watch.
+            if request.resume_token:
+                events, token = await self.store.read_events(request.pool, request.resume_token)
+                start = request.resume_token
+            else:
+                events, token = await self.store.read_events(request.pool, "")
+                start = token
+            yield pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=start)
             idle = 0.0
             while True:
                 for e in events:

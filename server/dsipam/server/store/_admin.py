@@ -442,19 +442,21 @@ class AdminStore:
         while True:
             with unavailable_on_disconnect():
                 async with self.engine.connect() as conn:
-                    owners = (
+                    rows = (
                         await conn.execute(
-                            text("SELECT owner FROM ipam_allocations WHERE pool_id = :p AND owner > :after "
+                            text("SELECT owner, node FROM ipam_allocations WHERE pool_id = :p AND owner > :after "
                                  "ORDER BY owner LIMIT :n"),
                             {"p": pool.id, "after": after, "n": batch},
                         )
-                    ).scalars().all()
-            if not owners:
+                    ).all()
+            if not rows:
                 break
-            for owner in owners:
-                try:
+            owners = [r.owner for r in rows]
+            for owner, node in rows:
+                try:  # the owner's node is kept: a new family comes from that node's blocks
                     _, created = await self.allocate(  # type: ignore[attr-defined]
-                        pool=name, owner=owner, policy=policy, families=(), addresses=(), attributes={}
+                        pool=name, owner=owner, policy=policy, families=(), addresses=(), attributes={},
+                        node=node or "",
                     )
                     upgraded += int(created)
                 except IpamError as exc:
@@ -464,7 +466,8 @@ class AdminStore:
                 processed += 1
             after = owners[-1]
             yield MigrationProgress(total, processed, upgraded, failed, tuple(errors))
-        yield MigrationProgress(total, processed, upgraded, failed, tuple(errors))
+        if processed == 0:  # an empty pool still gets one report
+            yield MigrationProgress(total, processed, upgraded, failed, tuple(errors))
 
     # -- node affinity ----------------------------------------------------------------
 
@@ -566,6 +569,8 @@ class AdminStore:
                 ).mappings().all()
         horizon = rows[0]["horizon"]
         now = rows[0]["now"]
+        if position is None:  # a new watch starts from now: history is for resumed watches only
+            return [], encode_token({"p": pool.id, "x": horizon, "i": 0, "t": now.timestamp()})
         events = []
         for row in rows:
             if row["id"] is None:
