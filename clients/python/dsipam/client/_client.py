@@ -690,8 +690,8 @@ class IpamClient:
         Args:
             pool: the pool.
             resume_token: the ``resume_token`` of the last message seen, to continue right after
-                it (nothing missed, nothing twice); None: the server's starting point (it begins
-                with the events it still keeps).
+                it (nothing missed, nothing twice); None: from now (the first message is a
+                bookmark of that position; older events are not replayed).
             timeout: seconds to start the watch (until its first message, retries included);
                 None: the client's timeout. The stream itself has no deadline.
 
