@@ -68,6 +68,7 @@ async def _capture(db_url: str, pool: str) -> Captured:
     import grpc
     from asyncpg import connection as pg_connection
     from asyncpg import prepared_stmt
+
     from dsipam.server.app import start
     from dsipam.server.settings import Settings
     from dsipam.v1 import ipam_pb2 as pb

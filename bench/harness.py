@@ -223,6 +223,7 @@ class Sampler:
 def create_pool(target: str, name: str, ranges: Sequence[str], block_size: int = 0) -> None:
     """CreatePool through the API, one range per CIDR."""
     import grpc
+
     from dsipam.v1 import ipam_pb2 as pb
     from dsipam.v1 import ipam_pb2_grpc
 

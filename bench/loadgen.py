@@ -281,8 +281,9 @@ def _process_main(
 
 async def _process_async(index: int, spec: LoadSpec, counter: Any, ready: Any, go: Any, start_at: Any) -> dict:
     import grpc
-    from dsipam.v1 import ipam_pb2 as pb
     from grpc_health.v1 import health_pb2
+
+    from dsipam.v1 import ipam_pb2 as pb
 
     channels = [
         grpc.aio.insecure_channel(t, options=[("grpc.use_local_subchannel_pool", 1)]) for t in spec.targets
