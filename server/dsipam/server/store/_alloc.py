@@ -57,7 +57,7 @@ _SQL_TAKE_SKIP = text(
     WITH b AS (
         SELECT id, position(B'0' IN bitmap) - 1 AS bit
           FROM ipam_blocks
-         WHERE pool_id = :pool AND family = :family AND free_count > 0 AND node IS NULL
+         WHERE pool_id = :pool AND family = :family AND has_free AND node IS NULL
          ORDER BY id
          LIMIT 1
            FOR UPDATE SKIP LOCKED)
@@ -82,7 +82,7 @@ _SQL_CLAIM_EMPTY = text(
         SELECT id, position(B'0' IN bitmap) - 1 AS bit
           FROM ipam_blocks
          WHERE pool_id = :pool AND family = :family AND node IS NULL
-           AND free_count > 0 AND free_count = avail_count AND cooling = 0
+           AND has_free AND free_count = avail_count AND cooling = 0
          ORDER BY id
          LIMIT 1
            FOR UPDATE SKIP LOCKED)

@@ -93,6 +93,9 @@ blocks = sa.Table(
     sa.Column("cooling", sa.Integer, nullable=False, server_default=sa.text("0")),
     # The node this block is affine to (claimed under a row lock: one node per block).
     sa.Column("node", sa.Text),
+    # Only flips when the block fills up or gets a free bit back, so taking or freeing one bit
+    # changes no indexed value and the update can be HOT (see migration 0006).
+    sa.Column("has_free", sa.Boolean, sa.Computed("free_count > 0", persisted=True)),
     sa.UniqueConstraint("range_id", "base"),
     sa.CheckConstraint("free_count >= 0 AND free_count <= avail_count", name="counts"),
     sa.CheckConstraint("cooling >= 0", name="cooling"),
@@ -101,9 +104,10 @@ blocks = sa.Table(
         "pool_id",
         "family",
         "id",
-        postgresql_where=sa.text("free_count > 0 AND node IS NULL"),
+        postgresql_where=sa.text("has_free AND node IS NULL"),
     ),
     sa.Index("ix_ipam_blocks_node", "pool_id", "node", "family", "id", postgresql_where=sa.text("node IS NOT NULL")),
+    postgresql_with={"fillfactor": 70},
 )
 
 # One row per (pool, owner), one column per family: the primary key is the
