@@ -31,7 +31,8 @@ def test_huge_pool_is_created_without_per_address_rows(stub, clean_db):
     for i in range(owners):
         stub.Allocate(pb.AllocateRequest(pool="huge", owner=f"o{i}", ip_family_policy=REQUIRE))
     blocks = int(psql(clean_db, "SELECT count(*) FROM ipam_blocks"))
-    assert blocks == 2 * (owners // 64 + 1)  # 64-address blocks, created as needed, per family
+    needed = 2 * (owners // 64 + 1)  # 64-address blocks per family, created as needed...
+    assert needed <= blocks <= needed + 2 * 8  # ...plus at most 8 spare ones per family, made ahead of need
     psql(clean_db, "VACUUM ANALYZE")
     grown = int(psql(clean_db, STORAGE_SQL)) - empty
     print(f"{owners} pairs: {blocks} blocks, {grown} bytes in all")

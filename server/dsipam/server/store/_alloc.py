@@ -9,8 +9,10 @@ IPv4 first, which gives every transaction the same lock order.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +49,8 @@ from ._base import (
     row_allocation,
 )
 from .db import FOREIGN_KEY_VIOLATION, UNIQUE_VIOLATION, sqlstate
+
+log = logging.getLogger("dsipam.store")
 
 EVENT_ALLOCATED = 1
 EVENT_RELEASED = 2
@@ -251,12 +255,59 @@ class AllocationStore(StoreBase):
         if row is None or row["status"] not in ("created", "exists"):
             if row is not None and row["status"] == "stale":
                 self._by_name.pop(pool, None)
+            elif row is not None and not node:
+                self._schedule_top_up(stored, plan.wanted)
             return None
         held = {f: ipaddress.ip_address(row[c]) for f, c in FAMILY_COLUMN.items() if row[c]}
         attrs = row["attributes"]
         info = allocation_info(stored, owner, held, plan.order, json.loads(attrs) if isinstance(attrs, str) else attrs,
                                row["create_time"], row["node"], bool(row["borrowed"]))
         return info, row["status"] == "created"
+
+    SPARE_BLOCKS = 8  # unlocked blocks with free addresses the fast path should find, per family
+
+    def _schedule_top_up(self, stored: StoredPool, families: Sequence[Family]) -> None:
+        """Creates blocks ahead of need (in the background, one top-up per pool at a time), so
+        that concurrent batches find unlocked blocks with room instead of falling back."""
+        if stored.id in self._topping_up:
+            return
+        self._topping_up.add(stored.id)
+
+        async def run() -> None:
+            try:
+                for fam in families:
+                    await self.top_up_blocks(stored.name, fam, self.SPARE_BLOCKS)
+            except Exception:  # noqa: BLE001 - an optimisation; the full path still works
+                log.info("block top-up of %s failed", stored.name, exc_info=True)
+            finally:
+                self._topping_up.discard(stored.id)
+
+        asyncio.get_running_loop().create_task(run())
+
+    async def top_up_blocks(self, pool: str, family: Family, spare: int) -> int:
+        """Creates empty blocks (no node) until the family has ``spare`` blocks with free
+        addresses, or its ranges are used up. Returns how many it created."""
+
+        async def run(conn: AsyncConnection) -> int:
+            stored = await self._load_pool(conn, pool)
+            have = (
+                await conn.execute(
+                    text("SELECT count(*) FROM (SELECT 1 FROM ipam_blocks WHERE pool_id = :pool AND family = :family "
+                         "AND has_free AND node IS NULL LIMIT :spare) b"),
+                    {"pool": stored.id, "family": int(family), "spare": spare},
+                )
+            ).scalar_one()
+            created = 0
+            while have + created < spare:
+                rng = (await conn.execute(_SQL_LOCK_RANGE_SKIP, {"pool": stored.id, "family": int(family)})).first()
+                if rng is None or rng.version != stored.version:
+                    break
+                if not await self._new_block(conn, stored, rng.id, rng.next_block, take=False):
+                    continue
+                created += 1
+            return created
+
+        return await self._transaction(run)
 
     async def _allocate_in(
         self,
@@ -402,9 +453,11 @@ class AllocationStore(StoreBase):
         return got, got is not None
 
     async def _new_block(
-        self, conn: AsyncConnection, pool: StoredPool, range_id: int, next_block: str, node: str | None = None
+        self, conn: AsyncConnection, pool: StoredPool, range_id: int, next_block: str, node: str | None = None,
+        take: bool = True,
     ) -> IPAddress | None:
-        """Creates the next block of a locked range and takes its first free address."""
+        """Creates the next block of a locked range and takes its first free address (with
+        ``take=False``, creates it empty and returns its first free address, untaken)."""
         rng = pool.range_by_id(range_id)
         if rng is None:
             raise Retry()
@@ -415,12 +468,13 @@ class AllocationStore(StoreBase):
             bitmap, free = spec.block_mask(base)
             if free:
                 bit = bitmap.index("0")
-                bitmap = bitmap[:bit] + "1" + bitmap[bit + 1 :]
+                if take:
+                    bitmap = bitmap[:bit] + "1" + bitmap[bit + 1 :]
                 created = (
                     await conn.execute(
                         _SQL_INSERT_BLOCK,
                         {"pool": pool.id, "range": range_id, "family": int(spec.family), "base": spec.block_cidr(base),
-                         "bitmap": bitmap, "free": free - 1, "avail": free, "node": node},
+                         "bitmap": bitmap, "free": free - 1 if take else free, "avail": free, "node": node},
                     )
                 ).first()
                 if created is not None:

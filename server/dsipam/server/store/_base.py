@@ -185,6 +185,7 @@ class StoreBase:
         self._layouts: dict[int, StoredPool] = {}
         self._by_name: dict[str, StoredPool] = {}  # for the fast path, which checks the version itself
         self.fast: Any = None  # a _fast.FastPath when enabled
+        self._topping_up: set[int] = set()  # pools whose spare blocks are being created
         self.retries = 0  # transactions run again after a lost race (deadlock, serialization, conflict)
 
     async def close(self) -> None:
