@@ -258,13 +258,18 @@ class AllocationStore(StoreBase):
             elif row is not None and not node:
                 self._schedule_top_up(stored, plan.wanted)
             return None
+        if row["status"] == "created" and not node:
+            n = self._fast_created.get(stored.id, 0) + 1
+            self._fast_created[stored.id] = n
+            if n % 128 == 0:  # every two blocks' worth: make sure spares keep ahead of the batches
+                self._schedule_top_up(stored, plan.wanted)
         held = {f: ipaddress.ip_address(row[c]) for f, c in FAMILY_COLUMN.items() if row[c]}
         attrs = row["attributes"]
         info = allocation_info(stored, owner, held, plan.order, json.loads(attrs) if isinstance(attrs, str) else attrs,
                                row["create_time"], row["node"], bool(row["borrowed"]))
         return info, row["status"] == "created"
 
-    SPARE_BLOCKS = 8  # unlocked blocks with free addresses the fast path should find, per family
+    SPARE_BLOCKS = 16  # unlocked blocks with free addresses the fast path should find, per family
 
     def _schedule_top_up(self, stored: StoredPool, families: Sequence[Family]) -> None:
         """Creates blocks ahead of need (in the background, one top-up per pool at a time), so

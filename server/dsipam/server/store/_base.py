@@ -186,6 +186,7 @@ class StoreBase:
         self._by_name: dict[str, StoredPool] = {}  # for the fast path, which checks the version itself
         self.fast: Any = None  # a _fast.FastPath when enabled
         self._topping_up: set[int] = set()  # pools whose spare blocks are being created
+        self._fast_created: dict[int, int] = {}  # allocations made by the fast path, per pool
         self.retries = 0  # transactions run again after a lost race (deadlock, serialization, conflict)
 
     async def close(self) -> None:
