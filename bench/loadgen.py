@@ -64,6 +64,7 @@ class LoadSpec:
     owner_start: int = 0
     mixed_base: int = 0
     policy: str = "dual"
+    nodes: int = 0  # >0: Allocate names node "node-{n % nodes}" (node-affine blocks)
     timeout: float = 20.0
     check_unique: bool = True
     name: str = ""
@@ -344,7 +345,10 @@ async def _process_async(index: int, spec: LoadSpec, counter: Any, ready: Any, g
                 owner_n = n
             owner = f"{prefix}-{start + owner_n}"
             if kind == "allocate":
-                stub, body = alloc, pb.AllocateRequest(pool=pool, owner=owner, ip_family_policy=policy).SerializeToString()
+                node = f"node-{owner_n % spec.nodes}" if spec.nodes else ""
+                stub, body = alloc, pb.AllocateRequest(
+                    pool=pool, owner=owner, ip_family_policy=policy, node=node
+                ).SerializeToString()
             elif kind == "release":
                 stub, body = release, pb.ReleaseRequest(pool=pool, owner=owner).SerializeToString()
             else:
@@ -508,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner-start", type=int, default=0, help="first owner number (default 0)")
     p.add_argument("--mixed-base", type=int, default=0, help="mixed: owners PREFIX-START.. already allocated")
     p.add_argument("--policy", choices=sorted(POLICIES), default="dual", help="ip_family_policy (default dual)")
+    p.add_argument("--nodes", type=int, default=0,
+                   help="name a node in every Allocate, round-robin over N nodes (node-affine blocks; default none)")
     p.add_argument("-t", "--timeout", type=parse_duration, default=20.0, help="per-request deadline (default 20s)")
     p.add_argument("--no-check-unique", action="store_true", help="do not parse Allocate responses")
     p.add_argument("--name", default="")
@@ -529,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         owner_start=args.owner_start,
         mixed_base=args.mixed_base,
         policy=args.policy,
+        nodes=args.nodes,
         timeout=args.timeout,
         check_unique=not args.no_check_unique,
         name=args.name,

@@ -30,6 +30,7 @@ log = logging.getLogger("dsipam.store.fast")
 
 _SQL = {
     "allocate": "SELECT * FROM dsipam_allocate_batch($1, $2, $3, $4, $5, $6::jsonb[], $7)",
+    "allocate-node": "SELECT * FROM dsipam_allocate_batch($1, $2, $3, $4, $5, $6::jsonb[], $7)",
     "release": "SELECT * FROM dsipam_release_batch($1, $2, $3, $4, $5)",
 }
 
@@ -93,7 +94,11 @@ class FastPath:
     async def allocate(self, pool_name: str, version: int, owner: str, want4: bool, want6: bool,
                        attributes: str, node: str) -> Any:
         """Returns the function's row for this request, or None when the full path must run."""
-        return await self._submit("allocate", pool_name, version, (owner, want4, want6, attributes, node))
+        # Requests that name a node go in their own queue, one batch in flight at a time: two batches
+        # of this process would otherwise contend for the same node blocks (SKIP LOCKED would send
+        # the loser to the full path).
+        kind = "allocate-node" if node else "allocate"
+        return await self._submit(kind, pool_name, version, (owner, want4, want6, attributes, node))
 
     async def release(self, pool_name: str, version: int, owner: str, drop4: bool, drop6: bool) -> Any:
         """Returns the function's row for this request, or None when the full path must run."""
@@ -104,7 +109,7 @@ class FastPath:
         key = (kind, pool_name, version)
         queue = self._queues.setdefault(key, _PoolQueue())
         queue.waiting.append(req)
-        if queue.inflight < self.max_inflight:
+        if queue.inflight < (1 if kind == "allocate-node" else self.max_inflight):
             queue.inflight += 1
             asyncio.get_running_loop().create_task(self._drain(key, queue))
         return await req.future
