@@ -296,8 +296,10 @@ def test_limits_are_invalid_argument(channel, admin_token, request_, code):
 
 def test_a_message_over_the_size_limit_is_refused_before_parsing(channel, admin_token):
     method = SERVICE.methods_by_name["Allocate"]
-    huge = pb.AllocateRequest(pool="hostile", owner="o", addresses=["x" * 1000] * 5000)  # about 5 MB
-    assert call_raw(channel, method, huge.SerializeToString(), md(admin_token)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    huge = pb.AllocateRequest(pool="hostile", owner="o", addresses=["x" * 1000] * 5000)  # about 5 MB > 4 MiB
+    assert call_raw(channel, method, huge.SerializeToString(), md(admin_token)) == grpc.StatusCode.INVALID_ARGUMENT
+    enormous = pb.AllocateRequest(pool="hostile", owner="o", addresses=["x" * 1000] * 20000)  # 20 MB > 4 x 4 MiB
+    assert call_raw(channel, method, enormous.SerializeToString(), md(admin_token)) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.mark.timeout(600)

@@ -101,9 +101,11 @@ async def start(settings: Settings) -> Running:
     observability = Observability(settings)
     observability.instrument(engine)
     server = grpc.aio.server(
-        interceptors=[CallInterceptor(authorizer, observability.metrics)],
+        interceptors=[CallInterceptor(authorizer, observability.metrics, settings.max_message_bytes)],
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # gRPC's own hard cap (RESOURCE_EXHAUSTED) is 4x the limit; between the two the
+            # interceptor answers INVALID_ARGUMENT naming the limit.
+            ("grpc.max_receive_message_length", 4 * settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ]

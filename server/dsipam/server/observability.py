@@ -407,9 +407,10 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every IpamService method once; other services (health, reflection) pass through."""
 
-    def __init__(self, authorizer: Authorizer | None, metrics: Metrics | None) -> None:
+    def __init__(self, authorizer: Authorizer | None, metrics: Metrics | None, max_request_bytes: int = 0) -> None:
         self.authorizer = authorizer
         self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
@@ -430,6 +431,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         authorizer = self.authorizer
         metrics = self.metrics
         parse = handler.request_deserializer
+        max_bytes = self.max_request_bytes
 
         async def begin(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             request_id: str | None = None
@@ -446,6 +448,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 await authorizer.authorize(authorization, context, method, required, call.set_caller)
             if parse is None or handler.request_streaming:
                 return raw
+            if max_bytes and isinstance(raw, bytes | bytearray) and len(raw) > max_bytes:
+                status = to_grpc_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request: {len(raw)} bytes is more than the {max_bytes}-byte limit",
+                    "INVALID_ARGUMENT", {"field": "request"},
+                )
+                await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
             try:
                 return parse(raw)
             except (DecodeError, ValueError, TypeError) as exc:
