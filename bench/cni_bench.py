@@ -232,6 +232,7 @@ def main() -> int:
         with harness.scratch_database("dsipam_cnibench") as db_url, \
                 harness.Servers(db_url, args=("--listen", f"unix://{sock}")) as servers:
             import grpc
+
             from dsipam.v1 import ipam_pb2 as pb
             from dsipam.v1 import ipam_pb2_grpc
 
