@@ -97,6 +97,7 @@ _SQL_CLAIM_EMPTY = text(
     RETURNING host(k.base + b.bit) AS ip
     """
 )
+_SQL_CLAIM_EMPTY_WAIT = text(str(_SQL_CLAIM_EMPTY).replace("FOR UPDATE SKIP LOCKED", "FOR UPDATE"))
 _SQL_NODE_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 
 _SQL_LOCK_RANGE_SKIP = text(
@@ -255,10 +256,10 @@ class AllocationStore(StoreBase):
         if row is None or row["status"] not in ("created", "exists"):
             if row is not None and row["status"] == "stale":
                 self._by_name.pop(pool, None)
-            elif row is not None and not node:
+            elif row is not None:  # node requests too: the fast path claims spare blocks for nodes
                 self._schedule_top_up(stored, plan.wanted)
             return None
-        if row["status"] == "created" and not node:
+        if row["status"] == "created":
             n = self._fast_created.get(stored.id, 0) + 1
             self._fast_created[stored.id] = n
             if n % 128 == 0:  # every two blocks' worth: make sure spares keep ahead of the batches
@@ -452,6 +453,11 @@ class AllocationStore(StoreBase):
                 got = await self._new_block(conn, pool, rng.id, rng.next_block, node)
                 if got is not None:
                     return got, False
+        # No range has blocks left to create (or another transaction just created them): claim an
+        # empty block of no node, waiting for ones that are locked, before lending from others.
+        ip = (await conn.execute(_SQL_CLAIM_EMPTY_WAIT, params)).scalar()
+        if ip is not None:
+            return ipaddress.ip_address(ip), False
         if pool.strict_affinity:
             return None, False
         got = await self._take_any(conn, pool, fam)
