@@ -282,7 +282,8 @@ async def test_nodes_get_their_own_blocks_and_release_them(client: Any) -> None:
 
     blocks = await collect(client, "iter_blocks", "aff", page_size=1)
     assert all(isinstance(b, sdk.Block) for b in blocks)
-    assert sorted((b.node, b.family.value) for b in blocks) == [
+    # Node blocks, one per node and family; blocks of no node (spares made ahead of need) may be listed too.
+    assert sorted((b.node, b.family.value) for b in blocks if b.node) == [
         ("node-a", "ipv4"), ("node-a", "ipv6"), ("node-b", "ipv4"), ("node-b", "ipv6")]
     for node, allocs in held.items():
         mine = list(await client.list_blocks("aff", node=node))
