@@ -261,7 +261,7 @@ def test_server_deployment_probes_resources_and_budget() -> None:
     (socket,) = [a for a in listen if a.startswith("unix://")]
     socket_dir = socket.removeprefix("unix://").rsplit("/", 1)[0]
     assert container["readinessProbe"]["exec"]["command"] == ["dsipam-healthcheck", socket, "dsipam.v1.IpamService"]
-    assert container["livenessProbe"]["exec"]["command"] == ["dsipam-healthcheck", socket]
+    assert container["livenessProbe"]["exec"]["command"] == ["dsipam-healthcheck", socket, "liveness"]  # does not follow the database
     assert container["startupProbe"]["exec"]["command"] == ["dsipam-healthcheck", socket]
     run = next(m for m in container["volumeMounts"] if m["mountPath"] == socket_dir)
     assert "emptyDir" in next(v for v in pod["spec"]["volumes"] if v["name"] == run["name"])
