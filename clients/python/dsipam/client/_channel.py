@@ -126,6 +126,15 @@ def channel_options(
     policy = lb_policy or ("round_robin" if several else None)
     if policy:
         options.append(("grpc.lb_policy_name", policy))
+    if policy == "round_robin":
+        # Client-side health checking: a replica whose health turns NOT_SERVING (draining on
+        # SIGTERM, or its database unreachable) gets no new calls while the others serve.
+        import json
+
+        options.append(("grpc.service_config", json.dumps({
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": "dsipam.v1.IpamService"},
+        })))
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     options.extend(extra or ())
