@@ -170,8 +170,15 @@ def server_state(target: str) -> dict[str, tuple[str, ...]]:
     with grpc.insecure_channel(target) as ch:
         stub = ipam_pb2_grpc.IpamServiceStub(ch)
         while True:
-            resp = stub.ListAllocations(pb.ListAllocationsRequest(pool=POOL, page_size=500, page_token=token),
-                                        timeout=30)
+            for attempt in range(20):  # like every client: UNAVAILABLE (a pooled connection to the dead
+                try:                   # primary, found stale on first use) is retried
+                    resp = stub.ListAllocations(
+                        pb.ListAllocationsRequest(pool=POOL, page_size=500, page_token=token), timeout=30)
+                    break
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == 19:
+                        raise
+                    time.sleep(0.25)
             for a in resp.allocations:
                 assert a.owner not in out
                 out[a.owner] = tuple(x.ip for x in a.addresses)
