@@ -37,6 +37,7 @@ from ..domain import (
     check_pool_name,
     plan_allocation,
 )
+from ..domain._fsck import check_consistency
 from ..domain._ranges import IPAddress
 from ._base import (
     FAMILY_COLUMN,
@@ -46,9 +47,12 @@ from ._base import (
     StoredPool,
     StoredRange,
     allocation_info,
+    decode_page_token,
+    encode_page_token,
+    page_size,
     row_allocation,
 )
-from .db import FOREIGN_KEY_VIOLATION, UNIQUE_VIOLATION, sqlstate
+from .db import FOREIGN_KEY_VIOLATION, UNIQUE_VIOLATION, sqlstate, unavailable_on_disconnect
 
 log = logging.getLogger("dsipam.store")
 
@@ -716,8 +720,6 @@ class AllocationStore(StoreBase):
     async def get_allocation(self, *, pool: str, owner: str) -> AllocationInfo | None:
         check_pool_name(pool, "pool")
         check_owner(owner)
-        from .db import unavailable_on_disconnect
-
         with unavailable_on_disconnect():
             async with self.engine.connect() as conn:
                 stored = await self._load_pool(conn, pool)
@@ -736,9 +738,6 @@ class AllocationStore(StoreBase):
         self, *, pool: str, size: int, token: str, selector: dict[str, str] | None = None,
         family: Family | None = None,
     ) -> tuple[list[AllocationInfo], str]:
-        from ._base import decode_page_token, encode_page_token, page_size
-        from .db import unavailable_on_disconnect
-
         check_pool_name(pool, "pool")
         limit = page_size(size)
         after = decode_page_token(token)
@@ -766,9 +765,6 @@ class AllocationStore(StoreBase):
 
     async def fsck(self, pool: str) -> list[str]:
         """Checks that block bitmaps and counters agree exactly with allocations and cooldowns."""
-        from ..domain._fsck import check_consistency
-        from .db import unavailable_on_disconnect
-
         check_pool_name(pool, "pool")
         with unavailable_on_disconnect():
             async with self.engine.begin() as conn:

@@ -10,7 +10,8 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, TypeVar
 
 import sqlalchemy.exc
@@ -82,9 +83,10 @@ class StoredPool:
             strict_affinity=self.strict_affinity,
         )
 
-    @property
+    @cached_property
     def families(self) -> tuple[Family, ...]:
-        return self.spec.families
+        """The pool's families in range order (computed once per cached layout)."""
+        return tuple(dict.fromkeys(r.spec.family for r in self.ranges))
 
     def ranges_of(self, family: Family) -> list[StoredRange]:
         return [r for r in self.ranges if r.spec.family is family]
@@ -256,8 +258,6 @@ class StoreBase:
                 gateway=row["gateway"] or "",
                 exclude=row["exclude"] or (),
             )
-            from dataclasses import replace
-
             spec = replace(spec, block_prefix=row["block_prefix"]).with_reserved(reservations)
             ranges.append(StoredRange(row["range_id"], spec, int(row["size"])))
         pool = StoredPool(
@@ -289,8 +289,6 @@ class StoreBase:
 
 
 def _replace_head(pool: StoredPool, head: Any) -> StoredPool:
-    from dataclasses import replace
-
     return replace(pool, labels=dict(head["labels"]), cooldown_ms=head["cooldown_ms"],
                    strict_affinity=head["node_affinity"] == 2)
 

@@ -30,7 +30,6 @@ log = logging.getLogger("dsipam.store.fast")
 
 _SQL = {
     "allocate": "SELECT * FROM dsipam_allocate_batch($1, $2, $3, $4, $5, $6::jsonb[], $7)",
-    "allocate-node": "SELECT * FROM dsipam_allocate_batch($1, $2, $3, $4, $5, $6::jsonb[], $7)",
     "release": "SELECT * FROM dsipam_release_batch($1, $2, $3, $4, $5)",
 }
 
@@ -145,7 +144,7 @@ class FastPath:
         try:
             pool = await self._connect()
             async with pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
+                rows = await conn.fetch(_SQL[kind.removesuffix("-node")], pool_name, version, *columns)
         except (TimeoutError, OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError, asyncpg.TargetServerAttributeNotMatched) as exc:
             raise DatabaseUnavailable("database: unreachable, try again later") from exc
         self.batches += 1
