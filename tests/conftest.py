@@ -3,7 +3,9 @@ each test, and one real server process on a free loopback port."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +37,16 @@ def server_proc(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 @pytest.fixture
 def clean_db(db_url: str) -> Iterator[str]:
     yield db_url
-    psql(db_url, f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    # A server's background work (cooldown reclaim, spare-block top-up) may still hold row locks
+    # that TRUNCATE's table locks deadlock with; PostgreSQL then aborts one side: try again.
+    for attempt in range(10):
+        try:
+            psql(db_url, f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+            return
+        except subprocess.CalledProcessError:
+            if attempt == 9:
+                raise
+            time.sleep(0.3)
 
 
 @pytest.fixture
