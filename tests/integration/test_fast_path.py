@@ -66,3 +66,101 @@ def test_fast_path_falls_back_for_what_it_cannot_do(clean_db, node):
             await store.close()
 
     asyncio.run(main())
+
+
+_MANY = "SELECT * FROM dsipam_allocate_many($1, $2, $3, $4, $5, $6::jsonb[]) ORDER BY idx"
+
+
+async def _version(conn, name):
+    return await conn.fetchval("SELECT version FROM ipam_pools WHERE name = $1", name)
+
+
+def test_set_based_batch_statuses(clean_db):
+    """dsipam_allocate_many, called directly: a repeated owner, single-family owners, an owner that
+    already holds its pair, and more owners than free bits, all in one batch."""
+    import asyncpg
+
+    from dsipam.server.store._fast import asyncpg_dsn
+
+    async def main():
+        store = await _store(clean_db, fast=False)
+        conn = await asyncpg.connect(asyncpg_dsn(clean_db))
+        try:
+            # Blocks of 16 addresses: two empty blocks per family.
+            await store.create_pool(build_pool_spec(
+                "many", [RangeInput("198.18.0.0/27", block_size=16), RangeInput("fd00::/123", block_size=16)], {}, 0))
+            for fam in (Family.IPV4, Family.IPV6):
+                assert await store.top_up_blocks("many", fam, 2) == 2
+            version = await _version(conn, "many")
+            free = dict(await conn.fetch("SELECT family, sum(free_count)::int FROM ipam_blocks GROUP BY family"))
+            first = await conn.fetch(_MANY, "many", version, ["held"], [True], [True], ["{}"])
+            assert [r["status"] for r in first] == ["created"]
+            owners = ["a", "a", "only4", "only6", "held"] + [f"x{i}" for i in range(40)]
+            want4 = [o != "only6" for o in owners]
+            want6 = [o != "only4" for o in owners]
+            rows = await conn.fetch(_MANY, "many", version, owners, want4, want6, ['{"k": "v"}'] * len(owners))
+            status = {r["idx"]: r["status"] for r in rows}
+            assert sorted(status) == list(range(len(owners)))  # every owner answered once
+            assert status[0] == "created" and status[1] == "slow"  # a repeated owner: the second goes the full path
+            assert status[2] == status[3] == "created"
+            assert status[4] == "exists" and rows[4]["ipv4"] == first[0]["ipv4"]
+            by_idx = {r["idx"]: r for r in rows}
+            assert by_idx[2]["ipv6"] is None and by_idx[3]["ipv4"] is None
+            created = [r for r in rows if r["status"] == "created"]
+            # After "held", "a", "only4" and "only6", the x owners get whole pairs while both families last.
+            pairs = min(free[4] - 3, free[6] - 3)
+            assert 0 < pairs < 40
+            assert [r["status"] for r in rows[5:]] == ["created"] * pairs + ["slow"] * (40 - pairs)
+            assert len([r for r in created if r["ipv4"]]) == pairs + 2 and len([r for r in created if r["ipv6"]]) == pairs + 2
+            ips = [r[c] for r in created for c in ("ipv4", "ipv6") if r[c]] + [first[0]["ipv4"], first[0]["ipv6"]]
+            assert len(ips) == len(set(ips)) == 2 * pairs + 6
+            assert all(r["attributes"] == '{"k": "v"}' for r in created)
+            assert await conn.fetchval("SELECT count(*) FROM ipam_events WHERE type = 1") == 1 + len(created)
+            assert await store.fsck("many") == []
+            # The pool's layout changed: every owner of a batch with the old version is 'stale'.
+            stale = await conn.fetch(_MANY, "many", version + 1, ["y"], [True], [True], ["{}"])
+            assert [r["status"] for r in stale] == ["stale"]
+        finally:
+            await conn.close()
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_set_based_batch_loses_a_race_cleanly(clean_db):
+    """Another transaction inserts the same new owner first: the batch waits on the owner's key,
+    then gives that owner's bits back and answers 'slow'; the rest of the batch is created."""
+    import asyncpg
+
+    from dsipam.server.store._fast import asyncpg_dsn
+
+    async def main():
+        store = await _store(clean_db, fast=False)
+        a = await asyncpg.connect(asyncpg_dsn(clean_db))
+        b = await asyncpg.connect(asyncpg_dsn(clean_db))
+        try:
+            await store.create_pool(build_pool_spec("race", [RangeInput("198.18.0.0/24"), RangeInput("fd00::/120")],
+                                                    {}, 0))
+            for fam in (Family.IPV4, Family.IPV6):
+                await store.top_up_blocks("race", fam, 4)
+            version = await _version(a, "race")
+            tx = a.transaction()
+            await tx.start()
+            won = await a.fetch(_MANY, "race", version, ["race"], [True], [True], ["{}"])
+            assert won[0]["status"] == "created"
+            pending = asyncio.ensure_future(
+                b.fetch(_MANY, "race", version, ["before", "race", "after"], [True] * 3, [True] * 3, ["{}"] * 3))
+            await asyncio.sleep(0.5)
+            assert not pending.done()  # waiting on the owner's key, holding its own (other) blocks
+            await tx.commit()
+            rows = await asyncio.wait_for(pending, 10)
+            assert [r["status"] for r in rows] == ["created", "slow", "created"]
+            assert await store.fsck("race") == []  # the lost owner's bits went back
+            held = await a.fetchval("SELECT count(*) FROM ipam_allocations")
+            assert held == 3
+        finally:
+            await a.close()
+            await b.close()
+            await store.close()
+
+    asyncio.run(main())

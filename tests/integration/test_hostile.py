@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from google.protobuf import message_factory
+from google.protobuf import duration_pb2, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import REQUIRE, V4, V6, pool
@@ -286,6 +286,9 @@ def test_invalid_utf8_in_every_string_field_is_invalid_argument(channel, admin_t
         (pb.ListAllocationsRequest(pool="hostile", page_token="not-a-token"), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.ListPoolsRequest(page_size=2**31 - 1), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.GarbageCollectRequest(pool="hostile", valid_owners=["x" * 300]), grpc.StatusCode.INVALID_ARGUMENT),
+        # A grace past PostgreSQL's timestamp range (found by the fuzzer above: it was INTERNAL).
+        (pb.GarbageCollectRequest(pool="hostile", grace=duration_pb2.Duration(seconds=2**40)),
+         grpc.StatusCode.INVALID_ARGUMENT),
     ],
     ids=lambda v: "" if isinstance(v, grpc.StatusCode) else type(v).__name__,
 )

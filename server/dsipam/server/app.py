@@ -14,7 +14,7 @@ from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 
 from . import security
 from .domain import DatabaseUnavailable
-from .observability import CallInterceptor, Observability
+from .observability import CallWrapper, Observability
 from .rpc import reflection
 from .rpc.servicer import IpamServicer
 from .settings import DEFAULT_LISTEN, Settings
@@ -100,17 +100,17 @@ async def start(settings: Settings) -> Running:
     credentials = security.credentials_from_settings(settings)
     observability = Observability(settings)
     observability.instrument(engine)
+    wrapper = CallWrapper(authorizer, observability.metrics, settings.max_message_bytes)
     server = grpc.aio.server(
-        interceptors=[CallInterceptor(authorizer, observability.metrics, settings.max_message_bytes)],
         options=[
             # gRPC's own hard cap (RESOURCE_EXHAUSTED) is 4x the limit; between the two the
-            # interceptor answers INVALID_ARGUMENT naming the limit.
+            # call wrapper answers INVALID_ARGUMENT naming the limit.
             ("grpc.max_receive_message_length", 4 * settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ]
     )
-    ipam_pb2_grpc.add_IpamServiceServicer_to_server(IpamServicer(store), server)
+    ipam_pb2_grpc.add_IpamServiceServicer_to_server(IpamServicer(store), wrapper.registrar(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

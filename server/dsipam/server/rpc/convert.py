@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from dsipam.v1 import ipam_pb2 as pb
@@ -80,10 +82,15 @@ def family_from_pb(value: int, where: str) -> Family | None:
     return fam
 
 
-def _timestamp(value) -> timestamp_pb2.Timestamp:  # type: ignore[no-untyped-def]
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_EPOCH_NAIVE = _EPOCH.replace(tzinfo=None)
+
+
+def _timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    """Timestamp.FromDatetime's result (a naive value is UTC), by timedelta arithmetic in C:
+    FromDatetime goes through ``calendar.timegm``, which shows in every Allocate's profile."""
+    delta = value - (_EPOCH if value.tzinfo is not None else _EPOCH_NAIVE)
+    return timestamp_pb2.Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:

@@ -56,6 +56,7 @@ from .db import FOREIGN_KEY_VIOLATION, UNIQUE_VIOLATION, sqlstate, unavailable_o
 
 log = logging.getLogger("dsipam.store")
 
+MAX_GC_GRACE_SECONDS = 100 * 365 * 86400  # beyond it, now() - grace leaves PostgreSQL's timestamp range
 EVENT_ALLOCATED = 1
 EVENT_RELEASED = 2
 
@@ -268,9 +269,11 @@ class AllocationStore(StoreBase):
             self._fast_created[stored.id] = n
             if n % 128 == 0:  # every two blocks' worth: make sure spares keep ahead of the batches
                 self._schedule_top_up(stored, plan.wanted)
-        held = {f: ipaddress.ip_address(row[c]) for f, c in FAMILY_COLUMN.items() if row[c]}
+        held = {f: row[c] for f, c in FAMILY_COLUMN.items() if row[c]}
         attrs = row["attributes"]
-        info = allocation_info(stored, owner, held, plan.order, json.loads(attrs) if isinstance(attrs, str) else attrs,
+        if isinstance(attrs, str):
+            attrs = {} if attrs == "{}" else json.loads(attrs)
+        info = allocation_info(stored, owner, held, plan.order, attrs,
                                row["create_time"], row["node"], bool(row["borrowed"]))
         return info, row["status"] == "created"
 
@@ -671,6 +674,10 @@ class AllocationStore(StoreBase):
         check_pool_name(pool, "pool")
         if grace_seconds < 0:
             raise InvalidArgument(f"grace: {grace_seconds}s is negative", field="grace")
+        if grace_seconds > MAX_GC_GRACE_SECONDS:
+            raise InvalidArgument(
+                f"grace: {grace_seconds:.0f}s is more than {MAX_GC_GRACE_SECONDS}s (100 years)", field="grace"
+            )
         for i, owner in enumerate(valid_owners):
             check_owner(owner, f"valid_owners[{i}]")
 

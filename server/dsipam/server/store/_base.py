@@ -9,6 +9,7 @@ import ipaddress
 import json
 import logging
 import random
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -94,20 +95,43 @@ class StoredPool:
     def range_by_id(self, range_id: int) -> StoredRange | None:
         return next((r for r in self.ranges if r.id == range_id), None)
 
-    def range_holding(self, value: IPAddress) -> StoredRange | None:
-        fam = Family(value.version)
-        for r in self.ranges_of(fam):
-            if value in r.spec.network:
+    @cached_property
+    def _bounds(self) -> dict[Family, tuple[tuple[int, int, StoredRange], ...]]:
+        """Each family's ranges as integer bounds: containment without building addresses."""
+        out: dict[Family, list[tuple[int, int, StoredRange]]] = {Family.IPV4: [], Family.IPV6: []}
+        for r in self.ranges:
+            net = r.spec.network
+            out[r.spec.family].append((int(net.network_address), int(net.broadcast_address), r))
+        return {f: tuple(v) for f, v in out.items()}
+
+    @cached_property
+    def _answer_parts(self) -> dict[int, tuple[int, str]]:
+        """Per range id: the prefix length and gateway text every address of it is reported with."""
+        return {r.id: (r.spec.prefix_length, str(r.spec.gateway) if r.spec.gateway else "") for r in self.ranges}
+
+    def _range_of(self, fam: Family, n: int) -> StoredRange | None:
+        for lo, hi, r in self._bounds[fam]:
+            if lo <= n <= hi:
                 return r
         return None
 
-    def address_info(self, value: IPAddress) -> AddressInfo:
-        r = self.range_holding(value)
-        fam = Family(value.version)
+    def range_holding(self, value: IPAddress) -> StoredRange | None:
+        return self._range_of(Family(value.version), int(value))
+
+    def address_info(self, value: IPAddress | str) -> AddressInfo:
+        """What a caller is told of an address: from an address object, or from PostgreSQL's
+        text of one (parsed by the C library, not by ``ipaddress``: this runs on every answer)."""
+        if isinstance(value, str):
+            fam = Family.IPV6 if ":" in value else Family.IPV4
+            ip = value
+            n = int.from_bytes(socket.inet_pton(socket.AF_INET6 if fam is Family.IPV6 else socket.AF_INET, value))
+        else:
+            fam, ip, n = Family(value.version), str(value), int(value)
+        r = self._range_of(fam, n)
         if r is None:  # a range was removed under a live allocation; report what is known
-            return AddressInfo(fam, str(value), fam.bits, "")
-        gw = r.spec.gateway
-        return AddressInfo(fam, str(value), r.spec.prefix_length, str(gw) if gw else "")
+            return AddressInfo(fam, ip, fam.bits, "")
+        prefix_length, gateway = self._answer_parts[r.id]
+        return AddressInfo(fam, ip, prefix_length, gateway)
 
 
 def encode_token(payload: dict[str, Any]) -> str:
@@ -301,7 +325,7 @@ def pool_info(pool: StoredPool, usage: tuple[FamilyUsage, ...]) -> PoolInfo:
 def allocation_info(
     pool: StoredPool,
     owner: str,
-    held: dict[Family, IPAddress],
+    held: dict[Family, IPAddress] | dict[Family, str],
     order: Sequence[Family],
     attributes: dict[str, str],
     create_time: dt.datetime,
@@ -321,6 +345,6 @@ def allocation_info(
 
 
 def row_allocation(pool: StoredPool, owner: str, row: Any) -> AllocationInfo:
-    held = {f: ipaddress.ip_address(row[c]) for f, c in FAMILY_COLUMN.items() if row[c]}
+    held = {f: row[c] for f, c in FAMILY_COLUMN.items() if row[c]}
     return allocation_info(pool, owner, held, pool.families, row["attributes"], row["create_time"],
                            row.get("node"), bool(row.get("borrowed", False)))

@@ -29,7 +29,10 @@ from ..domain import DatabaseUnavailable
 log = logging.getLogger("dsipam.store.fast")
 
 _SQL = {
-    "allocate": "SELECT * FROM dsipam_allocate_batch($1, $2, $3, $4, $5, $6::jsonb[], $7)",
+    # Owners without a node: set-based, one block update per block touched (migration 0009).
+    "allocate": "SELECT * FROM dsipam_allocate_many($1, $2, $3, $4, $5, $6::jsonb[])",
+    # Owners that name a node: owner by owner, claiming blocks for nodes (0008).
+    "allocate-node": "SELECT * FROM dsipam_allocate_batch($1, $2, $3, $4, $5, $6::jsonb[], $7)",
     "release": "SELECT * FROM dsipam_release_batch($1, $2, $3, $4, $5)",
 }
 
@@ -52,6 +55,10 @@ def asyncpg_dsn(url: str) -> str:
     parts = urlsplit(normalise_multihost(url))
     scheme = "postgresql" if parts.scheme.startswith("postgres") else parts.scheme
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    return None
 
 
 class FastPath:
@@ -82,6 +89,10 @@ class FastPath:
                     statement_cache_size=0 if self.pgbouncer else 100,
                     timeout=5,
                     server_settings={"application_name": "dsipam-fast"},
+                    # Every statement this pool runs is one function call in its own implicit
+                    # transaction and the session is never changed: nothing to reset on release
+                    # (asyncpg's default reset is a round trip of its own).
+                    reset=_no_reset,
                 )
         return self._pool
 
@@ -141,10 +152,13 @@ class FastPath:
 
     async def _call(self, kind: str, pool_name: str, version: int, batch: list[_Request]) -> list[Any]:
         columns = [list(col) for col in zip(*(r.args for r in batch), strict=True)]
+        if kind == "allocate":
+            del columns[4]  # no node
         try:
             pool = await self._connect()
-            async with pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_SQL[kind.removesuffix("-node")], pool_name, version, *columns)
+            # One statement, so one implicit transaction: no BEGIN and COMMIT round trips.
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
         except (TimeoutError, OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError, asyncpg.TargetServerAttributeNotMatched) as exc:
             raise DatabaseUnavailable("database: unreachable, try again later") from exc
         self.batches += 1

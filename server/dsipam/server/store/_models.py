@@ -106,6 +106,14 @@ blocks = sa.Table(
         "id",
         postgresql_where=sa.text("has_free AND node IS NULL"),
     ),
+    # The batch fast path's walk over blocks with room, lowest address first (migration 0009).
+    sa.Index(
+        "ix_ipam_blocks_free_base",
+        "pool_id",
+        "family",
+        "base",
+        postgresql_where=sa.text("has_free AND node IS NULL"),
+    ),
     sa.Index("ix_ipam_blocks_node", "pool_id", "node", "family", "id", postgresql_where=sa.text("node IS NOT NULL")),
     postgresql_with={"fillfactor": 70},
 )
