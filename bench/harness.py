@@ -94,6 +94,7 @@ class Servers:
     count: int = 1
     env: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
+    cpus: tuple[int, ...] = ()  # pin the server processes to these CPUs (empty: no pinning)
     procs: list[subprocess.Popen] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dsipam-bench-")))
@@ -110,6 +111,7 @@ class Servers:
                 env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                preexec_fn=(lambda cpus=self.cpus: os.sched_setaffinity(0, cpus)) if self.cpus else None,
             )
             log_file.close()
             self.procs.append(proc)
@@ -120,7 +122,8 @@ class Servers:
             except Exception:
                 self.stop()
                 raise RuntimeError(f"server did not start; logs in {self.logdir}") from None
-        log(f"{self.count} server process(es) on {', '.join(self.targets)} (pids {', '.join(str(p) for p in self.pids)})")
+        pinned = f", pinned to CPU {','.join(map(str, self.cpus))}" if self.cpus else ""
+        log(f"{self.count} server process(es) on {', '.join(self.targets)} (pids {', '.join(str(p) for p in self.pids)}){pinned}")
         return self
 
     @property

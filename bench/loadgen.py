@@ -32,6 +32,7 @@ import asyncio
 import json
 import math
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -68,6 +69,7 @@ class LoadSpec:
     timeout: float = 20.0
     check_unique: bool = True
     name: str = ""
+    cpus: tuple[int, ...] = ()  # pin the load processes to these CPUs (empty: no pinning)
 
     def validate(self) -> None:
         if not self.targets:
@@ -265,6 +267,8 @@ def _process_main(
     index: int, spec: LoadSpec, counter: Any, ready: Any, go: Any, start_at: Any, out: Any
 ) -> None:
     """Entry point of one load process: connect, wait for the common start, run its workers, report."""
+    if spec.cpus:
+        os.sched_setaffinity(0, spec.cpus)
     try:
         import uvloop
 
@@ -508,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--total", type=int, default=0, help="number of requests")
     p.add_argument("-z", "--duration", type=parse_duration, default=0.0, help="run for this long (10s, 2m)")
     p.add_argument("--processes", type=int, default=2, help="load processes (default 2)")
+    p.add_argument("--cpus", default="", help="pin the load processes to these CPUs, e.g. 1 or 1,2 (default: no pinning)")
     p.add_argument("--owner-prefix", default="bench", help="owners are PREFIX-N (default bench)")
     p.add_argument("--owner-start", type=int, default=0, help="first owner number (default 0)")
     p.add_argument("--mixed-base", type=int, default=0, help="mixed: owners PREFIX-START.. already allocated")
@@ -519,6 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON (ghz's shape)")
     return p
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """"1,3" or "0-1" as CPU numbers; "" as none."""
+    cpus: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(cpus)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         check_unique=not args.no_check_unique,
         name=args.name,
+        cpus=parse_cpus(args.cpus),
     )
     try:
         report = run_load(spec)

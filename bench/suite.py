@@ -92,7 +92,7 @@ class Run:
     def spec(self, servers: harness.Servers, call: str, pool: str, total: int, **kw: Any) -> loadgen.LoadSpec:
         return loadgen.LoadSpec(
             targets=servers.targets, call=call, pool=pool, concurrency=self.args.concurrency, total=total,
-            processes=self.args.processes, **kw,
+            processes=self.args.processes, cpus=self.args.load_cpus, **kw,
         )
 
     def scenario(
@@ -124,7 +124,7 @@ class Run:
         a = self.args
         env = _server_env(a)
         with harness.scratch_database(keep=a.keep_db) as url, harness.Servers(
-            server_url(url, a.db_socket), a.servers, env=env
+            server_url(url, a.db_socket), a.servers, env=env, cpus=a.server_cpus
         ) as servers:
             time.sleep(1.0)
             idle = {pid: harness.rss_bytes(pid)[0] for pid in servers.pids}
@@ -246,7 +246,7 @@ class Run:
         if n > capacity:
             raise SystemExit(f"--scale-count {n} is more than the scale pool holds ({capacity})")
         with harness.scratch_database(prefix="dsipam_bench_scale", keep=a.keep_db) as url, harness.Servers(
-            server_url(url, a.db_socket), a.servers, env=_server_env(a)
+            server_url(url, a.db_socket), a.servers, env=_server_env(a), cpus=a.server_cpus
         ) as servers:
             self.warmup(servers)
             harness.create_pool(servers.targets[0], "s6", (a.scale_v4, a.scale_v6))
@@ -442,7 +442,8 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{m['loadavg_at_start']}. The machine was shared with other work: expect noise.",
         "",
         f"Median of {meta['runs']} run(s); concurrency {meta['concurrency']}; {meta['servers']} server process(es); "
-        f"{meta['processes']} load process(es); servers reach PostgreSQL over "
+        f"{meta['processes']} load process(es); "
+        f"{_pin_text(meta)}servers reach PostgreSQL over "
         f"{'the Unix socket in ' + meta['db_socket'] if meta.get('db_socket') else 'TCP on 127.0.0.1'}; "
         f"{meta.get('warmup', 0):,} unmeasured warm-up Allocates after each server start; scenario 1 count {meta['s1_count']:,}, scenario 6 count "
         f"{meta['scale_count']:,}.",
@@ -453,6 +454,13 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         END_MARK,
     ]
     return "\n".join(lines)
+
+
+def _pin_text(meta: dict[str, Any]) -> str:
+    if not meta.get("pin"):
+        return "no CPU pinning; "
+    return (f"server processes pinned to CPU {meta['pin']['server']}, load processes to CPU {meta['pin']['load']}, "
+            "PostgreSQL unpinned; ")
 
 
 def update_docs(block: str) -> None:
@@ -471,7 +479,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated (default all)")
     p.add_argument("-c", "--concurrency", type=int, default=64)
     p.add_argument("--servers", type=int, default=1, help="dsipam serve processes, each on its own port (default 1)")
-    p.add_argument("--processes", type=int, default=2, help="load-generator processes (default 2)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="load-generator processes (default 1: on 2 cores a second one costs more CPU per call)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the servers to CPU 0 and the load generator to the other CPUs (PostgreSQL unpinned)")
     p.add_argument("--s1-count", type=int, default=20000, help="Allocate requests in scenario 1 (and 2, 3)")
     p.add_argument("--mixed-count", type=int, default=20000, help="requests in scenario 5")
     p.add_argument("--s4-fill", type=float, default=0.99)
@@ -495,6 +506,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not set(a.scenarios) <= set(range(1, 8)):
         p.error("--scenarios: numbers from 1 to 7")
     a.profile_dir = None
+    a.server_cpus, a.load_cpus = (), ()
+    if a.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            p.error("--pin: needs at least 2 CPUs")
+        a.server_cpus, a.load_cpus = (cpus[0],), tuple(cpus[1:])
     return a
 
 
@@ -507,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "servers": a.servers,
         "processes": a.processes,
         "db_socket": a.db_socket,
+        "pin": {"server": ",".join(map(str, a.server_cpus)), "load": ",".join(map(str, a.load_cpus))} if a.pin else None,
         "warmup": a.warmup,
         "s1_count": a.s1_count,
         "mixed_count": a.mixed_count,

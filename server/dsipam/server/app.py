@@ -95,7 +95,8 @@ async def start(settings: Settings) -> Running:
         from .store._fast import FastPath
 
         store.fast = FastPath(settings.database_url, pool_size=settings.db_fast_pool_size,
-                              pgbouncer=settings.db_pgbouncer)
+                              pgbouncer=settings.db_pgbouncer, max_inflight=settings.fast_inflight,
+                              linger=settings.fast_linger_ms / 1000)
     authorizer = security.authorizer_from_settings(settings)
     credentials = security.credentials_from_settings(settings)
     observability = Observability(settings)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -22,6 +25,12 @@ def _env_float(name: str, default: float) -> float:
         return float(value) if value else default
     except ValueError:
         raise SystemExit(f"{name}: {value!r} is not a number") from None
+
+
+def _env_at_least(name: str, value: T, minimum: int) -> T:
+    if value < minimum:
+        raise SystemExit(f"{name}: {value} is less than {minimum}")
+    return value
 
 
 def _env_bool(name: str) -> bool:
@@ -64,6 +73,10 @@ class Settings:
     workers: int = 1
     reuse_port: bool = False
     db_fast_pool_size: int = 4
+    # Fast-path batching: batches of one pool in flight at once, and how long a batch waits for
+    # more requests while another is in flight (docs/performance.md).
+    fast_inflight: int = 2
+    fast_linger_ms: float = 3.0
     # Security (see docs/security.md): an auth config switches authentication on; without one the
     # server refuses to start unless insecure is set.
     insecure: bool = False
@@ -98,6 +111,8 @@ class Settings:
             workers=_env_int("DSIPAM_WORKERS", 1),
             reuse_port=os.environ.get("DSIPAM_REUSE_PORT", "") in ("1", "true", "yes"),
             db_fast_pool_size=_env_int("DSIPAM_DB_FAST_POOL_SIZE", 4),
+            fast_inflight=_env_at_least("DSIPAM_FAST_INFLIGHT", _env_int("DSIPAM_FAST_INFLIGHT", 2), 1),
+            fast_linger_ms=_env_at_least("DSIPAM_FAST_LINGER_MS", _env_float("DSIPAM_FAST_LINGER_MS", 3.0), 0),
             insecure=_env_bool("DSIPAM_INSECURE"),
             auth_config=os.environ.get("DSIPAM_AUTH_CONFIG", ""),
             tls_cert=os.environ.get("DSIPAM_TLS_CERT", ""),

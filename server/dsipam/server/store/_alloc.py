@@ -267,7 +267,7 @@ class AllocationStore(StoreBase):
         if row["status"] == "created":
             n = self._fast_created.get(stored.id, 0) + 1
             self._fast_created[stored.id] = n
-            if n % 128 == 0:  # every two blocks' worth: make sure spares keep ahead of the batches
+            if n % 512 == 0:  # every eight blocks' worth: spares (16 per family) keep ahead of the batches
                 self._schedule_top_up(stored, plan.wanted)
         held = {f: row[c] for f, c in FAMILY_COLUMN.items() if row[c]}
         attrs = row["attributes"]
