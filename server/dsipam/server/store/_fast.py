@@ -11,7 +11,8 @@ that request, which creates and claims blocks, waits for locks and decides exhau
 Group commit: a batch is sent as soon as a request arrives and fewer than ``max_inflight``
 batches of the pool are in flight; requests that arrive meanwhile wait for the next batch. At
 low load a request goes alone, so coalescing adds no latency. Under load (another batch of
-the pool already in flight) a batch lingers up to ``linger`` seconds, or until a quarter of
+the pool already in flight, or requests queued while this task's last batch was) a batch
+lingers up to ``linger`` seconds, or until a quarter of
 ``max_batch`` requests wait, before it is sent: a gRPC server hands requests over a few at a
 time, and without the linger batches stay at 3-4 requests, so PostgreSQL pays its per-call
 and per-commit cost for every few pairs (docs/performance.md, "Engine changes").
@@ -143,9 +144,14 @@ class FastPath:
     async def _drain(self, key: tuple[str, str, int], queue: _PoolQueue) -> None:
         kind, pool_name, version = key
         try:
+            first = True
             while queue.waiting:
-                if self.linger > 0 and queue.inflight > 1 and len(queue.waiting) < self.linger_batch:
+                # Under load (another batch in flight, or this task just sent one and requests
+                # queued meanwhile) wait a little for more; a lone request is sent at once.
+                loaded = queue.inflight > 1 or not first
+                if self.linger > 0 and loaded and len(queue.waiting) < self.linger_batch:
                     await self._linger(queue)
+                first = False
                 n = min(len(queue.waiting), self.max_batch)
                 batch = [queue.waiting.popleft() for _ in range(n)]
                 try:

@@ -133,9 +133,8 @@ allocations = sa.Table(
     sa.Column("node", sa.Text),
     # An address came from another node's block (borrow mode).
     sa.Column("borrowed", sa.Boolean, nullable=False, server_default=sa.text("false")),
-    # Address first: only the primary key may serve a lookup by pool_id (migration 0010).
-    sa.UniqueConstraint("ipv4", "pool_id"),
-    sa.UniqueConstraint("ipv6", "pool_id"),
+    sa.UniqueConstraint("pool_id", "ipv4"),
+    sa.UniqueConstraint("pool_id", "ipv6"),
     sa.CheckConstraint("ipv4 IS NOT NULL OR ipv6 IS NOT NULL", name="some_address"),
     sa.CheckConstraint("family(ipv4) = 4 AND family(ipv6) = 6", name="families"),
 )
