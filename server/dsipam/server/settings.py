@@ -11,24 +11,26 @@ T = TypeVar("T", int, float)
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, minimum: int | None = None) -> int:
     value = os.environ.get(name, "")
     try:
-        return int(value) if value else default
+        out = int(value) if value else default
     except ValueError:
         raise SystemExit(f"{name}: {value!r} is not an integer") from None
+    return _at_least(name, out, minimum)
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str, default: float, minimum: float | None = None) -> float:
     value = os.environ.get(name, "")
     try:
-        return float(value) if value else default
+        out = float(value) if value else default
     except ValueError:
         raise SystemExit(f"{name}: {value!r} is not a number") from None
+    return _at_least(name, out, minimum)
 
 
-def _env_at_least(name: str, value: T, minimum: int) -> T:
-    if value < minimum:
+def _at_least(name: str, value: T, minimum: T | None) -> T:
+    if minimum is not None and value < minimum:
         raise SystemExit(f"{name}: {value} is less than {minimum}")
     return value
 
@@ -111,8 +113,8 @@ class Settings:
             workers=_env_int("DSIPAM_WORKERS", 1),
             reuse_port=os.environ.get("DSIPAM_REUSE_PORT", "") in ("1", "true", "yes"),
             db_fast_pool_size=_env_int("DSIPAM_DB_FAST_POOL_SIZE", 4),
-            fast_inflight=_env_at_least("DSIPAM_FAST_INFLIGHT", _env_int("DSIPAM_FAST_INFLIGHT", 2), 1),
-            fast_linger_ms=_env_at_least("DSIPAM_FAST_LINGER_MS", _env_float("DSIPAM_FAST_LINGER_MS", 3.0), 0),
+            fast_inflight=_env_int("DSIPAM_FAST_INFLIGHT", 2, minimum=1),
+            fast_linger_ms=_env_float("DSIPAM_FAST_LINGER_MS", 3.0, minimum=0.0),
             insecure=_env_bool("DSIPAM_INSECURE"),
             auth_config=os.environ.get("DSIPAM_AUTH_CONFIG", ""),
             tls_cert=os.environ.get("DSIPAM_TLS_CERT", ""),

@@ -96,27 +96,26 @@ class StoredPool:
         return next((r for r in self.ranges if r.id == range_id), None)
 
     @cached_property
-    def _bounds(self) -> dict[Family, tuple[tuple[int, int, StoredRange], ...]]:
-        """Each family's ranges as integer bounds: containment without building addresses."""
-        out: dict[Family, list[tuple[int, int, StoredRange]]] = {Family.IPV4: [], Family.IPV6: []}
+    def _bounds(self) -> dict[Family, tuple[tuple[int, int, StoredRange, int, str], ...]]:
+        """Each family's ranges as integer bounds (containment without building addresses), with
+        the prefix length and gateway text every address of the range is reported with."""
+        out: dict[Family, list[tuple[int, int, StoredRange, int, str]]] = {Family.IPV4: [], Family.IPV6: []}
         for r in self.ranges:
-            net = r.spec.network
-            out[r.spec.family].append((int(net.network_address), int(net.broadcast_address), r))
+            net, gw = r.spec.network, r.spec.gateway
+            out[r.spec.family].append(
+                (int(net.network_address), int(net.broadcast_address), r, r.spec.prefix_length, str(gw) if gw else "")
+            )
         return {f: tuple(v) for f, v in out.items()}
 
-    @cached_property
-    def _answer_parts(self) -> dict[int, tuple[int, str]]:
-        """Per range id: the prefix length and gateway text every address of it is reported with."""
-        return {r.id: (r.spec.prefix_length, str(r.spec.gateway) if r.spec.gateway else "") for r in self.ranges}
-
-    def _range_of(self, fam: Family, n: int) -> StoredRange | None:
-        for lo, hi, r in self._bounds[fam]:
-            if lo <= n <= hi:
-                return r
+    def _bound_of(self, fam: Family, n: int) -> tuple[int, int, StoredRange, int, str] | None:
+        for bound in self._bounds[fam]:
+            if bound[0] <= n <= bound[1]:
+                return bound
         return None
 
     def range_holding(self, value: IPAddress) -> StoredRange | None:
-        return self._range_of(Family(value.version), int(value))
+        bound = self._bound_of(Family(value.version), int(value))
+        return None if bound is None else bound[2]
 
     def address_info(self, value: IPAddress | str) -> AddressInfo:
         """What a caller is told of an address: from an address object, or from PostgreSQL's
@@ -127,11 +126,10 @@ class StoredPool:
             n = int.from_bytes(socket.inet_pton(socket.AF_INET6 if fam is Family.IPV6 else socket.AF_INET, value))
         else:
             fam, ip, n = Family(value.version), str(value), int(value)
-        r = self._range_of(fam, n)
-        if r is None:  # a range was removed under a live allocation; report what is known
+        bound = self._bound_of(fam, n)
+        if bound is None:  # a range was removed under a live allocation; report what is known
             return AddressInfo(fam, ip, fam.bits, "")
-        prefix_length, gateway = self._answer_parts[r.id]
-        return AddressInfo(fam, ip, prefix_length, gateway)
+        return AddressInfo(fam, ip, bound[3], bound[4])
 
 
 def encode_token(payload: dict[str, Any]) -> str:
