@@ -43,6 +43,7 @@ from typing import Any
 
 CALLS = ("allocate", "release", "mixed", "health")
 POLICIES = {"single": 1, "prefer": 2, "dual": 3}
+FAMILIES = {"": (), "ipv4": (1,), "ipv6": (2,)}  # ReleaseRequest.ip_families
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 
 _ALLOCATE = "/dsipam.v1.IpamService/Allocate"
@@ -65,6 +66,7 @@ class LoadSpec:
     owner_start: int = 0
     mixed_base: int = 0
     policy: str = "dual"
+    release_family: str = ""  # release: "ipv4" or "ipv6" releases only that family ("": everything)
     nodes: int = 0  # >0: Allocate names node "node-{n % nodes}" (node-affine blocks)
     timeout: float = 20.0
     check_unique: bool = True
@@ -85,6 +87,8 @@ class LoadSpec:
         if self.processes < 1:
             raise ValueError("processes: must be at least 1")
         self.processes = min(self.processes, self.concurrency)
+        if self.release_family not in FAMILIES:
+            raise ValueError(f"release_family: {self.release_family!r} is not one of {', '.join(FAMILIES)}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.call == "mixed" and self.mixed_base < 1:
@@ -164,6 +168,7 @@ class Report:
                 "owner_prefix": self.spec.owner_prefix,
                 "owner_start": self.spec.owner_start,
                 "policy": self.spec.policy,
+                "release_family": self.spec.release_family,
             },
             "count": self.count,
             "total": int(self.total_time * ns),
@@ -305,6 +310,7 @@ async def _process_async(index: int, spec: LoadSpec, counter: Any, ready: Any, g
     health_stubs = [ch.unary_unary(_HEALTH, request_serializer=ident, response_deserializer=None) for ch in channels]
     health_request = health_pb2.HealthCheckRequest(service="").SerializeToString()
     policy = POLICIES[spec.policy]
+    release_families = FAMILIES[spec.release_family]
     prefix, start, base, pool = spec.owner_prefix, spec.owner_start, spec.mixed_base, spec.pool
     total = spec.total
 
@@ -354,7 +360,9 @@ async def _process_async(index: int, spec: LoadSpec, counter: Any, ready: Any, g
                     pool=pool, owner=owner, ip_family_policy=policy, node=node
                 ).SerializeToString()
             elif kind == "release":
-                stub, body = release, pb.ReleaseRequest(pool=pool, owner=owner).SerializeToString()
+                stub, body = release, pb.ReleaseRequest(
+                    pool=pool, owner=owner, ip_families=release_families
+                ).SerializeToString()
             else:
                 stub, body = health, health_request
             t0 = clock()
@@ -517,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner-start", type=int, default=0, help="first owner number (default 0)")
     p.add_argument("--mixed-base", type=int, default=0, help="mixed: owners PREFIX-START.. already allocated")
     p.add_argument("--policy", choices=sorted(POLICIES), default="dual", help="ip_family_policy (default dual)")
+    p.add_argument("--release-family", choices=[f for f in FAMILIES if f], default="",
+                   help="release: only this family (default: everything the owner holds)")
     p.add_argument("--nodes", type=int, default=0,
                    help="name a node in every Allocate, round-robin over N nodes (node-affine blocks; default none)")
     p.add_argument("-t", "--timeout", type=parse_duration, default=20.0, help="per-request deadline (default 20s)")
@@ -549,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         owner_start=args.owner_start,
         mixed_base=args.mixed_base,
         policy=args.policy,
+        release_family=args.release_family,
         nodes=args.nodes,
         timeout=args.timeout,
         check_unique=not args.no_check_unique,
