@@ -169,6 +169,10 @@ class Metrics:
             ["sqlstate"], registry=r,
         )
         self.db_up = Gauge("dsipam_db_up", "1 when the last database ping succeeded, else 0.", registry=r)
+        from .store._fast import FAST_PATH_ERRORS  # counted by the fast path itself, process-wide
+
+        self.fast_path_errors = FAST_PATH_ERRORS  # dsipam_fast_path_errors_total{kind}
+        r.register(FAST_PATH_ERRORS)
         self.pool_snapshot: list[tuple[str, str, str, int]] = []
         self.pool_snapshot_time = 0.0
         r.register(_PoolCollector(self))

@@ -16,6 +16,14 @@ lingers up to ``linger`` seconds, or until a quarter of
 ``max_batch`` requests wait, before it is sent: a gRPC server hands requests over a few at a
 time, and without the linger batches stay at 3-4 requests, so PostgreSQL pays its per-call
 and per-commit cost for every few pairs (docs/performance.md, "Engine changes").
+
+Never silent: the full path runs for a request only when the function hands it over (a
+``slow`` or ``stale`` row, or no row for it). A database outage (a refused or lost connection,
+a timeout) is raised to the callers as :class:`DatabaseUnavailable`, as on the full path. Any
+other exception of a batch (a bug in a function, a driver error, a deadlock) is an error: it
+is logged at ERROR with the batch (kind, pool, size, owners), counted in ``self.errors`` and in
+the ``dsipam_fast_path_errors_total`` counter (registered by observability.Metrics), and the
+batch's callers still get their answer from the full path.
 """
 
 from __future__ import annotations
@@ -28,10 +36,39 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from prometheus_client import Counter
 
 from ..domain import DatabaseUnavailable
 
 log = logging.getLogger("dsipam.store.fast")
+
+KINDS = ("allocate", "allocate-node", "release")
+# Process-wide, like the process metrics: observability.Metrics registers it in its registry.
+FAST_PATH_ERRORS = Counter(
+    "dsipam_fast_path_errors",
+    "Fast-path batches that failed with an unexpected exception (not a database outage); their requests "
+    "were served by the full path. Any non-zero value is a bug to report (docs/operations.md).",
+    ["kind"], registry=None,
+)
+for _kind in KINDS:
+    FAST_PATH_ERRORS.labels(_kind)  # zeros from the start
+# asyncpg's InterfaceError also reports client-side bugs (a wrong number of arguments): only
+# these messages mean the connection or the pool went away.
+_CLOSED_MESSAGES = ("connection is closed", "pool is closing", "pool is closed", "underlying connection is closed")
+# SQLSTATE classes of an outage, as store.db: 08 connection, 57P shutdown/cannot connect, 53 resources.
+_OUTAGE_SQLSTATES = ("08", "57P", "53")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` means the database is unreachable (not a bug of the fast path)."""
+    if isinstance(exc, OSError | TimeoutError | asyncpg.ConnectionDoesNotExistError
+                  | asyncpg.TargetServerAttributeNotMatched):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        return any(m in str(exc) for m in _CLOSED_MESSAGES)
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "").startswith(_OUTAGE_SQLSTATES)
+    return False
 
 _SQL = {
     # Owners without a node: set-based, one block update per block touched (migration 0009).
@@ -85,8 +122,9 @@ class FastPath:
         self._pool: asyncpg.Pool | None = None
         self._starting: asyncio.Lock | None = None
         self._queues: dict[tuple[str, str, int], _PoolQueue] = {}
-        self.batches = 0
-        self.requests = 0
+        self.batches = 0  # batches the database answered
+        self.requests = 0  # requests in those batches
+        self.errors: dict[str, int] = {}  # batches that failed unexpectedly, by kind (see the module doc)
 
     async def _connect(self) -> asyncpg.Pool:
         if self._pool is not None:
@@ -153,6 +191,8 @@ class FastPath:
                     await self._linger(queue)
                 first = False
                 n = min(len(queue.waiting), self.max_batch)
+                if n == 0:  # another drain task took the requests while this one lingered
+                    continue
                 batch = [queue.waiting.popleft() for _ in range(n)]
                 try:
                     rows = await self._call(kind, pool_name, version, batch)
@@ -161,11 +201,14 @@ class FastPath:
                         if not r.future.done():
                             r.future.set_exception(exc)
                     continue
-                except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
-                    # A deadlock, a lost connection or a client-state error of the batch as a whole:
-                    # everybody goes the full path, which retries per request and reports outages.
-                    log.info("fast path batch of %d fell back: %r", len(batch), exc)
-                    rows = [None] * len(batch)
+                except Exception as exc:  # noqa: BLE001 - never leave a caller waiting, never hide it
+                    self._failed(kind, pool_name, batch, exc)
+                    rows = [None] * len(batch)  # every request of the batch: the full path
+                except BaseException:  # cancelled (shutdown): nobody may wait for ever
+                    for r in batch:
+                        if not r.future.done():
+                            r.future.cancel()
+                    raise
                 for r, row in zip(batch, rows, strict=True):
                     if not r.future.done():
                         r.future.set_result(row)
@@ -173,6 +216,15 @@ class FastPath:
             queue.inflight -= 1
             if not queue.waiting and queue.inflight == 0:
                 self._queues.pop(key, None)
+
+    def _failed(self, kind: str, pool_name: str, batch: list[_Request], exc: Exception) -> None:
+        """An unexpected exception of a whole batch: logged at ERROR and counted (see the module doc)."""
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        FAST_PATH_ERRORS.labels(kind).inc()
+        owners = [str(r.args[0]) for r in batch[:3]] + (["..."] if len(batch) > 3 else [])
+        log.error("fast path error: %s batch of %d for pool %r (owners %s) failed with %r; "
+                  "the full path serves its requests", kind, len(batch), pool_name, ", ".join(owners), exc,
+                  exc_info=exc)
 
     async def _linger(self, queue: _PoolQueue) -> None:
         loop = asyncio.get_running_loop()
@@ -195,8 +247,10 @@ class FastPath:
             # One statement, so one implicit transaction: no BEGIN and COMMIT round trips.
             async with pool.acquire() as conn:
                 rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
-        except (TimeoutError, OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError, asyncpg.TargetServerAttributeNotMatched) as exc:
-            raise DatabaseUnavailable("database: unreachable, try again later") from exc
+        except Exception as exc:
+            if is_outage(exc):
+                raise DatabaseUnavailable("database: unreachable, try again later") from exc
+            raise
         self.batches += 1
         self.requests += len(batch)
         out: list[Any] = [None] * len(batch)
