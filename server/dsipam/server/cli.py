@@ -9,18 +9,61 @@ import logging
 import os
 import sys
 
-from dsipam.client._cli import Parser, add_client_commands, add_client_options, prepare_argv
+from dsipam.client._cli import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Parser,
+    add_client_commands,
+    add_client_options,
+    prepare_argv,
+    run,
+)
 
-from .settings import Settings
+from .settings import DEFAULT_LISTEN, Settings
+
+# Status lines `dsipam serve` prints on stdout; in text logs the same records would say them twice.
+_PRINTED_STATUS = frozenset({"dsipam listening on %s", "authentication is off (--insecure)"})
+_MAINTENANCE_SKIPPED = "maintenance round skipped: database unreachable"
+_DATABASE_BACK = "database reachable again: health SERVING"
 
 
-def _setup_logging(level: str, fmt: str = "text") -> None:
-    if fmt == "text" and level == "WARNING":  # migrate, fsck
+class _ServeLogFilter(logging.Filter):
+    """Drops what would be said twice: the status lines printed on stdout (text logs only), and
+    the maintenance loop's "skipped" line every 2 s of a database outage after its first (the
+    health watch logs the outage and its end once each)."""
+
+    def __init__(self, text: bool) -> None:
+        super().__init__()
+        self.text = text
+        self.outage_reported = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "dsipam.server":
+            return True
+        if record.msg == _DATABASE_BACK:
+            self.outage_reported = False
+        elif record.msg == _MAINTENANCE_SKIPPED:
+            if self.outage_reported:
+                return False
+            self.outage_reported = True
+        return not (self.text and record.msg in _PRINTED_STATUS)
+
+
+def _setup_logging(level: str, fmt: str = "text", *, serve: bool = False) -> None:
+    if fmt == "text" and level == "WARNING" and not serve:  # migrate, fsck
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-        return
-    from .observability import setup_logging
+    else:
+        from .observability import setup_logging
 
-    setup_logging(level, fmt)
+        setup_logging(level, fmt)
+        if serve:
+            only = _ServeLogFilter(text=fmt == "text")
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(only)
+    # Alembic's INFO lines (plugin set-up, "Context impl", one per revision) are noise at start-up:
+    # `dsipam serve` and `dsipam migrate` print which revisions they applied themselves.
+    if logging.getLogger("alembic").getEffectiveLevel() < logging.WARNING:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _run_loop(coro, use_uvloop: bool):  # type: ignore[no-untyped-def]
@@ -55,11 +98,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.db_pgbouncer:  # every engine of this process (store, migrations) reads it
         _use_pgbouncer()
     _apply_security_flags(args, settings)
+    if not settings.auth_config and not settings.insecure:
+        exposed = [a for a in settings.listen or [DEFAULT_LISTEN] if not is_loopback(a)]
+        if exposed:  # without a database URL too: the private PostgreSQL does not make it insecure there
+            raise SystemExit(f"dsipam: serve: refusing to listen on {exposed[0]} (not a loopback address) without "
+                             "authentication: give --auth-config (see docs/security.md), or --insecure to mean it")
     worker = os.environ.get("DSIPAM_WORKER_INDEX")
+    if not settings.reuse_port and not worker:
+        for address in settings.listen or [DEFAULT_LISTEN]:
+            _check_bindable(address)
     if worker and settings.metrics_listen:  # one metrics port per worker: base port + index
         host, _, port = settings.metrics_listen.rpartition(":")
         settings.metrics_listen = f"{host}:{int(port) + int(worker)}"
-    _setup_logging(settings.log_level, settings.log_format)
+    _setup_logging(settings.log_level, settings.log_format, serve=True)
     embedded = None
     if not settings.database_url:
         from .embedded import start_embedded
@@ -67,29 +118,113 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedded = start_embedded(settings.data_dir)
         settings.database_url = embedded.url
         settings.migrate = True
-        if not settings.auth_config:  # a developer's machine, on loopback: announced as insecure
+        if not settings.auth_config:  # loopback only (checked above): a developer's machine, announced as insecure
             settings.insecure = True
-        print(
-            f"dsipam: started a private PostgreSQL ({embedded.bindir}) on 127.0.0.1:{embedded.port}; "
-            f"data in {embedded.pgdata}",
-            flush=True,
-        )
+        how = "uses the private PostgreSQL another dsipam serve started" if embedded.shared else \
+            f"started a private PostgreSQL ({embedded.bindir})"
+        print(f"dsipam: {how} on 127.0.0.1:{embedded.port}; data in {embedded.pgdata}", flush=True)
     try:
-        if settings.migrate or args.migrate:
-            from .migrate import upgrade
-
-            upgrade(settings.database_url)
-            print("dsipam: database migrated to head", flush=True)
-        if settings.workers > 1 and not os.environ.get("DSIPAM_WORKER_INDEX"):
+        if not worker:  # the parent of --workers checked for its workers
+            _prepare_schema(settings.database_url, settings.migrate or args.migrate)
+        if settings.workers > 1 and not worker:
             return _run_workers(settings)
         from .app import serve
 
         _run_loop(serve(settings), settings.uvloop)
     finally:
         if embedded is not None:
-            embedded.stop()
-            print("dsipam: private PostgreSQL stopped", flush=True)
+            if embedded.stop():
+                print("dsipam: private PostgreSQL stopped", flush=True)
+            else:
+                print(f"dsipam: private PostgreSQL left running for {embedded.others} other dsipam serve "
+                      f"process(es)", flush=True)
     return 0
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listen address is reachable from this machine only: a unix socket, localhost,
+    127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    if address.startswith("unix:") or address.startswith("unix-abstract:"):
+        return True
+    host = address[1:].split("]", 1)[0] if address.startswith("[") else address.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_bindable(address: str) -> None:
+    """Refuses a TCP listen address another process holds, in one line, before anything starts
+    (gRPC would say it in a C-core log line and a RuntimeError later)."""
+    import errno
+    import socket
+
+    if address.startswith("unix:") or ":" not in address:
+        return
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (ValueError, OSError):
+        return  # gRPC reports what it makes of it
+    if port == 0:
+        return
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                raise CommandError(f"serve: cannot listen on {address}: {exc.strerror}") from None
+
+
+def _prepare_schema(url: str, migrate: bool) -> None:
+    """Migrates (when asked) and checks that the database's schema is the one this server needs:
+    a database that is not migrated, or migrated only part of the way, is refused before serving."""
+    from .domain import DatabaseUnavailable
+    from .migrate import schema_state, upgrade
+
+    log = logging.getLogger("dsipam.server")
+    try:
+        state = schema_state(url)
+    except DatabaseUnavailable:
+        if migrate:
+            raise
+        # It may come up later: serve NOT_SERVING / UNAVAILABLE until then (one log line per change).
+        log.error("database %s unreachable at start-up: health NOT_SERVING until it answers; its schema "
+                  "is checked only at start-up", _shown(url))
+        return
+    if migrate and not state.up_to_date and state.known:
+        upgrade(url)
+        print(f"dsipam: database migrated from {state.current or 'an empty schema'} to {state.head}", flush=True)
+        return
+    if state.behind:
+        where = "has no dsipam schema" if state.current is None else f"is at schema revision {state.current}"
+        raise SystemExit(f"dsipam: serve: the database {_shown(url)} {where}; this server needs {state.head}: "
+                         f"run 'dsipam migrate --database-url {_shown(url)}' first, or start with --migrate")
+    if not state.known:
+        log.warning("database %s is at schema revision %s, which this server does not know (a newer dsipam "
+                    "migrated it; this server needs %s); serving anyway", _shown(url), state.current, state.head)
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return repr(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _run_workers(settings: Settings) -> int:
@@ -163,9 +298,9 @@ def cmd_token(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise SystemExit(f"dsipam: {exc}") from None
         token, entry = token_config_entry(role, args.name or f"{role.label}-token")
-        print(f"token (give it to the caller; it is not stored): {token}", file=sys.stderr)
-        print(token)
-        print("auth config entry (under tokens:):", file=sys.stderr)
+        print(token)  # once, on stdout: stderr often ends up in logs
+        print("the token above is not stored: give it to the caller. Its auth config entry (under tokens:):",
+              file=sys.stderr)
         print(entry, end="", file=sys.stderr)
         return 0
     token = sys.stdin.readline().strip()
@@ -184,13 +319,30 @@ def _use_pgbouncer() -> None:
 
 
 def _database_url(args: argparse.Namespace) -> str:
-    from .store.db import database_url_from_env
+    """--database-url, else DSIPAM_DATABASE_URL, else the private PostgreSQL of a running
+    ``dsipam serve`` (in --data-dir / DSIPAM_DATA_DIR / the default data directory)."""
+    url = args.database_url or os.environ.get("DSIPAM_DATABASE_URL", "")
+    if url:
+        return url
+    from .embedded import data_dir_of, running_url
 
-    return args.database_url or database_url_from_env()
+    url = running_url(args.data_dir or "") or ""
+    if not url:
+        raise CommandError(f"no database: give --database-url (or set DSIPAM_DATABASE_URL); no private PostgreSQL "
+                           f"of 'dsipam serve' runs in {data_dir_of(args.data_dir or '')}", EXIT_USAGE)
+    return url
+
+
+class CommandError(Exception):
+    """A server-side command failed in a way worth one line (exit ``code``)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .migrate import check, upgrade
+    from .migrate import check, schema_state, upgrade
 
     _setup_logging("WARNING")
     if args.db_pgbouncer:
@@ -199,8 +351,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.check:
         check(url)
         print("dsipam: schema matches the models")
+        return 0
+    before = schema_state(url)
+    if before.current is not None and not before.known:
+        raise CommandError(f"migrate: the database is at schema revision {before.current}, which this dsipam does "
+                           f"not know (a newer dsipam migrated it; this one's newest is {before.head})")
+    upgrade(url, args.revision)
+    if args.revision == "head" and before.up_to_date:
+        print(f"dsipam: database already at {before.head} (head)")
+    elif args.revision == "head":
+        print(f"dsipam: database migrated from {before.current or 'an empty schema'} to {before.head} (head)")
     else:
-        upgrade(url, args.revision)
         print(f"dsipam: database migrated to {args.revision}")
     return 0
 
@@ -226,6 +387,42 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+def describe_failure(exc: BaseException, args: argparse.Namespace) -> tuple[int, str]:
+    """One line and an exit code for what a server-side command raised: 2 when the command line
+    is wrong (a URL that is not one), 1 for everything that went wrong while running."""
+    import sqlalchemy.exc
+
+    from .domain import DatabaseUnavailable, IpamError
+
+    url = getattr(args, "database_url", None) or os.environ.get("DSIPAM_DATABASE_URL", "")
+    where = f" at {_shown(url)}" if url else ""
+    if isinstance(exc, CommandError):
+        return exc.code, str(exc)
+    if isinstance(exc, DatabaseUnavailable):
+        cause = exc.__cause__
+        detail = f": {cause}" if cause is not None and str(cause) else ""
+        return 1, f"cannot reach the database{where}{detail}"
+    if isinstance(exc, IpamError):  # PoolNotFound and the like: the service's own words
+        return 1, f"{exc} [{exc.reason}]"
+    if isinstance(exc, ValueError | sqlalchemy.exc.ArgumentError) and "URL" in str(exc):
+        return 2, f"--database-url: {exc}"
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        orig = getattr(exc, "orig", None)
+        text = str(orig if orig is not None else exc).split("\n")[0]
+        text = text.split(": ", 1)[-1] if text.startswith("<class") else text
+        if "does not exist" in text and "database" in text:
+            return 1, f"{text}{where}: create it (createdb), then run 'dsipam migrate'"
+        return 1, f"database error{where}: {text}"
+    if isinstance(exc, OSError):
+        return 1, f"cannot reach the database{where}: {exc.strerror or exc}"
+    if isinstance(exc, RuntimeError) and "bind" in str(exc).lower():
+        listen = getattr(args, "listen", None) or [os.environ.get("DSIPAM_LISTEN") or DEFAULT_LISTEN]
+        return 1, f"serve: cannot listen on {', '.join(listen)} (in use by another process?): {exc}"
+    return 1, f"unexpected error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+
+
+_DATA_DIR_HELP = ("without a URL: the data directory of the private PostgreSQL of a running 'dsipam serve' "
+                  "(env DSIPAM_DATA_DIR)")
 _PGBOUNCER_HELP = "the URL is PgBouncer in transaction mode: no prepared statements (env DSIPAM_DB_PGBOUNCER=1)"
 
 
@@ -263,10 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply database migrations")
-    migrate.add_argument("--database-url", help="postgresql://user@host:port/db (env DSIPAM_DATABASE_URL)")
+    migrate.add_argument("--database-url", help="postgresql://user@host:port/db (env DSIPAM_DATABASE_URL; default: "
+                         "the private PostgreSQL of a running 'dsipam serve')")
     migrate.add_argument("--db-pgbouncer", action="store_true", help=_PGBOUNCER_HELP)
     migrate.add_argument("--revision", default="head")
     migrate.add_argument("--check", action="store_true", help="fail when models and schema disagree")
+    migrate.add_argument("--data-dir", help=_DATA_DIR_HELP)
     migrate.set_defaults(func=cmd_migrate)
 
     token = sub.add_parser("token", help="make bearer tokens for the auth config")
@@ -279,8 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fsck = sub.add_parser("fsck", help="check that a pool's blocks and allocations agree")
     fsck.add_argument("pool")
-    fsck.add_argument("--database-url", help="postgresql://user@host:port/db (env DSIPAM_DATABASE_URL)")
+    fsck.add_argument("--database-url", help="postgresql://user@host:port/db (env DSIPAM_DATABASE_URL; default: "
+                      "the private PostgreSQL of a running 'dsipam serve')")
     fsck.add_argument("--db-pgbouncer", action="store_true", help=_PGBOUNCER_HELP)
+    fsck.add_argument("--data-dir", help=_DATA_DIR_HELP)
     fsck.set_defaults(func=cmd_fsck)
 
     add_client_commands(sub)
@@ -290,7 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(prepare_argv(sys.argv[1:] if argv is None else argv))
-    return int(args.func(args) or 0)
+    if args.func is run:  # the admin commands report their own errors
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("dsipam: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one line unless --debug
+        if args.client_debug or os.environ.get("DSIPAM_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        code, message = describe_failure(exc, args)
+        print(f"dsipam: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ async def watch_database(
                 if serving is not None:
                     log.warning("database reachable again: health SERVING")
             else:
-                log.warning("database unreachable (%s): health NOT_SERVING", last)
+                log.error("database unreachable (%s): health NOT_SERVING", str(last.__cause__ or last).splitlines()[0])
             await set_serving(ok)
             serving = ok
         await asyncio.sleep(interval)

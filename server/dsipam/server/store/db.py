@@ -22,7 +22,7 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 UNIQUE_VIOLATION = "23505"
 FOREIGN_KEY_VIOLATION = "23503"
 # Classes that mean the server is gone or refusing: 08 connection, 57P admin shutdown/cannot connect, 53 resources.
-_UNAVAILABLE_PREFIXES = ("08", "57P", "53")
+_UNAVAILABLE_PREFIXES = ("08", "57P", "53", "3D000")  # 3D000: the database was dropped
 
 
 def database_url_from_env() -> str:
