@@ -145,6 +145,39 @@ def test_install_writes_a_fast_launcher_and_the_dsipam_link(plugin_dir: Path) ->
     assert (plugin_dir / "dsipam").resolve() == launcher.resolve()
 
 
+def _install_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dsipam.cni", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("args", [("install", "--help"), ("install", "-h"), ("--help",), ("-h",)])
+def test_install_help_prints_usage_and_creates_nothing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    proc = _install_cli(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: dsipam-cni") and "install" in proc.stdout, proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ("install", "-x"), ("install", "-x", "bin"), ("install", "--pyton", "/usr/bin/python3", "bin"),
+    ("install",), ("install", "a", "b"), ("install", "--python"), ("-x",), ("instal", "bin"),
+    ("install", "--python", "/usr/bin/python 3", "bin"),
+])
+def test_install_usage_errors_exit_2_and_create_nothing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    proc = _install_cli(tmp_path, *args)
+    assert proc.returncode == (1 if "/usr/bin/python 3" in args else 2), (proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("usage: dsipam-cni") or "--python" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_install_takes_a_dash_directory_after_double_dash(tmp_path: Path) -> None:
+    proc = _install_cli(tmp_path, "install", "--", "-bin")
+    assert proc.returncode == 0, proc.stderr
+    assert os.access(tmp_path / "-bin" / "dsipam-cni", os.X_OK)
+    assert (tmp_path / "-bin" / "dsipam").resolve() == (tmp_path / "-bin" / "dsipam-cni").resolve()
+
+
 def test_version_lists_1_0_0_and_1_1_0(plugin: Plugin) -> None:
     rc, out, _ = plugin("VERSION", {"cniVersion": "1.0.0"}, container=None, ifname="", netns=None)
     assert rc == 0

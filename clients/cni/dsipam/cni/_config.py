@@ -67,13 +67,14 @@ def _string(section: dict, key: str, where: str, required: bool = False) -> str:
             raise _bad(where, "required")
         return ""
     if not isinstance(value, str):
-        raise _bad(where, f"must be a string, not {_kind(value)}")
+        raise _bad(where, f"must be a string, not {kind(value)}")
     if required and not value:
         raise _bad(where, "required")
     return value
 
 
-def _kind(value: object) -> str:
+def kind(value: object) -> str:
+    """"an object", "a list", … for a decoded JSON value, for messages."""
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), "a number" if isinstance(value, (int, float)) else "null")
 
 
@@ -82,10 +83,10 @@ def _string_list(section: dict, key: str, where: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _bad(where, f"must be a list, not {_kind(value)}")
+        raise _bad(where, f"must be a list, not {kind(value)}")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise _bad(f"{where}[{i}]", f"must be a string, not {_kind(item)}")
+            raise _bad(f"{where}[{i}]", f"must be a string, not {kind(item)}")
     return value
 
 
@@ -94,7 +95,7 @@ def _seconds(section: dict, key: str, where: str, default: float | None, allow_z
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise _bad(where, f"must be a number of seconds, not {_kind(value)}")
+        raise _bad(where, f"must be a number of seconds, not {kind(value)}")
     if value < 0 or (value == 0 and not allow_zero) or value > 86400:
         raise _bad(where, f"{value} is out of range")
     return float(value)
@@ -154,7 +155,7 @@ def check_version(netconf: dict) -> str:
     if version is None or version == "":
         raise _bad("cniVersion", "required")
     if not isinstance(version, str):
-        raise _bad("cniVersion", f"must be a string, not {_kind(version)}")
+        raise _bad("cniVersion", f"must be a string, not {kind(version)}")
     if version not in SUPPORTED_VERSIONS:
         raise CniError(INCOMPATIBLE_VERSION, f"cniVersion: {version!r} is not supported",
                        "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
@@ -167,13 +168,13 @@ def parse(netconf: object, environ: dict[str, str] | None = None) -> IpamConfig:
     ``environ`` supplies ``K8S_NODE_NAME`` when the configuration names no ``node``.
     """
     if not isinstance(netconf, dict):
-        raise _bad("network configuration", f"must be a JSON object, not {_kind(netconf)}")
+        raise _bad("network configuration", f"must be a JSON object, not {kind(netconf)}")
     cfg = IpamConfig()
     cfg.cni_version = check_version(netconf)
     cfg.network = _string(netconf, "name", "name")
     ipam = netconf.get("ipam")
     if not isinstance(ipam, dict):
-        raise _bad("ipam", "required" if ipam is None else f"must be an object, not {_kind(ipam)}")
+        raise _bad("ipam", "required" if ipam is None else f"must be an object, not {kind(ipam)}")
 
     cfg.endpoint = _string(ipam, "endpoint", "ipam.endpoint", required=True)
     try:
@@ -207,7 +208,7 @@ def parse(netconf: object, environ: dict[str, str] | None = None) -> IpamConfig:
     cfg.routes = _routes(ipam.get("routes"), cfg.cni_version)
     default_routes = ipam.get("defaultRoutes", False)
     if not isinstance(default_routes, bool):
-        raise _bad("ipam.defaultRoutes", f"must be true or false, not {_kind(default_routes)}")
+        raise _bad("ipam.defaultRoutes", f"must be true or false, not {kind(default_routes)}")
     cfg.default_routes = default_routes
     cfg.dns = _dns(ipam.get("dns"))
 
@@ -218,7 +219,7 @@ def parse(netconf: object, environ: dict[str, str] | None = None) -> IpamConfig:
     tls = ipam.get("tls")
     if tls is not None:
         if not isinstance(tls, dict):
-            raise _bad("ipam.tls", f"must be an object, not {_kind(tls)}")
+            raise _bad("ipam.tls", f"must be an object, not {kind(tls)}")
         cfg.tls = {k: _string(tls, k, f"ipam.tls.{k}") for k in ("ca", "cert", "key", "serverName")}
         if bool(cfg.tls["cert"]) != bool(cfg.tls["key"]):
             raise _bad("ipam.tls", "cert and key go together")
@@ -280,13 +281,13 @@ def _routes(value: object, cni_version: str) -> list[dict]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _bad("ipam.routes", f"must be a list, not {_kind(value)}")
+        raise _bad("ipam.routes", f"must be a list, not {kind(value)}")
     out = []
     extras = version_tuple(cni_version) >= (1, 1, 0)
     for i, route in enumerate(value):
         where = f"ipam.routes[{i}]"
         if not isinstance(route, dict):
-            raise _bad(where, f"must be an object, not {_kind(route)}")
+            raise _bad(where, f"must be an object, not {kind(route)}")
         dst = _string(route, "dst", f"{where}.dst", required=True)
         version = cidr_version(dst)
         if not version:
@@ -309,7 +310,7 @@ def _dns(value: object) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _bad("ipam.dns", f"must be an object, not {_kind(value)}")
+        raise _bad("ipam.dns", f"must be an object, not {kind(value)}")
     out: dict[str, object] = {}
     nameservers = _string_list(value, "nameservers", "ipam.dns.nameservers")
     for i, server in enumerate(nameservers):

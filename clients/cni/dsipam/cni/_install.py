@@ -41,11 +41,12 @@ def install(directory: str | os.PathLike[str], python: str | None = None) -> lis
 
     Each file is replaced atomically, so a runtime never runs a half-written plugin.
     """
+    text = launcher_text(python)  # a bad --python fails before anything is created
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     launcher = target / NAMES[0]
     tmp = target / f".{NAMES[0]}.{os.getpid()}.tmp"
-    tmp.write_text(launcher_text(python))
+    tmp.write_text(text)
     tmp.chmod(0o755)
     os.replace(tmp, launcher)
     link = target / NAMES[1]
@@ -57,30 +58,37 @@ def install(directory: str | os.PathLike[str], python: str | None = None) -> lis
     return [launcher, link]
 
 
-USAGE = """usage: dsipam-cni install [--python PATH] DIR
-
-Writes DIR/dsipam-cni (the plugin) and DIR/dsipam (a link to it); put DIR on the
-runtime's CNI_PATH. Without arguments, and with CNI_COMMAND set, dsipam-cni is the plugin.
+DESCRIPTION = """\
+Without arguments, and with CNI_COMMAND set, dsipam-cni is the CNI IPAM plugin that a
+container runtime runs. "dsipam-cni install DIR" writes DIR/dsipam-cni (the plugin's
+launcher) and DIR/dsipam (a link to it); put DIR on the runtime's CNI_PATH.
 """
 
 
+def _parser():  # type: ignore[no-untyped-def]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dsipam-cni", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{install}")
+    install_parser = sub.add_parser("install", help="write the plugin into DIR",
+                                    description="Write DIR/dsipam-cni and the link DIR/dsipam (DIR is created "
+                                                "if need be). A DIR that starts with '-' goes after '--'.")
+    install_parser.add_argument("directory", metavar="DIR", help="the directory, such as /opt/cni/bin")
+    install_parser.add_argument("--python", metavar="PATH",
+                                help="the interpreter the launcher runs (default: this one, %(default)s)",
+                                default=sys.executable)
+    return parser
+
+
 def cli(args: list[str]) -> int:
-    """The ``install`` subcommand."""
-    if args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
-        return 0
-    if args[0] != "install":
-        sys.stderr.write(f"dsipam-cni: unknown subcommand {args[0]!r}\n{USAGE}")
-        return 2
-    rest = args[1:]
-    python = None
-    if len(rest) >= 2 and rest[0] == "--python":
-        python, rest = rest[1], rest[2:]
-    if len(rest) != 1:
-        sys.stderr.write(USAGE)
-        return 2
+    """``dsipam-cni install [--python PATH] DIR`` and ``--help``: 0, or 2 for a wrong command line."""
     try:
-        paths = install(rest[0], python)
+        ns = _parser().parse_args(args)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        paths = install(ns.directory, ns.python)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"dsipam-cni install: {exc}\n")
         return 1

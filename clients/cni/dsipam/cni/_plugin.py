@@ -71,13 +71,32 @@ def _decode(stdin: bytes) -> object:
 
 
 def _check_attachment(container_id: str, ifname: str) -> None:
+    problem = container_id_problem(container_id)
+    if problem:
+        raise CniError(_errors.INVALID_ENVIRONMENT, f"CNI_CONTAINERID: {problem}")
+    problem = ifname_problem(ifname)
+    if problem:
+        raise CniError(_errors.INVALID_ENVIRONMENT, f"CNI_IFNAME: {problem}")
+
+
+def container_id_problem(container_id: str) -> str:
+    """What is wrong with a container ID by the spec's rule, or ""."""
+    if not container_id:
+        return "required"
     if not (container_id[0].isascii() and container_id[0].isalnum()) or not all(
         c.isascii() and (c.isalnum() or c in "_.-") for c in container_id
     ):
-        raise CniError(_errors.INVALID_ENVIRONMENT,
-                       f"CNI_CONTAINERID: {container_id[:80]!r} must be alphanumeric, then alphanumerics, '_', '.' or '-'")
+        return f"{container_id[:80]!r} must be alphanumeric, then alphanumerics, '_', '.' or '-'"
+    return ""
+
+
+def ifname_problem(ifname: str) -> str:
+    """What is wrong with an interface name by the spec's rule, or ""."""
+    if not ifname:
+        return "required"
     if len(ifname) > 15 or ifname in (".", "..") or any(c in "/:" or c.isspace() for c in ifname):
-        raise CniError(_errors.INVALID_ENVIRONMENT, f"CNI_IFNAME: {ifname[:80]!r} is not a valid interface name")
+        return f"{ifname[:80]!r} is not a valid interface name"
+    return ""
 
 
 def owner_of(container_id: str, ifname: str) -> str:
@@ -240,22 +259,45 @@ def cmd_check(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-d
     return None
 
 
+ATTACHMENTS_ALIAS = "cni.dev/attachments"
+
+
 def valid_owners(netconf: dict) -> list[str]:
-    """The owners of ``cni.dev/valid-attachments`` (libcni also sends it as ``cni.dev/attachments``)."""
-    key = VALID_ATTACHMENTS if VALID_ATTACHMENTS in netconf else "cni.dev/attachments"
-    attachments = netconf.get(key)
-    if attachments is None:
-        raise CniError(_errors.INVALID_CONFIG, f"{VALID_ATTACHMENTS}: required for GC")
-    if not isinstance(attachments, list):
-        raise CniError(_errors.INVALID_CONFIG, f"{key}: must be a list")
-    owners = []
-    for i, item in enumerate(attachments):
-        cid = item.get("containerID") if isinstance(item, dict) else None
-        ifname = item.get("ifname") if isinstance(item, dict) else None
-        if not isinstance(cid, str) or not cid or not isinstance(ifname, str) or not ifname:
-            raise CniError(_errors.INVALID_CONFIG, f"{key}[{i}]: needs containerID and ifname strings")
-        owners.append(owner_of(cid, ifname))
-    return owners
+    """The owners of the attachments the runtime says are still valid.
+
+    The list is ``cni.dev/valid-attachments``; libcni also sends it as ``cni.dev/attachments``
+    (the name in an early draft of the spec), and an owner listed under either key is kept.
+    ``null`` is an empty list: libcni sends a Go nil slice, i.e. ``null``, when the runtime has
+    no live attachment on the network, which is when everything of this node and network is
+    stale. Neither key present is error 7: the spec makes the list part of GC's input, and
+    guessing "nothing is valid" from its absence would release every allocation in scope.
+    """
+    keys = [key for key in (VALID_ATTACHMENTS, ATTACHMENTS_ALIAS) if key in netconf]
+    if not keys:
+        raise CniError(_errors.INVALID_CONFIG, f"{VALID_ATTACHMENTS}: required for GC",
+                       "the runtime passes the live attachments, [] (or null) when there are none; "
+                       "nothing was released")
+    owners: dict[str, None] = {}
+    for key in keys:
+        attachments = netconf[key]
+        if attachments is None:
+            continue
+        if not isinstance(attachments, list):
+            raise CniError(_errors.INVALID_CONFIG, f"{key}: must be a list, not {_config.kind(attachments)}")
+        for i, item in enumerate(attachments):
+            where = f"{key}[{i}]"
+            if not isinstance(item, dict):
+                raise CniError(_errors.INVALID_CONFIG, f"{where}: must be an object, not {_config.kind(item)}")
+            cid, ifname = item.get("containerID"), item.get("ifname")
+            for field, value, check in (("containerID", cid, container_id_problem), ("ifname", ifname, ifname_problem)):
+                if not isinstance(value, str):
+                    problem = "required" if value is None else f"must be a string, not {_config.kind(value)}"
+                else:
+                    problem = check(value)
+                if problem:
+                    raise CniError(_errors.INVALID_CONFIG, f"{where}.{field}: {problem}")
+            owners[owner_of(cid, ifname)] = None
+    return list(owners)
 
 
 def cmd_gc(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]
