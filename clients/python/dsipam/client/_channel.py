@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,25 +77,94 @@ def _split_host(address: str) -> str:
     return address.rsplit(":", 1)[0]
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+# Schemes gRPC resolves itself; anything else before a colon is a host name.
+_URI_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p")
+
+
+def _bad(target: str, why: str) -> InvalidArgument:
+    return InvalidArgument(f"target: {target!r}: {why}", metadata={"field": "target"})
+
+
+def _check_host_port(address: str, target: str, *, port_required: bool = True) -> str:
+    """Checks ``host:port`` (``[v6]:port`` for IPv6); returns the host."""
+    if address.startswith("["):
+        host, sep, rest = address[1:].partition("]")
+        if not sep:
+            raise _bad(target, "an IPv6 address in brackets needs its closing ']'")
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise _bad(target, f"[{host}] is not an IPv6 address") from None
+        if not rest and not port_required:
+            return host
+        if not rest.startswith(":"):
+            raise _bad(target, "expected [IPv6]:port")
+        port = rest[1:]
+    else:
+        host, sep, port = address.rpartition(":")
+        if not sep:
+            if port_required:
+                raise _bad(target, "has no port (expected host:port or unix:///path)")
+            host, port = address, ""
+        if ":" in host:
+            raise _bad(target, "write an IPv6 address in brackets: [::1]:50051")
+        if not host:
+            raise _bad(target, "the host is empty (expected host:port)")
+        if not (_is_ip(host) or _HOSTNAME.fullmatch(host)):
+            raise _bad(target, f"{host!r} is neither an IP address nor a host name")
+    if port or port_required:
+        if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise _bad(target, f"the port {port!r} is not a number from 1 to 65535")
+    return host
+
+
+def _check_uri(target: str, scheme: str, rest: str) -> None:
+    """Checks the gRPC URIs a typo would otherwise turn into retries and C-core log lines."""
+    if scheme == "unix":
+        if rest.startswith("//") and not rest.startswith("///"):
+            raise _bad(target, "unix://NAME has a host part; write unix:///absolute/path or unix:relative/path")
+        if not rest.lstrip("/"):
+            raise _bad(target, "the socket path is empty")
+    elif scheme == "unix-abstract":
+        if not rest:
+            raise _bad(target, "the abstract socket name is empty")
+    elif scheme == "dns":
+        name = rest[2:].split("/", 1)[1] if rest.startswith("//") and "/" in rest[2:] else rest.lstrip("/")
+        _check_host_port(name, target, port_required=False)
+    elif scheme in ("ipv4", "ipv6"):
+        addresses = rest.split(",")
+        for address in addresses:
+            host = _check_host_port(address.strip(), target)
+            try:
+                version = ipaddress.ip_address(host.split("%", 1)[0]).version
+            except ValueError:
+                raise _bad(target, f"{host!r} is not an IP address ({scheme}: takes addresses only)") from None
+            if f"ipv{version}" != scheme:
+                raise _bad(target, f"{host} is not an {scheme.upper().replace('V', 'v')} address")
+
+
 def normalise_target(target: str) -> tuple[str, bool]:
     """Returns the gRPC target and whether it names several addresses.
 
     Accepts ``host:port``, ``[v6]:port``, ``unix:///path``, any gRPC URI such as
     ``ipv4:127.0.0.1:50051,127.0.0.1:50052`` or ``dns:///ipam.example:50051``, and a plain
     comma-separated list of IP ``host:port`` addresses (made into an ``ipv4:``/``ipv6:`` URI).
+    A malformed target (no port, a port out of range, an IPv6 address without brackets,
+    ``unix://relative``, spaces or control characters) raises InvalidArgument before any call.
     """
     target = target.strip()
     if not target:
         raise InvalidArgument("target: required (host:port or unix:///path)", metadata={"field": "target"})
-    if "," not in target:
-        if "://" not in target and ":" not in target and not target.startswith("unix:"):
-            raise InvalidArgument(
-                f"target: {target!r} has no port (expected host:port or unix:///path)", metadata={"field": "target"}
-            )
-        return target, target.startswith("dns:")
+    if any(ch.isspace() or not ch.isprintable() for ch in target):
+        raise _bad(target, "contains spaces or control characters")
     scheme, sep, rest = target.partition(":")
-    if scheme in ("ipv4", "ipv6") and sep:
-        return target, True
+    if sep and scheme in _URI_SCHEMES:
+        _check_uri(target, scheme, rest)
+        return target, scheme == "dns" or (scheme in ("ipv4", "ipv6") and "," in rest)
+    if "," not in target:
+        _check_host_port(target, target)
+        return target, False
     addresses = [a.strip() for a in target.split(",") if a.strip()]
     hosts = [_split_host(a) for a in addresses]
     if not all(_is_ip(h) for h in hosts):
@@ -103,6 +173,8 @@ def normalise_target(target: str) -> tuple[str, bool]:
             "(use dns:///name:port for a name with several addresses)",
             metadata={"field": "target"},
         )
+    for address in addresses:
+        _check_host_port(address, target)
     versions = {ipaddress.ip_address(h).version for h in hosts}
     if len(versions) > 1:
         raise InvalidArgument(f"target: {target!r} mixes IPv4 and IPv6 addresses", metadata={"field": "target"})

@@ -1,7 +1,10 @@
 """The ``dsipam`` admin commands, built on the SDK: pools (and their settings, reservations,
 ranges and migration), allocations, releases, GC, blocks, nodes and watches.
 
-    dsipam [--target HOST:PORT|unix:///path] [TLS and token options] COMMAND ...
+    dsipam [--target HOST:PORT|unix:///path] [TLS and token options] [-o FORMAT] COMMAND ...
+
+The connection options and ``-o/--output`` may also come after the subcommand, as kubectl's do
+(``dsipam pool list --target HOST:PORT -o json``).
 
 Exit codes: 0 success; 1 the server refused the request or could not be reached (or refused
 some owners of a migration); 2 the command line is wrong (argparse errors and anything found
@@ -71,7 +74,7 @@ GLOBAL_OPTIONS = (
             "SECONDS"),
     _Global("--debug", "DSIPAM_DEBUG", "print tracebacks and retry attempts"),
 )
-_VALUE_FLAGS = frozenset(g.flag for g in GLOBAL_OPTIONS if g.metavar)
+_VALUE_FLAGS = frozenset([*(g.flag for g in GLOBAL_OPTIONS if g.metavar), "-o", "--output"])
 
 
 def _dest(flag: str) -> str:
@@ -79,32 +82,63 @@ def _dest(flag: str) -> str:
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
-    """Adds the connection options (given before the subcommand) to the top-level parser."""
-    group = parser.add_argument_group("connection options (admin commands; before the subcommand)")
+    """Adds the connection options and -o/--output to the top-level parser (the admin commands
+    take them after the subcommand too: see :func:`add_client_commands`)."""
+    group = parser.add_argument_group("connection options (admin commands; before or after the subcommand)")
+    _add_globals(group, top=True)
+
+
+def _add_globals(group: Any, *, top: bool) -> None:
+    """The connection options and -o/--output. Below the top level they default to SUPPRESS, so
+    that a value given before the subcommand is kept when none is given after it (and the one after
+    it wins when both are), and they stay out of the subcommands' --help."""
     for g in GLOBAL_OPTIONS:
-        help_text = f"{g.help} (env {g.env}{'=1' if not g.metavar else ''})"
+        help_text = f"{g.help} (env {g.env}{'=1' if not g.metavar else ''})" if top else argparse.SUPPRESS
         if g.metavar:
-            group.add_argument(g.flag, dest=_dest(g.flag), metavar=g.metavar, help=help_text)
+            group.add_argument(g.flag, dest=_dest(g.flag), metavar=g.metavar, help=help_text,
+                               **({} if top else {"default": argparse.SUPPRESS}))
         else:
-            group.add_argument(g.flag, dest=_dest(g.flag), action="store_true", default=None, help=help_text)
+            group.add_argument(g.flag, dest=_dest(g.flag), action="store_true",
+                               default=None if top else argparse.SUPPRESS, help=help_text)
+    if top:
+        group.add_argument("-o", "--output", default=None, choices=OUTPUTS, help=_OUTPUT_HELP)
+
+
+def _add_globals_below(parser: argparse.ArgumentParser) -> None:
+    """Gives ``parser`` and every parser under it the connection options."""
+    _add_globals(parser, top=False)
+    if "-o" not in parser._option_string_actions:  # `dsipam pool -o json list`
+        parser.add_argument("-o", "--output", default=argparse.SUPPRESS, choices=OUTPUTS, help=argparse.SUPPRESS)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                _add_globals_below(child)
+
+
+def _next_word(args: Sequence[str], i: int) -> int:
+    """The index of the first argument at or after ``i`` that is not a global option (or its value)."""
+    while i < len(args):
+        token = args[i]
+        if token == "--" or not token.startswith("-") or token == "-":
+            return i
+        i += 2 if token in _VALUE_FLAGS else 1
+    return i
 
 
 def prepare_argv(argv: Sequence[str]) -> list[str]:
     """Rewrites ``alloc NAME OWNER`` to ``alloc new NAME OWNER`` so that argparse can tell it
-    from ``alloc list`` and ``alloc show`` (a pool named list or show: ``alloc new list OWNER``)."""
+    from ``alloc list`` and ``alloc show`` (a pool named list or show: ``alloc new list OWNER``).
+    Global options may stand before the subcommand or between ``alloc`` and its words."""
     args = list(argv)
-    i = 0
-    while i < len(args):
-        token = args[i]
-        if token == "--":
-            return args
-        if token.startswith("-"):
-            i += 2 if token in _VALUE_FLAGS else 1
-            continue
-        if token == "alloc" and i + 1 < len(args) and args[i + 1] not in ("list", "show", "new", "-h", "--help"):
-            return args[: i + 1] + ["new"] + args[i + 1 :]
+    i = _next_word(args, 0)
+    if i >= len(args) or args[i] != "alloc":
         return args
-    return args
+    j = _next_word(args, i + 1)
+    if j >= len(args) or args[j] in ("list", "show", "new", "--"):
+        return args
+    if any(a in ("-h", "--help") for a in args[i + 1 : j]):
+        return args
+    return args[: i + 1] + ["new"] + args[i + 1 :]
 
 
 # -- per-range options ----------------------------------------------------------------------
@@ -162,9 +196,12 @@ def _output_default() -> str:
     return os.environ.get("DSIPAM_OUTPUT", "table") or "table"
 
 
+_OUTPUT_HELP = "table (for people, the default), json (stable, for scripts) or yaml (env DSIPAM_OUTPUT)"
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", default=None, choices=OUTPUTS,
-                   help="table (for people, the default), json (stable, for scripts) or yaml (env DSIPAM_OUTPUT)")
+    # SUPPRESS: `dsipam -o json pool list` keeps the -o given before the subcommand.
+    p.add_argument("-o", "--output", default=argparse.SUPPRESS, choices=OUTPUTS, help=_OUTPUT_HELP)
 
 
 _RANGE_HELP = """\
@@ -391,6 +428,9 @@ def add_client_commands(sub: Any) -> None:
     _add_output(watch)
     watch.set_defaults(func=run, handler=_watch)
 
+    for name in ("pool", "alloc", "release", "gc", "blocks", "node", "watch"):
+        _add_globals_below(sub.choices[name])
+
 
 def build_parser() -> Parser:
     """The parser of the client-only ``dsipam`` command (the server's adds serve, migrate, fsck)."""
@@ -469,7 +509,7 @@ def run(args: argparse.Namespace, *, stdout: IO[str] | None = None, stderr: IO[s
 
         logging.basicConfig(level=logging.WARNING, stream=err_stream, format="%(name)s: %(message)s")
         logging.getLogger("dsipam.client").setLevel(logging.DEBUG)
-    if args.output is None:
+    if getattr(args, "output", None) is None:
         args.output = _output_default()
         if args.output not in OUTPUTS:
             print(f"dsipam: error: DSIPAM_OUTPUT: {args.output!r} is not one of {', '.join(OUTPUTS)}",
@@ -524,12 +564,25 @@ def run(args: argparse.Namespace, *, stdout: IO[str] | None = None, stderr: IO[s
 # -- the commands ---------------------------------------------------------------------------
 
 
+def _control_character(text: str) -> str | None:
+    """The first control character of ``text`` (newline, tab, NUL, DEL, U+2028 ...) or None."""
+    import unicodedata
+
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return ch
+    return None
+
+
 def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for text in values:
         key, sep, value = text.partition("=")
         if not sep or not key:
             raise UsageError(f"{flag} {text!r}: expected KEY=VALUE")
+        bad = _control_character(text)
+        if bad is not None:  # they would break table output, one row per line
+            raise UsageError(f"{flag} {text!r}: control characters such as {bad!r} are not allowed")
         out[key] = value
     return out
 
