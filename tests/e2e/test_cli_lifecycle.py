@@ -254,11 +254,21 @@ class Lines:
         return line.rstrip("\n")
 
 
+def _interruptible() -> None:
+    """In the child before exec: Ctrl-C as a terminal would deliver it, even when the test runs with
+    SIGINT ignored (`nohup scripts/test &`, which the child would inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def spawn_watch(target: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([DSIPAM, "watch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(target), preexec_fn=_interruptible)
+
+
 def test_watch_prints_json_lines_and_a_resume_token_on_ctrl_c(target: str) -> None:
     ok(dsipam("pool", "create", "w", "--range", "198.18.0.0/24", "--range", "fd00::/120", "--cooldown", "0",
               target=target))
-    watcher = subprocess.Popen([DSIPAM, "watch", "w", "--bookmarks", "-o", "json"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=_env(target))
+    watcher = spawn_watch(target, "w", "--bookmarks", "-o", "json")
     try:
         lines = Lines(watcher)
         first = json.loads(lines.next())
@@ -308,6 +318,27 @@ def test_watch_prints_json_lines_and_a_resume_token_on_ctrl_c(target: str) -> No
     refused(dsipam("watch", "w", "--resume-token", "junk", "--count", "1", target=target), 1, "INVALID_ARGUMENT",
             "resume_token")
     refused(dsipam("watch", "w", "--count", "0", target=target), 2, "--count")
+
+
+def test_watch_ctrl_c_works_when_the_test_runs_with_sigint_ignored(target: str) -> None:
+    """Regression: run with SIGINT ignored (as under `nohup scripts/test &`), the watch child inherited
+    the ignored signal, never saw the test's Ctrl-C and the test hung."""
+    ok(dsipam("pool", "create", "w", "--range", "198.18.0.0/24", target=target))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        watcher = spawn_watch(target, "w", "--bookmarks", "-o", "json")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        lines = Lines(watcher)
+        assert json.loads(lines.next())["type"] == "bookmark"  # it is watching: Python's handlers are set
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=20)
+    finally:
+        watcher.kill()
+        watcher.wait()
+    assert watcher.returncode == 130, err
+    assert re.fullmatch(r"dsipam: interrupted; resume with --resume-token \S+", err.strip()), err
 
 
 @pytest.mark.parametrize("command", [["pool", "update", "--help"], ["watch", "--help"], ["blocks", "--help"]])
