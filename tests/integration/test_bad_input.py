@@ -30,6 +30,9 @@ CREATE_CASES = [
     ("bad name", pool("Bad_Name", "198.18.0.0/24"), "pool.name"),
     ("long name", pool("a" * 64, "198.18.0.0/24"), "pool.name"),
     ("block size", pool("bad", pb.IpRange(cidr="198.18.0.0/24", block_size=100)), "pool.ranges[0].block_size"),
+    ("zone id in cidr", pool("bad", "fd00:1::%eth0/120"), "pool.ranges[0].cidr"),
+    ("zone id in gateway", pool("bad", pb.IpRange(cidr="fd00:1::/120", gateway="fd00:1::1%eth0")),
+     "pool.ranges[0].gateway"),
 ]
 
 
@@ -59,6 +62,11 @@ ALLOC_CASES = [
     ("malformed address", dict(pool="pods", owner="o", addresses=["198.18.0.300"]), C.INVALID_ARGUMENT,
      "addresses[0]"),
     ("address outside", dict(pool="pods", owner="o", addresses=["198.19.0.5"]), C.INVALID_ARGUMENT, "addresses[0]"),
+    ("loopback address", dict(pool="pods", owner="o", addresses=["127.0.0.1"]), C.INVALID_ARGUMENT, "addresses[0]"),
+    ("zone id", dict(pool="pods", owner="o", addresses=["fd00::6%a b\nc<script>"]), C.INVALID_ARGUMENT,
+     "addresses[0]"),
+    ("zone id second", dict(pool="pods", owner="o", ip_family_policy=REQUIRE,
+                            addresses=["198.18.0.9", "fd00::6%eth0"]), C.INVALID_ARGUMENT, "addresses[1]"),
     ("duplicate ip_families", dict(pool="pods", owner="o", ip_families=[V6, V6]), C.INVALID_ARGUMENT,
      "ip_families[1]"),
     ("unknown family", dict(pool="pods", owner="o", ip_families=[7]), C.INVALID_ARGUMENT, "ip_families[0]"),

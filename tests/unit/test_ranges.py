@@ -3,9 +3,20 @@
 import ipaddress
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from dsipam.server.domain import InvalidArgument, build_range, check_overlaps
+from dsipam.server.domain import Family, InvalidArgument, Policy, build_pool_spec, build_range, check_overlaps
+from dsipam.server.domain import RangeInput as RI
 from dsipam.server.domain._fsck import check_consistency
+from dsipam.server.domain._ranges import (
+    REFUSED_BLOCKS,
+    parse_address,
+    parse_address_or_network,
+    parse_network,
+    range_policy_violation,
+)
+from dsipam.server.domain._validate import check_network, plan_allocation
 
 
 def ip(text: str) -> int:
@@ -58,9 +69,9 @@ def test_lazy_block_walk_skips_fully_excluded_blocks():
 
 
 def test_huge_ranges_cost_nothing_to_describe():
-    v4 = build_range(cidr="10.0.0.0/8")
+    v4 = build_range(cidr="198.18.0.0/15")
     v6 = build_range(cidr="fd00::/48")
-    assert v4.size == 2**24 - 2
+    assert v4.size == 2**17 - 2
     assert v6.size == 2**80 - 1
     assert v6.block_prefix == 122 and v4.block_prefix == 26
 
@@ -111,3 +122,155 @@ def test_fsck_finds_leaked_and_missing_bits():
     assert any("marked taken but held by nobody" in p for p in problems)
     problems = check_consistency([R], [block], [{"owner": "a", "ipv4": "198.18.0.3", "ipv6": None}])
     assert any("held but not marked taken" in p for p in problems)
+
+
+# -- range policy (issue 17, finding 6) ------------------------------------------------------
+
+REFUSED = [
+    ("0.0.0.0/0", "is a /0"),
+    ("::/0", "is a /0"),
+    ("0.0.0.0/8", '"this network" (RFC 791)'),
+    ("127.0.0.0/8", "is loopback (RFC 1122)"),
+    ("127.0.0.1/32", "is loopback (RFC 1122)"),
+    ("169.254.0.0/16", "is link-local (RFC 3927)"),
+    ("169.254.10.0/24", "is link-local (RFC 3927)"),
+    ("192.0.0.0/29", "IETF protocol assignments (RFC 6890)"),
+    ("192.0.2.0/24", "documentation-only (TEST-NET-1) (RFC 5737)"),
+    ("198.51.100.0/24", "documentation-only (TEST-NET-2) (RFC 5737)"),
+    ("203.0.113.0/25", "documentation-only (TEST-NET-3) (RFC 5737)"),
+    ("224.0.0.0/4", "is multicast (RFC 5771)"),
+    ("239.1.0.0/16", "is multicast (RFC 5771)"),
+    ("240.0.0.0/4", "reserved for future use (RFC 1112)"),
+    ("255.255.255.255/32", "the limited broadcast address (RFC 919)"),
+    ("126.0.0.0/7", "overlaps 127.0.0.0/8, which is loopback"),
+    ("::/128", "the unspecified address (RFC 4291)"),
+    ("::1/128", "is loopback (RFC 4291)"),
+    ("::/96", "IPv4-compatible"),
+    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("::ffff:198.18.0.0/120", "IPv4-mapped"),
+    ("::ffff:0:0:0/96", "IPv4-translated"),
+    ("64:ff9b::/96", "NAT64"),
+    ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation"),
+    ("100::/64", "discard-only (RFC 6666)"),
+    ("2001:db8::/32", "documentation-only (RFC 3849)"),
+    ("2001:db8:1::/64", "documentation-only (RFC 3849)"),
+    ("3fff::/20", "documentation-only (RFC 9637)"),
+    ("3fff:fff::/32", "documentation-only (RFC 9637)"),
+    ("fe80::/64", "is link-local (RFC 4291)"),
+    ("fe80::/10", "is link-local (RFC 4291)"),
+    ("ff02::/16", "is multicast (RFC 4291)"),
+    ("ff00::/8", "is multicast (RFC 4291)"),
+    ("fc00::/6", "overlaps fe80::/10, which is link-local"),
+]
+
+
+@pytest.mark.parametrize(("cidr", "words"), REFUSED, ids=[c for c, _ in REFUSED])
+def test_ranges_pods_cannot_hold_are_refused_with_the_reason(cidr, words):
+    with pytest.raises(InvalidArgument) as err:
+        build_range(cidr=cidr, where="pool.ranges[0]")
+    assert err.value.message.startswith(f"pool.ranges[0].cidr: {ipaddress.ip_network(cidr)} "), err.value.message
+    assert words in err.value.message
+    assert err.value.message.endswith("pods cannot hold it")
+    assert err.value.metadata["field"] == "pool.ranges[0].cidr"
+    assert err.value.reason == "RANGE_NOT_ALLOWED"
+
+
+def test_policy_message_names_the_field_exactly():
+    with pytest.raises(InvalidArgument) as err:
+        build_pool_spec("p", [RI("198.18.0.0/24"), RI("127.0.0.0/8")], {})
+    assert err.value.message == "pool.ranges[1].cidr: 127.0.0.0/8 is loopback (RFC 1122); pods cannot hold it"
+
+
+ALLOWED = ["198.18.0.0/15", "198.18.0.0/24", "198.19.255.0/24", "fd00::/8", "fd00::/120", "fd00:1::/64",
+           "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "2001:2::/48", "198.18.0.0/32",
+           "fd00::1/128"]
+
+
+@pytest.mark.parametrize("cidr", ALLOWED)
+def test_unicast_ranges_pods_can_hold_are_allowed(cidr):
+    assert range_policy_violation(ipaddress.ip_network(cidr)) is None
+    build_range(cidr=cidr)
+
+
+def test_stored_ranges_that_predate_the_policy_still_load():
+    r = build_range(cidr="127.0.0.0/24", policy=False)
+    assert r.size == 254
+
+
+def test_every_refused_block_is_refused_and_its_neighbours_are_not():
+    for block in REFUSED_BLOCKS:
+        assert range_policy_violation(block.network) is not None, block
+    assert range_policy_violation(ipaddress.ip_network("198.18.0.0/15")) is None
+    assert range_policy_violation(ipaddress.ip_network("128.0.0.0/8")) is None  # after 127/8
+    assert range_policy_violation(ipaddress.ip_network("223.255.255.0/24")) is None  # before 224/4
+    assert range_policy_violation(ipaddress.ip_network("2001:db9::/32")) is None  # after 2001:db8::/32
+
+
+_V4 = st.builds(lambda n, p: ipaddress.ip_network((n, p), strict=False), st.integers(0, 2**32 - 1),
+                st.integers(0, 32))
+_V6 = st.builds(lambda n, p: ipaddress.ip_network((n, p), strict=False), st.integers(0, 2**128 - 1),
+                st.integers(0, 128))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_V4, _V6))
+def test_random_cidrs_are_built_or_refused_with_the_field_named(net):
+    try:
+        r = build_range(cidr=str(net), where="pool.ranges[3]", block_size=64)
+    except InvalidArgument as exc:
+        assert exc.message.startswith("pool.ranges[3]"), exc.message
+        assert exc.metadata["field"].startswith("pool.ranges[3]")
+        return
+    # Built: then it touches no refused block and is not a /0.
+    assert net.prefixlen > 0
+    for block in REFUSED_BLOCKS:
+        assert not (block.network.version == net.version and block.network.overlaps(net)), (net, block)
+    assert r.size > 0
+
+
+# -- zone IDs (issue 17, finding 8) ----------------------------------------------------------
+
+ZONED = ["fd70::6%a b\nc<script>", "fe80::1%eth0", "fd00::5%1", "fd00::%eth0/64", "198.18.0.1%x", "%", "fd00::/64%e"]
+
+
+@pytest.mark.parametrize("text", ZONED)
+def test_zone_ids_are_refused_everywhere_an_address_is_parsed(text):
+    for parse in (parse_address, parse_network, parse_address_or_network):
+        with pytest.raises(InvalidArgument) as err:
+            parse(text, "addresses[2]")
+        assert err.value.message.startswith("addresses[2]: ")
+        assert "zone IDs are not allowed" in err.value.message
+        assert "\n" not in err.value.message  # echoed escaped and cut short, never raw
+
+
+def test_zone_ids_are_refused_in_every_range_field_and_in_allocate():
+    cases = [
+        ({"cidr": "fd00::%eth0/120"}, "range.cidr"),
+        ({"cidr": "fd00::/120", "gateway": "fd00::1%eth0"}, "range.gateway"),
+        ({"cidr": "fd00::/120", "first": "fd00::2%1"}, "range.first"),
+        ({"cidr": "fd00::/120", "last": "fd00::9%1"}, "range.last"),
+        ({"cidr": "fd00::/120", "exclude": ["fd00::8%1"]}, "range.exclude[0]"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(InvalidArgument, match="zone IDs are not allowed") as err:
+            build_range(**kwargs)
+        assert err.value.message.startswith(field + ":")
+    with pytest.raises(InvalidArgument) as err:
+        plan_allocation(pool_families=(Family.IPV4, Family.IPV6), policy=Policy.PREFER_DUAL_STACK, families=(),
+                        addresses=["198.18.0.5", "fd70::6%a b\nc<script>"])
+    assert err.value.message.startswith("addresses[1]: ") and "zone IDs are not allowed" in err.value.message
+
+
+# -- networks (issue 17, finding 7) ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["", "blue", "migrated-pods", "vrf.red-1", "a" * 128, "0"])
+def test_network_names(name):
+    assert check_network(name) == name
+    assert build_pool_spec("p", [RI("198.18.0.0/24")], {}, network=name).network == name
+
+
+@pytest.mark.parametrize("name", ["Blue", "-a", "a-", "a b", "a" * 129, "a/b", "ä", "a\x00", "."])
+def test_bad_network_names_name_the_field(name):
+    with pytest.raises(InvalidArgument) as err:
+        build_pool_spec("p", [RI("198.18.0.0/24")], {}, network=name)
+    assert err.value.message.startswith("pool.network: ")

@@ -322,6 +322,7 @@ class AsyncIpamClient:
         labels: Mapping[str, str] | None = None,
         cooldown: float | dt.timedelta | None = None,
         node_affinity: NodeAffinity | str | None = None,
+        network: str = "",
         timeout: float | None = None,
     ) -> Pool:
         """Creates a pool and returns it with its usage.
@@ -334,12 +335,17 @@ class AsyncIpamClient:
                 seconds or as a timedelta (0 disables it; at most 24 h). None: the server's 30 s.
             node_affinity: ``"borrow"`` (the default) or ``"strict"``, or a :class:`NodeAffinity`:
                 whether a node with no free block may take an address from another node's block.
+            network: the address space ("" the default network; else 1-128 of a-z, 0-9, '-', '.').
+                Pools of one network never overlap; pools of different networks may.
 
         Raises:
             PoolAlreadyExists: the name is taken (by a different pool, when the call was retried).
-            InvalidArgument: a bad name, CIDR, address, cooldown, or overlapping ranges.
+            InvalidArgument: a bad name, CIDR, address, cooldown or network, overlapping ranges, or a
+                range that pods cannot hold (loopback, multicast, link-local, documentation, ...).
+            FailedPrecondition: a range overlaps a range of another pool in the same network
+                (reason ``POOLS_OVERLAP``; the message names that pool and its range).
         """
-        request, built = c.create_pool(name, ranges, labels, cooldown, node_affinity)
+        request, built = c.create_pool(name, ranges, labels, cooldown, node_affinity, network)
         try:
             return c.pool_from_pb(await self._invoke(b.CREATE_POOL, request, timeout))
         except PoolAlreadyExists as exc:

@@ -256,6 +256,8 @@ def add_client_commands(sub: Any) -> None:
     create.add_argument("name", metavar="NAME", help="a lowercase DNS label")
     _add_range_options(create)
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
+    create.add_argument("--network", default="", metavar="NAME",
+                        help="the address space (default: the default network); pools of one network never overlap")
     _add_settings(create, update=False)
     _add_output(create)
     create.set_defaults(func=run, handler=_pool_create)
@@ -613,7 +615,7 @@ def _pool_create(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> 
     ranges = _ranges(args.ranges)
     labels = _pairs(args.label, "--label")
     pool = client.create_pool(args.name, ranges, labels=labels, cooldown=args.cooldown,
-                              node_affinity=args.node_affinity)
+                              node_affinity=args.node_affinity, network=args.network)
     _emit(args, out, pool_doc(pool), lambda: pool_table(pool))
 
 

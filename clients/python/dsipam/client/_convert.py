@@ -93,11 +93,14 @@ def create_pool(
     labels: Mapping[str, str] | None,
     cooldown: Seconds | None = None,
     node_affinity: NodeAffinity | str | None = None,
+    network: str = "",
 ) -> tuple[pb.CreatePoolRequest, tuple[Range, ...]]:
     if isinstance(ranges, str | ipaddress.IPv4Network | ipaddress.IPv6Network | Range):
         ranges = [ranges]
     built = tuple(_range(r, i) for i, r in enumerate(ranges))
-    message = pb.Pool(name=name, ranges=[range_to_pb(r) for r in built], labels=dict(labels or {}))
+    if not isinstance(network, str):
+        raise InvalidArgument(f"network: {network!r} is not a string", metadata={"field": "network"})
+    message = pb.Pool(name=name, ranges=[range_to_pb(r) for r in built], labels=dict(labels or {}), network=network)
     if cooldown is not None:
         message.cooldown.CopyFrom(duration(cooldown, "cooldown"))
     if node_affinity is not None:
@@ -260,6 +263,7 @@ def pool_from_pb(p: pb.Pool) -> Pool:
         cooldown=p.cooldown.ToTimedelta() if p.HasField("cooldown") else DEFAULT_COOLDOWN,
         reservations=tuple(parse_network(r, "reservations", allow_address=True) for r in p.reservations),
         node_affinity=NodeAffinity.STRICT if p.node_affinity == pb.NODE_AFFINITY_STRICT else NodeAffinity.BORROW,
+        network=p.network,
     )
 
 
@@ -365,4 +369,5 @@ def same_pool(pool: Pool, request: pb.CreatePoolRequest, ranges: tuple[Range, ..
         and dict(pool.labels) == dict(wanted.labels)
         and pool.cooldown == cooldown
         and pool.node_affinity is affinity
+        and pool.network == wanted.network
     )

@@ -84,6 +84,7 @@ def pool_doc(p: Pool) -> Document:
         "cooldown": seconds(p.cooldown),
         "node_affinity": p.node_affinity.value,
         "reservations": [str(r) for r in p.reservations],
+        "network": p.network,
     }
 
 
@@ -286,7 +287,8 @@ def networks_text(nets: Sequence[IPNetwork]) -> str:
 
 def pool_table(p: Pool) -> str:
     parts = [
-        fields([("Pool", p.name), ("Created", when(p.create_time)), ("Labels", labels_text(p.labels)),
+        fields([("Pool", p.name), ("Network", p.network or "(default)"), ("Created", when(p.create_time)),
+                ("Labels", labels_text(p.labels)),
                 ("Cooldown", duration_text(p.cooldown)), ("Node affinity", p.node_affinity.value),
                 ("Reservations", networks_text(p.reservations))]),
         "Ranges:",

@@ -138,11 +138,19 @@ class EventType(enum.StrEnum):
 def parse_address(value: AddressLike, where: str) -> IPAddress:
     """Parses an address; errors name ``where``."""
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        _refuse_zone(value, where)
         return value
+    _refuse_zone(value, where)
     try:
         return ipaddress.ip_address(str(value).strip())
     except ValueError:
         raise InvalidArgument(f"{where}: {value!r} is not an IP address", metadata={"field": where}) from None
+
+
+def _refuse_zone(value: object, where: str) -> None:
+    """The server refuses IPv6 zone IDs (``fe80::1%eth0``) in every address and CIDR: so does the SDK."""
+    if "%" in str(value):
+        raise InvalidArgument(f"{where}: {str(value)[:80]!r}: zone IDs are not allowed", metadata={"field": where})
 
 
 def parse_seconds(value: float | int | dt.timedelta, where: str) -> dt.timedelta:
@@ -161,6 +169,7 @@ def parse_seconds(value: float | int | dt.timedelta, where: str) -> dt.timedelta
 
 def parse_network(value: NetworkLike | IPAddress, where: str, *, allow_address: bool = False) -> IPNetwork:
     """Parses a CIDR (host bits must be zero); with ``allow_address`` an address is a /32 or /128."""
+    _refuse_zone(value, where)
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return value
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
@@ -282,6 +291,8 @@ class Pool:
         cooldown: how long a released address waits before it is handed out again.
         reservations: the networks reserved with ``reserve_addresses`` (an address is a /32 or /128).
         node_affinity: how allocations that name a node use blocks.
+        network: the address space the pool lives in ("" is the default network). Pools of one
+            network never overlap; set at creation, it cannot be changed.
     """
 
     name: str
@@ -292,6 +303,7 @@ class Pool:
     cooldown: dt.timedelta = DEFAULT_COOLDOWN
     reservations: tuple[IPNetwork, ...] = ()
     node_affinity: NodeAffinity = NodeAffinity.BORROW
+    network: str = ""
 
     @property
     def families(self) -> tuple[Family, ...]:

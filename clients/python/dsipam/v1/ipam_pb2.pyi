@@ -86,7 +86,7 @@ class FamilyUsage(_message.Message):
     def __init__(self, family: _Optional[_Union[IpFamily, str]] = ..., size: _Optional[int] = ..., allocated: _Optional[int] = ..., free: _Optional[int] = ..., cooldown: _Optional[int] = ..., reserved: _Optional[int] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("name", "ranges", "labels", "usage", "create_time", "cooldown", "reservations", "node_affinity")
+    __slots__ = ("name", "ranges", "labels", "usage", "create_time", "cooldown", "reservations", "node_affinity", "network")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class Pool(_message.Message):
     COOLDOWN_FIELD_NUMBER: _ClassVar[int]
     RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     NODE_AFFINITY_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     name: str
     ranges: _containers.RepeatedCompositeFieldContainer[IpRange]
     labels: _containers.ScalarMap[str, str]
@@ -110,7 +111,8 @@ class Pool(_message.Message):
     cooldown: _duration_pb2.Duration
     reservations: _containers.RepeatedScalarFieldContainer[str]
     node_affinity: NodeAffinity
-    def __init__(self, name: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[IpRange, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., usage: _Optional[_Iterable[_Union[FamilyUsage, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reservations: _Optional[_Iterable[str]] = ..., node_affinity: _Optional[_Union[NodeAffinity, str]] = ...) -> None: ...
+    network: str
+    def __init__(self, name: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[IpRange, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., usage: _Optional[_Iterable[_Union[FamilyUsage, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reservations: _Optional[_Iterable[str]] = ..., node_affinity: _Optional[_Union[NodeAffinity, str]] = ..., network: _Optional[str] = ...) -> None: ...
 
 class Address(_message.Message):
     __slots__ = ("family", "ip", "prefix_length", "gateway")

@@ -75,6 +75,12 @@ class AddressAllocated(FailedPrecondition):
     reason = "ADDRESS_ALLOCATED"
 
 
+class PoolsOverlap(FailedPrecondition):
+    """A range overlaps a range of another pool in the same network."""
+
+    reason = "POOLS_OVERLAP"
+
+
 class RangeNotFound(NotFound):
     reason = "RANGE_NOT_FOUND"
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ._errors import InvalidArgument
 from ._family import Family
 from ._ranges import RangeSpec, build_range, check_overlaps
-from ._validate import check_map, check_pool_name
+from ._validate import check_map, check_network, check_pool_name
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class PoolSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     cooldown_ms: int = 30_000
     strict_affinity: bool = False
+    # The address space: pools of one network never overlap; "" is the default network.
+    network: str = ""
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -54,6 +56,7 @@ def build_pool_spec(
     labels: Mapping[str, str],
     cooldown_ms: int = 30_000,
     strict_affinity: bool = False,
+    network: str = "",
 ) -> PoolSpec:
     """Validates a pool as given by a caller; errors name fields under ``pool.``."""
     check_pool_name(name, "pool.name")
@@ -80,6 +83,7 @@ def build_pool_spec(
         labels=check_map(labels, "pool.labels"),
         cooldown_ms=check_cooldown(cooldown_ms),
         strict_affinity=strict_affinity,
+        network=check_network(network),
     )
 
 

@@ -28,22 +28,32 @@ def family_of(value: IPAddress | IPNetwork) -> Family:
     return Family.IPV4 if value.version == 4 else Family.IPV6
 
 
+def _refuse_zone(text: str, where: str) -> None:
+    """An IPv6 zone ID (``fe80::1%eth0``) names an interface of one host: never valid input here."""
+    if "%" in text:
+        raise InvalidArgument(
+            f"{where}: {text[:80]!r}: zone IDs are not allowed (an address here names no interface)", field=where
+        )
+
+
 def parse_address(text: str, where: str) -> IPAddress:
-    """Parses one address; ``where`` names the field in the error."""
+    """Parses one address; ``where`` names the field in the error. Zone IDs are refused."""
+    _refuse_zone(text, where)
     try:
         return ipaddress.ip_address(text.strip())
     except ValueError:
-        raise InvalidArgument(f"{where}: {text!r} is not an IP address", field=where) from None
+        raise InvalidArgument(f"{where}: {text[:80]!r} is not an IP address", field=where) from None
 
 
 def parse_network(text: str, where: str) -> IPNetwork:
-    """Parses a CIDR such as 198.18.0.0/24; host bits must be zero."""
+    """Parses a CIDR such as 198.18.0.0/24; host bits must be zero. Zone IDs are refused."""
+    _refuse_zone(text, where)
     if "/" not in text:
-        raise InvalidArgument(f"{where}: {text!r} is not a CIDR (expected address/prefix)", field=where)
+        raise InvalidArgument(f"{where}: {text[:80]!r} is not a CIDR (expected address/prefix)", field=where)
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:
-        raise InvalidArgument(f"{where}: {text!r} is not a valid CIDR ({exc})", field=where) from None
+        raise InvalidArgument(f"{where}: {text[:80]!r} is not a valid CIDR ({exc})", field=where) from None
 
 
 def parse_address_or_network(text: str, where: str) -> IPNetwork:
@@ -51,6 +61,72 @@ def parse_address_or_network(text: str, where: str) -> IPNetwork:
         return parse_network(text, where)
     address = parse_address(text, where)
     return ipaddress.ip_network(address)
+
+
+# -- range policy -----------------------------------------------------------------------
+#
+# A range must be unicast space that a pod can hold. These blocks of the IANA IPv4 and IPv6
+# special-purpose address registries (RFC 6890) are refused, with the reason. Private space
+# (10/8, 172.16/12, 192.168/16, fc00::/7), shared space (100.64/10) and the benchmarking
+# blocks (198.18.0.0/15, 2001:2::/48: what the tests use) stay allowed. Order matters: the
+# first block that holds a range names the reason (the limited broadcast address before 240/4).
+
+
+@dataclass(frozen=True)
+class SpecialBlock:
+    network: IPNetwork
+    what: str  # completes "<cidr> is ..."
+    source: str  # the RFC that assigns it
+
+
+def _special(cidr: str, what: str, source: str) -> SpecialBlock:
+    return SpecialBlock(ipaddress.ip_network(cidr), what, source)
+
+
+REFUSED_BLOCKS: tuple[SpecialBlock, ...] = (
+    _special("0.0.0.0/8", '"this network"', "RFC 791"),
+    _special("127.0.0.0/8", "loopback", "RFC 1122"),
+    _special("169.254.0.0/16", "link-local", "RFC 3927"),
+    _special("192.0.0.0/24", "IETF protocol assignments", "RFC 6890"),
+    _special("192.0.2.0/24", "documentation-only (TEST-NET-1)", "RFC 5737"),
+    _special("198.51.100.0/24", "documentation-only (TEST-NET-2)", "RFC 5737"),
+    _special("203.0.113.0/24", "documentation-only (TEST-NET-3)", "RFC 5737"),
+    _special("224.0.0.0/4", "multicast", "RFC 5771"),
+    _special("255.255.255.255/32", "the limited broadcast address", "RFC 919"),
+    _special("240.0.0.0/4", "reserved for future use", "RFC 1112"),
+    _special("::/128", "the unspecified address", "RFC 4291"),
+    _special("::1/128", "loopback", "RFC 4291"),
+    _special("::/96", "IPv4-compatible (deprecated)", "RFC 4291"),
+    _special("::ffff:0:0/96", "IPv4-mapped (it names IPv4 hosts)", "RFC 4291"),
+    _special("::ffff:0:0:0/96", "IPv4-translated (it names IPv4 hosts)", "RFC 2765"),
+    _special("64:ff9b::/96", "the NAT64 well-known prefix (it names IPv4 hosts)", "RFC 6052"),
+    _special("64:ff9b:1::/48", "local-use IPv4/IPv6 translation", "RFC 8215"),
+    _special("100::/64", "discard-only", "RFC 6666"),
+    _special("2001:db8::/32", "documentation-only", "RFC 3849"),
+    _special("3fff::/20", "documentation-only", "RFC 9637"),
+    _special("fe80::/10", "link-local", "RFC 4291"),
+    _special("ff00::/8", "multicast", "RFC 4291"),
+)
+
+
+def range_policy_violation(net: IPNetwork) -> str | None:
+    """Why pods cannot hold ``net`` (a sentence that starts with the CIDR), or None."""
+    if net.prefixlen == 0:
+        return f"{net} is a /0 (every {family_of(net).label} address); pods cannot hold it"
+    same = [b for b in REFUSED_BLOCKS if b.network.version == net.version]
+    for b in same:
+        if net.subnet_of(b.network):  # type: ignore[arg-type]
+            return f"{net} is {b.what} ({b.source}); pods cannot hold it"
+    for b in same:
+        if net.overlaps(b.network):
+            return f"{net} overlaps {b.network}, which is {b.what} ({b.source}); pods cannot hold it"
+    return None
+
+
+def check_range_policy(net: IPNetwork, where: str) -> None:
+    reason = range_policy_violation(net)
+    if reason is not None:
+        raise InvalidArgument(f"{where}: {reason}", field=where, reason="RANGE_NOT_ALLOWED")
 
 
 def _subtract(intervals: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -226,11 +302,18 @@ def build_range(
     exclude: Sequence[str] = (),
     block_size: int = 0,
     where: str = "range",
+    policy: bool = True,
 ) -> RangeSpec:
-    """Validates one range as given by a caller. ``where`` prefixes field names in errors."""
+    """Validates one range as given by a caller. ``where`` prefixes field names in errors.
+
+    ``policy=False`` skips the range policy (:func:`check_range_policy`): only for ranges
+    read back from the database, which may predate it.
+    """
     if not cidr:
         raise InvalidArgument(f"{where}.cidr: required", field=f"{where}.cidr")
     net = parse_network(cidr, f"{where}.cidr")
+    if policy:
+        check_range_policy(net, f"{where}.cidr")
     fam = family_of(net)
     lo, hi = _default_bounds(net)
 

@@ -11,6 +11,7 @@ from ._family import Family, Policy
 from ._ranges import IPAddress, family_of, parse_address
 
 _POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NETWORK_NAME = re.compile(r"^[a-z0-9]([-.a-z0-9]{0,126}[a-z0-9])?$")
 MAX_OWNER = 253
 MAX_ATTRIBUTES = 64
 MAX_KEY = 253
@@ -33,6 +34,18 @@ def check_pool_name(name: str, where: str = "pool") -> str:
             field=where,
         )
     return name
+
+
+def check_network(network: str, where: str = "pool.network") -> str:
+    """An address space: "" (the default network) or 1-128 of a-z, 0-9, '-' and '.', starting and
+    ending with a letter or digit. Pools in one network never overlap."""
+    if network and (len(network) > 128 or not _NETWORK_NAME.match(network)):
+        raise InvalidArgument(
+            f"{where}: {network[:80]!r} is not a network name (empty for the default network, or 1-128 of "
+            "a-z, 0-9, '-' and '.', starting and ending with a letter or digit)",
+            field=where,
+        )
+    return network
 
 
 def check_owner(owner: str, where: str = "owner") -> str:

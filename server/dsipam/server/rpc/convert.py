@@ -55,7 +55,8 @@ def pool_spec_from_pb(pool: pb.Pool) -> domain.PoolSpec:
         for r in pool.ranges
     ]
     return domain.build_pool_spec(
-        pool.name, ranges, dict(pool.labels), cooldown_ms_from_pb(pool), strict_affinity_from_pb(pool.node_affinity)
+        pool.name, ranges, dict(pool.labels), cooldown_ms_from_pb(pool), strict_affinity_from_pb(pool.node_affinity),
+        network=pool.network,
     )
 
 
@@ -124,6 +125,7 @@ def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:
         cooldown=duration_pb2.Duration(seconds=info.cooldown_ms // 1000, nanos=(info.cooldown_ms % 1000) * 1_000_000),
         reservations=list(info.reservations),
         node_affinity=pb.NODE_AFFINITY_STRICT if info.strict_affinity else pb.NODE_AFFINITY_BORROW,
+        network=spec.network,
     )
 
 

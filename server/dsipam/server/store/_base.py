@@ -73,6 +73,7 @@ class StoredPool:
     ranges: tuple[StoredRange, ...]
     reservations: tuple[IPNetwork, ...]
     strict_affinity: bool = False
+    network: str = ""  # changes only with the version (migration 0012), so a cached layout keeps it
 
     @property
     def spec(self) -> PoolSpec:
@@ -82,6 +83,7 @@ class StoredPool:
             labels=self.labels,
             cooldown_ms=self.cooldown_ms,
             strict_affinity=self.strict_affinity,
+            network=self.network,
         )
 
     @cached_property
@@ -171,10 +173,10 @@ def page_size(value: int) -> int:
 
 
 _SQL_POOL_HEAD = text(
-    "SELECT id, name, labels, create_time, cooldown_ms, version, node_affinity FROM ipam_pools WHERE name = :name"
+    "SELECT id, name, labels, create_time, cooldown_ms, version, node_affinity, network FROM ipam_pools WHERE name = :name"
 )
 _SQL_POOL_HEAD_BY_ID = text(
-    "SELECT id, name, labels, create_time, cooldown_ms, version, node_affinity FROM ipam_pools WHERE id = :id"
+    "SELECT id, name, labels, create_time, cooldown_ms, version, node_affinity, network FROM ipam_pools WHERE id = :id"
 )
 _SQL_POOL_LAYOUT = text(
     """
@@ -279,12 +281,13 @@ class StoreBase:
                 last=row["last_ip"] or "",
                 gateway=row["gateway"] or "",
                 exclude=row["exclude"] or (),
+                policy=False,  # stored ranges may predate the range policy: they keep working
             )
             spec = replace(spec, block_prefix=row["block_prefix"]).with_reserved(reservations)
             ranges.append(StoredRange(row["range_id"], spec, int(row["size"])))
         pool = StoredPool(
             head["id"], head["name"], dict(head["labels"]), head["create_time"], head["cooldown_ms"],
-            head["version"], tuple(ranges), reservations, head["node_affinity"] == 2,
+            head["version"], tuple(ranges), reservations, head["node_affinity"] == 2, head["network"],
         )
         self._layouts[pool.id] = pool
         self._by_name[pool.name] = pool

@@ -50,8 +50,11 @@ pools = sa.Table(
     sa.Column("version", sa.BigInteger, nullable=False, server_default=sa.text("1")),
     # 1: borrow (take from another node's block when the node has none left), 2: strict.
     sa.Column("node_affinity", sa.SmallInteger, nullable=False, server_default=sa.text("1")),
+    # The address space (migration 0012): pools of one network never overlap; '' is the default.
+    sa.Column("network", sa.Text, nullable=False, server_default=sa.text("''")),
     sa.CheckConstraint("cooldown_ms >= 0", name="cooldown"),
     sa.CheckConstraint("node_affinity IN (1, 2)", name="node_affinity"),
+    sa.UniqueConstraint("id", "network", name="uq_ipam_pools_id_network"),  # the target of ranges' network key
 )
 
 # One row per range. ``next_block`` is the base of the next block that lazy block
@@ -71,8 +74,20 @@ ranges = sa.Table(
     sa.Column("block_prefix", sa.SmallInteger, nullable=False),
     sa.Column("size", sa.Numeric(40, 0), nullable=False),
     sa.Column("next_block", pg.INET),
+    # The pool's network, kept equal to it by the foreign key below (ON UPDATE CASCADE), so
+    # that one exclusion constraint refuses overlapping ranges of one network, even from
+    # concurrent transactions (GiST over (network, cidr); btree_gist provides text equality).
+    sa.Column("network", sa.Text, nullable=False, server_default=sa.text("''")),
     sa.UniqueConstraint("pool_id", "position"),
     sa.CheckConstraint("family IN (4, 6) AND family(cidr) = family", name="family"),
+    sa.ForeignKeyConstraint(
+        ["pool_id", "network"], ["ipam_pools.id", "ipam_pools.network"], name="fk_ipam_ranges_pool_network",
+        onupdate="CASCADE", ondelete="CASCADE",
+    ),
+    pg.ExcludeConstraint(
+        (sa.column("network"), "="), (sa.column("cidr"), "&&"), name="ex_ipam_ranges_network_cidr", using="gist",
+        ops={"cidr": "inet_ops"},
+    ),
 )
 
 # Blocks are created lazily. Bit i of ``bitmap`` is set when address base+i is
