@@ -295,9 +295,10 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.token_command == "new":
         try:
             role = parse_role(args.role, "ROLE")
+            default_name = f"{role.label}-{args.node}" if args.node else f"{role.label}-token"
+            token, entry = token_config_entry(role, args.name or default_name, args.node)
         except ValueError as exc:
             raise SystemExit(f"dsipam: {exc}") from None
-        token, entry = token_config_entry(role, args.name or f"{role.label}-token")
         print(token)  # once, on stdout: stderr often ends up in logs
         print("the token above is not stored: give it to the caller. Its auth config entry (under tokens:):",
               file=sys.stderr)
@@ -398,20 +399,25 @@ def describe_failure(exc: BaseException, args: argparse.Namespace) -> tuple[int,
     where = f" at {_shown(url)}" if url else ""
     if isinstance(exc, CommandError):
         return exc.code, str(exc)
-    if isinstance(exc, DatabaseUnavailable):
+    if isinstance(exc, DatabaseUnavailable) and isinstance(exc.__cause__, sqlalchemy.exc.DBAPIError) \
+            and "does not exist" in str(exc.__cause__):
+        exc = exc.__cause__  # a missing database: said below
+    elif isinstance(exc, DatabaseUnavailable):
         cause = exc.__cause__
-        detail = f": {cause}" if cause is not None and str(cause) else ""
+        detail = f": {str(cause).splitlines()[0]}" if cause is not None and str(cause) else ""
         return 1, f"cannot reach the database{where}{detail}"
     if isinstance(exc, IpamError):  # PoolNotFound and the like: the service's own words
         return 1, f"{exc} [{exc.reason}]"
     if isinstance(exc, ValueError | sqlalchemy.exc.ArgumentError) and "URL" in str(exc):
-        return 2, f"--database-url: {exc}"
+        return 2, f"--database-url {_shown(url)!r}: {exc}" if url else f"--database-url: {exc}"
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         orig = getattr(exc, "orig", None)
         text = str(orig if orig is not None else exc).split("\n")[0]
         text = text.split(": ", 1)[-1] if text.startswith("<class") else text
         if "does not exist" in text and "database" in text:
             return 1, f"{text}{where}: create it (createdb), then run 'dsipam migrate'"
+        if getattr(orig, "sqlstate", None) == "42P01" or "UndefinedTable" in repr(orig):
+            return 1, f"database error{where}: {text}: is it migrated? run 'dsipam migrate'"
         return 1, f"database error{where}: {text}"
     if isinstance(exc, OSError):
         return 1, f"cannot reach the database{where}: {exc.strerror or exc}"
@@ -451,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(env DSIPAM_TLS_CLIENT_CA)")
     serve.add_argument("--unix-socket-mode", help="file mode of unix socket listeners, octal (default 660; "
                        "env DSIPAM_UNIX_SOCKET_MODE)")
-    serve.add_argument("--max-message-bytes", type=int, help="largest request or response (default 4 MiB; "
+    serve.add_argument("--max-message-bytes", type=int, help="largest request (default 512 KiB; "
                        "env DSIPAM_MAX_MESSAGE_BYTES)")
     serve.add_argument("--metrics-listen", help="host:port of the Prometheus /metrics endpoint; off when unset "
                        "(env DSIPAM_METRICS_LISTEN)")
@@ -473,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     new = token_sub.add_parser("new", help="print a new random token (stdout) and its config entry (stderr)")
     new.add_argument("role", metavar="ROLE", help="shim, controller or admin")
     new.add_argument("--name", help="the entry's name in logs")
+    new.add_argument("--node", help="the node a shim token serves (required for shim: a shim acts only on its node)")
     token_sub.add_parser("hash", help="print the config hash of a token read from standard input")
     token.set_defaults(func=cmd_token)
 
