@@ -166,6 +166,13 @@ class ResumeTokenExpired(FailedPrecondition):
     reason = "RESUME_TOKEN_EXPIRED"
 
 
+class PoolsOverlap(FailedPrecondition):
+    """A range overlaps a range of another pool in the same network (``metadata["pool"]`` and
+    ``metadata["cidr"]`` name it): give the pool another range, or another network."""
+
+    reason = "POOLS_OVERLAP"
+
+
 class ResourceExhausted(IpamError):
     """A resource ran out (never retried: retrying does not free anything)."""
 
@@ -265,6 +272,7 @@ ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.FAILED_PRECONDITION, "ADDRESS_IN_COOLDOWN", AddressInCooldown),
     (_S.FAILED_PRECONDITION, "ADDRESS_ALLOCATED", AddressAllocated),
     (_S.FAILED_PRECONDITION, "RESUME_TOKEN_EXPIRED", ResumeTokenExpired),
+    (_S.FAILED_PRECONDITION, "POOLS_OVERLAP", PoolsOverlap),
     (_S.RESOURCE_EXHAUSTED, None, ResourceExhausted),
     (_S.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED", PoolExhausted),
     (_S.ABORTED, None, Aborted),
