@@ -1,13 +1,19 @@
 """Who may call what: roles, the method table, bearer tokens, client certificates and TLS.
 
-A caller's role comes from (in this order):
+A caller's identity (a role, and for a shim the node it serves) comes from (in this order):
 
 1. an ``authorization: Bearer <token>`` header whose token matches a hashed token of the
    auth config (a token that matches nothing is refused, even on an mTLS connection);
-2. on the unix socket listener, ``unix_socket_role`` (default ``shim``): the socket file's
-   permissions decide who can connect;
+2. on the unix socket listener, ``unix_socket_role`` and ``unix_socket_node`` (default: no
+   role, so the socket needs a token too); the socket file's permissions decide who can connect;
 3. the client certificate of an mTLS connection, by its subject CN or a subject alternative
    name (DNS, URI, e-mail or IP), mapped in the auth config.
+
+A shim identity is scoped to one node: every shim token, shim certificate mapping and a shim
+unix socket must name its ``node``, and a config with a shim that names none is refused (a
+cluster-wide shim is what a controller is). The authorizer records the caller's node in
+:data:`caller_node` for the servicer, which confines shims to their node's allocations
+(docs/security.md, "Node-scoped shims"). Controllers and admins have no node: cluster-wide.
 
 No identity is UNAUTHENTICATED; an identity whose role is too low for the method is
 PERMISSION_DENIED. Health and reflection are open to everybody. The one place that says
@@ -16,21 +22,27 @@ which role a method needs is :data:`METHOD_ROLES`; a method missing from it need
 The auth config is YAML (or JSON, which is YAML too)::
 
     tokens:
-      - name: node-shims                     # shown in logs
+      - name: shim-node-a                    # shown in logs
         role: shim
+        node: node-a                         # required for shims: the node it serves
         hash: salted-sha256:<salt hex>:<sha256(salt || token) hex>   # or sha256:<hex>
     clients:
       - cn: dsipam-controller                # or  san: spiffe://cluster/sa/controller
         role: controller
-    unix_socket_role: shim                   # or none: the unix socket needs a token too
+      - cn: node-b.shim
+        role: shim
+        node: node-b
+    unix_socket_role: none                   # the default: the unix socket needs a token too
+    # unix_socket_role: shim  with  unix_socket_node: node-a  for a node-local server
 
-``dsipam token new ROLE`` prints a fresh random token and its config entry. Tokens are
+``dsipam token new ROLE [--node NODE]`` prints a fresh random token and its config entry. Tokens are
 256-bit random strings, so a fast salted hash is as good as a slow one and keeps every
 call cheap; verified tokens are also remembered in memory.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import hashlib
 import hmac
@@ -80,16 +92,18 @@ def parse_role(value: Any, where: str) -> Role:
 
 
 METHOD_ROLES: Mapping[str, Role] = {
-    # shim: what a node-local CNI shim needs.
+    # shim: what a node-local CNI shim needs, confined to the owners of the shim's node
+    # (rpc/servicer.py): Allocate for its node, Release/GetAllocation of its node's owners,
+    # GarbageCollect of its node's owners only.
     "Allocate": Role.SHIM,
     "Release": Role.SHIM,
     "GetAllocation": Role.SHIM,
+    "GarbageCollect": Role.SHIM,  # CNI GC (gcScope: pool): a shim collects only its node's owners
     "GetPool": Role.SHIM,  # CNI STATUS reads a pool's free addresses
-    # controller: lists, garbage collection, watch and migration.
+    # controller: lists, node release, watch and migration, over every node.
     "ListPools": Role.CONTROLLER,
     "ListAllocations": Role.CONTROLLER,
     "ListBlocks": Role.CONTROLLER,
-    "GarbageCollect": Role.CONTROLLER,
     "ReleaseNode": Role.CONTROLLER,
     "WatchAllocations": Role.CONTROLLER,
     "MigratePool": Role.CONTROLLER,
@@ -130,6 +144,42 @@ def hash_token(token: str, salt: bytes | None = None) -> str:
     return f"salted-sha256:{salt.hex()}:{digest}"
 
 
+caller_node: contextvars.ContextVar[str | None] = contextvars.ContextVar("dsipam_caller_node", default=None)
+"""The node of the shim the current call serves; None for a cluster-wide caller (controller,
+admin, or no authentication at all). Set by :meth:`Authorizer.authorize` in the call's own
+task (each gRPC call runs in a context of its own), read by the servicer."""
+
+MAX_NODE_CHARS = 253
+
+
+def parse_node(value: Any, role: Role, where: str) -> str | None:
+    """The ``node`` of a config entry with ``role``: required (a node name) for a shim, refused
+    for controller and admin (they act on every node)."""
+    if role is not Role.SHIM:
+        if value is not None:
+            raise ValueError(f"{where}: only shim identities are scoped to a node; role {role.label} acts on "
+                             "every node (remove node)")
+        return None
+    if value is None or value == "":
+        raise ValueError(f"{where}: required for role shim: a shim acts only on the allocations of the node it "
+                         "serves (a caller for every node is a controller)")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a node name (a string), not {type(value).__name__}")
+    if value == "*":
+        raise ValueError(f"{where}: '*' is not a node: a shim for every node would be a controller")
+    if len(value) > MAX_NODE_CHARS or not all(0x21 <= ord(c) <= 0x7E for c in value):
+        raise ValueError(f"{where}: a node name is 1-{MAX_NODE_CHARS} printable ASCII characters without spaces")
+    return value
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a client certificate name maps to: a role, and the node of a shim."""
+
+    role: Role
+    node: str | None = None
+
+
 @dataclass(frozen=True)
 class TokenEntry:
     """One hashed token of the auth config."""
@@ -138,6 +188,7 @@ class TokenEntry:
     role: Role
     digest: bytes
     salt: bytes | None  # None: plain sha256(token)
+    node: str | None = None  # a shim's node (required for shims); None: every node
 
     def matches(self, token: bytes, plain_digest: bytes) -> bool:
         if self.salt is None:
@@ -171,12 +222,13 @@ def _parse_hash(value: Any, where: str) -> tuple[bytes, bytes | None]:
 
 @dataclass
 class AuthConfig:
-    """Hashed tokens and client-certificate names, each with a role."""
+    """Hashed tokens and client-certificate names, each with a role (and a shim's node)."""
 
     tokens: list[TokenEntry] = field(default_factory=list)
-    cert_cn: dict[str, Role] = field(default_factory=dict)
-    cert_san: dict[str, Role] = field(default_factory=dict)
-    unix_socket_role: Role | None = Role.SHIM
+    cert_cn: dict[str, Grant] = field(default_factory=dict)
+    cert_san: dict[str, Grant] = field(default_factory=dict)
+    unix_socket_role: Role | None = None
+    unix_socket_node: str | None = None
 
     @property
     def maps_certificates(self) -> bool:
@@ -189,7 +241,7 @@ class AuthConfig:
             data = {}
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a mapping with tokens and/or clients")
-        unknown = set(data) - {"tokens", "clients", "unix_socket_role"}
+        unknown = set(data) - {"tokens", "clients", "unix_socket_role", "unix_socket_node"}
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
         cfg = cls()
@@ -198,20 +250,28 @@ class AuthConfig:
             if not isinstance(entry, dict):
                 raise ValueError(f"{where}: expected a mapping with name, role and hash")
             role = parse_role(entry.get("role"), f"{where}.role")
+            node = parse_node(entry.get("node"), role, f"{where}.node")
             digest, salt = _parse_hash(entry.get("hash"), f"{where}.hash")
-            cfg.tokens.append(TokenEntry(str(entry.get("name") or f"token{i}"), role, digest, salt))
+            cfg.tokens.append(TokenEntry(str(entry.get("name") or f"token{i}"), role, digest, salt, node))
         for i, entry in enumerate(_list(data.get("clients"), f"{source}: clients")):
             where = f"{source}: clients[{i}]"
             if not isinstance(entry, dict) or ("cn" in entry) == ("san" in entry):
                 raise ValueError(f"{where}: expected a mapping with role and one of cn or san")
             role = parse_role(entry.get("role"), f"{where}.role")
+            node = parse_node(entry.get("node"), role, f"{where}.node")
             key = "cn" if "cn" in entry else "san"
             name = entry[key]
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{where}.{key}: expected a non-empty string")
-            (cfg.cert_cn if key == "cn" else cfg.cert_san)[name] = role
-        unix = data.get("unix_socket_role", "shim")
+            (cfg.cert_cn if key == "cn" else cfg.cert_san)[name] = Grant(role, node)
+        unix = data.get("unix_socket_role", "none")
         cfg.unix_socket_role = None if unix in (None, "none", "") else parse_role(unix, f"{source}: unix_socket_role")
+        if cfg.unix_socket_role is None:
+            if data.get("unix_socket_node") is not None:
+                raise ValueError(f"{source}: unix_socket_node: needs unix_socket_role shim")
+        else:
+            cfg.unix_socket_node = parse_node(data.get("unix_socket_node"), cfg.unix_socket_role,
+                                              f"{source}: unix_socket_node")
         if not cfg.tokens and not cfg.maps_certificates:
             raise ValueError(f"{source}: no tokens and no clients: nobody could call the service")
         return cfg
@@ -294,18 +354,18 @@ class Authorizer:
             self._known[token] = found
         return found
 
-    def certificate_role(self, auth_context: Mapping[str, Iterable[bytes]]) -> tuple[Role | None, str]:
-        """The role mapped to a verified client certificate (CN first, then SANs), and its name."""
+    def certificate_grant(self, auth_context: Mapping[str, Iterable[bytes]]) -> tuple[Grant | None, str]:
+        """The role (and node) mapped to a verified client certificate (CN first, then SANs), and its name."""
         names = [v.decode(errors="replace") for v in auth_context.get("x509_common_name", ())]
         for cn in names:
-            role = self.config.cert_cn.get(cn)
-            if role is not None:
-                return role, f"cert:CN={cn}"
+            grant = self.config.cert_cn.get(cn)
+            if grant is not None:
+                return grant, f"cert:CN={cn}"
         for raw in auth_context.get("x509_subject_alternative_name", ()):
             san = raw.decode(errors="replace")
-            role = self.config.cert_san.get(san)
-            if role is not None:
-                return role, f"cert:SAN={san}"
+            grant = self.config.cert_san.get(san)
+            if grant is not None:
+                return grant, f"cert:SAN={san}"
         return None, f"cert:CN={names[0]}" if names else ""
 
     async def authorize(
@@ -317,8 +377,10 @@ class Authorizer:
         identified: Callable[[str], None] | None = None,
     ) -> str:
         """Returns the caller's name for logs, or ends the call with UNAUTHENTICATED or PERMISSION_DENIED.
-        ``identified`` is told the caller's name as soon as it is known (before a denial)."""
+        ``identified`` is told the caller's name as soon as it is known (before a denial). The
+        caller's node (a shim's; None for cluster-wide callers) is set in :data:`caller_node`."""
         role: Role | None = None
+        node: str | None = None
         who = ""
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
@@ -327,16 +389,18 @@ class Authorizer:
                 await _deny(context, grpc.StatusCode.UNAUTHENTICATED,
                             "authorization: not a known bearer token", "UNAUTHENTICATED")
             assert entry is not None
-            role, who = entry.role, f"token:{entry.name}"
+            role, node, who = entry.role, entry.node, f"token:{entry.name}"
         elif self.config.unix_socket_role is not None and context.peer().startswith("unix:"):
-            role, who = self.config.unix_socket_role, "unix"
+            role, node, who = self.config.unix_socket_role, self.config.unix_socket_node, "unix"
         elif self.config.maps_certificates:
             auth = context.auth_context()
             if auth.get("x509_common_name") or auth.get("x509_subject_alternative_name"):
-                role, who = self.certificate_role(auth)
+                grant, who = self.certificate_grant(auth)
                 if identified is not None and who:
                     identified(who)
-                if role is None:
+                if grant is not None:
+                    role, node = grant.role, grant.node
+                else:
                     await _deny(context, grpc.StatusCode.PERMISSION_DENIED,
                                 f"{who or 'client certificate'}: no role is mapped to this certificate",
                                 "PERMISSION_DENIED")
@@ -344,6 +408,10 @@ class Authorizer:
             await _deny(context, grpc.StatusCode.UNAUTHENTICATED,
                         "authorization: a bearer token (or a client certificate) is required", "UNAUTHENTICATED")
         assert role is not None
+        if role is Role.SHIM and node is None:  # the config cannot hold one; never let one act cluster-wide
+            await _deny(context, grpc.StatusCode.PERMISSION_DENIED, f"{who}: a shim identity without a node",
+                        "PERMISSION_DENIED")
+        caller_node.set(node)
         if identified is not None:
             identified(who)
         if role < required:
@@ -413,10 +481,13 @@ def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredenti
     return server.add_insecure_port(address)
 
 
-def token_config_entry(role: Role, name: str) -> tuple[str, str]:
-    """A new token and the YAML lines of its config entry."""
+def token_config_entry(role: Role, name: str, node: str | None = None) -> tuple[str, str]:
+    """A new token and the YAML lines of its config entry; a shim's names its ``node``
+    (ValueError when a shim has none, or another role has one)."""
+    node = parse_node(node or None, role, "--node")
     token = new_token()
-    entry = f"  - name: {name}\n    role: {role.label}\n    hash: {hash_token(token)}\n"
+    node_line = f"    node: {json.dumps(node)}\n" if node is not None else ""
+    entry = f"  - name: {name}\n    role: {role.label}\n{node_line}    hash: {hash_token(token)}\n"
     return token, entry
 
 
@@ -426,14 +497,17 @@ __all__ = [
     "SERVICE_PREFIX",
     "AuthConfig",
     "Authorizer",
+    "Grant",
     "Role",
     "TokenEntry",
     "authorizer_from_settings",
     "bind",
+    "caller_node",
     "credentials_from_settings",
     "hash_token",
     "load_auth_config",
     "new_token",
+    "parse_node",
     "parse_role",
     "required_role",
     "server_credentials",

@@ -14,6 +14,7 @@ from ._errors import (
     IpamError,
     NotFound,
     OwnerHoldsOtherAddress,
+    PermissionDenied,
     PoolAlreadyExists,
     PoolExhausted,
     PoolHasAllocations,
@@ -38,6 +39,7 @@ from ._ranges import RangeSpec, build_range, check_overlaps, family_of, parse_ad
 from ._validate import AllocationPlan, check_map, check_node, check_owner, check_pool_name, plan_allocation
 
 __all__ = [
+    "PermissionDenied",
     "BlockInfo",
     "check_node",
     "AddressAllocated",

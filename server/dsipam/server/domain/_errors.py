@@ -89,6 +89,13 @@ class ResumeTokenExpired(FailedPrecondition):
     reason = "RESUME_TOKEN_EXPIRED"
 
 
+class PermissionDenied(IpamError):
+    """The caller's identity may call the method, but not on this object (a shim and another
+    node's allocation). The message names no other caller's owner or node."""
+
+    reason = "PERMISSION_DENIED"
+
+
 class PoolExhausted(IpamError):
     reason = "POOL_EXHAUSTED"
 

@@ -21,6 +21,7 @@ STATUS_TABLE: tuple[tuple[type[domain.IpamError], grpc.StatusCode], ...] = (
     (domain.NotFound, grpc.StatusCode.NOT_FOUND),
     (domain.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (domain.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (domain.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (domain.PoolExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (domain.Conflict, grpc.StatusCode.ABORTED),
     (domain.DatabaseUnavailable, grpc.StatusCode.UNAVAILABLE),

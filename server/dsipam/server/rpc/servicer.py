@@ -13,6 +13,7 @@ from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc as pb_grpc
 
 from .. import domain
+from ..security import caller_node
 from ..store import Store
 from . import convert
 from .errors import abort_with
@@ -65,6 +66,17 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
 
     @_guarded
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
+        # A shim (node-scoped caller) allocates for its own node: an empty node is its node,
+        # another node is refused (docs/security.md, "Node-scoped shims").
+        scope = caller_node.get()
+        node = request.node
+        if scope is not None:
+            if node and node != scope:
+                raise domain.PermissionDenied(
+                    f"node: {node!r} is not this caller's node {scope!r}; a shim allocates only for its own node",
+                    field="node",
+                )
+            node = scope
         info, created = await self.store.allocate(
             pool=request.pool,
             owner=request.owner,
@@ -72,20 +84,22 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
             families=convert.families_from_pb(request.ip_families),
             addresses=list(request.addresses),
             attributes=dict(request.attributes),
-            node=request.node,
+            node=node,
+            node_scope=scope,
         )
         return pb.AllocateResponse(allocation=convert.allocation_to_pb(info), created=created)
 
     @_guarded
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         released = await self.store.release(
-            pool=request.pool, owner=request.owner, families=convert.families_from_pb(request.ip_families)
+            pool=request.pool, owner=request.owner, families=convert.families_from_pb(request.ip_families),
+            node_scope=caller_node.get(),
         )
         return pb.ReleaseResponse(released=[convert.address_to_pb(a) for a in released])
 
     @_guarded
     async def GetAllocation(self, request: pb.GetAllocationRequest, context: grpc.aio.ServicerContext) -> pb.Allocation:
-        info = await self.store.get_allocation(pool=request.pool, owner=request.owner)
+        info = await self.store.get_allocation(pool=request.pool, owner=request.owner, node_scope=caller_node.get())
         if info is None:
             raise domain.AllocationNotFound(
                 f"owner: {request.owner!r} holds nothing in pool {request.pool!r}", field="owner"
@@ -111,7 +125,8 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
     ) -> pb.GarbageCollectResponse:
         grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else DEFAULT_GC_GRACE
         released = await self.store.garbage_collect(
-            pool=request.pool, valid_owners=list(request.valid_owners), grace_seconds=grace
+            pool=request.pool, valid_owners=list(request.valid_owners), grace_seconds=grace,
+            node_scope=caller_node.get(),
         )
         return pb.GarbageCollectResponse(released=[convert.allocation_to_pb(a) for a in released])
 

@@ -28,6 +28,7 @@ from ..domain import (
     Family,
     InvalidArgument,
     OwnerHoldsOtherAddress,
+    PermissionDenied,
     Policy,
     PoolExhausted,
     PoolNotFound,
@@ -208,8 +209,26 @@ _SQL_EXPIRED_EXISTS = text(
 )
 
 
+def _not_of_node(pool: str, owner: str, node: str) -> PermissionDenied:
+    """A node-scoped caller (a shim) and an owner that is not its node's. Names neither the
+    holder nor its node: only what the caller gave and its own node."""
+    return PermissionDenied(
+        f"owner: {owner!r} is not an allocation of node {node!r} in pool {pool!r}; "
+        "a shim acts only on its own node's allocations",
+        field="owner",
+    )
+
+
 class AllocationStore(StoreBase):
-    """Allocate, Release, GarbageCollect, cooldown reclaim, reads and fsck."""
+    """Allocate, Release, GarbageCollect, cooldown reclaim, reads and fsck.
+
+    ``node_scope`` (Allocate, Release, GetAllocation, GarbageCollect) is the node of a shim
+    caller, None for cluster-wide callers. A scoped call acts only on allocations whose stored
+    node is that node, checked on the owner's row while it is locked in the transaction that
+    changes it (so an owner re-allocated to another node meanwhile is never touched); a scoped
+    Release therefore skips the batched fast path, whose SQL function has no node guard. Its
+    errors never name another owner.
+    """
 
     async def allocate(
         self,
@@ -221,20 +240,27 @@ class AllocationStore(StoreBase):
         addresses: Sequence[str],
         attributes: dict[str, str],
         node: str = "",
+        node_scope: str | None = None,
     ) -> tuple[AllocationInfo, bool]:
         check_pool_name(pool, "pool")
         check_owner(owner)
         check_map(attributes, "attributes")
         check_node(node)
+        if node_scope is not None and node != node_scope:
+            raise PermissionDenied(f"node: {node!r} is not the caller's node {node_scope!r}", field="node")
 
         if self.fast is not None and not addresses:
             done = await self._allocate_fast(pool, owner, policy, families, attributes, node)
             if done is not None:
+                # "exists" answers change nothing: another node's owner is refused unseen.
+                if node_scope is not None and done[0].node != node_scope:
+                    raise _not_of_node(pool, owner, node_scope)
                 return done
 
         async def run(conn: AsyncConnection) -> tuple[AllocationInfo, bool]:
             stored = await self._load_pool(conn, pool)
-            return await self._allocate_in(conn, stored, owner, policy, families, addresses, attributes, node)
+            return await self._allocate_in(conn, stored, owner, policy, families, addresses, attributes, node,
+                                           node_scope)
 
         try:
             return await self._transaction(run)
@@ -332,9 +358,12 @@ class AllocationStore(StoreBase):
         addresses: Sequence[str],
         attributes: dict[str, str],
         node: str = "",
+        node_scope: str | None = None,
     ) -> tuple[AllocationInfo, bool]:
         plan = plan_allocation(pool_families=stored.families, policy=policy, families=families, addresses=addresses)
         row = (await conn.execute(_SQL_OWNER_FOR_UPDATE, {"pool": stored.id, "owner": owner})).mappings().first()
+        if row is not None and node_scope is not None and row["node"] != node_scope:
+            raise _not_of_node(stored.name, owner, node_scope)
         held: dict[Family, IPAddress] = {}
         if row is not None:
             for fam, col in FAMILY_COLUMN.items():
@@ -353,7 +382,7 @@ class AllocationStore(StoreBase):
         for fam in missing:
             if fam in plan.addresses:
                 addr = plan.addresses[fam]
-                await self._take_specific(conn, stored, owner, addr, wheres[fam])
+                await self._take_specific(conn, stored, owner, addr, wheres[fam], reveal_holder=node_scope is None)
                 taken[fam] = addr
                 continue
             if node:
@@ -524,7 +553,8 @@ class AllocationStore(StoreBase):
         )
 
     async def _take_specific(
-        self, conn: AsyncConnection, pool: StoredPool, owner: str, addr: IPAddress, where: str
+        self, conn: AsyncConnection, pool: StoredPool, owner: str, addr: IPAddress, where: str,
+        reveal_holder: bool = True,
     ) -> None:
         rng = pool.range_holding(addr)
         value = int(addr)
@@ -552,6 +582,8 @@ class AllocationStore(StoreBase):
                 f"{where}: {addr} was released and is in cooldown for {max(float(cooling['remaining']), 0):.0f}s more",
                 field=where, address=str(addr),
             )
+        if not reveal_holder:  # a shim learns that the address is taken, not by whom
+            raise AddressInUse(f"{where}: {addr} is in use", field=where, address=str(addr))
         holder = (await conn.execute(_SQL_HOLDER, {"pool": pool.id, "ip": str(addr)})).scalar()
         who = f"owner {holder!r}" if holder else "another owner"
         raise AddressInUse(f"{where}: {addr} is held by {who}", field=where, address=str(addr))
@@ -576,11 +608,13 @@ class AllocationStore(StoreBase):
         else:  # reserved with force while allocated: never handed out again
             await conn.execute(_SQL_RETIRE_BIT, params)
 
-    async def release(self, *, pool: str, owner: str, families: Sequence[Family]) -> list[AddressInfo]:
+    async def release(
+        self, *, pool: str, owner: str, families: Sequence[Family], node_scope: str | None = None
+    ) -> list[AddressInfo]:
         check_pool_name(pool, "pool")
         check_owner(owner)
         stored = self._by_name.get(pool)
-        if self.fast is not None and stored is not None:
+        if self.fast is not None and stored is not None and node_scope is None:
             drop = set(families) if families else {Family.IPV4, Family.IPV6}
             row = await self.fast.release(pool, stored.version, owner, Family.IPV4 in drop, Family.IPV6 in drop)
             if row is not None and row["status"] != "stale":
@@ -593,6 +627,8 @@ class AllocationStore(StoreBase):
             row = (await conn.execute(_SQL_OWNER_FOR_UPDATE, {"pool": stored.id, "owner": owner})).mappings().first()
             if row is None:
                 return []
+            if node_scope is not None and row["node"] != node_scope:  # checked under the row lock
+                raise _not_of_node(stored.name, owner, node_scope)
             held = {f: row[c] for f, c in FAMILY_COLUMN.items() if row[c]}
             drop = [f for f in sorted(set(families) if families else set(held)) if f in held]
             if not drop:
@@ -668,9 +704,10 @@ class AllocationStore(StoreBase):
         return await self._transaction(run)
 
     async def garbage_collect(
-        self, *, pool: str, valid_owners: Sequence[str], grace_seconds: float
+        self, *, pool: str, valid_owners: Sequence[str], grace_seconds: float, node_scope: str | None = None
     ) -> list[AllocationInfo]:
-        """Releases the pool's allocations whose owner is not valid and which are older than the grace."""
+        """Releases the pool's allocations whose owner is not valid and which are older than the grace
+        (with ``node_scope``, only those whose node is that node)."""
         check_pool_name(pool, "pool")
         if grace_seconds < 0:
             raise InvalidArgument(f"grace: {grace_seconds}s is negative", field="grace")
@@ -691,11 +728,13 @@ class AllocationStore(StoreBase):
                           FROM ipam_allocations
                          WHERE pool_id = :pool AND NOT (owner = ANY(:valid))
                            AND create_time < now() - make_interval(secs => :grace)
+                           AND (CAST(:scope AS text) IS NULL OR node = :scope)
                          ORDER BY owner
                            FOR UPDATE
                         """
                     ),
-                    {"pool": stored.id, "valid": list(valid_owners), "grace": float(grace_seconds)},
+                    {"pool": stored.id, "valid": list(valid_owners), "grace": float(grace_seconds),
+                     "scope": node_scope},
                 )
             ).mappings().all()
             released = []
@@ -724,7 +763,7 @@ class AllocationStore(StoreBase):
 
         return await self._transaction(run)
 
-    async def get_allocation(self, *, pool: str, owner: str) -> AllocationInfo | None:
+    async def get_allocation(self, *, pool: str, owner: str, node_scope: str | None = None) -> AllocationInfo | None:
         check_pool_name(pool, "pool")
         check_owner(owner)
         with unavailable_on_disconnect():
@@ -739,7 +778,11 @@ class AllocationStore(StoreBase):
                         {"pool": stored.id, "owner": owner},
                     )
                 ).mappings().first()
-        return None if row is None else row_allocation(stored, owner, row)
+        if row is None:
+            return None
+        if node_scope is not None and row["node"] != node_scope:
+            raise _not_of_node(pool, owner, node_scope)
+        return row_allocation(stored, owner, row)
 
     async def list_allocations(
         self, *, pool: str, size: int, token: str, selector: dict[str, str] | None = None,
