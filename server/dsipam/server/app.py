@@ -14,8 +14,9 @@ from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 
 from . import security
 from .domain import DatabaseUnavailable
-from .observability import CallWrapper, Observability
+from .observability import Observability
 from .rpc import reflection
+from .rpc.pipeline import CallWrapper
 from .rpc.servicer import IpamServicer
 from .settings import DEFAULT_LISTEN, Settings
 from .store import Store, create_engine
@@ -23,7 +24,10 @@ from .store import Store, create_engine
 log = logging.getLogger("dsipam.server")
 
 SERVICE_NAME = ipam_pb2.DESCRIPTOR.services_by_name["IpamService"].full_name
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+"""The smallest send limit: a page of 1000 allocations with large attributes must fit."""
+PENDING_CALLS = 16384
+"""The C-core's backlog of calls not yet picked up by the application (soft limit; hard: twice)."""
 
 
 MAINTENANCE_SECONDS = 2.0
@@ -83,6 +87,42 @@ def normalise_listen(address: str) -> str:
     return address
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC C-core's bounds (docs/security.md, "Resource bounds")."""
+    ms = lambda seconds: max(1, int(seconds * 1000))  # noqa: E731
+    options = [
+        # A bigger request is refused (RESOURCE_EXHAUSTED naming the limit) by the C-core, which
+        # reads its length prefix, before it is buffered or reaches Python.
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", max(MAX_RESPONSE_BYTES, settings.max_message_bytes)),
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        # Calls the C-core has accepted but the application has not picked up yet. Past the soft
+        # limit it cancels new calls at random, past the hard limit all of them (CANCELLED,
+        # before any handler: they are never counted). Its defaults (1000/3000) cancelled 5-10%
+        # of a 1,000+ call burst; the bound that counts is max_concurrent_rpcs, in the pipeline,
+        # which picks calls up and refuses the surplus at once.
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
+        ("grpc.server_handshake_timeout_ms", ms(settings.handshake_timeout_seconds)),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_seconds)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval_seconds)),
+        ("grpc.http2.max_ping_strikes", 2),
+        # No bandwidth-delay probing: the per-stream receive window stays at HTTP/2's 64 KiB, so a
+        # caller cannot push a whole request into the server's memory before it is authorised.
+        ("grpc.http2.bdp_probe", 0),
+    ]
+    if settings.connection_idle_seconds > 0:
+        options.append(("grpc.max_connection_idle_ms", ms(settings.connection_idle_seconds)))
+    if settings.connection_age_seconds > 0:
+        options.append(("grpc.max_connection_age_ms", ms(settings.connection_age_seconds)))
+        options.append(("grpc.max_connection_age_grace_ms", ms(settings.connection_age_grace_seconds)))
+    return options
+
+
 async def start(settings: Settings) -> Running:
     engine = create_engine(
         settings.database_url,
@@ -101,16 +141,8 @@ async def start(settings: Settings) -> Running:
     credentials = security.credentials_from_settings(settings)
     observability = Observability(settings)
     observability.instrument(engine)
-    wrapper = CallWrapper(authorizer, observability.metrics, settings.max_message_bytes)
-    server = grpc.aio.server(
-        options=[
-            # gRPC's own hard cap (RESOURCE_EXHAUSTED) is 4x the limit; between the two the
-            # call wrapper answers INVALID_ARGUMENT naming the limit.
-            ("grpc.max_receive_message_length", 4 * settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
-        ]
-    )
+    wrapper = CallWrapper(authorizer, observability.metrics, max_concurrent_rpcs=settings.max_concurrent_rpcs)
+    server = grpc.aio.server(options=server_options(settings))
     ipam_pb2_grpc.add_IpamServiceServicer_to_server(IpamServicer(store), wrapper.registrar(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

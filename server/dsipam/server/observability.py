@@ -5,67 +5,25 @@
   time, lock retries and database reachability.
 * JSON logs (``--log-format json``): one object per line, with the request ID of the call
   that logged it (from the ``x-request-id`` header, else generated).
-* :class:`CallWrapper`: one cheap wrapper around every IpamService method that sets the
-  request ID, checks the caller (:mod:`.security`), parses the request itself (so that a
-  malformed message is INVALID_ARGUMENT, not UNKNOWN) and records the call's metrics. It is
-  applied once, when the service is registered, not as a server interceptor: grpc.aio runs an
-  interceptor's coroutine chain on every call, which showed in the Allocate profile.
+* The per-call wrapper (authorisation before the body, request IDs, bounds, counting) lives in
+  :mod:`.rpc.pipeline`; ``CallWrapper``, ``CallInfo`` and ``current_call`` are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import datetime as dt
 import json
 import logging
-import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import grpc
-from google.protobuf.message import DecodeError
-
-from .rpc.errors import to_grpc_status
-from .security import SERVICE_PREFIX, Authorizer, required_role
+from .rpc.pipeline import CallInfo, CallWrapper, current_call
 
 log = logging.getLogger("dsipam.server")
 access_log = logging.getLogger("dsipam.access")
-
-REQUEST_ID_HEADER = "x-request-id"
-AUTHORIZATION_HEADER = "authorization"
-_MAX_REQUEST_ID = 128
-
-
-class CallInfo:
-    """What the logs know about the call being served. The request ID is the caller's
-    ``x-request-id`` when it is usable, else made the first time something logs."""
-
-    __slots__ = ("_request_id", "caller", "method")
-
-    def __init__(self, given_request_id: str | None, method: str, caller: str = "") -> None:
-        self._request_id = given_request_id
-        self.method = method
-        self.caller = caller
-
-    @property
-    def request_id(self) -> str:
-        if self._request_id is None or not _usable_request_id(self._request_id):
-            self._request_id = os.urandom(16).hex()
-        return self._request_id
-
-    def set_caller(self, caller: str) -> None:
-        self.caller = caller
-
-
-current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("dsipam_call", default=None)
-"""The call the current task serves (each gRPC call runs in its own context)."""
-
-
-def _usable_request_id(value: str) -> bool:
-    return 0 < len(value) <= _MAX_REQUEST_ID and value.isascii() and value.isprintable()
 
 
 # -- logs ------------------------------------------------------------------------------
@@ -391,215 +349,6 @@ class Observability:
         if self._ping_store is not None:
             await self._ping_store.close()
             self._ping_store = None
-
-
-# -- the call wrapper -------------------------------------------------------------------
-
-_STATUS_NAMES = {code: code.name for code in grpc.StatusCode}
-
-
-def _code_name(context: grpc.aio.ServicerContext) -> str:
-    code = context.code()
-    if code is None:
-        return "OK"
-    if isinstance(code, grpc.StatusCode):
-        return _STATUS_NAMES[code]
-    for c in grpc.StatusCode:  # an int
-        if c.value[0] == code:
-            return c.name
-    return "UNKNOWN"
-
-
-class CallWrapper:
-    """Wraps every IpamService method handler once; other services (health, reflection) pass through.
-
-    Use :meth:`registrar` in place of the server when registering a service::
-
-        add_IpamServiceServicer_to_server(servicer, wrapper.registrar(server))
-    """
-
-    def __init__(self, authorizer: Authorizer | None, metrics: Metrics | None, max_request_bytes: int = 0) -> None:
-        self.authorizer = authorizer
-        self.metrics = metrics
-        self.max_request_bytes = max_request_bytes
-
-    def registrar(self, server: grpc.aio.Server) -> _Registrar:
-        return _Registrar(server, self)
-
-    def wrap(self, method: str, handler: Any) -> Any:
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        return self._wrap(method, handler)
-
-    def _wrap(self, method: str, handler: Any) -> Any:  # grpc's RpcMethodHandler namedtuple
-        name = method[len(SERVICE_PREFIX):]
-        required = required_role(method)
-        authorizer = self.authorizer
-        metrics = self.metrics
-        parse = handler.request_deserializer
-        max_bytes = self.max_request_bytes
-
-        async def begin(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id: str | None = None
-            authorization: str | None = None
-            for item in context.invocation_metadata() or ():
-                key, value = item[0], item[1]
-                if key == REQUEST_ID_HEADER and isinstance(value, str):
-                    request_id = value
-                elif key == AUTHORIZATION_HEADER and isinstance(value, str):
-                    authorization = value
-            call = CallInfo(request_id, name)
-            current_call.set(call)
-            if authorizer is not None and required is not None:
-                await authorizer.authorize(authorization, context, method, required, call.set_caller)
-            if parse is None or handler.request_streaming:
-                return raw
-            if max_bytes and isinstance(raw, bytes | bytearray) and len(raw) > max_bytes:
-                status = to_grpc_status(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request: {len(raw)} bytes is more than the {max_bytes}-byte limit",
-                    "INVALID_ARGUMENT", {"field": "request"},
-                )
-                await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
-            try:
-                return parse(raw)
-            except (DecodeError, ValueError, TypeError) as exc:
-                status = to_grpc_status(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request: not a valid {name} request message ({type(exc).__name__})",
-                    "INVALID_ARGUMENT", {},
-                )
-                await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
-
-        def finish(context: grpc.aio.ServicerContext, start: float, code: str | None) -> None:
-            code = code or _code_name(context)
-            elapsed = time.perf_counter() - start
-            if metrics is not None:
-                metrics.observe_rpc(name, code, elapsed)
-            if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                access_log.warning("%s refused: %s", name, code, extra={"fields": {"code": code}})
-            elif access_log.isEnabledFor(logging.DEBUG):
-                access_log.debug("%s %s", name, code, extra={"fields": {"code": code, "ms": round(elapsed * 1000, 3)}})
-
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = None
-                try:
-                    request = await begin(raw, context)
-                    return await inner(request, context)
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except Exception as exc:
-                    if not isinstance(exc, grpc.aio.AbortError):
-                        code = "UNKNOWN"
-                    raise
-                finally:
-                    finish(context, start, code)
-
-            return handler._replace(unary_unary=unary_unary, request_deserializer=None)
-
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                start = time.perf_counter()
-                code = None
-                try:
-                    request = await begin(raw, context)
-                    result = inner_stream(request, context)
-                    if hasattr(result, "__aiter__"):
-                        async for item in result:
-                            yield item
-                    else:  # a coroutine that writes with context.write
-                        await result
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except Exception as exc:
-                    if not isinstance(exc, grpc.aio.AbortError):
-                        code = "UNKNOWN"
-                    raise
-                finally:
-                    finish(context, start, code)
-
-            return handler._replace(unary_stream=unary_stream, request_deserializer=None)
-
-        # Client-streaming methods (none today): check the caller and count; grpc parses the requests.
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = None
-                try:
-                    await begin(None, context)
-                    return await inner_su(request_iterator, context)
-                except Exception as exc:
-                    if not isinstance(exc, grpc.aio.AbortError):
-                        code = "UNKNOWN"
-                    raise
-                finally:
-                    finish(context, start, code)
-
-            return handler._replace(stream_unary=stream_unary)
-
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            code = None
-            try:
-                await begin(None, context)
-                result = inner_ss(request_iterator, context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
-                else:
-                    await result
-            except Exception as exc:
-                if not isinstance(exc, grpc.aio.AbortError):
-                    code = "UNKNOWN"
-                raise
-            finally:
-                finish(context, start, code)
-
-        return handler._replace(stream_stream=stream_stream)
-
-
-class _Registrar:
-    """Stands in for the server while generated code registers a service: the handlers it
-    adds (the generic handler and the registered-method table) reach the server wrapped."""
-
-    def __init__(self, server: grpc.aio.Server, wrapper: CallWrapper) -> None:
-        self._server, self._wrapper = server, wrapper
-
-    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._wrapper) for h in handlers))
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self._server.add_registered_method_handlers(
-            service, {name: self._wrapper.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
-        )
-
-
-class _WrappedGeneric(grpc.GenericRpcHandler):
-    def __init__(self, inner: grpc.GenericRpcHandler, wrapper: CallWrapper) -> None:
-        self._inner, self._wrapper = inner, wrapper
-        self._cache: dict[str, tuple[Any, Any]] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = self._inner.service(handler_call_details)
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrapper.wrap(method, handler)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
 
 
 __all__ = [

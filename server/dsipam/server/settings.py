@@ -87,7 +87,19 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     unix_socket_mode: int = 0o660
-    max_message_bytes: int = 4 * 1024 * 1024
+    # Resource bounds (docs/security.md#resource-bounds): the largest request, calls in flight,
+    # HTTP/2 streams per connection, connections, and connection idle/age/keepalive times.
+    max_message_bytes: int = 512 * 1024
+    max_concurrent_rpcs: int = 4096
+    max_streams_per_connection: int = 4096
+    max_connections: int = 4096
+    connection_idle_seconds: float = 300.0
+    connection_age_seconds: float = 0.0
+    connection_age_grace_seconds: float = 300.0
+    keepalive_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    min_ping_interval_seconds: float = 10.0
+    handshake_timeout_seconds: float = 10.0
     # Observability: Prometheus on its own host:port (off when empty); database health pings.
     metrics_listen: str = ""
     metrics_pool_interval: float = 15.0
@@ -121,7 +133,17 @@ class Settings:
             tls_key=os.environ.get("DSIPAM_TLS_KEY", ""),
             tls_client_ca=os.environ.get("DSIPAM_TLS_CLIENT_CA", ""),
             unix_socket_mode=_env_mode("DSIPAM_UNIX_SOCKET_MODE", 0o660),
-            max_message_bytes=_env_int("DSIPAM_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            max_message_bytes=_env_int("DSIPAM_MAX_MESSAGE_BYTES", 512 * 1024, minimum=64 * 1024),
+            max_concurrent_rpcs=_env_int("DSIPAM_MAX_CONCURRENT_RPCS", 4096, minimum=1),
+            max_streams_per_connection=_env_int("DSIPAM_MAX_STREAMS_PER_CONNECTION", 4096, minimum=1),
+            max_connections=_env_int("DSIPAM_MAX_CONNECTIONS", 4096, minimum=1),
+            connection_idle_seconds=_env_float("DSIPAM_CONNECTION_IDLE_SECONDS", 300.0, minimum=0.0),
+            connection_age_seconds=_env_float("DSIPAM_CONNECTION_AGE_SECONDS", 0.0, minimum=0.0),
+            connection_age_grace_seconds=_env_float("DSIPAM_CONNECTION_AGE_GRACE_SECONDS", 300.0, minimum=0.0),
+            keepalive_seconds=_env_float("DSIPAM_KEEPALIVE_SECONDS", 60.0, minimum=1.0),
+            keepalive_timeout_seconds=_env_float("DSIPAM_KEEPALIVE_TIMEOUT_SECONDS", 20.0, minimum=1.0),
+            min_ping_interval_seconds=_env_float("DSIPAM_MIN_PING_INTERVAL_SECONDS", 10.0, minimum=0.0),
+            handshake_timeout_seconds=_env_float("DSIPAM_HANDSHAKE_TIMEOUT_SECONDS", 10.0, minimum=0.1),
             metrics_listen=os.environ.get("DSIPAM_METRICS_LISTEN", ""),
             metrics_pool_interval=_env_float("DSIPAM_METRICS_POOL_INTERVAL", 15.0),
             db_health_interval=_env_float("DSIPAM_DB_HEALTH_INTERVAL", 3.0),
