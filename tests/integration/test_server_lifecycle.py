@@ -1,16 +1,18 @@
 """The server process: graceful SIGTERM, database outages, INTERNAL errors, generated code and migrations."""
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import REQUIRE, error_info, pool
-from support import ROOT, spawn_server
+from support import ADMIN_URL, ROOT, database_url, free_port, psql, spawn_server
 
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
@@ -98,3 +100,96 @@ def test_migrations_match_the_models(db_url):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr + out.stdout
     assert "No new upgrade operations detected" in out.stdout + out.stderr or "matches" in out.stdout
+
+
+# -- start-up: the schema check, a database that goes away, the log (issue 17, finding 11) ---------------------
+
+
+@pytest.fixture
+def empty_database():
+    name = f"dsipam_test_empty_{uuid.uuid4().hex[:10]}"
+    psql(ADMIN_URL, f"CREATE DATABASE {name}")
+    yield database_url(name)
+    psql(ADMIN_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _serve(*args, env=None, timeout=60):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DSIPAM_")}
+    return subprocess.run([sys.executable, "-m", "dsipam.server", "serve", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**base, "DSIPAM_SHUTDOWN_DELAY": "0", **(env or {})})
+
+
+def test_an_unmigrated_database_is_refused_at_start_up(empty_database):
+    port = free_port()
+    result = _serve("--listen", f"127.0.0.1:{port}", "--database-url", empty_database, "--insecure")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "has no dsipam schema" in lines[0] and "dsipam migrate" in lines[0] and "--migrate" in lines[0]
+    assert "listening" not in result.stdout
+    # migrated part of the way: named with both revisions
+    subprocess.run([sys.executable, "-m", "dsipam.server", "migrate", "--database-url", empty_database,
+                    "--revision", "0002"], check=True, capture_output=True)
+    result = _serve("--listen", f"127.0.0.1:{port}", "--database-url", empty_database, "--insecure")
+    assert result.returncode == 1 and "schema revision 0002" in result.stderr, result.stderr
+    from dsipam.server.migrate import head_revision
+
+    assert f"needs {head_revision()}" in result.stderr
+
+
+def test_migrate_flag_migrates_then_serves_with_a_quiet_start(empty_database, tmp_path):
+    server = spawn_server(empty_database, tmp_path, args=("--migrate",), extra_env={"DSIPAM_LOG_LEVEL": "INFO"})
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            ipam_pb2_grpc.IpamServiceStub(ch).CreatePool(pool("m", "198.18.0.0/24"))
+    finally:
+        server.terminate()
+    log = server.log()
+    from dsipam.server.migrate import head_revision
+
+    assert f"dsipam: database migrated from an empty schema to {head_revision()}" in log
+    assert "alembic" not in log  # no plugin set-up lines, no "Context impl", no line per revision
+    assert log.count("listening on") == 1 and log.count("authentication is off") == 1, log
+    assert "Traceback" not in log
+
+
+def test_a_missing_database_is_refused_at_start_up():
+    missing = database_url(f"dsipam_missing_{uuid.uuid4().hex[:8]}")
+    result = _serve("--listen", f"127.0.0.1:{free_port()}", "--database-url", missing, "--insecure")
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr, result.stderr
+
+
+def test_a_dropped_database_is_not_serving_and_unavailable_with_one_error_line(tmp_path):
+    name = f"dsipam_test_drop_{uuid.uuid4().hex[:10]}"
+    psql(ADMIN_URL, f"CREATE DATABASE {name}")
+    url = database_url(name)
+    try:
+        subprocess.run([sys.executable, "-m", "dsipam.server", "migrate", "--database-url", url], check=True,
+                       capture_output=True)
+        server = spawn_server(url, tmp_path, extra_env={"DSIPAM_DB_HEALTH_INTERVAL": "0.5"})
+        try:
+            psql(ADMIN_URL, f"DROP DATABASE {name} WITH (FORCE)")
+            deadline = time.monotonic() + 20
+            while health(server.target) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health stayed SERVING"
+                time.sleep(0.2)
+            with grpc.insecure_channel(server.target) as ch:
+                stub = ipam_pb2_grpc.IpamServiceStub(ch)
+                for _ in range(3):
+                    with pytest.raises(grpc.RpcError) as err:
+                        stub.Allocate(pb.AllocateRequest(pool="pods", owner="o"), timeout=20)
+                    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+                    assert error_info(err.value).reason == "DATABASE_UNAVAILABLE"
+            time.sleep(5)  # two maintenance rounds and ten health pings later
+        finally:
+            server.terminate()
+        log = server.log()
+        assert "Traceback" not in log, log
+        # the server's own health watch: one line for the change (the watch listener of store/_watch.py
+        # logs its reconnection attempts, with a growing backoff, on its own logger)
+        errors = [line for line in log.splitlines() if " ERROR dsipam.server " in line]
+        assert len(errors) == 1 and "database unreachable" in errors[0] and "does not exist" in errors[0], log
+        assert log.count("maintenance round") <= 1, log
+    finally:
+        psql(ADMIN_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

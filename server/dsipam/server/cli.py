@@ -193,12 +193,11 @@ def _prepare_schema(url: str, migrate: bool) -> None:
     log = logging.getLogger("dsipam.server")
     try:
         state = schema_state(url)
-    except DatabaseUnavailable:
-        if migrate:
+    except DatabaseUnavailable as exc:
+        if migrate or "does not exist" in str(exc.__cause__):  # a missing database will not come up by itself
             raise
         # It may come up later: serve NOT_SERVING / UNAVAILABLE until then (one log line per change).
-        log.error("database %s unreachable at start-up: health NOT_SERVING until it answers; its schema "
-                  "is checked only at start-up", _shown(url))
+        log.error("database %s unreachable at start-up: its schema is not checked", _shown(url))
         return
     if migrate and not state.up_to_date and state.known:
         upgrade(url)

@@ -12,6 +12,7 @@ def alembic_config(database_url: str):  # type: ignore[no-untyped-def]
 
     ini = resources.files("dsipam.migrations") / "alembic.ini"
     cfg = Config(str(ini))
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("script_location", str(resources.files("dsipam.migrations")))
     cfg.set_main_option("version_locations", str(resources.files("dsipam.migrations") / "versions"))
     cfg.attributes["database_url"] = database_url
