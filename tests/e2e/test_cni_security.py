@@ -51,7 +51,7 @@ def secure_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
     auth = tmp / "auth.json"
     auth.write_text(json.dumps({
-        "tokens": [{"name": "shim", "role": "shim", "hash": hash_token(SHIM_TOKEN)},
+        "tokens": [{"name": "shim", "role": "shim", "node": "n1", "hash": hash_token(SHIM_TOKEN)},  # node n1's shim
                    {"name": "controller", "role": "controller", "hash": hash_token(CONTROLLER_TOKEN)},
                    {"name": "admin", "role": "admin", "hash": hash_token(CONTROLLER_TOKEN + "-admin")}],
         "unix_socket_role": "none",
@@ -116,7 +116,7 @@ def test_unix_socket_with_a_shim_token(plugin: Plugin, secure_server: SecureServ
     assert "UNAUTHENTICATED" in err["details"]
     assert_cni_error(*plugin("ADD", netconf(sock, pool, token="dsipam_wrong"))[:2], 106)
 
-    conf = netconf(sock, pool, token=SHIM_TOKEN)
+    conf = netconf(sock, pool, token=SHIM_TOKEN, node="n1")
     rc, out, _ = plugin("ADD", conf, container="tok")
     assert rc == 0 and isinstance(out, dict) and len(out["ips"]) == 2
     assert held(secure_server, pool, "tok/eth0") is not None
@@ -146,7 +146,7 @@ def test_status_and_gc_with_shim_and_controller_tokens(plugin: Plugin, secure_se
 
 def test_tls_over_tcp_with_the_grpc_transport(plugin: Plugin, secure_server: SecureServer, pool: str) -> None:
     tls = {"ca": str(secure_server.cert)}
-    conf = netconf(secure_server.tcp, pool, tls=tls, token=SHIM_TOKEN)
+    conf = netconf(secure_server.tcp, pool, tls=tls, token=SHIM_TOKEN, node="n1")
     rc, out, err = plugin("ADD", conf, container="tls")
     assert rc == 0, (out, err)
     assert isinstance(out, dict) and len(out["ips"]) == 2
@@ -155,7 +155,8 @@ def test_tls_over_tcp_with_the_grpc_transport(plugin: Plugin, secure_server: Sec
     assert held(secure_server, pool, "tls/eth0") is None
 
     # a certificate the client does not trust: the service cannot be reached safely
-    other = netconf(secure_server.tcp, pool, tls={"ca": "/etc/ssl/certs/ca-certificates.crt"}, token=SHIM_TOKEN)
+    other = netconf(secure_server.tcp, pool, tls={"ca": "/etc/ssl/certs/ca-certificates.crt"}, token=SHIM_TOKEN,
+                    node="n1")
     if Path("/etc/ssl/certs/ca-certificates.crt").exists():
         assert_cni_error(*plugin("ADD", other, container="tls2")[:2], 11)
     # cleartext to the TLS port fails; a token over cleartext TCP is refused before sending it

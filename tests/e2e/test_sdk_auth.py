@@ -79,8 +79,9 @@ def auth_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tokens: dict[str, str] = {}
     entries = []
     for role in ("shim", "controller", "admin"):
-        out = subprocess.run([DSIPAM, "token", "new", role, "--name", f"sdk-{role}"], capture_output=True, text=True,
-                             check=True)
+        node = ["--node", "sdk-node"] if role == "shim" else []  # a shim token names its node
+        out = subprocess.run([DSIPAM, "token", "new", role, "--name", f"sdk-{role}", *node], capture_output=True,
+                             text=True, check=True)
         tokens[role] = out.stdout.strip()
         entries.append(out.stderr.split("auth config entry (under tokens:):\n", 1)[1])
     config = tmp / "auth.yaml"

@@ -33,7 +33,7 @@ from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IpamService"]
-SHIM_METHODS = {"Allocate", "Release", "GetAllocation", "GetPool"}
+SHIM_METHODS = {"Allocate", "Release", "GetAllocation", "GarbageCollect", "GetPool"}  # shims: their node's owners
 ADMIN_METHODS = {"CreatePool", "UpdatePool", "DeletePool", "AddPoolRange", "RemovePoolRange", "ReserveAddresses",
                  "UnreserveAddresses"}
 
@@ -119,7 +119,8 @@ def make_pki(d: Path) -> Pki:
 
 def new_token(role: str) -> tuple[str, str]:
     """``dsipam token new ROLE``: the token (stdout) and its config entry (stderr)."""
-    out = subprocess.run([sys.executable, "-m", "dsipam.server", "token", "new", role, "--name", f"{role}-test"],
+    node = ["--node", "node-1"] if role == "shim" else []  # a shim token names its node
+    out = subprocess.run([sys.executable, "-m", "dsipam.server", "token", "new", role, "--name", f"{role}-test", *node],
                          capture_output=True, text=True, check=True)
     entry = out.stderr.split("auth config entry (under tokens:):\n", 1)[1]
     return out.stdout.strip(), entry
@@ -274,9 +275,9 @@ def _start(args: list[str], env: dict[str, str], tmp: Path) -> tuple[subprocess.
 def mtls_server(db_url, tokens, tmp_path) -> Iterator[tuple[str, str, Pki, Path]]:
     """A server with TLS and required client certificates on TCP, and a unix socket for shims."""
     pki = make_pki(tmp_path)
-    clients = ("clients:\n  - cn: node-1.shim\n    role: shim\n"
+    clients = ("clients:\n  - cn: node-1.shim\n    role: shim\n    node: node-1\n"
                "  - san: spiffe://dsipam/controller\n    role: controller\n")
-    config = write_config(tmp_path / "auth.yaml", tokens, clients)
+    config = write_config(tmp_path / "auth.yaml", tokens, clients, "unix_socket_role: shim\nunix_socket_node: node-1\n")
     port = free_port()
     sock = tmp_path / "dsipam.sock"
     proc, log = _start(
@@ -355,7 +356,8 @@ def test_mutual_tls_roles_and_handshake(mtls_server, tokens, clean_db):
 def test_tls_with_tokens_and_no_client_certificates(db_url, tokens, tmp_path, clean_db):
     pki = make_pki(tmp_path)
     config = write_config(tmp_path / "auth.json", {}, extra="")  # replaced below: JSON works too
-    entries = [{"name": f"{r}-test", "role": r, "hash": tokens[r][1].split("hash: ", 1)[1].strip()} for r in tokens]
+    entries = [{"name": f"{r}-test", "role": r, "hash": tokens[r][1].split("hash: ", 1)[1].strip(),
+                **({"node": "node-1"} if r == "shim" else {})} for r in tokens]
     config.write_text(json.dumps({"tokens": entries, "unix_socket_role": "none"}))
     port = free_port()
     sock = tmp_path / "s.sock"
