@@ -223,8 +223,8 @@ class Sampler:
 # -- pools through the API ---------------------------------------------------------------------
 
 
-def create_pool(target: str, name: str, ranges: Sequence[str], block_size: int = 0) -> None:
-    """CreatePool through the API, one range per CIDR."""
+def create_pool(target: str, name: str, ranges: Sequence[str], block_size: int = 0, network: str = "") -> None:
+    """CreatePool through the API, one range per CIDR, in ``network`` (an address space; "" the default)."""
     import grpc
 
     from dsipam.v1 import ipam_pb2 as pb
@@ -233,7 +233,8 @@ def create_pool(target: str, name: str, ranges: Sequence[str], block_size: int =
     with grpc.insecure_channel(target) as ch:
         ipam_pb2_grpc.IpamServiceStub(ch).CreatePool(
             pb.CreatePoolRequest(
-                pool=pb.Pool(name=name, ranges=[pb.IpRange(cidr=c, block_size=block_size) for c in ranges])
+                pool=pb.Pool(name=name, ranges=[pb.IpRange(cidr=c, block_size=block_size) for c in ranges],
+                             **({"network": network} if network else {}))
             ),
             timeout=30,
         )

@@ -12,6 +12,8 @@ Scenarios (concurrency 64 unless -c):
   3  Idempotent re-Allocate of the owners of scenario 1 (the CNI retry path)
   5  Mixed 50/50 Allocate and Release with the population of scenario 1 kept flat
   2  Release of those owners
+  8  Allocate, SINGLE_STACK (the API's default policy) into a dual-stack pool: the primary family only
+  9  Release of one family (ip_families=[IPV4]) of the owners of scenario 8
   4  Allocate into a pool 99% full (a /15 and a /111 filled by SQL, free addresses scattered)
   6  Scale: a /8 and a /48, N pairs through the API (own database and servers);
      throughput of the last 10% against the first 10%, and bytes on disk per pair
@@ -52,6 +54,8 @@ END_MARK = "<!-- bench:results:end -->"
 
 S1_RANGES = ("198.18.0.0/16", "fd00:1::/112")
 S4_RANGES = ("198.18.0.0/15", "fd00:4::/111")
+S4_NETWORK = "bench-s4"  # overlaps s1 and s8: a network (address space) of its own
+S8_RANGES = ("198.19.0.0/16", "fd00:8::/112")
 WARMUP_RANGES = ("198.18.0.0/20", "fd00:ff::/116")
 
 
@@ -176,8 +180,22 @@ class Run:
                     self.spec(servers, "release", "s1", n1, owner_prefix="s1", owner_start=release_start),
                     url, "s1", 0,
                 )
+            if wanted & {8, 9}:
+                # The API's default policy (unspecified is single-stack) into a dual-stack pool: the
+                # primary family only, half the work of scenario 1. Then a one-family Release of them.
+                harness.create_pool(target, "s8", S8_RANGES)
+                self.scenario(
+                    "8", "Allocate, SINGLE_STACK (the default policy), unique owners", servers,
+                    self.spec(servers, "allocate", "s8", n1, owner_prefix="s8", policy="single"), url, "s8", n1,
+                )
+                if 9 in wanted:
+                    self.scenario(
+                        "9", "Release of one family (ip_families=[IPV4]) of those owners", servers,
+                        self.spec(servers, "release", "s8", n1, owner_prefix="s8", release_family="ipv4"),
+                        url, "s8", 0,
+                    )
             if 4 in wanted:
-                harness.create_pool(target, "s4", S4_RANGES)
+                harness.create_pool(target, "s4", S4_RANGES, network=S4_NETWORK)
                 t0 = time.monotonic()
                 fill = harness.fill_pool(url, "s4", a.s4_fill, owner_prefix="fill")
                 log(f"  s4 filled by SQL in {time.monotonic() - t0:.1f}s: {fill}")
@@ -190,8 +208,13 @@ class Run:
                 )
                 if s1_rps:
                     self.out["scenarios"]["4"]["ratio_to_s1"] = self.out["scenarios"]["4"]["rps"] / s1_rps
-            if s1_rps and "3" in self.out["scenarios"]:
-                self.out["scenarios"]["3"]["ratio_to_s1"] = self.out["scenarios"]["3"]["rps"] / s1_rps
+            sc = self.out["scenarios"]
+            if s1_rps and "3" in sc:
+                sc["3"]["ratio_to_s1"] = sc["3"]["rps"] / s1_rps
+            if s1_rps and "8" in sc:
+                sc["8"]["ratio_to_s1"] = sc["8"]["rps"] / s1_rps
+            if "2" in sc and "9" in sc:
+                sc["9"]["ratio_to_s2"] = sc["9"]["rps"] / sc["2"]["rps"]
             if not servers.alive():
                 raise RuntimeError("a server process died during the run")
 
@@ -390,15 +413,19 @@ def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "4": "≥ 0.8× scenario 1",
         "5": "–",
         "6": "last 10% ≥ 0.8× first 10%; ≤ 250 B/pair",
+        "8": "≥ 1.0× scenario 1 (half the work)",
+        "9": "≥ 1.0× scenario 2 (half the work)",
     }
-    for k in ("1", "2", "3", "4", "5", "6"):
+    for k in ("1", "8", "2", "9", "3", "4", "5", "6"):
         if k not in s:
             continue
         m = s[k]
         runs = ", ".join(f"{x:,.0f}" for x in m.get("rps_runs", []))
         extra = ""
-        if k in ("3", "4") and "ratio_to_s1" in m:
+        if k in ("3", "4", "8") and "ratio_to_s1" in m:
             extra = f"; {m['ratio_to_s1']:.2f}× s1"
+        if k == "9" and "ratio_to_s2" in m:
+            extra = f"; {m['ratio_to_s2']:.2f}× s2"
         if k == "6":
             extra = (
                 f"; first 10% {m['first10_rps']:,.0f}/s, last 10% {m['last10_rps']:,.0f}/s "
@@ -476,7 +503,7 @@ def update_docs(block: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated (default all)")
+    p.add_argument("--scenarios", default="1,2,3,4,5,6,7,8,9", help="comma-separated (default all)")
     p.add_argument("-c", "--concurrency", type=int, default=64)
     p.add_argument("--servers", type=int, default=1, help="dsipam serve processes, each on its own port (default 1)")
     p.add_argument("--processes", type=int, default=1,
