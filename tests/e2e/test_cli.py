@@ -109,8 +109,9 @@ def test_pool_list_and_show_json_are_stable_documents(target: str) -> None:
     shown = json.loads(ok(dsipam("pool", "show", "pods", "--output", "json", target=target)))
     assert shown == listed["pools"][0]
     assert list(shown) == ["name", "ranges", "labels", "usage", "create_time", "cooldown", "node_affinity",
-                           "reservations"]
-    assert (shown["cooldown"], shown["node_affinity"], shown["reservations"]) == (30, "borrow", [])
+                           "reservations", "network"]
+    assert (shown["cooldown"], shown["node_affinity"], shown["reservations"], shown["network"]) == (
+        30, "borrow", [], "")
     assert shown["ranges"][0] == {"cidr": "198.18.0.0/24", "family": "ipv4", "first": None, "last": None,
                                   "gateway": "198.18.0.1", "exclude": ["198.18.0.128/25", "198.18.0.5/32"],
                                   "block_size": 64}
@@ -126,6 +127,13 @@ def test_pool_list_and_show_json_are_stable_documents(target: str) -> None:
     assert table[1].split()[:4] == ["pods", "198.18.0.0/24", "fd00::/120", "0/125"]
     assert table[2].split()[:3] == ["v4", "198.18.1.0/24", "0/254"] and " - " in table[2]
     assert yaml.safe_load(ok(dsipam("pool", "list", "-o", "yaml", target=target))) == listed
+    # Pools of one network never overlap; --network puts a pool in an address space of its own.
+    refused(dsipam("pool", "create", "twin", "--range", "198.18.0.0/25", target=target), 1, "[POOLS_OVERLAP]",
+            "overlaps 198.18.0.0/24 of pool 'pods'")
+    twin = json.loads(ok(dsipam("pool", "create", "twin", "--range", "198.18.0.0/25", "--network", "lab", "-o",
+                                "json", target=target)))
+    assert twin["network"] == "lab"
+    assert "Network:        lab" in ok(dsipam("pool", "show", "twin", target=target))
 
 
 def test_pool_delete_refuses_while_allocations_exist_unless_forced(target: str) -> None:
