@@ -207,6 +207,7 @@ _SQL_COOLDOWN_OF = text(
 _SQL_EXPIRED_EXISTS = text(
     "SELECT 1 FROM ipam_cooldowns WHERE pool_id = :pool AND family = :family AND until <= now() LIMIT 1"
 )
+_SQL_POOL_STILL_THERE = text("SELECT version FROM ipam_pools WHERE id = :pool FOR KEY SHARE")
 
 
 def _not_of_node(pool: str, owner: str, node: str) -> PermissionDenied:
@@ -396,6 +397,7 @@ class AllocationStore(StoreBase):
             if (await conn.execute(_SQL_EXPIRED_EXISTS, {"pool": stored.id, "family": int(fam)})).first():
                 raise Reclaim(stored.id, fam)
             if fam in plan.required or (node and stored.strict_affinity):
+                await self._pool_still_there(conn, stored)
                 if node and stored.strict_affinity:
                     raise PoolExhausted(
                         f"pool: {stored.name!r} has no free {fam.label} block for node {node!r} "
@@ -407,6 +409,7 @@ class AllocationStore(StoreBase):
                     field="pool", pool=stored.name, family=fam.label,
                 )
         if not taken and not held:
+            await self._pool_still_there(conn, stored)
             labels = "/".join(f.label for f in missing)
             raise PoolExhausted(f"pool: {stored.name!r} has no free {labels} address", field="pool", pool=stored.name)
         ipv4 = str(taken[Family.IPV4]) if Family.IPV4 in taken else None
@@ -442,6 +445,16 @@ class AllocationStore(StoreBase):
         info = allocation_info(stored, owner, held, plan.order, result["attributes"], result["create_time"],
                                result["node"], bool(result["borrowed"]))
         return info, bool(taken)
+
+    async def _pool_still_there(self, conn: AsyncConnection, stored: StoredPool) -> None:
+        """Before reporting exhaustion: a pool deleted meanwhile (DeletePool takes the blocks away
+        under our feet) is NOT_FOUND, and a changed layout (a range added) is another try. KEY SHARE
+        waits for a DeletePool or layout change in progress, which holds the pool row."""
+        version = (await conn.execute(_SQL_POOL_STILL_THERE, {"pool": stored.id})).scalar()
+        if version is None:
+            raise PoolNotFound(f"pool: pool {stored.name!r} not found", field="pool", pool=stored.name)
+        if version != stored.version:
+            raise Retry()
 
     async def _take_any(self, conn: AsyncConnection, pool: StoredPool, fam: Family) -> IPAddress | None:
         params = {"pool": pool.id, "family": int(fam)}
@@ -585,6 +598,10 @@ class AllocationStore(StoreBase):
         if not reveal_holder:  # a shim learns that the address is taken, not by whom
             raise AddressInUse(f"{where}: {addr} is in use", field=where, address=str(addr))
         holder = (await conn.execute(_SQL_HOLDER, {"pool": pool.id, "ip": str(addr)})).scalar()
+        if holder == owner:
+            # An identical Allocate of this (then new) owner committed after we read the owner's row:
+            # run again, which finds the row holding the address and answers as a repeat.
+            raise Retry()
         who = f"owner {holder!r}" if holder else "another owner"
         raise AddressInUse(f"{where}: {addr} is held by {who}", field=where, address=str(addr))
 
