@@ -595,13 +595,13 @@ class AllocationStore(StoreBase):
                 f"{where}: {addr} was released and is in cooldown for {max(float(cooling['remaining']), 0):.0f}s more",
                 field=where, address=str(addr),
             )
-        if not reveal_holder:  # a shim learns that the address is taken, not by whom
-            raise AddressInUse(f"{where}: {addr} is in use", field=where, address=str(addr))
         holder = (await conn.execute(_SQL_HOLDER, {"pool": pool.id, "ip": str(addr)})).scalar()
         if holder == owner:
             # An identical Allocate of this (then new) owner committed after we read the owner's row:
             # run again, which finds the row holding the address and answers as a repeat.
             raise Retry()
+        if not reveal_holder:  # a shim learns that the address is taken, not by whom
+            raise AddressInUse(f"{where}: {addr} is in use", field=where, address=str(addr))
         who = f"owner {holder!r}" if holder else "another owner"
         raise AddressInUse(f"{where}: {addr} is held by {who}", field=where, address=str(addr))
 
