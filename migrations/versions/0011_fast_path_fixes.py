@@ -12,6 +12,11 @@
 * Both allocation functions insert new owners in owner order, as ``dsipam_release_batch`` locks
   them: two batches that insert the same new owners (two servers, or two batches of one server in
   flight at once) wait on each other's keys in one order and cannot deadlock.
+* All three read the pool row ``FOR KEY SHARE`` (the lock the foreign keys of their inserts take
+  anyway) before they lock blocks or owner rows. DeletePool locks the pool row, then the pool's
+  blocks: a batch that locked blocks first and then met the pool row in its foreign-key check
+  deadlocked with it (seen as a ``deadlock detected`` fast-path error while DeletePool raced
+  Allocates); now the batch waits for the DeletePool, finds the pool gone and answers 'stale'.
 
 The functions keep ``plan_cache_mode = force_generic_plan`` (0010): CREATE OR REPLACE resets a
 function's settings, so they are set again after each replacement, on upgrade and on downgrade.
@@ -78,7 +83,10 @@ DECLARE
     s_p6 integer[] := '{}';
     lost integer[];
 BEGIN
-    SELECT p.id, p.version INTO v_pool, v_version FROM ipam_pools p WHERE p.name = p_pool_name;
+    -- KEY SHARE, as the foreign keys of the rows inserted below take it anyway, but before any block
+    -- lock: a DeletePool (which holds the pool row, then locks the blocks) is waited for here, not
+    -- met holding blocks it waits for (a deadlock).
+    SELECT p.id, p.version INTO v_pool, v_version FROM ipam_pools p WHERE p.name = p_pool_name FOR KEY SHARE;
     IF v_pool IS NULL OR v_version <> p_version THEN
         RETURN QUERY SELECT g - 1, 'stale'::text, NULL::text, NULL::text, NULL::jsonb, NULL::timestamptz,
                             NULL::text, NULL::boolean
@@ -235,7 +243,10 @@ DECLARE
     t6_ip inet;
     i integer;
 BEGIN
-    SELECT p.id, p.version INTO v_pool, v_version FROM ipam_pools p WHERE p.name = p_pool_name;
+    -- KEY SHARE, as the foreign keys of the rows inserted below take it anyway, but before any block
+    -- lock: a DeletePool (which holds the pool row, then locks the blocks) is waited for here, not
+    -- met holding blocks it waits for (a deadlock).
+    SELECT p.id, p.version INTO v_pool, v_version FROM ipam_pools p WHERE p.name = p_pool_name FOR KEY SHARE;
     IF v_pool IS NULL OR v_version <> p_version THEN
         FOR i IN 1 .. coalesce(array_length(p_owners, 1), 0) LOOP
             idx := i - 1; status := 'stale';
@@ -341,8 +352,11 @@ DECLARE
     v_off integer;
     i integer;
 BEGIN
+    -- KEY SHARE, as the foreign keys of the events and cooldowns inserted below take it anyway, but before any block
+    -- lock: a DeletePool (which holds the pool row, then locks the blocks) is waited for here, not
+    -- met holding owner rows and blocks it waits for (a deadlock).
     SELECT p.id, p.version, p.cooldown_ms INTO v_pool, v_version, v_cooldown
-      FROM ipam_pools p WHERE p.name = p_pool_name;
+      FROM ipam_pools p WHERE p.name = p_pool_name FOR KEY SHARE;
     IF v_pool IS NULL OR v_version <> p_version THEN
         FOR i IN 1 .. v_n LOOP
             idx := i - 1; status := 'stale'; ipv4 := NULL; ipv6 := NULL;
