@@ -1,5 +1,5 @@
 """The ``dsipam`` command: serve, migrate and fsck, plus the admin commands of the SDK
-(pool, alloc, release, gc; see dsipam.client._cli), which take connection options before the subcommand."""
+(pool, alloc, release, gc; see dsipam.client._cli), which take connection options before or after the subcommand."""
 
 from __future__ import annotations
 
