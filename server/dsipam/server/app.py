@@ -20,6 +20,8 @@ from .rpc.pipeline import CallWrapper
 from .rpc.servicer import IpamServicer
 from .settings import DEFAULT_LISTEN, Settings
 from .store import Store, create_engine
+from .store._watch import METRICS as WATCH_METRICS
+from .store._watch import WatchService, start_watch
 
 log = logging.getLogger("dsipam.server")
 
@@ -63,6 +65,7 @@ class Running:
     maintenance: asyncio.Task[None] | None = None
     observability: Observability | None = None
     insecure: bool = False
+    watch: WatchService | None = None  # token keys and the watch fan-out (store/_watch.py)
 
     async def stop(self, grace: float, delay: float = 0.0) -> None:
         """Health goes NOT_SERVING; after ``delay`` (for load balancers to notice) new calls are
@@ -75,6 +78,8 @@ class Running:
             await self.observability.stop()
         if self.maintenance is not None:
             self.maintenance.cancel()
+        if self.watch is not None:
+            await self.watch.stop()
         await self.store.close()
 
 
@@ -150,6 +155,10 @@ async def start(settings: Settings) -> Running:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
+    watch = await start_watch(store, settings)  # token keys before the first call; the watch fan-out
+    if observability.metrics is not None:
+        for metric in WATCH_METRICS:
+            observability.metrics.registry.register(metric)
     bound = []
     for address in settings.listen or [DEFAULT_LISTEN]:
         address = normalise_listen(address)
@@ -165,6 +174,7 @@ async def start(settings: Settings) -> Running:
     await observability.start(store, health_servicer, [SERVICE_NAME])
     running = Running(server, health_servicer, store, bound, asyncio.create_task(maintain(store)))
     running.observability, running.insecure = observability, authorizer is None
+    running.watch = watch
     return running
 
 

@@ -100,6 +100,15 @@ class Settings:
     keepalive_timeout_seconds: float = 20.0
     min_ping_interval_seconds: float = 10.0
     handshake_timeout_seconds: float = 10.0
+    # Watch streams (docs/lifecycle.md#watch): bounds per process and per caller identity, and how
+    # many events one stream may lag before it catches up on its own.
+    max_watch_streams: int = 1000
+    max_watch_streams_per_identity: int = 200
+    watch_buffer: int = 1000
+    watch_fallback_seconds: float = 5.0  # a read of the outbox without a wake-up (NOTIFY lost)
+    # Keys of page and resume tokens (docs/security.md): none set, the database's are used.
+    token_key: str = ""
+    token_key_file: str = ""
     # Observability: Prometheus on its own host:port (off when empty); database health pings.
     metrics_listen: str = ""
     metrics_pool_interval: float = 15.0
@@ -144,6 +153,12 @@ class Settings:
             keepalive_timeout_seconds=_env_float("DSIPAM_KEEPALIVE_TIMEOUT_SECONDS", 20.0, minimum=1.0),
             min_ping_interval_seconds=_env_float("DSIPAM_MIN_PING_INTERVAL_SECONDS", 10.0, minimum=0.0),
             handshake_timeout_seconds=_env_float("DSIPAM_HANDSHAKE_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            max_watch_streams=_env_int("DSIPAM_MAX_WATCH_STREAMS", 1000, minimum=0),
+            max_watch_streams_per_identity=_env_int("DSIPAM_MAX_WATCH_STREAMS_PER_IDENTITY", 200, minimum=0),
+            watch_buffer=_env_int("DSIPAM_WATCH_BUFFER", 1000, minimum=1),
+            watch_fallback_seconds=_env_float("DSIPAM_WATCH_FALLBACK_SECONDS", 5.0, minimum=0.1),
+            token_key=os.environ.get("DSIPAM_TOKEN_KEY", ""),
+            token_key_file=os.environ.get("DSIPAM_TOKEN_KEY_FILE", ""),
             metrics_listen=os.environ.get("DSIPAM_METRICS_LISTEN", ""),
             metrics_pool_interval=_env_float("DSIPAM_METRICS_POOL_INTERVAL", 15.0),
             db_health_interval=_env_float("DSIPAM_DB_HEALTH_INTERVAL", 3.0),

@@ -15,14 +15,14 @@ from dsipam.v1 import ipam_pb2_grpc as pb_grpc
 from .. import domain
 from ..security import caller_node
 from ..store import Store
+from ..store._watch import Bookmark
 from . import convert
 from .errors import abort_with
+from .pipeline import current_call
 
 T = TypeVar("T")
 
 DEFAULT_GC_GRACE = 60.0
-WATCH_POLL_SECONDS = 0.2
-WATCH_BOOKMARK_SECONDS = 30.0
 
 
 def _guarded(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -200,27 +200,19 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
     ) -> AsyncIterator[pb.WatchAllocationsResponse]:
         try:
             # The first message is a bookmark of where this watch starts: the request's token when
-            # resuming (events after it follow), or the current position for a new watch.
-            if request.resume_token:
-                events, token = await self.store.read_events(request.pool, request.resume_token)
-                start = request.resume_token
-            else:
-                events, token = await self.store.read_events(request.pool, "")
-                start = token
-            yield pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=start)
-            idle = 0.0
-            while True:
-                for e in events:
-                    yield convert.event_to_pb(e)
-                if events:
-                    idle = 0.0
-                else:
-                    await asyncio.sleep(WATCH_POLL_SECONDS)
-                    idle += WATCH_POLL_SECONDS
-                    if idle >= WATCH_BOOKMARK_SECONDS:
-                        idle = 0.0
-                        yield pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=token)
-                events, token = await self.store.read_events(request.pool, token)
+            # resuming (events after it follow), or the current position for a new watch. Events
+            # come from the process's one reader of the outbox (store/_watch.py).
+            call = current_call.get()
+            hub = self.store.watch
+            with hub.admit(call.caller if call is not None and call.caller else "anonymous"):
+                async for item in hub.watch(request.pool, request.resume_token):
+                    if isinstance(item, Bookmark):
+                        yield pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=item.token)
+                    else:  # converted once, shared by every stream that sends it
+                        message = item.cache.get("pb")
+                        if message is None:
+                            message = item.cache["pb"] = convert.event_to_pb(item)
+                        yield message
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
                 raise

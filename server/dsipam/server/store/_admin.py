@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import json
 import logging
@@ -16,7 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..domain import (
     AddressAllocated,
-    AddressInfo,
     BlockInfo,
     FailedPrecondition,
     InvalidArgument,
@@ -28,7 +26,6 @@ from ..domain import (
     PoolNotFound,
     PoolSpec,
     RangeNotFound,
-    ResumeTokenExpired,
     build_range,
     check_cooldown,
     check_map,
@@ -37,21 +34,11 @@ from ..domain import (
 )
 from ..domain._errors import PoolsOverlap
 from ..domain._ranges import IPNetwork, RangeSpec, parse_address_or_network, parse_network
-from ._base import StoredPool, decode_page_token, decode_token, encode_page_token, encode_token, page_size, pool_info
+from ._base import StoredPool, decode_page_token, encode_page_token, page_size, pool_info
+from ._watch import EVENT_RETENTION_SECONDS, Event, read_events
 from .db import sqlstate, unavailable_on_disconnect
 
 log = logging.getLogger("dsipam.store")
-EVENT_RETENTION_SECONDS = 3600.0
-
-
-@dataclass(frozen=True)
-class Event:
-    type: int  # 1 allocated, 2 released
-    owner: str
-    addresses: tuple[AddressInfo, ...]
-    time: dt.datetime
-    token: str
-
 
 @dataclass(frozen=True)
 class MigrationProgress:
@@ -180,7 +167,7 @@ class AdminStore:
 
     async def list_pools(self, size: int, token: str) -> tuple[list[PoolInfo], str]:
         limit = page_size(size)
-        after = decode_page_token(token)
+        after = decode_page_token(token, "pools")
         with unavailable_on_disconnect():
             async with self.engine.connect() as conn:
                 names = (
@@ -200,7 +187,7 @@ class AdminStore:
                         continue
                 usage = await self._usage(conn, pools) if pools else {}
         infos = [pool_info(p, usage[p.id]) for p in pools]
-        return infos, (encode_page_token(names[limit - 1]) if len(names) > limit else "")
+        return infos, (encode_page_token(names[limit - 1], "pools") if len(names) > limit else "")
 
     async def _lock_pool(self, conn: AsyncConnection, name: str, where: str = "pool") -> int:
         """Locks a pool row against other configuration changes (allocations are not blocked)."""
@@ -543,7 +530,7 @@ class AdminStore:
         check_pool_name(name, "pool")
         check_node(node)
         limit = page_size(size)
-        after = decode_page_token(token)
+        after = decode_page_token(token, "blocks")
         with unavailable_on_disconnect():
             async with self.engine.connect() as conn:
                 pool = await self._load_pool(conn, name)
@@ -559,7 +546,7 @@ class AdminStore:
                     )
                 ).mappings().all()
         blocks = [_block(r) for r in rows[:limit]]
-        return blocks, (encode_page_token(str(rows[limit - 1]["id"])) if len(rows) > limit else "")
+        return blocks, (encode_page_token(str(rows[limit - 1]["id"]), "blocks") if len(rows) > limit else "")
 
     async def release_node(self, name: str, node: str) -> tuple[list[BlockInfo], list[BlockInfo]]:
         """Frees the node's empty blocks; returns (released, kept)."""
@@ -591,68 +578,9 @@ class AdminStore:
     # -- events -----------------------------------------------------------------------
 
     async def read_events(self, name: str, token: str, limit: int = 500) -> tuple[list[Event], str]:
-        """Events after ``token`` in (xid, id) order, only up to the oldest running transaction.
-
-        Every transaction with an xid below the snapshot's xmin has ended, so no event can
-        appear later below that horizon: a watcher that resumes from a token misses nothing.
-        """
-        check_pool_name(name, "pool")
-        position = decode_token(token, "resume_token")
-        with unavailable_on_disconnect():
-            async with self.engine.connect() as conn:
-                pool = await self._load_pool(conn, name)
-                if position is not None:
-                    try:
-                        xid, last_id, stamp = str(int(position["x"])), int(position["i"]), float(position["t"])
-                    except (KeyError, ValueError, TypeError):
-                        raise InvalidArgument("resume_token: not a token returned by this service",
-                                              field="resume_token") from None
-                    if position.get("p") != pool.id:
-                        raise InvalidArgument("resume_token: belongs to another pool", field="resume_token")
-                    age = (dt.datetime.now(dt.UTC).timestamp() - stamp)
-                    if age > EVENT_RETENTION_SECONDS:
-                        raise ResumeTokenExpired(
-                            f"resume_token: older than the {EVENT_RETENTION_SECONDS:.0f}s event retention; "
-                            "list allocations and watch again without a token",
-                            field="resume_token",
-                        )
-                rows = (
-                    await conn.execute(
-                        text(
-                            """
-                            SELECT e.id, e.xid::text AS xid, e.type, e.owner, host(e.ipv4) AS ipv4,
-                                   host(e.ipv6) AS ipv6, e.time, h.horizon::text AS horizon, h.now
-                              FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, now() AS now) h
-                              LEFT JOIN ipam_events e
-                                ON e.pool_id = :pool
-                               AND (CAST(:xid AS xid8) IS NULL OR (e.xid, e.id) > (CAST(:xid AS xid8), :id))
-                               AND e.xid < h.horizon
-                             ORDER BY e.xid, e.id
-                             LIMIT :limit
-                            """
-                        ),
-                        {"pool": pool.id, "xid": None if position is None else int(xid),
-                         "id": 0 if position is None else last_id, "limit": limit},
-                    )
-                ).mappings().all()
-        horizon = rows[0]["horizon"]
-        now = rows[0]["now"]
-        if position is None:  # a new watch starts from now: history is for resumed watches only
-            return [], encode_token({"p": pool.id, "x": horizon, "i": 0, "t": now.timestamp()})
-        events = []
-        for row in rows:
-            if row["id"] is None:
-                continue
-            tok = encode_token({"p": pool.id, "x": row["xid"], "i": row["id"], "t": now.timestamp()})
-            addrs = tuple(pool.address_info(ipaddress.ip_address(row[c])) for c in ("ipv4", "ipv6") if row[c])
-            events.append(Event(row["type"], row["owner"], addrs, row["time"], tok))
-        if position is None and not events:
-            new = {"p": pool.id, "x": horizon, "i": 0, "t": now.timestamp()}
-        elif len(events) < limit:  # everything below the horizon is delivered: move up to it
-            new = {"p": pool.id, "x": horizon, "i": 0, "t": now.timestamp()}
-        else:
-            new = decode_token(events[-1].token) or {}
-        return events, encode_token(new)
+        """Events of pool ``name`` after ``token`` with a read of their own (store/_watch.py);
+        watch streams are fed by the process's WatchHub."""
+        return await read_events(self, name, token, limit)
 
     async def prune_events(self, retention_seconds: float = EVENT_RETENTION_SECONDS) -> int:
         async def run(conn: AsyncConnection) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
+import os
 import random
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,6 +26,7 @@ from ..domain import (
     AddressInfo,
     AllocationInfo,
     Conflict,
+    DatabaseUnavailable,
     Family,
     FamilyUsage,
     InvalidArgument,
@@ -134,34 +138,179 @@ class StoredPool:
         return AddressInfo(fam, ip, bound[3], bound[4])
 
 
+# -- tokens -------------------------------------------------------------------------------
+#
+# Page and resume tokens are opaque to callers and cannot be forged: each is
+#   base64url( version (1) | key id (4) | payload JSON | HMAC-SHA256(key, version | key id | payload)[:16] )
+# The payload names the kind of token ("k") and is only parsed once the MAC is right; callers
+# then range-check every field (defense in depth). Keys: docs/security.md, "Page and resume tokens".
+
+TOKEN_VERSION = 1
+MAX_TOKEN_CHARS = 1024  # every token this service makes is far shorter
+MIN_KEY_BYTES = 32
+_MAC_BYTES = 16
+_KID_BYTES = 4
+_MAX_PAGE_AFTER = 253  # the longest owner (MAX_OWNER); pool names are shorter
+
+
+def key_id(key: bytes) -> bytes:
+    return hashlib.sha256(b"dsipam-token-key-id\x00" + key).digest()[:_KID_BYTES]
+
+
+class TokenKeys:
+    """The keys that sign (one) and verify (it and the others) tokens, process-wide.
+
+    Until a server loads the deployment's keys (``settings`` or the database), a random key
+    of this process signs: tokens still cannot be forged, but only this process accepts them."""
+
+    def __init__(self) -> None:
+        self.source = "process"
+        self.waiting = False  # the database's keys are to be used but could not be read yet
+        self._set([os.urandom(MIN_KEY_BYTES)], 0)
+
+    def _set(self, keys: Sequence[bytes], signing: int) -> None:
+        self._verify = {key_id(k): k for k in keys}
+        self._signing = (key_id(keys[signing]), keys[signing])
+
+    def use(self, keys: Sequence[bytes], signing: int = 0, source: str = "settings") -> None:
+        if not keys:
+            raise ValueError("at least one token key is needed")
+        self._set(keys, signing)
+        self.source = source
+        self.waiting = False
+
+    def check_ready(self) -> None:
+        if self.waiting:
+            raise DatabaseUnavailable("database: the token keys are not loaded yet (the database was unreachable "
+                                      "at start-up); retry")
+
+    @property
+    def signing_id(self) -> bytes:
+        return self._signing[0]
+
+    def accepted_ids(self) -> set[bytes]:
+        return set(self._verify)
+
+    def sign(self, payload: bytes) -> bytes:
+        kid, key = self._signing
+        head = bytes([TOKEN_VERSION]) + kid
+        mac = hmac.new(key, head + payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        return head + payload + mac
+
+    def verify(self, raw: bytes) -> bytes | None:
+        """The payload of an authentic token, else None."""
+        if len(raw) < 1 + _KID_BYTES + _MAC_BYTES or raw[0] != TOKEN_VERSION:
+            return None
+        key = self._verify.get(raw[1:1 + _KID_BYTES])
+        if key is None:
+            return None
+        body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        if not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest()[:_MAC_BYTES], mac):
+            return None
+        return body[1 + _KID_BYTES:]
+
+
+TOKEN_KEYS = TokenKeys()
+
+
+def parse_token_keys(value: str, where: str) -> list[bytes]:
+    """Keys from a setting: separated by commas or new lines, the first signs; each at least 32 bytes."""
+    keys = [k.strip().encode() for k in value.replace("\n", ",").split(",") if k.strip()]
+    if not keys:
+        raise ValueError(f"{where}: no key")
+    for i, k in enumerate(keys):
+        if len(k) < MIN_KEY_BYTES:
+            raise ValueError(f"{where}: key {i + 1} has {len(k)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return keys
+
+
 def encode_token(payload: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode()
+    """A signed token for ``payload``, which names its kind in ``k``."""
+    TOKEN_KEYS.check_ready()
+    body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    return base64.urlsafe_b64encode(TOKEN_KEYS.sign(body)).decode().rstrip("=")
 
 
-def decode_token(token: str, where: str = "page_token") -> dict[str, Any] | None:
+def decode_token(token: str, where: str = "page_token", kind: str = "") -> dict[str, Any] | None:
+    """The payload of a token this service made (of ``kind``), None for an empty token; anything
+    else is INVALID_ARGUMENT naming ``where``. Forged, changed, foreign-key or other-kind tokens
+    never reach a parser: the MAC is checked first."""
     if not token:
         return None
-    try:
-        value = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if isinstance(value, dict):
-            return value
-    except (ValueError, TypeError):
-        pass
-    raise InvalidArgument(f"{where}: not a token returned by this service", field=where)
+    TOKEN_KEYS.check_ready()
+    value: Any = None
+    if len(token) <= MAX_TOKEN_CHARS and token.isascii():
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (ValueError, TypeError):
+            raw = b""
+        payload = TOKEN_KEYS.verify(raw) if raw else None
+        if payload is not None:
+            try:
+                value = json.loads(payload, parse_constant=_no_constant)
+            except (ValueError, TypeError, RecursionError):
+                value = None
+    if not isinstance(value, dict) or value.get("k") != kind:
+        raise InvalidArgument(f"{where}: not a token returned by this call of this service", field=where)
+    return value
 
 
-def encode_page_token(after: str) -> str:
-    return encode_token({"a": after})
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
 
 
-def decode_page_token(token: str) -> str | None:
-    value = decode_token(token)
+def bad_token(where: str, why: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: not a valid token ({why})", field=where)
+
+
+_PAGE_KINDS = ("allocations", "pools", "blocks")
+
+
+def encode_page_token(after: str, kind: str = "allocations") -> str:
+    """The token of the page after ``after``. ``kind``: the listing (ListAllocations by default,
+    "pools", "blocks"); a token is accepted only by the listing that made it."""
+    return encode_token({"k": kind, "a": after})
+
+
+def decode_page_token(token: str, kind: str = "allocations") -> str | None:
+    assert kind in _PAGE_KINDS
+    value = decode_token(token, "page_token", kind)
     if value is None:
         return None
     after = value.get("a")
-    if not isinstance(after, str):
-        raise InvalidArgument("page_token: not a token returned by this service", field="page_token")
+    if not isinstance(after, str) or not 0 < len(after) <= _MAX_PAGE_AFTER or not (
+        after.isascii() and after.isprintable() and " " not in after
+    ):
+        raise bad_token("page_token", "position out of range")
+    if kind == "blocks" and not (after.isdigit() and len(after) <= 18):
+        raise bad_token("page_token", "position out of range")
     return after
+
+
+# Keys kept in the database (migration 0013): the newest three rows are accepted; the newest
+# that every replica has had time to load (older than KEY_ACTIVATION_SECONDS) signs.
+KEY_REFRESH_SECONDS = 30.0
+KEY_ACTIVATION_SECONDS = 3 * KEY_REFRESH_SECONDS
+_SQL_TOKEN_KEYS = text(
+    "SELECT key, extract(epoch FROM now() - create_time)::float8 AS age FROM ipam_token_keys ORDER BY id DESC LIMIT 3"
+)
+_SQL_FIRST_TOKEN_KEY = text(
+    "INSERT INTO ipam_token_keys (key) SELECT CAST(:key AS bytea) WHERE NOT EXISTS (SELECT 1 FROM ipam_token_keys)"
+)
+
+
+async def load_database_token_keys(engine: AsyncEngine) -> None:
+    """Loads the deployment's token keys from the database (making the first one if there is none)."""
+    with unavailable_on_disconnect():
+        async with engine.begin() as conn:
+            rows = (await conn.execute(_SQL_TOKEN_KEYS)).all()
+            if not rows:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('dsipam.token-keys', 0))"))
+                await conn.execute(_SQL_FIRST_TOKEN_KEY, {"key": os.urandom(MIN_KEY_BYTES)})
+                rows = (await conn.execute(_SQL_TOKEN_KEYS)).all()
+    keys = [bytes(r.key) for r in rows]
+    signing = next((i for i, r in enumerate(rows) if r.age >= KEY_ACTIVATION_SECONDS), len(rows) - 1)
+    TOKEN_KEYS.use(keys, signing, "database")
 
 
 def page_size(value: int) -> int:

@@ -195,3 +195,15 @@ events = sa.Table(
     sa.Index("ix_ipam_events_pool_id_xid_id", "pool_id", "xid", "id"),
     sa.Index("ix_ipam_events_time", "time"),
 )
+
+
+# Keys that authenticate page and resume tokens when none is configured (migration 0013): the
+# newest rows are accepted, a row inserted with DEFAULT VALUES is a rotation (docs/security.md).
+token_keys = sa.Table(
+    "ipam_token_keys",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("key", sa.LargeBinary, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint("octet_length(key) >= 32", name="key_length"),
+)

@@ -1,0 +1,209 @@
+"""Page and resume tokens cannot be forged: every token field of every call answers a forged,
+damaged or foreign token with INVALID_ARGUMENT naming the field, never INTERNAL; tokens are
+authenticated with a per-deployment key that all replicas share and that can be rotated."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import grpc
+import pytest
+from grpc_helpers import REQUIRE, expect_error, pool
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import psql, running_server
+
+from dsipam.v1 import ipam_pb2 as pb
+from dsipam.v1 import ipam_pb2_grpc
+
+C = grpc.StatusCode
+
+_SETTINGS = settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def js(value: object) -> str:
+    """A token the way the old service made them: base64 of JSON."""
+    return b64(json.dumps(value, allow_nan=True).encode())
+
+
+def setup_pool(stub) -> None:  # type: ignore[no-untyped-def]
+    stub.CreatePool(pool("tok", "198.18.0.0/24", "fd00::/120"))
+    for i in range(3):
+        stub.Allocate(pb.AllocateRequest(pool="tok", owner=f"o{i}", ip_family_policy=REQUIRE))
+
+
+def watch_status(stub, token: str) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    """The status a watch from ``token`` ends with (OK when it starts streaming)."""
+    call = stub.WatchAllocations(pb.WatchAllocationsRequest(pool="tok", resume_token=token), timeout=10)
+    try:
+        next(call)
+        return C.OK
+    except grpc.RpcError as err:
+        assert "Traceback" not in (err.details() or ""), err.details()
+        return err.code()
+    finally:
+        call.cancel()
+
+
+def calls(stub):  # type: ignore[no-untyped-def]
+    """Every request field that carries a token: (name, call with a token -> status code)."""
+    def unary(fn):  # type: ignore[no-untyped-def]
+        def run(token: str) -> grpc.StatusCode:
+            try:
+                fn(token)
+                return C.OK
+            except grpc.RpcError as err:
+                assert "Traceback" not in (err.details() or ""), err.details()
+                return err.code()
+        return run
+
+    return [
+        ("ListAllocations.page_token",
+         unary(lambda t: stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_token=t, page_size=1),
+                                              timeout=10))),
+        ("ListBlocks.page_token",
+         unary(lambda t: stub.ListBlocks(pb.ListBlocksRequest(pool="tok", page_token=t, page_size=1), timeout=10))),
+        ("ListPools.page_token",
+         unary(lambda t: stub.ListPools(pb.ListPoolsRequest(page_token=t, page_size=1), timeout=10))),
+        ("WatchAllocations.resume_token", lambda t: watch_status(stub, t)),
+    ]
+
+
+def resume_token(stub) -> str:  # type: ignore[no-untyped-def]
+    call = stub.WatchAllocations(pb.WatchAllocationsRequest(pool="tok"), timeout=10)
+    first = next(call)
+    call.cancel()
+    return first.resume_token
+
+
+# -- the findings: each of these was INTERNAL (or accepted) before -------------------------------
+
+
+FORGED = {
+    "nul in a string": js({"a": "\u0000"}),
+    "lone surrogate": b64(b'{"a": "\\ud800"}'),
+    "deep nesting": b64(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    "not an object": js([1, 2, 3]),
+    "huge xid": js({"p": 1, "x": str(10**30), "i": 0, "t": 1e9}),
+    "negative xid": js({"p": 1, "x": "-1", "i": 0, "t": 1e9}),
+    "float xid": js({"p": 1, "x": 1.5e300, "i": 0, "t": 1e9}),
+    "huge id": js({"p": 1, "x": "5", "i": 10**30, "t": 1e9}),
+    "never expires (NaN)": js({"p": 1, "x": "5", "i": 0, "t": math.nan}),
+    "never expires (Infinity)": js({"p": 1, "x": "5", "i": 0, "t": math.inf}),
+    "owner as block id": js({"a": "not-a-number"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGED))
+def test_forged_tokens_are_invalid_argument_on_every_call(stub, case):
+    setup_pool(stub)
+    for name, run in calls(stub):
+        assert run(FORGED[case]) == C.INVALID_ARGUMENT, (name, case)
+
+
+def test_a_token_of_another_call_is_refused(stub):
+    setup_pool(stub)
+    page = stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_size=1)).next_page_token
+    assert page
+    # A real ListAllocations token (an owner name inside) handed to ListBlocks, ListPools, a watch.
+    err = expect_error(lambda r: stub.ListBlocks(pb.ListBlocksRequest(pool="tok", page_token=page)), None,
+                       C.INVALID_ARGUMENT, None, "page_token")
+    assert "Traceback" not in err.details()
+    expect_error(lambda r: stub.ListPools(pb.ListPoolsRequest(page_token=page)), None, C.INVALID_ARGUMENT, None,
+                 "page_token")
+    assert watch_status(stub, page) == C.INVALID_ARGUMENT
+    # And a resume token as a page token.
+    expect_error(lambda r: stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_token=resume_token(stub))),
+                 None, C.INVALID_ARGUMENT, None, "page_token")
+
+
+def test_a_changed_token_is_refused(stub):
+    """Editing any byte of a real token (here: the position inside) makes it invalid."""
+    setup_pool(stub)
+    page = stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_size=1)).next_page_token
+    assert stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_size=1, page_token=page)).allocations
+    raw = bytearray(base64.urlsafe_b64decode(page + "=" * (-len(page) % 4)))
+    for i in range(len(raw)):
+        changed = bytearray(raw)
+        changed[i] ^= 0x01
+        token = base64.urlsafe_b64encode(bytes(changed)).decode().rstrip("=")
+        expect_error(lambda r, t=token: stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_token=t)),
+                     None, C.INVALID_ARGUMENT, None, "page_token")
+    token = resume_token(stub)
+    assert watch_status(stub, token) == C.OK
+    raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    raw[-1] ^= 0x80
+    assert watch_status(stub, base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")) == C.INVALID_ARGUMENT
+
+
+# -- hypothesis: arbitrary bytes and arbitrary JSON through every token field ----------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from("apxitk") | st.text(max_size=3),
+                                                                inner, max_size=6),
+    max_leaves=20,
+)
+_token = st.one_of(
+    st.binary(min_size=1, max_size=300).map(b64),
+    st.binary(min_size=1, max_size=300).map(lambda b: b64(b).rstrip("=")),
+    _json.map(js),
+    st.fixed_dictionaries({"p": _json, "x": _json, "i": _json, "t": _json}).map(js),
+    st.fixed_dictionaries({"a": _json}).map(js),
+    st.text(min_size=1, max_size=200),
+)
+
+
+@_SETTINGS
+@given(token=_token)
+def test_any_token_is_invalid_argument_never_internal(stub, token):
+    if not stub.ListPools(pb.ListPoolsRequest()).pools:
+        setup_pool(stub)
+    for name, run in calls(stub):
+        code = run(token)
+        assert code == C.INVALID_ARGUMENT, (name, code, token[:200])
+
+
+# -- keys: shared by replicas, configurable, rotatable -------------------------------------------
+
+
+def test_replicas_share_the_database_key(stub, db_url, tmp_path):
+    """Two servers on one database accept each other's tokens (the key is in the database)."""
+    setup_pool(stub)
+    page = stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_size=1)).next_page_token
+    assert int(psql(db_url, "SELECT count(*) FROM ipam_token_keys")) >= 1
+    with running_server(db_url, tmp_path) as other, grpc.insecure_channel(other.target) as ch:
+        stub2 = ipam_pb2_grpc.IpamServiceStub(ch)
+        got = stub2.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_size=1, page_token=page))
+        assert [a.owner for a in got.allocations] == ["o1"]
+        token = resume_token(stub2)
+    assert watch_status(stub, token) == C.OK
+
+
+def test_configured_keys_rotate_without_breaking_pages(clean_db, tmp_path):
+    old, new = "k" * 40, "n" * 40
+    with running_server(clean_db, tmp_path, extra_env={"DSIPAM_TOKEN_KEY": old}) as s, \
+            grpc.insecure_channel(s.target) as ch:
+        stub = ipam_pb2_grpc.IpamServiceStub(ch)
+        setup_pool(stub)
+        page = stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_size=1)).next_page_token
+    # Rotation: the new key signs, the previous one is still accepted.
+    with running_server(clean_db, tmp_path, extra_env={"DSIPAM_TOKEN_KEY": f"{new},{old}"}) as s, \
+            grpc.insecure_channel(s.target) as ch:
+        stub = ipam_pb2_grpc.IpamServiceStub(ch)
+        got = stub.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_size=1, page_token=page))
+        assert [a.owner for a in got.allocations] == ["o1"]
+    # Once the old key is dropped its tokens are refused; the database key does not accept them either.
+    for env in ({"DSIPAM_TOKEN_KEY": new}, {}):
+        with running_server(clean_db, tmp_path, extra_env=env) as s, grpc.insecure_channel(s.target) as ch:
+            stub = ipam_pb2_grpc.IpamServiceStub(ch)
+            expect_error(lambda r, st=stub: st.ListAllocations(pb.ListAllocationsRequest(pool="tok", page_token=page)),
+                         None, C.INVALID_ARGUMENT, None, "page_token")
