@@ -10,10 +10,14 @@
 #      and the link <bin dir>/dsipam -> dsipam-cni (the IPAM type in the conflist);
 #   3. renders the conflist template (@SERVER@, @POOL@, @NODE_NAME@, @CNI_VERSION@),
 #      checks that it is JSON and writes <conf dir>/<name> the same way; with credentials
-#      (a directory holding `token` and `ca.crt`, from the Secret dsipam-cni-credentials)
-#      it first copies them to <secrets dir> on the node (token mode 0600) and adds
-#      tokenFile, tls {ca, serverName} and transport "grpc" to every dsipam IPAM section:
-#      the plugin sends a bearer token only over TLS;
+#      (a directory holding `ca.crt` and this node's token, `token.<NODE_NAME>`, from the
+#      Secret dsipam-cni-credentials: one shim token per node, each naming its node in the
+#      server's auth config) it first copies them to <secrets dir> on the node (token mode
+#      0600) and adds tokenFile, tls {ca, serverName} and transport "grpc" to every dsipam
+#      IPAM section: the plugin sends a bearer token only over TLS. A plain `token` key (one
+#      token for every node) is still read, with a warning: it cannot be a shim token. Without
+#      a token in the Secret, a `token` and `ca.crt` already in <secrets dir> on the node (put
+#      there by the node's provisioning) are used as they are;
 #   4. runs the installed plugin's VERSION command, so a broken runtime fails the pod;
 #   5. with --once exits, otherwise waits for SIGTERM (the DaemonSet keeps the pod up so
 #      that an image update re-runs the install).
@@ -34,7 +38,7 @@ once=0
 for arg in "$@"; do
   case "$arg" in
     --once) once=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) die "unknown argument $arg (expected --once)" ;;
   esac
 done
@@ -110,18 +114,35 @@ if ! python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); assert c["p
   die "the rendered conflist is not valid JSON with plugins: check $template"
 fi
 auth="none"
-if [ -s "$credentials/token" ]; then
+token_src=""
+if [ -s "$credentials/token.$node" ]; then
+  token_src="$credentials/token.$node"
+elif [ -s "$credentials/token" ]; then
+  token_src="$credentials/token"
+  log "WARNING: $credentials/token is one token for every node; a shim token names its node, so give each node its own key token.<node name> (docs/security.md, \"Node-scoped shims\")"
+elif [ -d "$credentials" ] && ls "$credentials"/token.* >/dev/null 2>&1; then
+  rm -f "$tmp_conf"
+  die "$credentials has tokens for other nodes but none for this node ($node): add the key token.$node (dsipam token new shim --node $node)"
+fi
+provisioned=0
+if [ -z "$token_src" ] && [ -s "$root$secrets_dir/token" ] && [ -s "$root$secrets_dir/ca.crt" ]; then
+  # No token in the Secret: the node's provisioning put this node's own token and the CA on it.
+  provisioned=1
+fi
+if [ -n "$token_src" ]; then
   if [ ! -s "$credentials/ca.crt" ]; then
     rm -f "$tmp_conf"
     die "$credentials has a token but no ca.crt: the plugin sends a token only over TLS"
   fi
   mkdir -p "$root$secrets_dir"
   chmod 0755 "$root$secrets_dir"
-  (umask 077 && cp "$credentials/token" "$root$secrets_dir/.token.tmp")
+  (umask 077 && cp "$token_src" "$root$secrets_dir/.token.tmp")
   mv -f "$root$secrets_dir/.token.tmp" "$root$secrets_dir/token"
   cp "$credentials/ca.crt" "$root$secrets_dir/.ca.crt.tmp"
   chmod 0644 "$root$secrets_dir/.ca.crt.tmp"
   mv -f "$root$secrets_dir/.ca.crt.tmp" "$root$secrets_dir/ca.crt"
+fi
+if [ -n "$token_src" ] || [ "$provisioned" = 1 ]; then
   if ! python3 - "$tmp_conf" "$secrets_dir" "$server_name" <<'PY'
 import json, sys
 path, secrets, server_name = sys.argv[1:]
@@ -141,7 +162,11 @@ PY
     rm -f "$tmp_conf"
     die "could not add the credentials to the conflist"
   fi
-  auth="token over TLS, server name $server_name"
+  if [ "$provisioned" = 1 ]; then
+    auth="token over TLS (provisioned on the node in $secrets_dir), server name $server_name"
+  else
+    auth="token over TLS (${token_src##*/}), server name $server_name"
+  fi
 fi
 chmod 0644 "$tmp_conf"
 mv -f "$tmp_conf" "$root$conf_dir/$conflist_name"

@@ -320,6 +320,9 @@ def test_auth_secret_is_mounted_where_the_server_reads_it(tmp_path: Path) -> Non
     config_file.write_text(secret["stringData"][filename])
     config = security.load_auth_config(config_file)  # the server's own parser accepts it
     assert config.tokens and config.unix_socket_role is None
+    shims = [t for t in config.tokens if t.role is security.Role.SHIM]
+    assert len(shims) >= 2 and all(t.node for t in shims)  # one shim identity per node, each naming it
+    assert len({t.node for t in shims}) == len(shims) and len({t.digest for t in shims}) == len(shims)
 
 
 def test_migration_job_uses_the_direct_database_url() -> None:
@@ -368,6 +371,8 @@ def test_cni_daemonset_installs_into_the_node_cni_directories() -> None:
     template_volume = volumes[next(n for n, m in mounts.items() if m == template_dir)]
     assert template_volume["configMap"]["name"] == "dsipam-cni"
     assert template_volume["configMap"]["items"] == [{"key": "conflist.template", "path": template_file}]
+    node_name = next(e for e in container["env"] if e["name"] == "NODE_NAME")
+    assert node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"  # picks token.<node name>
     credentials = volumes[next(n for n, m in mounts.items() if m == env["DSIPAM_CNI_CREDENTIALS"])]
     assert credentials["secret"] == {"secretName": "dsipam-cni-credentials", "optional": True, "defaultMode": 0o400}
     service = _one("Service", "dsipam")

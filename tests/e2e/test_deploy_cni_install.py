@@ -187,7 +187,8 @@ def test_credentials_go_to_the_node_and_into_the_conflist(tmp_path: Path) -> Non
     bundle = _bundle(tmp_path)
     creds = tmp_path / "credentials"
     creds.mkdir()
-    (creds / "token").write_text("dsipam_node-shim-token\n")
+    (creds / "token.node-a").write_text("dsipam_node-shim-token\n")  # this node's (NODE_NAME node-a)
+    (creds / "token.node-b").write_text("dsipam_other-node-token\n")
     (creds / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n")
     done = _install(
         tmp_path,
@@ -205,14 +206,58 @@ def test_credentials_go_to_the_node_and_into_the_conflist(tmp_path: Path) -> Non
     assert ipam["transport"] == "grpc" and ipam["tokenFile"] == "/etc/dsipam-cni/token"
     assert ipam["tls"] == {"ca": "/etc/dsipam-cni/ca.crt", "serverName": "dsipam.dsipam-system.svc"}
     assert ipam["endpoint"] == "198.18.0.10:50051" and ipam["pool"] == "pods"
-    assert "auth: token over TLS" in done.stderr
+    assert "auth: token over TLS (token.node-a)" in done.stderr
+    assert "WARNING" not in done.stderr
+    assert "dsipam_other-node-token" not in "".join(
+        p.read_text(errors="replace") for p in (tmp_path / "node").rglob("*") if p.is_file() and p.stat().st_size < 65536)
+
+
+def test_a_node_without_its_own_token_is_refused(tmp_path: Path) -> None:
+    """The Secret has tokens of other nodes only: the installer does not guess and writes nothing."""
+    bundle = _bundle(tmp_path)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "token.node-b").write_text("dsipam_other-node-token\n")
+    (creds / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051", DSIPAM_CNI_CREDENTIALS=str(creds))
+    assert done.returncode != 0 and "none for this node (node-a)" in done.stderr and "token.node-a" in done.stderr
+    conf_dir = tmp_path / "node/etc/cni/net.d"
+    assert not conf_dir.exists() or not list(conf_dir.iterdir())
+    assert not (tmp_path / "node/etc/dsipam-cni/token").exists()
+
+
+def test_a_shared_token_still_works_with_a_warning(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "token").write_text("dsipam_shared\n")
+    (creds / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051", DSIPAM_CNI_CREDENTIALS=str(creds))
+    assert done.returncode == 0, done.stderr
+    assert "WARNING" in done.stderr and "token.<node name>" in done.stderr
+    assert (tmp_path / "node/etc/dsipam-cni/token").read_text() == "dsipam_shared\n"
+
+
+def test_a_token_provisioned_on_the_node_is_used(tmp_path: Path) -> None:
+    """No Secret: the node's provisioning put its own token and the CA in /etc/dsipam-cni."""
+    bundle = _bundle(tmp_path)
+    secrets = tmp_path / "node/etc/dsipam-cni"
+    secrets.mkdir(parents=True)
+    (secrets / "token").write_text("dsipam_provisioned\n")
+    (secrets / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+    assert done.returncode == 0, done.stderr
+    ipam = json.loads((tmp_path / "node/etc/cni/net.d/90-dsipam.conflist").read_text())["plugins"][0]["ipam"]
+    assert ipam["tokenFile"] == "/etc/dsipam-cni/token" and ipam["tls"]["ca"] == "/etc/dsipam-cni/ca.crt"
+    assert "provisioned on the node" in done.stderr
+    assert (secrets / "token").read_text() == "dsipam_provisioned\n"
 
 
 def test_a_token_without_a_ca_is_refused(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path)
     creds = tmp_path / "credentials"
     creds.mkdir()
-    (creds / "token").write_text("dsipam_node-shim-token\n")
+    (creds / "token.node-a").write_text("dsipam_node-shim-token\n")
     done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051", DSIPAM_CNI_CREDENTIALS=str(creds))
     assert done.returncode != 0 and "no ca.crt" in done.stderr
     conf_dir = tmp_path / "node/etc/cni/net.d"

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs o
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
-SHIM_TOKEN = "dsipam_shim-" + os.urandom(8).hex()
+SHIM_TOKENS = {node: f"dsipam_shim-{node}-" + os.urandom(8).hex() for node in ("node-1", "node-2")}  # one per node
 ADMIN_TOKEN = "dsipam_admin-" + os.urandom(8).hex()
 SERVER_NAME = "dsipam.dsipam-system.svc"
 
@@ -87,9 +87,11 @@ def deployed(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     )  # fmt: skip
     # The manifest's auth config, with hashes of tokens this test knows.
     auth = yaml.safe_load(_one("config.yaml", "Secret", "dsipam-auth")["stringData"]["auth.yaml"])
-    hashes = {"shim": security.hash_token(SHIM_TOKEN), "admin": security.hash_token(ADMIN_TOKEN)}
+    nodes = [entry.get("node") for entry in auth["tokens"] if entry["role"] == "shim"]
+    assert sorted(nodes) == sorted(SHIM_TOKENS), nodes  # the manifest's per-node shim entries
     for entry in auth["tokens"]:
-        entry["hash"] = hashes[entry["role"]]
+        token = SHIM_TOKENS[entry["node"]] if entry["role"] == "shim" else ADMIN_TOKEN
+        entry["hash"] = security.hash_token(token)
     (tmp / "auth.yaml").write_text(yaml.safe_dump(auth))
     # The server's environment: the ConfigMap, then what the Deployment adds, with paths mapped.
     settings = dict(_one("config.yaml", "ConfigMap", "dsipam-settings")["data"])
@@ -168,10 +170,13 @@ def _bundle(tmp: Path) -> Path:
     return bundle
 
 
-def _install(deployed: Deployed, tmp: Path, token: str) -> Path:
+def _install(deployed: Deployed, tmp: Path, token: str, node: str = "node-1") -> Path:
+    """Runs the installer for ``node`` with a Secret holding that node's token (key token.<node>)
+    and another node's, as the DaemonSet mounts dsipam-cni-credentials."""
     creds = tmp / "credentials"
-    creds.mkdir()
-    (creds / "token").write_text(token + "\n")
+    creds.mkdir(parents=True)
+    (creds / f"token.{node}").write_text(token + "\n")
+    (creds / "token.some-other-node").write_text("dsipam_not-this-nodes-token\n")
     shutil.copy(deployed.cert, creds / "ca.crt")
     cni = _one("cni.yaml", "ConfigMap", "dsipam-cni")["data"]
     daemonset = _one("cni.yaml", "DaemonSet", "dsipam-cni")["spec"]["template"]["spec"]["containers"][0]
@@ -187,13 +192,14 @@ def _install(deployed: Deployed, tmp: Path, token: str) -> Path:
         "DSIPAM_CNI_TEMPLATE": str(tmp / "conflist.template"),
         "DSIPAM_CNI_CREDENTIALS": str(creds),
         "DSIPAM_CNI_SERVER": deployed.tcp,
-        "NODE_NAME": "node-a",
+        "NODE_NAME": node,
     }
     done = subprocess.run(
         ["sh", str(ROOT / "deploy" / "docker" / "install-cni.sh"), "--once"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert (tmp / "node/etc/dsipam-cni/token").read_text() == token + "\n"  # only its own node's token
     return tmp / "node"
 
 
@@ -229,7 +235,7 @@ def test_installed_plugin_allocates_over_tls_with_the_node_token(
             pb.CreatePoolRequest(pool=pb.Pool(name="pods", ranges=[pb.IpRange(cidr="198.18.6.0/24"),
                                                                     pb.IpRange(cidr="fd00:6::/120")]))
         )  # fmt: skip
-        node = _install(deployed, tmp_path, SHIM_TOKEN)
+        node = _install(deployed, tmp_path, SHIM_TOKENS["node-1"])
         rc, result = _plugin(node, "ADD", "c-secure-1")
         assert rc == 0, result
         got = sorted(ip["address"].split("/")[0] for ip in result["ips"])
@@ -241,6 +247,30 @@ def test_installed_plugin_allocates_over_tls_with_the_node_token(
         with pytest.raises(grpc.RpcError) as exc:
             admin.GetAllocation(pb.GetAllocationRequest(pool="pods", owner="c-secure-1/eth0"))
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_another_nodes_plugin_cannot_release_a_pod(deployed: Deployed, tmp_path: Path, clean_db: str) -> None:
+    """node-2's installed plugin, with node-2's token, cannot DEL (release) node-1's pod."""
+    for admin in deployed.stub(ADMIN_TOKEN):
+        admin.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name="pods", ranges=[pb.IpRange(cidr="198.18.7.0/24"),
+                                                                                 pb.IpRange(cidr="fd00:7::/120")])))
+        node1 = _install(deployed, tmp_path / "n1", SHIM_TOKENS["node-1"], "node-1")
+        node2 = _install(deployed, tmp_path / "n2", SHIM_TOKENS["node-2"], "node-2")
+        rc, result = _plugin(node1, "ADD", "c-node1")
+        assert rc == 0, result
+        rc, result = _plugin(node2, "DEL", "c-node1")
+        assert rc != 0 and "PERMISSION_DENIED" in json.dumps(result), result
+        held = admin.GetAllocation(pb.GetAllocationRequest(pool="pods", owner="c-node1/eth0"))
+        assert held.node == "node-1" and [a.ip for a in held.addresses] == [ip["address"].split("/")[0]
+                                                                            for ip in result_ips(node1)]
+        assert _plugin(node1, "DEL", "c-node1")[0] == 0
+
+
+def result_ips(node: Path) -> list[dict]:
+    """The IPs of c-node1 from node's plugin: ADD again is idempotent and answers what the pod holds."""
+    rc, result = _plugin(node, "ADD", "c-node1")
+    assert rc == 0, result
+    return result["ips"]
 
 
 def test_a_wrong_node_token_is_refused(deployed: Deployed, tmp_path: Path) -> None:
