@@ -326,7 +326,7 @@ def test_idle_connections_are_closed(flood_server):
     assert closed_raw == 400 and closed_h2 == 400, (closed_raw, closed_h2)
 
 
-def test_connections_past_the_cap_are_refused(flood_db, tokens, tmp_path):
+def test_connections_past_the_cap_are_refused(flood_server, flood_db, tokens, tmp_path):
     """DSIPAM_MAX_CONNECTIONS: connections past the cap are closed at once; calls on a
     connection opened before the flood go on."""
     config = write_config(tmp_path / "auth.yaml", tokens)
@@ -386,9 +386,10 @@ def test_a_burst_is_held_and_counted(flood_server, tokens, metrics_port):
     assert counted.get("OK", 0) == codes["OK"] + 1, (codes, counted)
 
 
-def test_overload_is_unavailable_counted_and_retried_by_the_sdk(flood_db, tokens, tmp_path):
+def test_overload_is_unavailable_counted_and_retried_by_the_sdk(flood_server, flood_db, tokens, tmp_path):
     """Past DSIPAM_MAX_CONCURRENT_RPCS calls are refused with UNAVAILABLE (reason OVERLOADED,
-    naming the bound), counted; the SDK retries them with backoff until all succeed."""
+    naming the bound), counted; the SDK retries them with backoff until all succeed. (flood_server:
+    the pool "flood" in the shared database.)"""
     from dsipam.client import AsyncIpamClient
 
     port = free_port()
@@ -416,8 +417,15 @@ def test_overload_is_unavailable_counted_and_retried_by_the_sdk(flood_db, tokens
             async with AsyncIpamClient(server.target, token=tokens["admin"][0], timeout=60) as client:
                 return await asyncio.gather(*(client.get_pool("flood") for _ in range(500)))
 
+        before = rpc_counts(port, "GetPool")
         pools = asyncio.run(sdk())
-        assert len(pools) == 500
+        after = rpc_counts(port, "GetPool")
+        print(f"SDK, 500 concurrent get_pool: all answered; server counted "
+              f"{after['OK'] - before['OK']:.0f} OK and {after['UNAVAILABLE'] - before['UNAVAILABLE']:.0f} refusals "
+              "that the SDK retried")
+        assert len(pools) == 500 and all(p.name == "flood" for p in pools)
+        assert after["OK"] - before["OK"] == 500
+        assert after["UNAVAILABLE"] > before["UNAVAILABLE"], (before, after)  # refused, then retried
     finally:
         server.terminate()
 
