@@ -150,6 +150,7 @@ def test_migrate_flag_migrates_then_serves_with_a_quiet_start(empty_database, tm
     assert f"dsipam: database migrated from an empty schema to {head_revision()}" in log
     assert "alembic" not in log  # no plugin set-up lines, no "Context impl", no line per revision
     assert log.count("listening on") == 1 and log.count("authentication is off") == 1, log
+    assert log.count("shutting down") == 1, log
     assert "Traceback" not in log
 
 

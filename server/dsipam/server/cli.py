@@ -22,7 +22,8 @@ from dsipam.client._cli import (
 from .settings import DEFAULT_LISTEN, Settings
 
 # Status lines `dsipam serve` prints on stdout; in text logs the same records would say them twice.
-_PRINTED_STATUS = frozenset({"dsipam listening on %s", "authentication is off (--insecure)"})
+_PRINTED_STATUS = frozenset({"dsipam listening on %s", "authentication is off (--insecure)",
+                             "shutting down: health NOT_SERVING, finishing in-flight calls (grace %ss)"})
 _MAINTENANCE_SKIPPED = "maintenance round skipped: database unreachable"
 _DATABASE_BACK = "database reachable again: health SERVING"
 
