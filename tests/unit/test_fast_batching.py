@@ -55,3 +55,32 @@ def test_without_linger_the_second_batch_goes_when_a_slot_is_free():
         assert len(await asyncio.gather(*futs, *more)) == 5
 
     asyncio.run(main())
+
+
+def test_a_batch_emptied_while_it_lingered_is_not_sent():
+    """Two drain tasks linger; the request that fills a quarter wakes both; the first takes every
+    request and the second finds none: it must not call the database with an empty batch."""
+
+    async def main():
+        fp = Recorder(max_batch=8, max_inflight=2, linger=3600.0)  # a quarter: 2 waiting requests
+        first = asyncio.ensure_future(fp.allocate("p", 1, "o0", True, True, "{}", ""))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert fp.calls == [["o0"]]  # o0's call is in flight (until release is set)
+        second = asyncio.ensure_future(fp.allocate("p", 1, "o1", True, True, "{}", ""))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        queue = fp._queues[("allocate", "p", 1)]
+        assert len(queue.lingering) == 1  # the second drain task lingers: o0's batch is in flight
+        fp.release.set()
+        await first
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(queue.lingering) == 2  # the first task, back for o1, lingers too
+        third = asyncio.ensure_future(fp.allocate("p", 1, "o2", True, True, "{}", ""))
+        results = await asyncio.gather(second, third)
+        assert [r["owner"] for r in results] == ["o1", "o2"]
+        assert fp.calls == [["o0"], ["o1", "o2"]]  # no empty batch
+        assert fp.errors == {} and fp._queues == {}
+
+    asyncio.run(main())
