@@ -223,8 +223,15 @@ class Sampler:
 # -- pools through the API ---------------------------------------------------------------------
 
 
-def create_pool(target: str, name: str, ranges: Sequence[str], block_size: int = 0, network: str = "") -> None:
-    """CreatePool through the API, one range per CIDR, in ``network`` (an address space; "" the default)."""
+def create_pool(target: str, name: str, ranges: Sequence[str], block_size: int = 0, network: str | None = None) -> None:
+    """CreatePool through the API, one range per CIDR.
+
+    Each benchmark pool is an address space of its own (``network``, default ``bench-<name>``): the
+    scenarios' pools overlap one another (s4 and the ceiling pool take all of 198.18.0.0/15), and
+    pools of one network may not overlap.
+    """
+    if network is None:
+        network = f"bench-{name}"
     import grpc
 
     from dsipam.v1 import ipam_pb2 as pb

@@ -54,7 +54,6 @@ END_MARK = "<!-- bench:results:end -->"
 
 S1_RANGES = ("198.18.0.0/16", "fd00:1::/112")
 S4_RANGES = ("198.18.0.0/15", "fd00:4::/111")
-S4_NETWORK = "bench-s4"  # overlaps s1 and s8: a network (address space) of its own
 S8_RANGES = ("198.19.0.0/16", "fd00:8::/112")
 WARMUP_RANGES = ("198.18.0.0/20", "fd00:ff::/116")
 
@@ -195,7 +194,7 @@ class Run:
                         url, "s8", 0,
                     )
             if 4 in wanted:
-                harness.create_pool(target, "s4", S4_RANGES, network=S4_NETWORK)
+                harness.create_pool(target, "s4", S4_RANGES)
                 t0 = time.monotonic()
                 fill = harness.fill_pool(url, "s4", a.s4_fill, owner_prefix="fill")
                 log(f"  s4 filled by SQL in {time.monotonic() - t0:.1f}s: {fill}")
