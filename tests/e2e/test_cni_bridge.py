@@ -1,12 +1,16 @@
 """End to end: Debian's real ``/usr/lib/cni/bridge`` with ``"ipam": {"type": "dsipam"}``.
 
-A dsipam server runs on loopback and on a unix socket. The test makes a parent network
-namespace (which holds the bridge, so its forwarding sysctls never touch the root namespace)
-and two pod namespaces, runs the bridge plugin inside the parent with CNI_PATH pointing at the
-installed ``dsipam`` plugin, and checks: both pods get IPv4 and IPv6 on eth0 with default
-routes and ping each other over both; CHECK passes; GC with one valid attachment releases the
-other pod's leaked allocation; DEL frees the addresses in dsipam, and a repeated DEL succeeds.
-Everything it creates is removed at the end, whatever happens.
+A dsipam server runs on loopback and on a unix socket, with an auth config that gives each
+node its own shim identity (node-a's and node-b's tokens, each naming its node) and an admin
+token for the test's own calls. The test makes a parent network namespace (which holds the
+bridge, so its forwarding sysctls never touch the root namespace) and two pod namespaces: the
+pods of node-a. It runs the bridge plugin inside the parent with CNI_PATH pointing at the
+installed ``dsipam`` plugin, configured with node-a's token file, and checks: both pods get
+IPv4 and IPv6 on eth0 with default routes and ping each other over both; CHECK passes; a
+plugin configured with node-b's token can neither DEL node-a's pod nor collect it in a GC;
+node-a's GC with one valid attachment releases the other pod's leaked allocation; DEL frees
+the addresses in dsipam, and a repeated DEL succeeds. Everything it creates is removed at
+the end, whatever happens.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from support import spawn_server
 
+from dsipam.server import security
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
 
@@ -103,15 +109,50 @@ def topology() -> Iterator[Topology]:
         assert not problems, problems
 
 
+NODES = ("node-a", "node-b")
+
+
+@dataclass
+class Secured:
+    target: str
+    sock: Path
+    admin: str
+    token_files: dict[str, Path]  # node -> its shim token file
+
+
 @pytest.fixture
-def dsipam_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def dsipam_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    """A server whose auth config has one shim token per node and an admin token."""
     tmp = tmp_path_factory.mktemp("cni-bridge-server")
     sock = tmp / "dsipam.sock"
-    server = spawn_server(db_url, tmp, args=("--listen", f"unix://{sock}"))
+    admin = security.new_token()
+    entries = [{"name": "ops", "role": "admin", "hash": security.hash_token(admin)}]
+    token_files = {}
+    for node in NODES:
+        token = security.new_token()
+        entries.append({"name": f"shim-{node}", "role": "shim", "node": node, "hash": security.hash_token(token)})
+        token_files[node] = tmp / f"token.{node}"
+        token_files[node].write_text(token + "\n")
+    config = tmp / "auth.json"
+    config.write_text(json.dumps({"tokens": entries}))
+    server = spawn_server(db_url, tmp, args=("--listen", f"unix://{sock}"),
+                          extra_env={"DSIPAM_AUTH_CONFIG": str(config)})
     try:
-        yield server.target, sock
+        yield Secured(server.target, sock, admin, token_files)
     finally:
         server.terminate()
+
+
+class AdminStub:
+    """The generated stub with the admin token on every call."""
+
+    def __init__(self, channel: grpc.Channel, token: str) -> None:
+        self._stub = ipam_pb2_grpc.IpamServiceStub(channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        method = getattr(self._stub, name)
+        return lambda request: method(request, metadata=self._metadata, timeout=10)
 
 
 @pytest.fixture
@@ -167,7 +208,7 @@ def ping(ns: str, address: str) -> None:
         time.sleep(0.2)
 
 
-def held(stub: ipam_pb2_grpc.IpamServiceStub, pool: str, owner: str) -> set[str] | None:
+def held(stub: AdminStub, pool: str, owner: str) -> set[str] | None:
     try:
         alloc = stub.GetAllocation(pb.GetAllocationRequest(pool=pool, owner=owner))
     except grpc.RpcError as exc:
@@ -176,8 +217,8 @@ def held(stub: ipam_pb2_grpc.IpamServiceStub, pool: str, owner: str) -> set[str]
     return {f"{a.ip}/{a.prefix_length}" for a in alloc.addresses}
 
 
-def test_bridge_with_dsipam_end_to_end(topology: Topology, dsipam_server: tuple[str, Path], cni_bin: Path) -> None:
-    target, sock = dsipam_server
+def test_bridge_with_dsipam_end_to_end(topology: Topology, dsipam_server: Secured, cni_bin: Path) -> None:
+    target, sock = dsipam_server.target, dsipam_server.sock
     pool = f"e2e-{uuid.uuid4().hex[:8]}"
     conf = {
         "cniVersion": "1.0.0",
@@ -194,10 +235,14 @@ def test_bridge_with_dsipam_end_to_end(topology: Topology, dsipam_server: tuple[
             "ipFamilies": ["IPv4", "IPv6"],
             "defaultRoutes": True,
             "timeout": 10,
+            "node": "node-a",  # these pods are node-a's, and so is its token
+            "tokenFile": str(dsipam_server.token_files["node-a"]),
         },
     }
+    # The same network configured on node-b: node-b's name and token.
+    conf_b = {**conf, "ipam": {**conf["ipam"], "node": "node-b", "tokenFile": str(dsipam_server.token_files["node-b"])}}
     with grpc.insecure_channel(target) as channel:
-        stub = ipam_pb2_grpc.IpamServiceStub(channel)
+        stub = AdminStub(channel, dsipam_server.admin)
         stub.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name=pool, ranges=[
             pb.IpRange(cidr=V4_RANGE, gateway=V4_GATEWAY), pb.IpRange(cidr=V6_RANGE, gateway=V6_GATEWAY)])))
         try:
@@ -231,10 +276,25 @@ def test_bridge_with_dsipam_end_to_end(topology: Topology, dsipam_server: tuple[
                 rc, out, err = run_bridge(topology, cni_bin, "CHECK", pod, {**conf, "prevResult": results[pod]})
                 assert rc == 0, f"CHECK {pod}: {out} {err}"
 
-            # Pod b's sandbox disappears without a DEL: its allocation leaks. GC with only pod a
-            # valid releases it (GC is spec 1.1.0, which this bridge does not speak: dsipam directly).
+            # The pods are node-a's: node-b's plugin may not release them (the DEL fails, and the
+            # addresses stay held in dsipam, so they cannot be handed to another pod while these
+            # may still use them), nor collect them in a GC of the pool.
+            for pod in ("a", "b"):
+                rc, out, err = run_bridge(topology, cni_bin, "DEL", pod, {**conf_b, "prevResult": results[pod]})
+                assert rc != 0 and "PERMISSION_DENIED" in json.dumps(out) + err, f"DEL {pod} by node-b: {out} {err}"
+                assert held(stub, pool, owners[pod]) == {ip["address"] for ip in results[pod]["ips"]}
+            gc_b = {**conf_b, "cniVersion": "1.1.0", "ipam": {**conf_b["ipam"], "gcGrace": 0, "gcScope": "pool"},
+                    "cni.dev/valid-attachments": []}
+            assert run_dsipam(cni_bin, topology, "GC", gc_b) == (0, None)  # nothing of node-b's to collect
+            for pod in ("a", "b"):
+                assert held(stub, pool, owners[pod]) == {ip["address"] for ip in results[pod]["ips"]}
+
+            # Pod b's sandbox disappears without a DEL: its allocation leaks. Node-a's GC with only
+            # pod a valid releases it (GC is spec 1.1.0, which this bridge does not speak: dsipam
+            # directly). A shim lists no allocations: gcScope pool hands the valid owners to the
+            # server's GarbageCollect, which a shim may run over its own node's owners only.
             sh("ip", "netns", "del", topology.pods["b"])
-            gc = {**conf, "cniVersion": "1.1.0", "ipam": {**conf["ipam"], "gcGrace": 0},
+            gc = {**conf, "cniVersion": "1.1.0", "ipam": {**conf["ipam"], "gcGrace": 0, "gcScope": "pool"},
                   "cni.dev/valid-attachments": [{"containerID": topology.containers["a"], "ifname": "eth0"}]}
             assert run_dsipam(cni_bin, topology, "GC", gc) == (0, None)
             assert held(stub, pool, owners["b"]) is None
