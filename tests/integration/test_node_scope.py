@@ -402,3 +402,19 @@ def test_stored_node_is_what_the_guard_reads(callers, db_url):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([str(Path(__file__))]))
+
+
+def test_certificate_mappings_carry_their_node():
+    """A client certificate mapped as a shim (by CN or SAN) brings its node to the call."""
+    cfg = security.AuthConfig.from_mapping({"clients": [
+        {"cn": "node-a.shim", "role": "shim", "node": NODE_A},
+        {"san": "spiffe://cluster/node/node-b", "role": "shim", "node": NODE_B},
+        {"cn": "controller", "role": "controller"},
+    ]})
+    auth = security.Authorizer(cfg)
+    assert auth.certificate_grant({"x509_common_name": [b"node-a.shim"]}) == (
+        security.Grant(security.Role.SHIM, NODE_A), "cert:CN=node-a.shim")
+    assert auth.certificate_grant({"x509_common_name": [b"x"],
+                                   "x509_subject_alternative_name": [b"spiffe://cluster/node/node-b"]})[0] == (
+        security.Grant(security.Role.SHIM, NODE_B))
+    assert auth.certificate_grant({"x509_common_name": [b"controller"]})[0] == security.Grant(security.Role.CONTROLLER)
