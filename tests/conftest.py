@@ -50,10 +50,14 @@ def clean_db(db_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def target(server_proc: ServerProcess, clean_db: str) -> str:
+def target(server_proc: ServerProcess, clean_db: str, request: pytest.FixtureRequest) -> Iterator[str]:
     if server_proc.proc.poll() is not None:
         raise RuntimeError(f"session server died:\n{server_proc.log()}")
-    return server_proc.target
+    # The session server is shared: a fast-path error it counts or logs during this test fails this test.
+    errors_before = server_proc.fast_path_errors() or 0.0
+    log_from = len(server_proc.log())
+    yield server_proc.target
+    server_proc.check_fast_path(errors_before=errors_before, log_from=log_from, who=request.node.nodeid)
 
 
 @pytest.fixture
