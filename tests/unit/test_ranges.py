@@ -274,3 +274,191 @@ def test_bad_network_names_name_the_field(name):
     with pytest.raises(InvalidArgument) as err:
         build_pool_spec("p", [RI("198.18.0.0/24")], {}, network=name)
     assert err.value.message.startswith("pool.network: ")
+
+
+# -- excludes and reservations at scale (issue 13, finding 3) ---------------------------------
+#
+# The interval logic (one sort, one pass, bisect) against the plainest reference: a set of every
+# address of a small range. Hypothesis draws the range, first/last, the gateway, excludes and
+# reservations (overlapping each other, the gateway and the edges) and the block size.
+
+from dsipam.server.domain._ranges import (  # noqa: E402
+    Cidr,
+    ReservationIndex,
+    merge_intervals,
+    parse_cidr,
+    parse_cidrs,
+)
+
+
+def _reference(net, first, last, gateway, blocks):
+    """The addresses that may be handed out, one by one."""
+    out = set(range(first, last + 1))
+    lo, hi = int(net.network_address), int(net.broadcast_address)
+    if net.version == 4 and net.prefixlen <= 30:
+        out -= {lo, hi}
+    elif net.version == 6 and net.prefixlen <= 126:
+        out.discard(lo)
+    if gateway is not None:
+        out.discard(gateway)
+    for b in blocks:
+        out -= set(range(int(b.network_address), int(b.broadcast_address) + 1))
+    return out
+
+
+@st.composite
+def _small_range(draw):
+    v6 = draw(st.booleans())
+    bits = 128 if v6 else 32
+    prefix = draw(st.integers(bits - 9, bits))
+    base = int(ipaddress.ip_network("fd00::/8" if v6 else "198.18.0.0/15").network_address)
+    net = ipaddress.ip_network((base + (draw(st.integers(0, 255)) << (bits - prefix)), prefix))
+    lo, hi = int(net.network_address), int(net.broadcast_address)
+
+    def sub():
+        p = draw(st.integers(prefix, bits))
+        start = draw(st.integers(lo, hi))
+        return ipaddress.ip_network((start, p), strict=False)
+
+    excludes = draw(st.lists(st.builds(sub), max_size=30))
+    reserved = draw(st.lists(st.builds(sub), max_size=30))
+    first = draw(st.integers(lo, hi))
+    last = draw(st.integers(first, hi))
+    gateway = draw(st.none() | st.integers(lo, hi))
+    block_size = draw(st.sampled_from([1, 2, 4, 8, 16, 64]))
+    return net, first, last, gateway, excludes, reserved, block_size
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_small_range())
+def test_intervals_match_the_address_by_address_reference(case):
+    net, first, last, gateway, excludes, reserved, block_size = case
+    kind = ipaddress.ip_address
+    expected = _reference(net, first, last, gateway, [*excludes, *reserved])
+    try:
+        r = build_range(cidr=str(net), first=str(kind(first)), last=str(kind(last)),
+                        gateway=str(kind(gateway)) if gateway is not None else "",
+                        exclude=[str(x) for x in excludes], block_size=block_size, policy=False)
+    except InvalidArgument as exc:  # only when the excludes alone leave nothing
+        assert "no address left" in exc.message
+        assert not _reference(net, first, last, gateway, excludes)
+        return
+    r = r.with_reserved(reserved)
+    lo, hi = int(net.network_address), int(net.broadcast_address)
+    assert r.size == len(expected)
+    got = {a for a, b in r.available for a in range(a, b + 1)}
+    assert got == expected
+    assert list(r.available) == merge_intervals((a, a) for a in expected)  # sorted, disjoint, not adjacent
+    for value in range(lo, hi + 1):
+        assert r.is_available(value) == (value in expected)
+        if value not in expected:
+            why = r.why_unavailable(value)
+            in_reserved = any(int(x.network_address) <= value <= int(x.broadcast_address) for x in reserved)
+            special = why in ("is the network address", "is the broadcast address", "is the gateway") or why.startswith(
+                "is outside")
+            assert why == ("is reserved" if in_reserved and not special else why)
+            if not special:
+                assert why == ("is reserved" if in_reserved else "is excluded")
+    # Every block: its mask and free count, and the lazy walk visits exactly the blocks with room.
+    size = r.block_size
+    with_room = []
+    for base in range(lo, hi + 1, size):
+        bitmap, free = r.block_mask(base)
+        assert bitmap == "".join("0" if base + i in expected else "1" for i in range(size))
+        assert free == bitmap.count("0")
+        if free:
+            with_room.append(base)
+    walk, b = [], r.first_block()
+    while b is not None:
+        walk.append(b)
+        b = r.following_block(b)
+    assert walk == [b for b in with_room if b >= r.block_base(first)]
+    # The index hands each range the same reservations as the plain filter.
+    index = ReservationIndex(reserved)
+    assert set(r.with_reserved(index).reserved) == set(r.with_reserved(reserved).reserved)
+    assert set(r.reserved) == {Cidr.of(x) for x in reserved}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.builds(lambda n, p, v6: ipaddress.ip_network((n % (2**128 if v6 else 2**32), p % (129 if v6 else 33)),
+                                                                strict=False),
+                          st.integers(0, 2**128 - 1), st.integers(0, 128), st.booleans()), max_size=40))
+def test_reservation_index_finds_nested_and_holding_blocks(nets):
+    index = ReservationIndex(nets)
+    for net in nets:
+        expected = {Cidr.of(x) for x in nets if x.version == net.version and x.overlaps(net)}
+        assert set(index.overlapping(net)) == expected
+
+
+_ADDR_TEXT = st.one_of(
+    st.builds(lambda n, p: str(ipaddress.ip_network((n, p), strict=False)), st.integers(0, 2**32 - 1), st.integers(0, 32)),
+    st.builds(lambda n, p: str(ipaddress.ip_network((n, p), strict=False)), st.integers(0, 2**128 - 1),
+              st.integers(0, 128)),
+    st.builds(lambda n: str(ipaddress.IPv6Address(n)), st.integers(0, 2**48) | st.integers(0, 2**128 - 1)),
+    st.builds(lambda n: f"::ffff:{ipaddress.IPv4Address(n)}", st.integers(0, 2**32 - 1)),
+    st.builds(lambda n: str(ipaddress.IPv4Address(n)), st.integers(0, 2**32 - 1)),
+    st.text(alphabet="0123456789abcdefABCDEF:./% ", max_size=45),
+    st.text(max_size=12),
+)
+
+
+def _mutate(text, data):
+    if text and data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(text) - 1))
+        text = text[:i] + data.draw(st.sampled_from(["", "0", "/", ":", ".", "1", "%", "/33", "ff", "\x00"])) + text[i + 1:]
+    return text
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_ADDR_TEXT, st.data())
+def test_fast_cidr_parsing_agrees_with_ipaddress(text, data):
+    """The C-library parser accepts exactly what ipaddress accepts, with the same value, the
+    same canonical text, and (on the slow path it falls back to) the same error."""
+    text = _mutate(text, data)
+    try:
+        want = Cidr.of(parse_address_or_network(text, "range.exclude[3]"))
+    except InvalidArgument as exc:
+        with pytest.raises(InvalidArgument) as err:
+            parse_cidr(text, "range.exclude[3]")
+        assert err.value.message == exc.message
+        with pytest.raises(InvalidArgument) as err:
+            parse_cidrs(["198.18.0.1", text], lambda i: f"range.exclude[{i}]")
+        assert err.value.message == exc.message.replace("exclude[3]", "exclude[1]")
+        return
+    got = parse_cidr(text, "range.exclude[3]")
+    bulk = parse_cidrs([text], lambda i: "x")[0]
+    net = want.to_network()
+    for c in (got, bulk):
+        assert c == want and hash(c) == hash(want)
+        assert (c.version, c.lo, c.hi, c.prefixlen) == (net.version, int(net.network_address),
+                                                      int(net.broadcast_address), net.prefixlen)
+        assert str(c) == str(net)
+    # Only CIDRs (with a slash) when addresses are not allowed; the same error otherwise.
+    if "/" in text:
+        assert parse_cidr(text, "f", allow_address=False) == want
+    else:
+        with pytest.raises(InvalidArgument):
+            parse_cidr(text, "f", allow_address=False)
+
+
+def test_many_overlapping_excludes_and_reservations_build_in_one_pass():
+    """100,000 excludes and reservations of mixed sizes, overlapping each other and the gateway:
+    the same answer as merging them by hand (this is about correctness; bench/excludes.py
+    measures the time)."""
+    import random
+
+    rnd = random.Random(13)
+    net = ipaddress.ip_network("198.18.0.0/15")
+    lo = int(net.network_address)
+    texts = []
+    for _ in range(100_000):
+        p = rnd.choice([32, 32, 32, 31, 30, 28])
+        start = lo + rnd.randrange(2**17)
+        texts.append(str(ipaddress.ip_network((start, p), strict=False)))
+    texts.append("198.18.0.1")  # the gateway again
+    r = build_range(cidr=str(net), gateway="198.18.0.1", exclude=texts[:60_000])
+    r = r.with_reserved(ReservationIndex(parse_cidrs(texts[60_000:], str)))
+    taken = merge_intervals([(lo, lo), (lo + 2**17 - 1, lo + 2**17 - 1), (lo + 1, lo + 1)]
+                            + [(c.lo, c.hi) for c in parse_cidrs(texts, str)])
+    assert r.size == 2**17 - sum(b - a + 1 for a, b in taken)
+    assert all(not r.is_available(c.lo) for c in parse_cidrs(texts[::997], str))
