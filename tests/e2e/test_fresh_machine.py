@@ -156,7 +156,7 @@ def test_private_postgres_mode_is_not_insecure_on_a_non_loopback_address():
         assert "loopback" in result.stderr and "--insecure" in result.stderr
         assert "private PostgreSQL" not in result.stdout and not os.path.exists(os.path.join(data, "pgdata"))
     finally:
-        shutil.rmtree(data, ignore_errors=True)
+        _stop_postgres(data)  # had it started one (the old behaviour), stop it
 
 
 def _stop_postgres(data: str) -> None:
