@@ -120,7 +120,7 @@ def test_global_options_parse_the_same_before_and_after_the_subcommand(command: 
 
 @pytest.mark.parametrize("bad", ["host:notaport", "127.0.0.1:99999", "127.0.0.1:0", "unix://relative", "a b:1",
                                  "[::1", "::1:50051", ":50051", "host:", "ipv4:127.0.0.1:x", "ipv4:[::1]:5",
-                                 "dns:///:50051", "unix:", "h\tx:1"])
+                                 "dns:///:50051", "unix:", "h\tx:1", ","])
 def test_malformed_targets_exit_2_before_any_call(bad: str) -> None:
     started = time.monotonic()
     result = dsipam("--target", bad, "pool", "list")

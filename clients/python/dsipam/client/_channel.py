@@ -166,6 +166,8 @@ def normalise_target(target: str) -> tuple[str, bool]:
         _check_host_port(target, target)
         return target, False
     addresses = [a.strip() for a in target.split(",") if a.strip()]
+    if not addresses:
+        raise _bad(target, "names no address (expected host:port or unix:///path)")
     hosts = [_split_host(a) for a in addresses]
     if not all(_is_ip(h) for h in hosts):
         raise InvalidArgument(
