@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import ADMIN_URL, database_url, free_port, psql
 
@@ -139,6 +139,10 @@ def _accepted(target: str) -> bool:
 
 
 @settings(max_examples=400, deadline=None, database=None)
+@example(",")
+@example("ipv6:,")
+@example("dns://")
+@example("[]:1")
 @given(st.text(alphabet=st.sampled_from("ab1:.[]/,-_ \t\nunix%") | st.characters(), max_size=40))
 def test_target_check_raises_invalid_argument_or_accepts(text: str) -> None:
     """Whatever the text: InvalidArgument (never another exception); an accepted plain host:port
