@@ -225,19 +225,29 @@ class _PoolCollector:
         yield age
 
 
-async def refresh_pool_gauges(store: Any, metrics: Metrics, interval: float) -> None:
-    """Every ``interval`` seconds, reads every pool's usage (ListPools pages) into the gauges."""
+POOL_GAUGE_PAGE = 50
+"""Pools read per ListPools page by :func:`refresh_pool_gauges`."""
+
+
+async def refresh_pool_gauges(store: Any, metrics: Metrics, interval: float, page: int = POOL_GAUGE_PAGE) -> None:
+    """Every ``interval`` seconds, reads every pool's usage (ListPools pages) into the gauges.
+
+    Incremental, in the background: a small page of pools at a time, yielding to the event loop
+    after each pool. A pool's layout is built once per version (the store caches it), and one
+    with many excludes or reservations is built in a worker thread; so a replica that starts
+    next to big pools answers health checks and calls at once, and the gauges fill in after."""
     while True:
         try:
             rows: list[tuple[str, str, str, int]] = []
             token = ""
             while True:
-                pools, token = await store.list_pools(1000, token)
+                pools, token = await store.list_pools(page, token)
                 for p in pools:
                     for u in p.usage:
                         fam = f"ipv{int(u.family)}"
                         for state in _POOL_STATES:
                             rows.append((p.spec.name, fam, state, int(getattr(u, state, 0) or 0)))
+                    await asyncio.sleep(0)
                 if not token:
                     break
             metrics.pool_snapshot = rows

@@ -55,6 +55,13 @@ def _env_mode(name: str, default: int) -> int:
     return parse_mode(value, name) if value else default
 
 
+def pool_limits_from_env() -> tuple[int, int]:
+    """DSIPAM_MAX_EXCLUDES_PER_POOL and DSIPAM_MAX_RESERVATIONS_PER_POOL (default 50,000 each); the
+    store reads them when it is made."""
+    return (_env_int("DSIPAM_MAX_EXCLUDES_PER_POOL", 50_000, minimum=0),
+            _env_int("DSIPAM_MAX_RESERVATIONS_PER_POOL", 50_000, minimum=0))
+
+
 @dataclass
 class Settings:
     database_url: str = ""
@@ -100,6 +107,10 @@ class Settings:
     keepalive_timeout_seconds: float = 20.0
     min_ping_interval_seconds: float = 10.0
     handshake_timeout_seconds: float = 10.0
+    # Per-pool bounds (docs/lifecycle.md#excludes-and-reservations-bounds-and-cost): excludes over
+    # all of a pool's ranges, and reservations; past one, RESOURCE_EXHAUSTED naming it.
+    max_excludes_per_pool: int = 50_000
+    max_reservations_per_pool: int = 50_000
     # Watch streams (docs/lifecycle.md#watch): bounds per process and per caller identity, and how
     # many events one stream may lag before it catches up on its own.
     max_watch_streams: int = 1000
@@ -153,6 +164,8 @@ class Settings:
             keepalive_timeout_seconds=_env_float("DSIPAM_KEEPALIVE_TIMEOUT_SECONDS", 20.0, minimum=1.0),
             min_ping_interval_seconds=_env_float("DSIPAM_MIN_PING_INTERVAL_SECONDS", 10.0, minimum=0.0),
             handshake_timeout_seconds=_env_float("DSIPAM_HANDSHAKE_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            max_excludes_per_pool=pool_limits_from_env()[0],
+            max_reservations_per_pool=pool_limits_from_env()[1],
             max_watch_streams=_env_int("DSIPAM_MAX_WATCH_STREAMS", 1000, minimum=0),
             max_watch_streams_per_identity=_env_int("DSIPAM_MAX_WATCH_STREAMS_PER_IDENTITY", 200, minimum=0),
             watch_buffer=_env_int("DSIPAM_WATCH_BUFFER", 1000, minimum=1),

@@ -185,6 +185,13 @@ class PoolExhausted(ResourceExhausted):
     reason = "POOL_EXHAUSTED"
 
 
+class LimitExceeded(ResourceExhausted):
+    """A per-pool bound set by the operator would be passed (``metadata["limit"]`` names the
+    setting, such as DSIPAM_MAX_EXCLUDES_PER_POOL); nothing was changed."""
+
+    reason = "LIMIT_EXCEEDED"
+
+
 class Aborted(IpamError):
     """The operation lost a race; the SDK retries it."""
 
@@ -275,6 +282,7 @@ ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.FAILED_PRECONDITION, "POOLS_OVERLAP", PoolsOverlap),
     (_S.RESOURCE_EXHAUSTED, None, ResourceExhausted),
     (_S.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED", PoolExhausted),
+    (_S.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED", LimitExceeded),
     (_S.ABORTED, None, Aborted),
     (_S.ABORTED, "CONFLICT", Conflict),
     (_S.UNAVAILABLE, None, ServiceUnavailable),

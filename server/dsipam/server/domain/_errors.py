@@ -100,6 +100,13 @@ class PoolExhausted(IpamError):
     reason = "POOL_EXHAUSTED"
 
 
+class LimitExceeded(IpamError):
+    """A per-pool bound set by the operator (excludes, reservations) would be passed: nothing
+    was changed. The message and ``metadata["limit"]`` name the setting."""
+
+    reason = "LIMIT_EXCEEDED"
+
+
 class Conflict(IpamError):
     """A transaction lost a race too many times; the caller may retry."""
 

@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ._errors import InvalidArgument
+from ._errors import InvalidArgument, LimitExceeded
 from ._family import Family
 from ._ranges import RangeSpec, build_range, check_overlaps
 from ._validate import check_map, check_network, check_pool_name
@@ -50,6 +50,54 @@ def check_cooldown(ms: int, where: str = "pool.cooldown") -> int:
     return ms
 
 
+# -- per-pool bounds (settings DSIPAM_MAX_EXCLUDES_PER_POOL, DSIPAM_MAX_RESERVATIONS_PER_POOL) ------
+#
+# Excludes and reservations cost O(n log n) to lay out (one sort) and memory in every replica's
+# layout cache; these bounds keep one pool from costing every replica seconds. Checked before
+# anything is parsed or written: past a bound, RESOURCE_EXHAUSTED (LimitExceeded) and nothing
+# is changed.
+
+DEFAULT_MAX_EXCLUDES_PER_POOL = 50_000
+DEFAULT_MAX_RESERVATIONS_PER_POOL = 50_000
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    max_excludes: int = DEFAULT_MAX_EXCLUDES_PER_POOL
+    max_reservations: int = DEFAULT_MAX_RESERVATIONS_PER_POOL
+
+
+POOL_LIMITS = PoolLimits()
+"""The process's bounds; the store sets them from the settings when it is made (``set_pool_limits``)."""
+
+
+def set_pool_limits(limits: PoolLimits) -> None:
+    global POOL_LIMITS
+    POOL_LIMITS = limits
+
+
+def check_excludes_limit(count: int, where: str) -> None:
+    """LimitExceeded when a pool would hold ``count`` excludes (all its ranges) past the bound."""
+    limit = POOL_LIMITS.max_excludes
+    if count > limit:
+        raise LimitExceeded(
+            f"{where}: {count} excludes in one pool is more than DSIPAM_MAX_EXCLUDES_PER_POOL ({limit}); exclude "
+            "larger CIDRs, or raise the bound",
+            field=where, limit="DSIPAM_MAX_EXCLUDES_PER_POOL", max=str(limit), count=str(count),
+        )
+
+
+def check_reservations_limit(count: int, where: str) -> None:
+    """LimitExceeded when a pool would hold ``count`` reservations past the bound."""
+    limit = POOL_LIMITS.max_reservations
+    if count > limit:
+        raise LimitExceeded(
+            f"{where}: {count} reservations in one pool is more than DSIPAM_MAX_RESERVATIONS_PER_POOL ({limit}); "
+            "reserve larger CIDRs, or raise the bound",
+            field=where, limit="DSIPAM_MAX_RESERVATIONS_PER_POOL", max=str(limit), count=str(count),
+        )
+
+
 def build_pool_spec(
     name: str,
     ranges: Sequence[RangeInput],
@@ -64,6 +112,7 @@ def build_pool_spec(
         raise InvalidArgument("pool.ranges: at least one range is required", field="pool.ranges")
     if len(ranges) > 64:
         raise InvalidArgument("pool.ranges: at most 64 ranges", field="pool.ranges")
+    check_excludes_limit(sum(len(r.exclude) for r in ranges), "pool.ranges")  # before parsing any
     built = tuple(
         build_range(
             cidr=r.cidr,

@@ -74,6 +74,7 @@ STATUS_TABLE: tuple[tuple[type[domain.IpamError], grpc.StatusCode], ...] = (
     (domain.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (domain.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (domain.PoolExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (domain.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (domain.Conflict, grpc.StatusCode.ABORTED),
     (domain.DatabaseUnavailable, grpc.StatusCode.UNAVAILABLE),
 )

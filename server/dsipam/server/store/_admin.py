@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy.exc
@@ -33,8 +34,18 @@ from ..domain import (
     check_pool_name,
 )
 from ..domain._errors import PoolsOverlap
-from ..domain._ranges import IPNetwork, RangeSpec, parse_address_or_network, parse_network
-from ._base import StoredPool, decode_page_token, encode_page_token, page_size, pool_info
+from ..domain._model import check_excludes_limit, check_reservations_limit
+from ..domain._ranges import Cidr, IPNetwork, RangeSpec, ReservationIndex, merge_intervals, parse_cidrs, parse_network
+from ._base import (
+    StoredPool,
+    StoredRange,
+    decode_page_token,
+    encode_page_token,
+    off_loop,
+    page_size,
+    pool_info,
+    warm,
+)
 from ._watch import EVENT_RETENTION_SECONDS, Event, read_events
 from .db import sqlstate, unavailable_on_disconnect
 
@@ -56,6 +67,7 @@ _SQL_INSERT_RANGE = text(
     VALUES (:pool, :network, :position, :family, CAST(:cidr AS cidr), CAST(:first AS inet),
             CAST(:last AS inet), CAST(:gateway AS inet), CAST(:exclude AS cidr[]),
             :block_prefix, :size, CAST(:next AS inet))
+    RETURNING id
     """
 )
 
@@ -95,9 +107,9 @@ async def _refuse_overlap(conn: AsyncConnection, network: str, r: RangeSpec, whe
         )
 
 
-async def _insert_range(conn: AsyncConnection, params: dict[str, Any], where: str) -> None:
+async def _insert_range(conn: AsyncConnection, params: dict[str, Any], where: str) -> int:
     try:
-        await conn.execute(_SQL_INSERT_RANGE, params)
+        return int((await conn.execute(_SQL_INSERT_RANGE, params)).scalar_one())
     except sqlalchemy.exc.IntegrityError as exc:
         if sqlstate(exc) != EXCLUSION_VIOLATION:
             raise
@@ -129,12 +141,100 @@ def _range_params(pool_id: int, position: int, r: RangeSpec, network: str) -> di
     }
 
 
+_SQL_BLOCKS_IN = text(
+    """
+    SELECT b.id, b.range_id, host(b.base) AS base, b.bitmap::text AS bitmap, b.free_count, b.avail_count
+      FROM unnest(CAST(:ranges AS integer[]), CAST(:lo AS cidr[]), CAST(:hi AS cidr[])) AS t(range_id, lo, hi)
+      JOIN ipam_blocks b ON b.range_id = t.range_id AND b.base BETWEEN t.lo AND t.hi
+     ORDER BY b.id
+       FOR UPDATE OF b
+    """
+)
+_SQL_HELD_IN = text(
+    """
+    WITH t(lo, hi) AS (SELECT * FROM unnest(CAST(:lo AS inet[]), CAST(:hi AS inet[])))
+    SELECT host(a.ipv4) AS ip, a.owner, false AS cooling
+      FROM t JOIN ipam_allocations a ON a.pool_id = :p AND a.ipv4 BETWEEN t.lo AND t.hi
+    UNION ALL
+    SELECT host(a.ipv6), a.owner, false
+      FROM t JOIN ipam_allocations a ON a.pool_id = :p AND a.ipv6 BETWEEN t.lo AND t.hi
+    UNION ALL
+    SELECT host(c.address), c.owner, true
+      FROM t JOIN ipam_cooldowns c ON c.pool_id = :p AND c.address BETWEEN t.lo AND t.hi
+    """
+)
+_SQL_INSERT_RESERVATIONS = text(
+    "INSERT INTO ipam_reservations (pool_id, cidr) SELECT :p, c FROM unnest(CAST(:c AS cidr[])) AS c "
+    "ON CONFLICT DO NOTHING"
+)
+_SQL_REWRITE_BLOCKS = text(
+    """
+    UPDATE ipam_blocks b SET bitmap = CAST(t.bm AS varbit), free_count = t.f, avail_count = t.a
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:bm AS text[]), CAST(:f AS integer[]), CAST(:a AS integer[]))
+           AS t(id, bm, f, a)
+     WHERE b.id = t.id
+    """
+)
+
+
+def _plan_reservations(
+    pool: StoredPool, updated: set[Cidr], blocks: Sequence[Any], held: set[tuple[int, int]]
+) -> tuple[tuple[StoredRange, ...], list[tuple[int, str, int, int]]]:
+    """The ranges with reservations ``updated`` (each range once, by a ReservationIndex) and the
+    blocks to rewrite: (id, bitmap, free, avail). Pure CPU (may run in a thread).
+
+    A bit newly never-available is set unless held (an allocation keeps it; its release retires
+    it) and leaves the free and available counts; a bit available again is cleared unless held
+    (it then only counts as available again)."""
+    index = ReservationIndex(updated)
+    after = tuple(StoredRange(r.id, warm(r.spec.with_reserved(index)), r.static_size) for r in pool.ranges)
+    before_of = {r.id: r.spec for r in pool.ranges}
+    after_of = {r.id: r.spec for r in after}
+    held_of = {v: sorted(n for version, n in held if version == v) for v in (4, 6)}
+    writes = []
+    for b in blocks:
+        before = before_of.get(b["range_id"])
+        if before is None:
+            continue
+        now = after_of[b["range_id"]]
+        base = int(ipaddress.ip_address(b["base"]))
+        size = before.block_size
+        never_before, never_now = int(before.block_mask(base)[0], 2), int(now.block_mask(base)[0], 2)
+        if never_before == never_now:
+            continue
+        # Bit i of the bitmap text is bit (size - 1 - i) of these integers.
+        in_block = held_of[before.network.version]
+        h = 0
+        for value in in_block[bisect.bisect_left(in_block, base):bisect.bisect_left(in_block, base + size)]:
+            h |= 1 << (size - 1 - (value - base))
+        bits, free, avail = int(b["bitmap"], 2), b["free_count"], b["avail_count"]
+        take = never_now & ~never_before & ~h & ~bits
+        n = take.bit_count()
+        bits, free, avail = bits | take, free - n, avail - n
+        lifted = never_before & ~never_now
+        avail += (lifted & h).bit_count()
+        clear = lifted & ~h & bits
+        n = clear.bit_count()
+        bits, free, avail = bits & ~clear, free + n, avail + n
+        bitmap = format(bits, f"0{size}b")
+        if (bitmap, free, avail) != (b["bitmap"], b["free_count"], b["avail_count"]):
+            writes.append((b["id"], bitmap, free, avail))
+    return after, writes
+
+
 class AdminStore:
     """Mixed into Store (with AllocationStore, which provides the base)."""
 
     # -- pools ------------------------------------------------------------------------
 
     async def create_pool(self, spec: PoolSpec) -> PoolInfo:
+        weight = sum(len(r.exclude) for r in spec.ranges)
+        check_excludes_limit(weight, "pool.ranges")
+        # The excludes' text and the available intervals, before the transaction (in a thread
+        # when there are many): the layout is then made from the spec, never parsed back.
+        params = await off_loop(weight, lambda: [_range_params(0, i, warm(r), spec.network)
+                                                 for i, r in enumerate(spec.ranges)])
+
         async def run(conn: AsyncConnection) -> PoolInfo:
             await _lock_network(conn, spec.network)
             for position, r in enumerate(spec.ranges):
@@ -144,7 +244,8 @@ class AdminStore:
                     text(
                         "INSERT INTO ipam_pools (name, labels, cooldown_ms, node_affinity, network, version) "
                         "VALUES (:name, CAST(:labels AS jsonb), :cooldown, :affinity, :network, "
-                        "floor(random() * 9e18)::bigint) ON CONFLICT (name) DO NOTHING RETURNING id"
+                        "floor(random() * 9e18)::bigint) ON CONFLICT (name) DO NOTHING "
+                        "RETURNING id, name, labels, create_time, cooldown_ms, version, node_affinity, network"
                     ),
                     {"name": spec.name, "labels": json.dumps(dict(spec.labels)), "cooldown": spec.cooldown_ms,
                      "affinity": 2 if spec.strict_affinity else 1, "network": spec.network},
@@ -152,10 +253,17 @@ class AdminStore:
             ).first()
             if row is None:
                 raise PoolAlreadyExists(f"pool.name: pool {spec.name!r} already exists", field="pool.name")
+            ranges = []
             for position, r in enumerate(spec.ranges):
-                await _insert_range(conn, _range_params(row.id, position, r, spec.network),
-                                    f"pool.ranges[{position}].cidr")
-            return await self._pool_info(conn, await self._load_pool(conn, spec.name))
+                range_id = await _insert_range(conn, {**params[position], "pool": row.id},
+                                               f"pool.ranges[{position}].cidr")
+                ranges.append(StoredRange(range_id, r, r.size))
+            head = row._mapping
+            pool = StoredPool(head["id"], head["name"], dict(head["labels"]), head["create_time"],
+                              head["cooldown_ms"], head["version"], tuple(ranges), (), head["node_affinity"] == 2,
+                              head["network"])
+            self.remember(pool)
+            return await self._pool_info(conn, pool)
 
         return await self._transaction(run)
 
@@ -198,12 +306,13 @@ class AdminStore:
             raise PoolNotFound(f"{where}: pool {name!r} not found", field=where, pool=name)
         return int(pool_id)
 
-    async def _bump(self, conn: AsyncConnection, pool_id: int) -> None:
+    async def _bump(self, conn: AsyncConnection, pool_id: int) -> int:
         # A random version, not a counter: a restored backup or a re-created pool can never
         # present a (id, create_time, version) that a server cached for other contents.
-        await conn.execute(
-            text("UPDATE ipam_pools SET version = floor(random() * 9e18)::bigint WHERE id = :p"), {"p": pool_id}
-        )
+        return int((await conn.execute(
+            text("UPDATE ipam_pools SET version = floor(random() * 9e18)::bigint WHERE id = :p RETURNING version"),
+            {"p": pool_id},
+        )).scalar_one())
 
     async def delete_pool(self, name: str, force: bool) -> None:
         check_pool_name(name, "name")
@@ -256,42 +365,56 @@ class AdminStore:
 
     # -- reservations -----------------------------------------------------------------
 
-    def _parse_reservations(self, pool: StoredPool, addresses: Sequence[str]) -> list[IPNetwork]:
+    # Every step is set-based: one statement for the blocks, one for the held addresses, one
+    # insert or delete and one update of the blocks, whatever the number of addresses; the
+    # bitmaps are computed once per block from the ranges before and after (in a thread when
+    # the pool has many reservations). Bounded by DSIPAM_MAX_RESERVATIONS_PER_POOL.
+
+    def _parse_reservations(self, pool: StoredPool, addresses: Sequence[str]) -> list[tuple[StoredRange, Cidr]]:
+        """Each address or CIDR with the range that holds it (INVALID_ARGUMENT naming the first
+        that is in none). One bisect each: O(n log ranges)."""
         if not addresses:
             raise InvalidArgument("addresses: at least one address or CIDR is required", field="addresses")
-        nets = []
-        for i, text_ in enumerate(addresses):
-            where = f"addresses[{i}]"
-            net = parse_address_or_network(text_, where)
-            if not any(r.spec.network.version == net.version and net.subnet_of(r.spec.network)  # type: ignore[arg-type]
-                       for r in pool.ranges):
+        nets = parse_cidrs(addresses, lambda i: f"addresses[{i}]")
+        bounds = sorted(((r.spec.network.version, int(r.spec.network.network_address)),
+                         int(r.spec.network.broadcast_address), i) for i, r in enumerate(pool.ranges))
+        keys = [b[0] for b in bounds]
+        out = []
+        for i, net in enumerate(nets):
+            j = bisect.bisect_right(keys, (net.version, net.lo)) - 1
+            if j < 0 or keys[j][0] != net.version or bounds[j][1] < net.hi:
+                where = f"addresses[{i}]"
                 raise InvalidArgument(f"{where}: {net} is not inside one of the pool's ranges", field=where)
-            nets.append(net)
-        return nets
+            out.append((pool.ranges[bounds[j][2]], net))
+        return out
 
-    async def _blocks_touching(self, conn: AsyncConnection, pool: StoredPool, nets: Sequence[IPNetwork]) -> list[Any]:
-        """Locks the pool's existing blocks that overlap ``nets``, in id order."""
-        out: dict[int, Any] = {}
-        for net in nets:
-            for rng in pool.ranges:
-                spec = rng.spec
-                if spec.network.version != net.version or not net.overlaps(spec.network):
-                    continue
-                lo = spec.block_cidr(spec.block_base(int(net.network_address)))
-                hi = spec.block_cidr(spec.block_base(int(net.broadcast_address)))
-                rows = (
-                    await conn.execute(
-                        text(
-                            "SELECT id, range_id, host(base) AS base, bitmap::text AS bitmap, free_count, avail_count "
-                            "FROM ipam_blocks WHERE range_id = :r AND base BETWEEN CAST(:lo AS cidr) AND CAST(:hi AS cidr) "
-                            "ORDER BY id FOR UPDATE"
-                        ),
-                        {"r": rng.id, "lo": lo, "hi": hi},
-                    )
-                ).mappings().all()
-                for row in rows:
-                    out[row["id"]] = row
-        return [out[k] for k in sorted(out)]
+    async def _blocks_touching(
+        self, conn: AsyncConnection, pool: StoredPool, nets: Sequence[tuple[StoredRange, Cidr]]
+    ) -> list[Any]:
+        """Locks the pool's existing blocks that overlap ``nets`` (each with its range), in id order."""
+        spans: dict[int, list[tuple[int, int]]] = {}
+        specs: dict[int, RangeSpec] = {}
+        for rng, net in nets:
+            spec = specs.setdefault(rng.id, rng.spec)
+            spans.setdefault(rng.id, []).append((spec.block_base(net.lo), spec.block_base(net.hi)))
+        ids, los, his = [], [], []
+        for range_id, of_range in spans.items():
+            spec = specs[range_id]
+            for lo, hi in merge_intervals(of_range):  # disjoint: no block comes twice
+                ids.append(range_id)
+                los.append(spec.block_cidr(lo))
+                his.append(spec.block_cidr(hi))
+        return list((await conn.execute(_SQL_BLOCKS_IN, {"ranges": ids, "lo": los, "hi": his})).mappings().all())
+
+    async def _held_in_all(self, conn: AsyncConnection, pool_id: int, nets: Sequence[Cidr]) -> list[tuple[str, str]]:
+        """(address, holder) of the allocations and cooldowns inside any of ``nets``."""
+        los, his = [], []
+        for version in (4, 6):
+            for lo, hi in merge_intervals((n.lo, n.hi) for n in nets if n.version == version):
+                los.append(str(Cidr(version, lo, 32 if version == 4 else 128).network_address))
+                his.append(str(Cidr(version, hi, 32 if version == 4 else 128).network_address))
+        rows = (await conn.execute(_SQL_HELD_IN, {"p": pool_id, "lo": los, "hi": his})).all()
+        return [(r.ip, "cooldown" if r.cooling else f"owner {r.owner!r}") for r in rows]
 
     async def _held_in(self, conn: AsyncConnection, pool_id: int, net: IPNetwork) -> list[tuple[str, str]]:
         """(address, holder) of the allocations and cooldowns inside ``net``."""
@@ -313,60 +436,31 @@ class AdminStore:
         ).all()
         return [(r.ip, f"owner {r.owner!r}") for r in allocated] + [(r.ip, "cooldown") for r in cooling]
 
-    async def _rewrite_blocks(
-        self, conn: AsyncConnection, old: StoredPool, new_reservations: tuple[IPNetwork, ...], blocks: list[Any],
-        held: set[int],
-    ) -> None:
-        """Applies a change of reservations to existing blocks."""
-        for b in blocks:
-            rng = old.range_by_id(b["range_id"])
-            if rng is None:
-                continue
-            before = rng.spec
-            after = before.with_reserved(new_reservations)
-            base = int(ipaddress.ip_address(b["base"]))
-            bits = bytearray(b["bitmap"].encode())
-            free, avail = b["free_count"], b["avail_count"]
-            for i in range(before.block_size):
-                value = base + i
-                was, now = before.is_available(value), after.is_available(value)
-                if was == now:
-                    continue
-                if was and not now:  # newly reserved
-                    if value not in held and bits[i] == ord("0"):
-                        bits[i] = ord("1")
-                        free -= 1
-                        avail -= 1
-                else:  # reservation lifted
-                    if value in held:
-                        avail += 1
-                    elif bits[i] == ord("1"):
-                        bits[i] = ord("0")
-                        free += 1
-                        avail += 1
-            if (bits.decode(), free, avail) != (b["bitmap"], b["free_count"], b["avail_count"]):
-                await conn.execute(
-                    text("UPDATE ipam_blocks SET bitmap = CAST(CAST(:bm AS text) AS varbit), free_count = :f, "
-                         "avail_count = :a WHERE id = :id"),
-                    {"bm": bits.decode(), "f": free, "a": avail, "id": b["id"]},
-                )
-
     async def _change_reservations(self, name: str, addresses: Sequence[str], force: bool, add: bool) -> PoolInfo:
         check_pool_name(name, "pool")
+        if add:  # more than the bound in one call: refused before anything is parsed
+            check_reservations_limit(len(set(addresses)), "addresses")
 
         async def run(conn: AsyncConnection) -> PoolInfo:
             pool_id = await self._lock_pool(conn, name)
             pool = await self._load_pool(conn, name)
-            nets = self._parse_reservations(pool, addresses)
+            nets_in = await off_loop(len(addresses), self._parse_reservations, pool, addresses)
+            nets = [n for _, n in nets_in]
+            current = set(pool.reservations)
+            if add:
+                updated = current | set(nets)
+                check_reservations_limit(len(updated), "addresses")  # before any write
+            else:
+                for i, net in enumerate(nets):
+                    if net not in current:
+                        raise InvalidArgument(f"addresses[{i}]: {net} is not reserved", field=f"addresses[{i}]")
+                updated = current - set(nets)
             # Lock the ranges (block creation holds them) and then the blocks: after this, every
             # allocation in these blocks has committed and is visible to the next statements.
             await conn.execute(text("SELECT 1 FROM ipam_ranges WHERE pool_id = :p ORDER BY id FOR UPDATE"),
                                {"p": pool_id})
-            blocks = await self._blocks_touching(conn, pool, nets)
-            held_rows: list[tuple[str, str]] = []
-            for net in nets:
-                held_rows += await self._held_in(conn, pool_id, net)
-            current = set(pool.reservations)
+            blocks = await self._blocks_touching(conn, pool, nets_in)
+            held_rows = await self._held_in_all(conn, pool_id, nets)
             if add:
                 allocated = [f"{ip} ({who})" for ip, who in held_rows if who != "cooldown"]
                 if allocated and not force:
@@ -376,26 +470,27 @@ class AdminStore:
                         "keep them from being handed out again after release",
                         field="addresses",
                     )
-                updated = tuple(sorted(current | set(nets), key=str))
-                for net in nets:
-                    await conn.execute(
-                        text("INSERT INTO ipam_reservations (pool_id, cidr) VALUES (:p, CAST(:c AS cidr)) "
-                             "ON CONFLICT DO NOTHING"),
-                        {"p": pool_id, "c": str(net)},
-                    )
+                new = sorted(set(nets) - current)
+                if new:
+                    await conn.execute(_SQL_INSERT_RESERVATIONS, {"p": pool_id, "c": [str(n) for n in new]})
             else:
-                for i, net in enumerate(nets):
-                    if net not in current:
-                        raise InvalidArgument(f"addresses[{i}]: {net} is not reserved", field=f"addresses[{i}]")
-                updated = tuple(sorted(current - set(nets), key=str))
                 await conn.execute(
                     text("DELETE FROM ipam_reservations WHERE pool_id = :p AND cidr = ANY(CAST(:c AS cidr[]))"),
                     {"p": pool_id, "c": [str(n) for n in nets]},
                 )
-            held = {int(ipaddress.ip_address(ip)) for ip, _ in held_rows}
-            await self._rewrite_blocks(conn, pool, updated, blocks, held)
-            await self._bump(conn, pool_id)
-            return await self._pool_info(conn, await self._load_pool(conn, name))
+            held = {(a.version, int(a)) for a in (ipaddress.ip_address(ip) for ip, _ in held_rows)}
+            after, writes = await off_loop(len(updated) + len(blocks), _plan_reservations, pool, updated, blocks,
+                                           held)
+            if writes:
+                await conn.execute(_SQL_REWRITE_BLOCKS, {
+                    "ids": [w[0] for w in writes], "bm": [w[1] for w in writes],
+                    "f": [w[2] for w in writes], "a": [w[3] for w in writes],
+                })
+            version = await self._bump(conn, pool_id)
+            # The new layout is the one just computed: cached as is, not read back and parsed again.
+            new_pool = replace(pool, version=version, ranges=after, reservations=tuple(sorted(updated)))
+            self.remember(new_pool)
+            return await self._pool_info(conn, new_pool)
 
         return await self._transaction(run)
 
@@ -410,8 +505,10 @@ class AdminStore:
     async def add_pool_range(self, name: str, *, cidr: str, first: str = "", last: str = "", gateway: str = "",
                              exclude: Sequence[str] = (), block_size: int = 0) -> PoolInfo:
         check_pool_name(name, "pool")
-        spec = build_range(cidr=cidr, first=first, last=last, gateway=gateway, exclude=exclude,
-                           block_size=block_size, where="range")
+        check_excludes_limit(len(exclude), "range.exclude")  # before parsing any
+        spec = await off_loop(len(exclude), lambda: warm(build_range(
+            cidr=cidr, first=first, last=last, gateway=gateway, exclude=exclude, block_size=block_size,
+            where="range")))
 
         async def run(conn: AsyncConnection) -> PoolInfo:
             network = (
@@ -428,6 +525,7 @@ class AdminStore:
                     raise InvalidArgument(f"range.cidr: {spec.cidr} overlaps the pool's range {other.spec.cidr}",
                                           field="range.cidr")
             await _refuse_overlap(conn, pool.network, spec, "range.cidr")
+            check_excludes_limit(sum(len(r.spec.exclude) for r in pool.ranges) + len(spec.exclude), "range.exclude")
             position = (
                 await conn.execute(text("SELECT coalesce(max(position), -1) + 1 FROM ipam_ranges WHERE pool_id = :p"),
                                    {"p": pool_id})

@@ -7,7 +7,6 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -36,7 +35,8 @@ from ..domain import (
     RangeSpec,
     build_range,
 )
-from ..domain._ranges import IPAddress, IPNetwork
+from ..domain._model import PoolLimits, set_pool_limits
+from ..domain._ranges import Cidr, IPAddress, ReservationIndex
 from .db import RETRYABLE_SQLSTATES, sqlstate, unavailable_on_disconnect
 
 log = logging.getLogger("dsipam.store")
@@ -75,7 +75,7 @@ class StoredPool:
     cooldown_ms: int
     version: int
     ranges: tuple[StoredRange, ...]
-    reservations: tuple[IPNetwork, ...]
+    reservations: tuple[Cidr, ...]  # sorted (family, address, prefix length)
     strict_affinity: bool = False
     network: str = ""  # changes only with the version (migration 0012), so a cached layout keeps it
 
@@ -327,17 +327,68 @@ _SQL_POOL_HEAD = text(
 _SQL_POOL_HEAD_BY_ID = text(
     "SELECT id, name, labels, create_time, cooldown_ms, version, node_affinity, network FROM ipam_pools WHERE id = :id"
 )
+# The pool's reservations come once, with its first range (not once per range: a pool of 64
+# ranges and 50,000 reservations would read 3.2 million of them).
 _SQL_POOL_LAYOUT = text(
     """
     SELECT r.id AS range_id, host(r.cidr) || '/' || masklen(r.cidr) AS cidr,
            host(r.first_ip) AS first_ip, host(r.last_ip) AS last_ip, host(r.gateway) AS gateway,
            r.exclude::text[] AS exclude, r.block_prefix, r.size,
-           (SELECT array_agg(c.cidr::text) FROM ipam_reservations c WHERE c.pool_id = r.pool_id) AS reservations
+           CASE WHEN row_number() OVER (ORDER BY r.position) = 1 THEN
+                (SELECT array_agg(c.cidr::text) FROM ipam_reservations c WHERE c.pool_id = :pool) END AS reservations
       FROM ipam_ranges r
      WHERE r.pool_id = :pool
      ORDER BY r.position
     """
 )
+
+# Layout work (parsing and sorting excludes and reservations: about 2 µs each) past this many
+# of them runs in a worker thread, so that the event loop (health checks, every other call)
+# is never held for more than a few milliseconds by one pool.
+LAYOUT_THREAD_THRESHOLD = 5_000
+
+
+async def off_loop(weight: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``: in a worker thread when ``weight`` (the excludes and reservations it
+    handles) passes :data:`LAYOUT_THREAD_THRESHOLD`, else at once."""
+    if weight > LAYOUT_THREAD_THRESHOLD:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def build_layout(head: Any, rows: Sequence[Any]) -> StoredPool:
+    """A pool's layout from its head and layout rows (pure CPU: may run in a thread)."""
+    texts = (rows[0]["reservations"] if rows else None) or ()
+    reservations = ReservationIndex(parse_stored_cidrs(texts))
+    ranges = []
+    for row in rows:
+        spec = build_range(
+            cidr=row["cidr"],
+            first=row["first_ip"] or "",
+            last=row["last_ip"] or "",
+            gateway=row["gateway"] or "",
+            exclude=row["exclude"] or (),
+            policy=False,  # stored ranges may predate the range policy: they keep working
+        )
+        spec = replace(spec, block_prefix=row["block_prefix"]).with_reserved(reservations)
+        warm(spec)
+        ranges.append(StoredRange(row["range_id"], spec, int(row["size"])))
+    return StoredPool(
+        head["id"], head["name"], dict(head["labels"]), head["create_time"], head["cooldown_ms"],
+        head["version"], tuple(ranges), reservations.all, head["node_affinity"] == 2, head["network"],
+    )
+
+
+def parse_stored_cidrs(texts: Sequence[str]) -> list[Cidr]:
+    from ..domain._ranges import parse_cidrs
+
+    return parse_cidrs(texts, lambda i: f"ipam_reservations.cidr[{i}]")
+
+
+def warm(spec: RangeSpec) -> RangeSpec:
+    """Computes a range's available intervals now (in the caller's thread), not at first use."""
+    _ = spec.size, spec._starts  # noqa: SLF001 - the cached bisect keys
+    return spec
 
 _SQL_USAGE = text(
     """
@@ -363,6 +414,11 @@ class StoreBase:
         self._topping_up: set[int] = set()  # pools whose spare blocks are being created
         self._fast_created: dict[int, int] = {}  # allocations made by the fast path, per pool
         self.retries = 0  # transactions run again after a lost race (deadlock, serialization, conflict)
+        self._building: dict[tuple[int, int], asyncio.Future[StoredPool]] = {}  # layouts being built
+        from ..settings import pool_limits_from_env
+
+        excludes, reservations = pool_limits_from_env()
+        set_pool_limits(PoolLimits(excludes, reservations))  # process-wide, as the settings are
 
     async def close(self) -> None:
         if self.fast is not None:
@@ -420,36 +476,40 @@ class StoreBase:
             self._by_name[cached.name] = cached
             return cached
         rows = (await conn.execute(_SQL_POOL_LAYOUT, {"pool": head["id"]})).mappings().all()
-        reservations: tuple[IPNetwork, ...] = ()
-        ranges = []
-        for row in rows:
-            reservations = tuple(ipaddress.ip_network(c) for c in (row["reservations"] or ()))
-            spec = build_range(
-                cidr=row["cidr"],
-                first=row["first_ip"] or "",
-                last=row["last_ip"] or "",
-                gateway=row["gateway"] or "",
-                exclude=row["exclude"] or (),
-                policy=False,  # stored ranges may predate the range policy: they keep working
-            )
-            spec = replace(spec, block_prefix=row["block_prefix"]).with_reserved(reservations)
-            ranges.append(StoredRange(row["range_id"], spec, int(row["size"])))
-        pool = StoredPool(
-            head["id"], head["name"], dict(head["labels"]), head["create_time"], head["cooldown_ms"],
-            head["version"], tuple(ranges), reservations, head["node_affinity"] == 2, head["network"],
-        )
+        weight = sum(len(r["exclude"] or ()) + len(r["reservations"] or ()) for r in rows)
+        key = (head["id"], head["version"])
+        building = self._building.get(key)
+        if building is not None:  # another call builds this very layout (in a thread): share it
+            pool = await asyncio.shield(building)
+            if pool.create_time == head["create_time"]:
+                return pool
+        if weight <= LAYOUT_THREAD_THRESHOLD:
+            pool = build_layout(head, rows)
+        else:
+            future: asyncio.Future[StoredPool] = asyncio.ensure_future(asyncio.to_thread(build_layout, head, rows))
+            self._building[key] = future
+            try:
+                pool = await asyncio.shield(future)
+            finally:
+                if self._building.get(key) is future:
+                    del self._building[key]
+        self.remember(pool)
+        return pool
+
+    def remember(self, pool: StoredPool) -> None:
+        """Caches a layout (by id, checked against version and create time on use)."""
         self._layouts[pool.id] = pool
         self._by_name[pool.name] = pool
-        return pool
 
     async def _usage(self, conn: AsyncConnection, pools: Sequence[StoredPool]) -> dict[int, tuple[FamilyUsage, ...]]:
         ids = [p.id for p in pools]
         rows = (await conn.execute(_SQL_USAGE, {"pools": ids})).mappings().all()
         by_pool: dict[int, dict[Family, FamilyUsage]] = {i: {} for i in ids}
+        rows_of: dict[int, list[Any]] = {}
+        for row in rows:  # grouped once: a page of 1000 pools is not 1000 x 2000 comparisons
+            rows_of.setdefault(row["pool_id"], []).append(row)
         for p in pools:
-            for row in rows:
-                if row["pool_id"] != p.id:
-                    continue
+            for row in rows_of.get(p.id, ()):
                 fam = Family(row["family"])
                 effective = sum(r.spec.size for r in p.ranges_of(fam))
                 by_pool[p.id][fam] = FamilyUsage(
