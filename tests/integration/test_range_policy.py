@@ -217,6 +217,16 @@ def test_pools_in_different_networks_may_overlap_and_keep_their_network(stub, cl
     assert err.details().startswith("update_mask: 'network' cannot be updated")
 
 
+def test_creating_an_existing_pool_again_is_already_exists_not_an_overlap(stub, clean_db):
+    # The same request twice (a retried create): the pool's name decides, not its ranges, which
+    # overlap only the pool itself.
+    request = pool("again", "198.18.0.0/24", "fd00:1::/120")
+    stub.CreatePool(request)
+    err = _fails(stub.CreatePool, request, C.ALREADY_EXISTS)
+    assert "pool.name: pool 'again' already exists" in err.details(), err.details()
+    assert error_info(err).reason != "POOLS_OVERLAP"
+
+
 @pytest.mark.parametrize("network", ["Lab", "-x", "a b", "x" * 129, "a/b", "ü"])
 def test_bad_network_names_are_refused(stub, clean_db, network):
     err = _fails(stub.CreatePool, _pool_in("p", network, "198.18.0.0/24"), C.INVALID_ARGUMENT)

@@ -237,8 +237,6 @@ class AdminStore:
 
         async def run(conn: AsyncConnection) -> PoolInfo:
             await _lock_network(conn, spec.network)
-            for position, r in enumerate(spec.ranges):
-                await _refuse_overlap(conn, spec.network, r, f"pool.ranges[{position}].cidr")
             row = (
                 await conn.execute(
                     text(
@@ -253,6 +251,9 @@ class AdminStore:
             ).first()
             if row is None:
                 raise PoolAlreadyExists(f"pool.name: pool {spec.name!r} already exists", field="pool.name")
+            # After the name: a pool that exists already is ALREADY_EXISTS, not an overlap with itself.
+            for position, r in enumerate(spec.ranges):
+                await _refuse_overlap(conn, spec.network, r, f"pool.ranges[{position}].cidr")
             ranges = []
             for position, r in enumerate(spec.ranges):
                 range_id = await _insert_range(conn, {**params[position], "pool": row.id},
