@@ -110,6 +110,7 @@ ops = st.one_of(
     st.tuples(st.just("reserve"), st.lists(st.tuples(address_ref, st.booleans()), min_size=1, max_size=2).map(tuple),
               st.booleans()),
     st.tuples(st.just("unreserve"), st.lists(st.tuples(address_ref, st.booleans()), min_size=1, max_size=2).map(tuple)),
+    st.tuples(st.just("unreserve_held"), st.integers(0, 3)),  # the k-th reservation the pool holds
     st.tuples(st.just("add_range"), st.sampled_from((4, 6)), range_params),
     st.tuples(st.just("remove_range"), st.sampled_from((4, 6)), st.integers(0, 3)),
     st.tuples(st.just("release_node"), st.sampled_from(NODES[1:])),
@@ -280,6 +281,7 @@ class Layout:
     cooldown: int
     ranges: dict[int, list[tuple[int, int]]]  # family -> [(slot, block size)], as both servers hold them
     next_slot: dict[int, int]
+    reservations: list[str] = field(default_factory=list)  # as the last Pool answer listed them
 
 
 def warm_up(eng: Engines, lay: Layout, fam: int, slot: int, block: int, step: str) -> None:
@@ -327,6 +329,13 @@ def _reservation(ref: tuple[tuple[int, int], bool]) -> str:
 
 
 def run_op(eng: Engines, lay: Layout, i: int, op: tuple[Any, ...]) -> None:
+    _run_op(eng, lay, i, op)
+    if op[0] in ("reserve", "unreserve", "unreserve_held", "add_range", "remove_range"):
+        got = both(eng, f"op {i} (reservations)", "GetPool", pb.GetPoolRequest(name=lay.name), tally="GetPool after")
+        lay.reservations = got[1].get("reservations", []) if got[0] == "OK" else []
+
+
+def _run_op(eng: Engines, lay: Layout, i: int, op: tuple[Any, ...]) -> None:
     step = f"op {i} {op!r}"
     kind = op[0]
     name = lay.name
@@ -356,6 +365,10 @@ def run_op(eng: Engines, lay: Layout, i: int, op: tuple[Any, ...]) -> None:
     elif kind == "unreserve":
         both(eng, step, "UnreserveAddresses", pb.UnreserveAddressesRequest(
             pool=name, addresses=[_reservation(r) for r in op[1]]))
+    elif kind == "unreserve_held":
+        if op[1] < len(lay.reservations):
+            both(eng, step, "UnreserveAddresses", pb.UnreserveAddressesRequest(
+                pool=name, addresses=[lay.reservations[op[1]]]))
     elif kind == "add_range":
         _, fam, params = op
         slot = lay.next_slot[fam]
