@@ -193,3 +193,23 @@ def test_the_listener_comes_back_after_its_connection_is_killed(clean_db, tmp_pa
             assert w.error is None
         finally:
             w.close()
+
+
+def test_deleting_a_watched_pool_ends_its_streams_with_not_found(stub):
+    stub.CreatePool(pool("gone", "198.18.0.0/24", "fd00::/120"))
+    stub.CreatePool(pool("stays", "198.18.1.0/24", "fd00:1::/120"))
+    gone = [Watcher(stub, "gone") for _ in range(3)]
+    stays = Watcher(stub, "stays")
+    try:
+        allocate(stub, "gone", "a")
+        wait_for(lambda: all(w.owners() == ["a"] for w in gone), SLOW, "the event")
+        stub.DeletePool(pb.DeletePoolRequest(name="gone", force=True))
+        allocate(stub, "stays", "b")  # a wake-up: the reader notices the deleted pool
+        wait_for(lambda: all(w.error is not None for w in gone), SLOW, "the streams to end")
+        for w in gone:
+            assert w.error.code() == C.NOT_FOUND and "'gone'" in w.error.details()
+        wait_for(lambda: stays.owners() == ["b"], SLOW, "the other pool's event")
+        assert stays.error is None
+    finally:
+        for w in [*gone, stays]:
+            w.close()

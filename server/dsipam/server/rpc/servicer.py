@@ -206,13 +206,14 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
             hub = self.store.watch
             with hub.admit(call.caller if call is not None and call.caller else "anonymous"):
                 async for item in hub.watch(request.pool, request.resume_token):
-                    if isinstance(item, Bookmark):
-                        yield pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=item.token)
-                    else:  # converted once, shared by every stream that sends it
-                        message = item.cache.get("pb")
-                        if message is None:
-                            message = item.cache["pb"] = convert.event_to_pb(item)
-                        yield message
+                    message = item.cache.get("pb")  # converted once, shared by every stream that sends it
+                    if message is None:
+                        if isinstance(item, Bookmark):
+                            message = pb.WatchAllocationsResponse(type=pb.EVENT_TYPE_BOOKMARK, resume_token=item.token)
+                        else:
+                            message = convert.event_to_pb(item)
+                        item.cache["pb"] = message
+                    yield message
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
                 raise

@@ -106,6 +106,9 @@ class Event:
 @dataclass(frozen=True)
 class Bookmark:
     token: str
+    position: Position = (0, 0)
+    # As Event.cache: the idle bookmark of a pool is one object for all its streams.
+    cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # -- resume tokens ------------------------------------------------------------------------
@@ -229,7 +232,7 @@ def check_resume_pool(start: tuple[int, Position, float], pool: StoredPool) -> N
 
 
 class _Subscriber:
-    __slots__ = ("deleted", "items", "joined", "overflowed", "pool_id", "wake")
+    __slots__ = ("bookmark", "deleted", "items", "joined", "last_sent", "live", "overflowed", "pool_id", "wake")
 
     def __init__(self, pool_id: int, joined: Position) -> None:
         self.pool_id = pool_id
@@ -238,6 +241,9 @@ class _Subscriber:
         self.overflowed = False
         self.deleted = False
         self.wake = asyncio.Event()
+        self.live = False  # taking events from the shared reader (not catching up on its own)
+        self.last_sent = time.monotonic()
+        self.bookmark: Bookmark | None = None  # due: set by the bookmark ticker
 
 
 class WatchHub:
@@ -261,6 +267,7 @@ class WatchHub:
         self._lock = asyncio.Lock()  # a shared read (fetch and push) or a subscription, not both
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self.reads = 0  # shared reads of the outbox
         self.listener_failures = 0
         self.overflows = 0
@@ -269,8 +276,14 @@ class WatchHub:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dsipam-watch")
+        self._ticker = asyncio.create_task(self._tick_bookmarks(), name="dsipam-watch-bookmarks")
 
     async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._ticker
+            self._ticker = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -361,31 +374,52 @@ class WatchHub:
                 self._unsubscribe(sub)
 
     async def _live(self, sub: _Subscriber, pool: StoredPool, pos: Position) -> AsyncIterator[Event | Bookmark]:
-        """Events (after ``pos``) and bookmarks until the subscriber overflows."""
-        last_sent = time.monotonic()
+        """Events (after ``pos``) and bookmarks until the subscriber overflows. No timer per
+        stream: the hub's ticker hands idle streams their bookmark."""
+        sub.live, sub.last_sent = True, time.monotonic()
+        try:
+            while True:
+                while sub.items:
+                    e = sub.items.popleft()
+                    if e.position > pos:
+                        pos = e.position
+                        sub.last_sent = time.monotonic()
+                        yield e
+                if sub.deleted:
+                    raise PoolNotFound(f"pool: pool {pool.name!r} not found (deleted while watched)", field="pool",
+                                       pool=pool.name)
+                if sub.overflowed:
+                    return
+                mark, sub.bookmark = sub.bookmark, None
+                if mark is not None:
+                    # Everything pushed before the tick has been sent (the ticker only marks
+                    # streams with nothing queued), so the shared position holds for this one.
+                    if mark.position < pos:
+                        mark = Bookmark(encode_position(pool.id, pos, self._stamp or time.time()), pos)
+                    sub.last_sent = time.monotonic()
+                    yield mark
+                    continue
+                sub.wake.clear()
+                await sub.wake.wait()
+        finally:
+            sub.live = False
+
+    async def _tick_bookmarks(self) -> None:
+        """Once a second: streams that sent nothing for ``bookmark_every`` seconds get a bookmark
+        (one token per pool and tick)."""
         while True:
-            while sub.items:
-                e = sub.items.popleft()
-                if e.position > pos:
-                    pos = e.position
-                    last_sent = time.monotonic()
-                    yield e
-            if sub.deleted:
-                raise PoolNotFound(f"pool: pool {pool.name!r} not found (deleted while watched)", field="pool",
-                                   pool=pool.name)
-            if sub.overflowed:
-                return
-            sub.wake.clear()
-            wait = self.bookmark_every - (time.monotonic() - last_sent)
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sub.wake.wait(), wait)
-                continue
-            # Idle: a bookmark with the position reached (everything pushed has been taken).
-            shared = self._position or pos
-            reached, stamp = (shared, self._stamp) if shared > pos else (pos, self._stamp or time.time())
-            last_sent = time.monotonic()
-            yield Bookmark(encode_position(pool.id, reached, stamp))
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            due = now - self.bookmark_every
+            for pool_id, subs in list(self._subs.items()):
+                mark = None
+                for sub in subs:
+                    if sub.live and sub.last_sent <= due and sub.bookmark is None and not sub.items:
+                        if mark is None:
+                            assert self._position is not None
+                            mark = Bookmark(encode_position(pool_id, self._position, self._stamp), self._position)
+                        sub.bookmark = mark
+                        sub.wake.set()
 
     async def _subscribe(self, pool_id: int, pos: Position, stamp: float) -> _Subscriber:
         """Joins the shared reader. Under the read lock: a read in flight has pushed all it
