@@ -283,7 +283,7 @@ def test_bridge_with_dsipam_end_to_end(topology: Topology, dsipam_server: Secure
                 rc, out, err = run_bridge(topology, cni_bin, "DEL", pod, {**conf_b, "prevResult": results[pod]})
                 assert rc != 0 and "PERMISSION_DENIED" in json.dumps(out) + err, f"DEL {pod} by node-b: {out} {err}"
                 assert held(stub, pool, owners[pod]) == {ip["address"] for ip in results[pod]["ips"]}
-            gc_b = {**conf_b, "cniVersion": "1.1.0", "ipam": {**conf_b["ipam"], "gcGrace": 0, "gcScope": "pool"},
+            gc_b = {**conf_b, "cniVersion": "1.1.0", "ipam": {**conf_b["ipam"], "gcGrace": 0},
                     "cni.dev/valid-attachments": []}
             assert run_dsipam(cni_bin, topology, "GC", gc_b) == (0, None)  # nothing of node-b's to collect
             for pod in ("a", "b"):
@@ -291,10 +291,10 @@ def test_bridge_with_dsipam_end_to_end(topology: Topology, dsipam_server: Secure
 
             # Pod b's sandbox disappears without a DEL: its allocation leaks. Node-a's GC with only
             # pod a valid releases it (GC is spec 1.1.0, which this bridge does not speak: dsipam
-            # directly). A shim lists no allocations: gcScope pool hands the valid owners to the
-            # server's GarbageCollect, which a shim may run over its own node's owners only.
+            # directly), with node-a's shim token and the default gcScope (node): one GarbageCollect
+            # of node-a's allocations of this network, which a shim may run.
             sh("ip", "netns", "del", topology.pods["b"])
-            gc = {**conf, "cniVersion": "1.1.0", "ipam": {**conf["ipam"], "gcGrace": 0, "gcScope": "pool"},
+            gc = {**conf, "cniVersion": "1.1.0", "ipam": {**conf["ipam"], "gcGrace": 0},
                   "cni.dev/valid-attachments": [{"containerID": topology.containers["a"], "ifname": "eth0"}]}
             assert run_dsipam(cni_bin, topology, "GC", gc) == (0, None)
             assert held(stub, pool, owners["b"]) is None

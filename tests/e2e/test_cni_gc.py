@@ -4,6 +4,12 @@ libcni sends ``"cni.dev/valid-attachments": null`` when the runtime's list is em
 slice), which is what a node with no live pod on the network passes: GC must then collect this
 node's allocations of this network, and never anything of another node, network or pool. The
 key missing altogether is refused (the spec makes it part of GC's input), releasing nothing.
+
+The server has authentication on, as deployed: each node's plugin uses its own node-scoped
+``shim`` token (docs/security.md, "Node-scoped shims"), the test's own calls an admin token, and
+the unix socket gives no role. GC with the default ``gcScope: node`` is one GarbageCollect
+filtered by node and network, which a shim may call (it used to list allocations, which needs
+a controller token: PERMISSION_DENIED with a shim's).
 """
 
 from __future__ import annotations
@@ -13,16 +19,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from support import ServerProcess
+from support import ServerProcess, spawn_server
 from test_cni_plugin import (  # noqa: F401 - fixtures
     Plugin,
     allocation,
     assert_cni_error,
-    cni_server,
-    ipam,
     make_pool,
     netconf,
     plugin,
@@ -32,12 +37,49 @@ from test_cni_plugin import (  # noqa: F401 - fixtures
 )
 
 from dsipam.cni import _plugin
+from dsipam.server import security
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
 
 KEY = "cni.dev/valid-attachments"
 ALIAS = "cni.dev/attachments"
 ABSENT = object()
+NODES = ("node-a", "node-b", "node-h")
+SHIM_TOKENS = {node: security.new_token() for node in NODES}  # each node's own shim identity
+ADMIN_TOKEN = security.new_token()
+
+
+@pytest.fixture(scope="module")
+def cni_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
+    """A server with one shim token per node and an admin token; the unix socket has no role."""
+    tmp = tmp_path_factory.mktemp("cni-gc-server")
+    sock = tmp / "dsipam.sock"
+    entries = [{"name": "ops", "role": "admin", "hash": security.hash_token(ADMIN_TOKEN)}]
+    entries += [{"name": f"shim-{node}", "role": "shim", "node": node, "hash": security.hash_token(token)}
+                for node, token in SHIM_TOKENS.items()]
+    config = tmp / "auth.json"
+    config.write_text(json.dumps({"tokens": entries, "unix_socket_role": "none"}))
+    server = spawn_server(db_url, tmp, args=("--listen", f"unix://{sock}"),
+                          extra_env={"DSIPAM_AUTH_CONFIG": str(config), "DSIPAM_INSECURE": ""})
+    yield server, sock
+    server.terminate()
+
+
+class AdminStub:
+    """The generated stub with the admin token on every call (the test's own calls)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = ipam_pb2_grpc.IpamServiceStub(channel)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        method = getattr(self._stub, name)
+        return lambda request: method(request, metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ipam(cni_server: tuple[ServerProcess, Path]) -> Iterator[ipam_pb2_grpc.IpamServiceStub]:
+    with grpc.insecure_channel(cni_server[0].target) as channel:
+        yield AdminStub(channel)  # type: ignore[misc]
 
 
 def gc(plugin: Plugin, conf: dict) -> tuple[int, object]:  # noqa: F811
@@ -48,6 +90,8 @@ def gc(plugin: Plugin, conf: dict) -> tuple[int, object]:  # noqa: F811
 
 def gc_conf(sock: Path, pool: str, valid: object = ABSENT, alias: object = ABSENT,  # noqa: F811
             name: str = "cni-test", **ipam: object) -> dict:  # noqa: F811
+    """GC's network configuration; the token is the shim token of the configured node unless given."""
+    ipam.setdefault("token", SHIM_TOKENS.get(str(ipam.get("node", "")), ""))
     conf = netconf(sock, pool, version="1.1.0", **ipam)
     conf["name"] = name
     if valid is not ABSENT:
@@ -63,7 +107,7 @@ def attachments(*containers: str) -> list[dict]:
 
 def add(plugin: Plugin, sock: Path, pool: str, container: str, node: str = "node-a",  # noqa: F811
         name: str = "cni-test") -> None:
-    conf = {**netconf(sock, pool, version="1.1.0", node=node), "name": name}
+    conf = {**netconf(sock, pool, version="1.1.0", node=node, token=SHIM_TOKENS[node]), "name": name}
     rc, out, _ = plugin("ADD", conf, container=container)
     assert rc == 0, out
 
@@ -89,12 +133,21 @@ def test_no_live_attachment_collects_this_node_and_network_only(
         add(plugin, sock, pool, "othernet", name="other-net")        # this node, another network
         add(plugin, sock, other_pool, "otherpool")                   # this node and network, another pool
         ipam.Allocate(pb.AllocateRequest(pool=pool, owner="not-cni"))  # not the plugin's at all
+        ipam.Allocate(pb.AllocateRequest(pool=pool, owner="sdk-on-a", node="node-a"))  # node-a's, not the plugin's
 
+        # GC as node-a, with node-a's shim token (gc_conf): the default gcScope is node
         conf = gc_conf(sock, pool, empty, node="node-a", gcGrace=0, transport=transport)
+        assert "gcScope" not in conf["ipam"] and conf["ipam"]["token"] == SHIM_TOKENS["node-a"]
         assert gc(plugin, conf) == (0, None)
-        assert held(ipam, pool, "p1/eth0", "p2/eth0", "elsewhere/eth0", "othernet/eth0", "not-cni") == {
-            "p1/eth0": False, "p2/eth0": False, "elsewhere/eth0": True, "othernet/eth0": True, "not-cni": True}
+        assert held(ipam, pool, "p1/eth0", "p2/eth0", "elsewhere/eth0", "othernet/eth0", "not-cni", "sdk-on-a") == {
+            "p1/eth0": False, "p2/eth0": False, "elsewhere/eth0": True, "othernet/eth0": True, "not-cni": True,
+            "sdk-on-a": True}
         assert held(ipam, other_pool, "otherpool/eth0") == {"otherpool/eth0": True}
+
+        # node-b's own GC (its token) collects its pod of this network, and nothing of node-a's
+        assert gc(plugin, gc_conf(sock, pool, empty, node="node-b", gcGrace=0, transport=transport)) == (0, None)
+        assert held(ipam, pool, "elsewhere/eth0", "othernet/eth0") == {"elsewhere/eth0": False,
+                                                                       "othernet/eth0": True}
 
         # the grace still protects an ADD in flight (allocated, not yet in the runtime's list)
         add(plugin, sock, pool, "young")
@@ -133,20 +186,25 @@ def test_the_alias_key_counts_and_both_keys_are_merged(plugin: Plugin, cni_serve
     assert held(ipam, pool, "a/eth0", "b/eth0") == {"a/eth0": False, "b/eth0": False}
 
 
+@pytest.mark.parametrize("identity", ["admin", "shim"])
 def test_pool_scope_with_no_live_attachment_empties_only_that_pool(
         plugin: Plugin, cni_server: tuple[ServerProcess, Path], ipam: ipam_pb2_grpc.IpamServiceStub,  # noqa: F811
-        pool: str, transport: str) -> None:  # noqa: F811
-    """gcScope pool is GarbageCollect over the whole pool (docs/cni.md): null releases all of it."""
+        pool: str, transport: str, identity: str) -> None:  # noqa: F811
+    """gcScope pool is GarbageCollect over the whole pool (docs/cni.md): null releases all of it
+    with a cluster-wide token; a shim token's GarbageCollect is confined to its node by the server."""
     sock = cni_server[1]
     other_pool = make_pool(ipam, v4="198.18.163.0/24", v6="fd00:a3::/120", v4_gateway="198.18.163.1",
                            v6_gateway="fd00:a3::1")
     try:
         add(plugin, sock, pool, "p1")
+        add(plugin, sock, pool, "othernet", name="other-net")
         add(plugin, sock, pool, "elsewhere", node="node-b")
         add(plugin, sock, other_pool, "otherpool")
-        conf = gc_conf(sock, pool, None, node="node-a", gcGrace=0, gcScope="pool", transport=transport)
+        token = ADMIN_TOKEN if identity == "admin" else SHIM_TOKENS["node-a"]
+        conf = gc_conf(sock, pool, None, node="node-a", gcGrace=0, gcScope="pool", transport=transport, token=token)
         assert gc(plugin, conf) == (0, None)
-        assert held(ipam, pool, "p1/eth0", "elsewhere/eth0") == {"p1/eth0": False, "elsewhere/eth0": False}
+        assert held(ipam, pool, "p1/eth0", "othernet/eth0", "elsewhere/eth0") == {
+            "p1/eth0": False, "othernet/eth0": False, "elsewhere/eth0": identity == "shim"}
         assert held(ipam, other_pool, "otherpool/eth0") == {"otherpool/eth0": True}
     finally:
         ipam.DeletePool(pb.DeletePoolRequest(name=other_pool, force=True))
@@ -171,6 +229,32 @@ def test_a_malformed_list_is_error_7_naming_the_entry(plugin: Plugin, cni_server
     err = assert_cni_error(*gc(plugin, gc_conf(sock, pool, value, node="node-a", gcGrace=0)), 7)
     assert err["msg"].startswith(field + ":"), err
     assert held(ipam, pool, "p1/eth0") == {"p1/eth0": True}
+
+
+def test_a_node_that_is_not_the_tokens_is_refused_and_releases_nothing(
+        plugin: Plugin, cni_server: tuple[ServerProcess, Path], ipam: ipam_pb2_grpc.IpamServiceStub,  # noqa: F811
+        pool: str, transport: str) -> None:  # noqa: F811
+    """A plugin configured with node-b's name but node-a's token: GarbageCollect names node-b, which
+    a shim of node-a may not collect (PERMISSION_DENIED, CNI error 106)."""
+    sock = cni_server[1]
+    add(plugin, sock, pool, "p1", node="node-b")
+    add(plugin, sock, pool, "p2", node="node-a")
+    conf = gc_conf(sock, pool, [], node="node-b", gcGrace=0, transport=transport, token=SHIM_TOKENS["node-a"])
+    err = assert_cni_error(*gc(plugin, conf), 106)
+    assert "PERMISSION_DENIED" in err.get("details", "") and "node-b" in err["msg"], err
+    assert held(ipam, pool, "p1/eth0", "p2/eth0") == {"p1/eth0": True, "p2/eth0": True}
+
+
+def test_an_unnamed_network_collects_only_its_own(
+        plugin: Plugin, cni_server: tuple[ServerProcess, Path], ipam: ipam_pb2_grpc.IpamServiceStub,  # noqa: F811
+        pool: str) -> None:  # noqa: F811
+    """A network configuration without ``name`` records cni.network "" and its GC selects that."""
+    sock = cni_server[1]
+    add(plugin, sock, pool, "unnamed", name="")
+    add(plugin, sock, pool, "named")
+    assert allocation(ipam, pool, "unnamed/eth0").attributes["cni.network"] == ""
+    assert gc(plugin, gc_conf(sock, pool, [], name="", node="node-a", gcGrace=0)) == (0, None)
+    assert held(ipam, pool, "unnamed/eth0", "named/eth0") == {"unnamed/eth0": False, "named/eth0": True}
 
 
 # -- arbitrary JSON as the list -------------------------------------------------------------
@@ -283,14 +367,29 @@ def test_the_plugin_binary_never_prints_a_traceback(plugin: Plugin, cni_server: 
 
 def test_a_long_list_costs_little(plugin: Plugin, cni_server: tuple[ServerProcess, Path],  # noqa: F811
                                   ipam: ipam_pb2_grpc.IpamServiceStub, pool: str) -> None:  # noqa: F811
-    """50,000 live attachments (a few MB of JSON): one pass over the list, one ListAllocations."""
+    """5,000 live attachments with real (64 hex digit) container IDs, far more than a node runs:
+    one pass over the list, one GarbageCollect of about 360 KB (under the server's 512 KiB)."""
     sock = cni_server[1]
     add(plugin, sock, pool, "p1")
     add(plugin, sock, pool, "gone")
-    live = attachments(*(f"c{i:06d}" for i in range(50_000)), "p1")
+    live = attachments(*(f"{i:064x}" for i in range(5_000)), "p1")
     started = time.monotonic()
     assert gc(plugin, gc_conf(sock, pool, live, node="node-a", gcGrace=0)) == (0, None)
     elapsed = time.monotonic() - started
     assert held(ipam, pool, "p1/eth0", "gone/eth0") == {"p1/eth0": True, "gone/eth0": False}
     assert elapsed < 5, elapsed
-    print(f"GC with 50,000 live attachments: {elapsed * 1000:.0f} ms")
+    print(f"GC with 5,000 live attachments: {elapsed * 1000:.0f} ms")
+
+
+def test_a_list_over_the_message_limit_is_an_error_and_releases_nothing(
+        plugin: Plugin, cni_server: tuple[ServerProcess, Path], ipam: ipam_pb2_grpc.IpamServiceStub,  # noqa: F811
+        pool: str) -> None:  # noqa: F811
+    """10,000 owners of 71 bytes do not fit in one request of 512 KiB: the server refuses the
+    whole call (RESOURCE_EXHAUSTED), the runtime gets a CNI error, and nothing is released (GC
+    cannot be split: an owner missing from one part's list would be collected)."""
+    sock = cni_server[1]
+    add(plugin, sock, pool, "gone")
+    live = attachments(*(f"{i:064x}" for i in range(10_000)))
+    rc, out = gc(plugin, gc_conf(sock, pool, live, node="node-a", gcGrace=0))
+    assert rc == 1 and isinstance(out, dict) and "RESOURCE_EXHAUSTED" in out.get("details", ""), out
+    assert held(ipam, pool, "gone/eth0") == {"gone/eth0": True}

@@ -1,7 +1,7 @@
 """The plugin against a server with authentication on and TLS on its TCP listener.
 
-The server's auth config has a ``shim`` token and a ``controller`` token and no role for the
-unix socket, so every call needs a token. The certificate is a throw-away self-signed one made
+The server's auth config has a ``shim`` token for node n1, one for node n2, a ``controller`` and
+an ``admin`` token, and no role for the unix socket, so every call needs a token. The certificate is a throw-away self-signed one made
 with ``openssl``.
 """
 
@@ -26,6 +26,7 @@ from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
 
 SHIM_TOKEN = "dsipam_test-shim-" + os.urandom(8).hex()
+SHIM_TOKEN_N2 = "dsipam_test-shim-n2-" + os.urandom(8).hex()
 CONTROLLER_TOKEN = "dsipam_test-controller-" + os.urandom(8).hex()
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for a test certificate")
@@ -52,6 +53,7 @@ def secure_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     auth = tmp / "auth.json"
     auth.write_text(json.dumps({
         "tokens": [{"name": "shim", "role": "shim", "node": "n1", "hash": hash_token(SHIM_TOKEN)},  # node n1's shim
+                   {"name": "shim-n2", "role": "shim", "node": "n2", "hash": hash_token(SHIM_TOKEN_N2)},
                    {"name": "controller", "role": "controller", "hash": hash_token(CONTROLLER_TOKEN)},
                    {"name": "admin", "role": "admin", "hash": hash_token(CONTROLLER_TOKEN + "-admin")}],
         "unix_socket_role": "none",
@@ -132,16 +134,30 @@ def test_status_and_gc_with_shim_and_controller_tokens(plugin: Plugin, secure_se
     assert plugin("STATUS", netconf(sock, pool, version="1.1.0", token=SHIM_TOKEN))[:2] == (0, None)
     assert_cni_error(*plugin("STATUS", netconf(sock, pool, version="1.1.0"))[:2], 50)  # unauthenticated
 
+    # n1's pods of this network (one live, one leaked), n1's pod of another network, n2's pod
+    assert plugin("ADD", netconf(sock, pool, token=SHIM_TOKEN, node="n1"), container="live")[0] == 0
     assert plugin("ADD", netconf(sock, pool, token=SHIM_TOKEN, node="n1"), container="leak")[0] == 0
-    gc = netconf(sock, pool, version="1.1.0", token=SHIM_TOKEN, node="n1", gcGrace=0)
-    gc["cni.dev/valid-attachments"] = []
-    err = assert_cni_error(*plugin("GC", gc)[:2], 106)  # listing allocations needs controller
-    assert "PERMISSION_DENIED" in err["details"]
+    other_net = {**netconf(sock, pool, token=SHIM_TOKEN, node="n1"), "name": "other-net"}
+    assert plugin("ADD", other_net, container="othernet")[0] == 0
+    assert plugin("ADD", netconf(sock, pool, token=SHIM_TOKEN_N2, node="n2"), container="n2pod")[0] == 0
+
+    # GC with n1's shim token, read from a file, and the default gcScope (node): one GarbageCollect
+    # confined to n1 and this network, which a shim may call (no ListAllocations)
     token_file = tmp_path / "token"
-    token_file.write_text(CONTROLLER_TOKEN + "\n")
-    gc["ipam"] = {k: v for k, v in gc["ipam"].items() if k != "token"} | {"tokenFile": str(token_file)}
+    token_file.write_text(SHIM_TOKEN + "\n")
+    gc = netconf(sock, pool, version="1.1.0", tokenFile=str(token_file), node="n1", gcGrace=0)
+    gc["cni.dev/valid-attachments"] = [{"containerID": "live", "ifname": "eth0"}]
+    assert "gcScope" not in gc["ipam"]
     assert plugin("GC", gc)[:2] == (0, None)
-    assert held(secure_server, pool, "leak/eth0") is None
+    assert {o: held(secure_server, pool, f"{o}/eth0") is not None for o in ("live", "leak", "othernet", "n2pod")} \
+        == {"live": True, "leak": False, "othernet": True, "n2pod": True}
+
+    # the same GC naming node n2 with n1's token: refused, nothing released
+    gc_n2 = netconf(sock, pool, version="1.1.0", token=SHIM_TOKEN, node="n2", gcGrace=0)
+    gc_n2["cni.dev/valid-attachments"] = []
+    err = assert_cni_error(*plugin("GC", gc_n2)[:2], 106)
+    assert "PERMISSION_DENIED" in err["details"]
+    assert held(secure_server, pool, "n2pod/eth0") is not None
 
 
 def test_tls_over_tcp_with_the_grpc_transport(plugin: Plugin, secure_server: SecureServer, pool: str) -> None:

@@ -32,9 +32,7 @@ FIELDS = {
     "FamilyUsage": {"family": 1, "size": 2, "allocated": 3, "free": 4},
     "Address": {"family": 1, "ip": 2, "prefix_length": 3, "gateway": 4},
     "Allocation": {"pool": 1, "owner": 2, "addresses": 3, "attributes": 4, "create_time": 5, "node": 6},
-    "ListAllocationsRequest": {"pool": 1, "page_size": 2, "page_token": 3, "attribute_selector": 4},
-    "ListAllocationsResponse": {"allocations": 1, "next_page_token": 2},
-    "GarbageCollectRequest": {"pool": 1, "valid_owners": 2, "grace": 3},
+    "GarbageCollectRequest": {"pool": 1, "valid_owners": 2, "grace": 3, "node": 4, "attribute_selector": 5},
     "GarbageCollectResponse": {"released": 1},
 }
 
@@ -75,17 +73,17 @@ def test_small_requests_are_byte_identical_to_protobuf() -> None:
     assert _wire.release_request("p", "c/eth0") == pb.ReleaseRequest(pool="p", owner="c/eth0").SerializeToString()
     assert _wire.get_pool_request("p") == pb.GetPoolRequest(name="p").SerializeToString()
     assert _wire.get_allocation_request("p", "o") == pb.GetAllocationRequest(pool="p", owner="o").SerializeToString()
-    assert _wire.list_allocations_request("p", 1000, "tok") == pb.ListAllocationsRequest(
-        pool="p", page_size=1000, page_token="tok").SerializeToString()
-    msg = pb.ListAllocationsRequest.FromString(
-        _wire.list_allocations_request("p", 10, "", {"cni.node": "n1", "cni.network": "net"}))
-    assert dict(msg.attribute_selector) == {"cni.node": "n1", "cni.network": "net"} and msg.page_size == 10
+    assert _wire.garbage_collect_request("p", ["a/eth0"], None) == pb.GarbageCollectRequest(
+        pool="p", valid_owners=["a/eth0"]).SerializeToString()
 
 
 @pytest.mark.parametrize("grace", [None, 0.0, 1.5, 60.0])
 def test_garbage_collect_request(grace: float | None) -> None:
-    msg = pb.GarbageCollectRequest.FromString(_wire.garbage_collect_request("p", ["a/eth0", "b/eth1"], grace))
+    selector = {"cni.node": "n1", "cni.network": "", "k": "née"}
+    msg = pb.GarbageCollectRequest.FromString(
+        _wire.garbage_collect_request("p", ["a/eth0", "b/eth1"], grace, "n1", selector))
     assert msg.pool == "p" and list(msg.valid_owners) == ["a/eth0", "b/eth1"]
+    assert msg.node == "n1" and dict(msg.attribute_selector) == selector
     if grace is None:
         assert not msg.HasField("grace")
     else:
@@ -115,9 +113,6 @@ def test_responses_decode_from_the_generated_messages() -> None:
     _, created = _wire.allocate_response(pb.AllocateResponse(allocation=_allocation_pb("c", 1)).SerializeToString())
     assert created is False
 
-    listed, token = _wire.list_allocations_response(pb.ListAllocationsResponse(
-        allocations=[_allocation_pb(f"c{i}/eth0", i) for i in range(1, 4)], next_page_token="next").SerializeToString())
-    assert [a.owner for a in listed] == ["c1/eth0", "c2/eth0", "c3/eth0"] and token == "next"
     released = _wire.release_response(pb.ReleaseResponse(released=_allocation_pb("c", 5).addresses).SerializeToString())
     assert [a.ip for a in released] == ["fd00::5", "198.18.0.5"]
     collected = _wire.garbage_collect_response(

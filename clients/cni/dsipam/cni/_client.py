@@ -9,7 +9,6 @@ import time
 from . import _h2, _wire
 
 SERVICE = "/dsipam.v1.IpamService/"
-LIST_PAGE_SIZE = 1000
 
 
 class NativeClient:
@@ -39,16 +38,12 @@ class NativeClient:
         """GetPool's usage per family."""
         return _wire.pool_usage(self.channel.call(SERVICE + "GetPool", _wire.get_pool_request(pool)))
 
-    def list_allocations(self, pool: str, page_token: str,
-                         selector: dict[str, str]) -> tuple[list[_wire.Allocation], str]:
-        """One page of ListAllocations, of the allocations whose attributes contain ``selector``."""
-        return _wire.list_allocations_response(self.channel.call(
-            SERVICE + "ListAllocations", _wire.list_allocations_request(pool, LIST_PAGE_SIZE, page_token, selector)))
-
-    def garbage_collect(self, pool: str, valid_owners: list[str], grace: float | None) -> list[_wire.Allocation]:
-        """GarbageCollect: releases what is not valid and older than the grace."""
+    def garbage_collect(self, pool: str, valid_owners: list[str], grace: float | None, node: str = "",
+                        selector: dict[str, str] | None = None) -> list[_wire.Allocation]:
+        """GarbageCollect: releases what is not valid and older than the grace (of ``node`` and
+        with attributes containing ``selector``, when given)."""
         return _wire.garbage_collect_response(self.channel.call(
-            SERVICE + "GarbageCollect", _wire.garbage_collect_request(pool, valid_owners, grace)))
+            SERVICE + "GarbageCollect", _wire.garbage_collect_request(pool, valid_owners, grace, node, selector)))
 
     def close(self) -> None:
         """Closes the connection."""

@@ -11,7 +11,6 @@ from ._errors import INCOMPATIBLE_VERSION, INVALID_CONFIG, CniError
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 DEFAULT_TIMEOUT = 10.0
-DEFAULT_GC_GRACE = 60.0
 
 _POLICIES = {"singlestack": 1, "preferdualstack": 2, "requiredualstack": 3}  # dsipam.v1.IpFamilyPolicy
 _FAMILIES = {"ipv4": 1, "ipv6": 2, "4": 1, "6": 2}  # dsipam.v1.IpFamily

@@ -104,18 +104,12 @@ class GrpcClient:
         return [_wire.FamilyUsage(_wire.FAMILY_VERSION.get(u.family, 0), u.size, u.allocated, u.free)
                 for u in resp.usage]
 
-    def list_allocations(self, pool: str, page_token: str,
-                         selector: dict[str, str]) -> tuple[list[_wire.Allocation], str]:
-        """One page of ListAllocations, of the allocations whose attributes contain ``selector``."""
-        from ._client import LIST_PAGE_SIZE
-
-        resp = self._call("ListAllocations", self.pb.ListAllocationsRequest(
-            pool=pool, page_size=LIST_PAGE_SIZE, page_token=page_token, attribute_selector=selector))
-        return [self._allocation(a) for a in resp.allocations], resp.next_page_token
-
-    def garbage_collect(self, pool: str, valid_owners: list[str], grace: float | None) -> list[_wire.Allocation]:
-        """GarbageCollect: releases what is not valid and older than the grace."""
-        request = self.pb.GarbageCollectRequest(pool=pool, valid_owners=valid_owners)
+    def garbage_collect(self, pool: str, valid_owners: list[str], grace: float | None, node: str = "",
+                        selector: dict[str, str] | None = None) -> list[_wire.Allocation]:
+        """GarbageCollect: releases what is not valid and older than the grace (of ``node`` and
+        with attributes containing ``selector``, when given)."""
+        request = self.pb.GarbageCollectRequest(pool=pool, valid_owners=valid_owners, node=node,
+                                                attribute_selector=selector or {})
         if grace is not None:
             request.grace.FromNanoseconds(int(round(grace * 1e9)))
         return [self._allocation(a) for a in self._call("GarbageCollect", request).released]

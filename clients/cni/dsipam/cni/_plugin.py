@@ -196,9 +196,8 @@ def cmd_add(cfg, netconf: dict, environ) -> dict:  # type: ignore[no-untyped-def
     container_id, ifname = environ["CNI_CONTAINERID"], environ["CNI_IFNAME"]
     cni_args = parse_cni_args(environ.get("CNI_ARGS", ""))
     addresses = requested_addresses(cfg, netconf, cni_args)
-    attributes = {ATTR_CONTAINER: container_id, ATTR_IFNAME: ifname, ATTR_NODE: cfg.node}
-    if cfg.network:
-        attributes[ATTR_NETWORK] = cfg.network
+    # cni.network is recorded even when the network has no name (""): GC selects by it.
+    attributes = {ATTR_CONTAINER: container_id, ATTR_IFNAME: ifname, ATTR_NODE: cfg.node, ATTR_NETWORK: cfg.network}
     for arg, attribute in _K8S_ARGS.items():
         if cni_args.get(arg):
             attributes[attribute] = cni_args[arg]
@@ -303,10 +302,13 @@ def valid_owners(netconf: dict) -> list[str]:
 def cmd_gc(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]
     """GC: release the allocations of attachments that are not valid any more.
 
-    ``gcScope: pool`` hands the valid owners to the server's GarbageCollect, which releases every
-    other allocation in the pool older than the grace. ``gcScope: node`` (the default) only
-    considers what this plugin allocated for this network on this node (the ``cni.node`` and
-    ``cni.network`` attributes), so that nodes sharing a pool never collect each other's pods.
+    Both scopes are one ``GarbageCollect`` with the valid owners and the grace. ``gcScope: node``
+    (the default) confines it to what this plugin allocated for this network on this node: the
+    request's ``node`` and an ``attribute_selector`` of ``cni.node`` and ``cni.network``, so that
+    nodes sharing a pool never collect each other's pods, nor two networks on one node each
+    other's; a shim token (node-scoped) may do that. ``gcScope: pool`` hands only the valid
+    owners over: every other allocation of the pool older than the grace is released (a shim
+    token's GC is confined to its node by the server anyway).
     """
     from . import _client
 
@@ -316,34 +318,17 @@ def cmd_gc(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]
         if cfg.gc_scope == "pool":
             _rpc(cfg, "GarbageCollect", lambda: client.garbage_collect(cfg.pool, valid, cfg.gc_grace))
         else:
-            collect_node(cfg, client, set(valid))
+            selector = gc_selector(cfg)
+            _rpc(cfg, "GarbageCollect", lambda: client.garbage_collect(cfg.pool, valid, cfg.gc_grace, cfg.node,
+                                                                       selector))
     finally:
         client.close()
     return None
 
 
-def collect_node(cfg, client, valid: set[str]) -> list[str]:  # type: ignore[no-untyped-def]
-    """Releases this node's and network's stale allocations; returns their owners."""
-    import time
-
-    grace = cfg.gc_grace if cfg.gc_grace is not None else _config.DEFAULT_GC_GRACE
-    selector = {ATTR_NODE: cfg.node}
-    if cfg.network:
-        selector[ATTR_NETWORK] = cfg.network
-    stale: list[str] = []
-    token = ""
-    while True:  # the server filters by the selector; the check below also holds where it does not
-        page, token = _rpc(cfg, "ListAllocations", lambda t=token: client.list_allocations(cfg.pool, t, selector))
-        now = time.time()  # allocations younger than the grace may be an ADD in flight
-        for a in page:
-            if (a.owner not in valid and a.attributes.get(ATTR_NODE) == cfg.node
-                    and a.attributes.get(ATTR_NETWORK, "") == cfg.network and now - a.create_time >= grace):
-                stale.append(a.owner)
-        if not token:
-            break
-    for owner in stale:
-        _rpc(cfg, "Release", lambda o=owner: client.release(cfg.pool, o))
-    return stale
+def gc_selector(cfg) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The attributes that mark this node's and this network's allocations (recorded by ADD)."""
+    return {ATTR_NODE: cfg.node, ATTR_NETWORK: cfg.network}
 
 
 def cmd_status(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-def]

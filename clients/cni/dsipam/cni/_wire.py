@@ -74,20 +74,15 @@ def get_pool_request(name: str) -> bytes:
     return _string(1, name)
 
 
-def list_allocations_request(pool: str, page_size: int, page_token: str,
-                             attribute_selector: dict[str, str] | None = None) -> bytes:
-    """dsipam.v1.ListAllocationsRequest."""
-    return _string(1, pool) + _uint(2, page_size) + _string(3, page_token) + _map(4, attribute_selector or {})
-
-
-def garbage_collect_request(pool: str, valid_owners: list[str], grace: float | None) -> bytes:
+def garbage_collect_request(pool: str, valid_owners: list[str], grace: float | None, node: str = "",
+                            attribute_selector: dict[str, str] | None = None) -> bytes:
     """dsipam.v1.GarbageCollectRequest; ``grace`` None leaves the server's default."""
     out = _string(1, pool) + b"".join(_bytes_field(2, o.encode()) for o in valid_owners)
     if grace is not None:
         seconds = int(grace)
         nanos = int(round((grace - seconds) * 1e9))
         out += _bytes_field(3, _uint(1, seconds) + _uint(2, nanos))  # google.protobuf.Duration
-    return out
+    return out + _string(4, node) + _map(5, attribute_selector or {})
 
 
 # -- decoding ----------------------------------------------------------------------------
@@ -246,12 +241,6 @@ def pool_usage(data: bytes) -> list[FamilyUsage]:
         u = parse(entry)
         out.append(FamilyUsage(FAMILY_VERSION.get(_int(u, 1), 0), _int(u, 2), _int(u, 3), _int(u, 4)))
     return out
-
-
-def list_allocations_response(data: bytes) -> tuple[list[Allocation], str]:
-    """Decodes dsipam.v1.ListAllocationsResponse into (allocations, next page token)."""
-    f = parse(data)
-    return [allocation(a) for a in f.get(1, ())], _text(f, 2)
 
 
 def garbage_collect_response(data: bytes) -> list[Allocation]:

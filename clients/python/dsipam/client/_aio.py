@@ -624,12 +624,18 @@ class AsyncIpamClient:
         valid_owners: Iterable[str],
         *,
         grace: float | dt.timedelta | None = None,
+        node: str | None = None,
+        selector: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> tuple[Allocation, ...]:
         """Releases every allocation of ``pool`` whose owner is not in ``valid_owners`` and that
         is older than ``grace`` (seconds or a timedelta; None: the server's 60 s), and returns
-        what was released."""
-        request = c.gc_request(pool, valid_owners, grace)
+        what was released.
+
+        ``node`` confines it to that node's allocations and ``selector`` to those whose
+        attributes contain every one of its pairs. A shim's GC is always confined to its own
+        node (``node`` None or its node; another node is :class:`PermissionDenied`)."""
+        request = c.gc_request(pool, valid_owners, grace, node, selector)
         response = await self._invoke(b.GARBAGE_COLLECT, request, timeout)
         return tuple(c.allocation_from_pb(a) for a in response.released)
 

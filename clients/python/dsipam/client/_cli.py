@@ -389,12 +389,16 @@ def add_client_commands(sub: Any) -> None:
 
     gc = sub.add_parser("gc", help="release allocations whose owners are gone",
                         description="Release every allocation of pool NAME whose owner is not kept and that is "
-                                    "older than the grace period.")
+                                    "older than the grace period (only NODE's with --node, only those with "
+                                    "every --selector attribute).")
     gc.add_argument("name", metavar="NAME")
     gc.add_argument("--keep", action="append", default=[], metavar="OWNER", help="a live owner (repeatable)")
     gc.add_argument("--keep-file", metavar="PATH", help="live owners, one per line ('-' for stdin)")
     gc.add_argument("--grace", type=float, default=None, metavar="SECONDS",
                     help="keep allocations younger than this (default: the server's 60)")
+    gc.add_argument("--node", metavar="NODE", help="only this node's allocations (a shim: its own node always)")
+    gc.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE",
+                    help="only allocations with this attribute (repeatable: all of them)")
     _add_output(gc)
     gc.set_defaults(func=run, handler=_gc)
 
@@ -789,7 +793,8 @@ def _gc(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
     elif not keep:
         raise UsageError("name the live owners with --keep or --keep-file (with none, every allocation older than "
                          "the grace period is released; say --keep-file /dev/null to mean that)")
-    released = client.garbage_collect(args.name, keep, grace=args.grace)
+    released = client.garbage_collect(args.name, keep, grace=args.grace, node=args.node,
+                                      selector=_pairs(args.selector, "--selector"))
     _emit(
         args, out, {"pool": args.name, "released": [allocation_doc(a) for a in released]},
         lambda: (allocations_table(released) + f"\nreleased {len(released)} allocation(s)") if released

@@ -206,11 +206,13 @@ def list_allocations(
     )
 
 
-def gc_request(pool: str, valid_owners: Iterable[str], grace: float | dt.timedelta | None) -> pb.GarbageCollectRequest:
+def gc_request(pool: str, valid_owners: Iterable[str], grace: float | dt.timedelta | None, node: str | None = None,
+               selector: Mapping[str, str] | None = None) -> pb.GarbageCollectRequest:
     if isinstance(valid_owners, str):
         raise InvalidArgument("valid_owners: expected a collection of owners, not one string",
                               metadata={"field": "valid_owners"})
-    request = pb.GarbageCollectRequest(pool=pool, valid_owners=list(valid_owners))
+    request = pb.GarbageCollectRequest(pool=pool, valid_owners=list(valid_owners), node=node or "",
+                                       attribute_selector=dict(selector or {}))
     if grace is not None:
         request.grace.CopyFrom(duration(grace))
     return request

@@ -278,14 +278,25 @@ class ListAllocationsResponse(_message.Message):
     def __init__(self, allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GarbageCollectRequest(_message.Message):
-    __slots__ = ("pool", "valid_owners", "grace")
+    __slots__ = ("pool", "valid_owners", "grace", "node", "attribute_selector")
+    class AttributeSelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     POOL_FIELD_NUMBER: _ClassVar[int]
     VALID_OWNERS_FIELD_NUMBER: _ClassVar[int]
     GRACE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     pool: str
     valid_owners: _containers.RepeatedScalarFieldContainer[str]
     grace: _duration_pb2.Duration
-    def __init__(self, pool: _Optional[str] = ..., valid_owners: _Optional[_Iterable[str]] = ..., grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    node: str
+    attribute_selector: _containers.ScalarMap[str, str]
+    def __init__(self, pool: _Optional[str] = ..., valid_owners: _Optional[_Iterable[str]] = ..., grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., node: _Optional[str] = ..., attribute_selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GarbageCollectResponse(_message.Message):
     __slots__ = ("released",)

@@ -39,6 +39,19 @@ def _guarded(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
+def _node_for_caller(node: str, scope: str | None, verb: str) -> str:
+    """The node a call acts on. A shim (node-scoped caller) acts for its own node: an empty node
+    is its node, another node is refused (docs/security.md, "Node-scoped shims")."""
+    if scope is None:
+        return node
+    if node and node != scope:
+        raise domain.PermissionDenied(
+            f"node: {node!r} is not this caller's node {scope!r}; a shim {verb} only for its own node",
+            field="node",
+        )
+    return scope
+
+
 class IpamServicer(pb_grpc.IpamServiceServicer):
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -66,17 +79,8 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
 
     @_guarded
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
-        # A shim (node-scoped caller) allocates for its own node: an empty node is its node,
-        # another node is refused (docs/security.md, "Node-scoped shims").
         scope = caller_node.get()
-        node = request.node
-        if scope is not None:
-            if node and node != scope:
-                raise domain.PermissionDenied(
-                    f"node: {node!r} is not this caller's node {scope!r}; a shim allocates only for its own node",
-                    field="node",
-                )
-            node = scope
+        node = _node_for_caller(request.node, scope, "allocates")
         info, created = await self.store.allocate(
             pool=request.pool,
             owner=request.owner,
@@ -124,9 +128,11 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
         self, request: pb.GarbageCollectRequest, context: grpc.aio.ServicerContext
     ) -> pb.GarbageCollectResponse:
         grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else DEFAULT_GC_GRACE
+        scope = caller_node.get()
         released = await self.store.garbage_collect(
             pool=request.pool, valid_owners=list(request.valid_owners), grace_seconds=grace,
-            node_scope=caller_node.get(),
+            node_scope=scope, node=_node_for_caller(request.node, scope, "collects"),
+            selector=dict(request.attribute_selector),
         )
         return pb.GarbageCollectResponse(released=[convert.allocation_to_pb(a) for a in released])
 

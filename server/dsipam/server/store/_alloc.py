@@ -721,11 +721,17 @@ class AllocationStore(StoreBase):
         return await self._transaction(run)
 
     async def garbage_collect(
-        self, *, pool: str, valid_owners: Sequence[str], grace_seconds: float, node_scope: str | None = None
+        self, *, pool: str, valid_owners: Sequence[str], grace_seconds: float, node_scope: str | None = None,
+        node: str = "", selector: dict[str, str] | None = None,
     ) -> list[AllocationInfo]:
-        """Releases the pool's allocations whose owner is not valid and which are older than the grace
-        (with ``node_scope``, only those whose node is that node)."""
+        """Releases the pool's allocations whose owner is not valid and which are older than the grace.
+
+        Only allocations of ``node`` (when not empty) whose attributes contain ``selector`` are
+        considered; with ``node_scope`` (a shim's), only those whose node is that node, whatever
+        ``node`` says (the servicer refuses another node before this)."""
         check_pool_name(pool, "pool")
+        check_node(node)
+        selector = check_map(selector or {}, "attribute_selector")
         if grace_seconds < 0:
             raise InvalidArgument(f"grace: {grace_seconds}s is negative", field="grace")
         if grace_seconds > MAX_GC_GRACE_SECONDS:
@@ -746,12 +752,14 @@ class AllocationStore(StoreBase):
                          WHERE pool_id = :pool AND NOT (owner = ANY(:valid))
                            AND create_time < now() - make_interval(secs => :grace)
                            AND (CAST(:scope AS text) IS NULL OR node = :scope)
+                           AND (CAST(:node AS text) = '' OR node = :node)
+                           AND attributes @> CAST(:selector AS jsonb)
                          ORDER BY owner
                            FOR UPDATE
                         """
                     ),
                     {"pool": stored.id, "valid": list(valid_owners), "grace": float(grace_seconds),
-                     "scope": node_scope},
+                     "scope": node_scope, "node": node, "selector": json.dumps(selector)},
                 )
             ).mappings().all()
             released = []
