@@ -20,6 +20,9 @@ from . import convert
 from .errors import abort_with
 from .pipeline import current_call
 
+_PARSE_IN_THREAD = 5_000
+"""CreatePool requests with more excludes than this are parsed in a worker thread."""
+
 T = TypeVar("T")
 
 DEFAULT_GC_GRACE = 60.0
@@ -60,7 +63,11 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
     async def CreatePool(self, request: pb.CreatePoolRequest, context: grpc.aio.ServicerContext) -> pb.Pool:
         if not request.HasField("pool"):
             raise domain.InvalidArgument("pool: required", field="pool")
-        spec = convert.pool_spec_from_pb(request.pool)
+        excludes = sum(len(r.exclude) for r in request.pool.ranges)
+        if excludes > _PARSE_IN_THREAD:  # tens of ms of parsing: not on the event loop (health, other calls)
+            spec = await asyncio.to_thread(convert.pool_spec_from_pb, request.pool)
+        else:
+            spec = convert.pool_spec_from_pb(request.pool)
         return convert.pool_to_pb(await self.store.create_pool(spec))
 
     @_guarded
