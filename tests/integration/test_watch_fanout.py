@@ -10,12 +10,19 @@ import time
 import grpc
 import pytest
 from grpc_helpers import REQUIRE, error_info, pool
-from support import psql, running_server
+from support import psql, running_server, scratch_database
 
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
 
 C = grpc.StatusCode
+
+
+@pytest.fixture
+def own_db():  # type: ignore[no-untyped-def]
+    """A database of this test's server alone: its connections and transactions are counted."""
+    with scratch_database("dsipam_fanout") as url:
+        yield url
 
 
 def db_name(url: str) -> str:
@@ -75,26 +82,26 @@ def allocate(stub, name: str, owner: str) -> None:  # type: ignore[no-untyped-de
     stub.Allocate(pb.AllocateRequest(pool=name, owner=owner, ip_family_policy=REQUIRE), timeout=10)
 
 
-def test_idle_streams_cost_the_database_nothing(clean_db, tmp_path):
+def test_idle_streams_cost_the_database_nothing(own_db, tmp_path):
     """200 idle watches of two pools on one server: no more transactions and at most one more
     connection than the same server without them; an event still reaches every stream at once,
     woken by NOTIFY (the fallback read is set to a minute here)."""
-    with running_server(clean_db, tmp_path, extra_env={"DSIPAM_WATCH_FALLBACK_SECONDS": "60"}) as server, grpc.insecure_channel(server.target) as ch:
+    with running_server(own_db, tmp_path, extra_env={"DSIPAM_WATCH_FALLBACK_SECONDS": "60"}) as server, grpc.insecure_channel(server.target) as ch:
         stub = ipam_pb2_grpc.IpamServiceStub(ch)
         stub.CreatePool(pool("fan-a", "198.18.0.0/24", "fd00::/120"))
         stub.CreatePool(pool("fan-b", "198.18.1.0/24", "fd00:1::/120"))
         time.sleep(1.0)
-        before, conns_before = commits(clean_db), backends(clean_db)
+        before, conns_before = commits(own_db), backends(own_db)
         time.sleep(4.0)
-        baseline = commits(clean_db) - before  # maintenance and health pings of an idle server
+        baseline = commits(own_db) - before  # maintenance and health pings of an idle server
         watchers = [Watcher(stub, "fan-a" if i % 2 else "fan-b") for i in range(200)]
         try:
             time.sleep(1.0)
-            before = commits(clean_db)
+            before = commits(own_db)
             time.sleep(4.0)
-            idle = commits(clean_db) - before
+            idle = commits(own_db) - before
             assert idle <= baseline + 8, f"{idle} transactions in 4 s with 200 idle watches ({baseline} without)"
-            assert backends(clean_db) <= conns_before + 2
+            assert backends(own_db) <= conns_before + 2
             allocate(stub, "fan-a", "one")
             allocate(stub, "fan-b", "two")
             wait_for(lambda: all(w.owners() == (["one"] if i % 2 else ["two"]) for i, w in enumerate(watchers)),
@@ -107,9 +114,9 @@ def test_idle_streams_cost_the_database_nothing(clean_db, tmp_path):
                 w.close()
 
 
-def test_watch_streams_are_capped_in_total_and_per_caller(clean_db, tmp_path):
+def test_watch_streams_are_capped_in_total_and_per_caller(own_db, tmp_path):
     env = {"DSIPAM_MAX_WATCH_STREAMS": "4", "DSIPAM_MAX_WATCH_STREAMS_PER_IDENTITY": "3"}
-    with running_server(clean_db, tmp_path, extra_env=env) as server, grpc.insecure_channel(server.target) as ch:
+    with running_server(own_db, tmp_path, extra_env=env) as server, grpc.insecure_channel(server.target) as ch:
         stub = ipam_pb2_grpc.IpamServiceStub(ch)
         stub.CreatePool(pool("cap", "198.18.0.0/24", "fd00::/120"))
         watchers = [Watcher(stub, "cap") for _ in range(3)]
@@ -130,7 +137,7 @@ def test_watch_streams_are_capped_in_total_and_per_caller(clean_db, tmp_path):
             for w in watchers:
                 w.close()
     env = {"DSIPAM_MAX_WATCH_STREAMS": "2", "DSIPAM_MAX_WATCH_STREAMS_PER_IDENTITY": "5"}
-    with running_server(clean_db, tmp_path, extra_env=env) as server, grpc.insecure_channel(server.target) as ch:
+    with running_server(own_db, tmp_path, extra_env=env) as server, grpc.insecure_channel(server.target) as ch:
         stub = ipam_pb2_grpc.IpamServiceStub(ch)
         watchers = [Watcher(stub, "cap") for _ in range(2)]
         try:
@@ -144,9 +151,9 @@ def test_watch_streams_are_capped_in_total_and_per_caller(clean_db, tmp_path):
                 w.close()
 
 
-def test_a_slow_stream_catches_up_without_gaps(clean_db, tmp_path):
+def test_a_slow_stream_catches_up_without_gaps(own_db, tmp_path):
     """A stream whose buffer (here 4 events) overflows reads the rest on its own, in order, once."""
-    with running_server(clean_db, tmp_path, extra_env={"DSIPAM_WATCH_BUFFER": "4"}) as server, \
+    with running_server(own_db, tmp_path, extra_env={"DSIPAM_WATCH_BUFFER": "4"}) as server, \
             grpc.insecure_channel(server.target) as ch:
         stub = ipam_pb2_grpc.IpamServiceStub(ch)
         stub.CreatePool(pool("slow", "198.18.0.0/22", "fd00::/118"))
@@ -174,8 +181,8 @@ def test_a_slow_stream_catches_up_without_gaps(clean_db, tmp_path):
     assert "fell behind" in log  # the overflow happened and was logged
 
 
-def test_the_listener_comes_back_after_its_connection_is_killed(clean_db, tmp_path):
-    with running_server(clean_db, tmp_path, extra_env={"DSIPAM_LOG_LEVEL": "INFO"}) as server, \
+def test_the_listener_comes_back_after_its_connection_is_killed(own_db, tmp_path):
+    with running_server(own_db, tmp_path, extra_env={"DSIPAM_LOG_LEVEL": "INFO"}) as server, \
             grpc.insecure_channel(server.target) as ch:
         stub = ipam_pb2_grpc.IpamServiceStub(ch)
         stub.CreatePool(pool("relisten", "198.18.0.0/24", "fd00::/120"))
@@ -183,8 +190,8 @@ def test_the_listener_comes_back_after_its_connection_is_killed(clean_db, tmp_pa
         try:
             allocate(stub, "relisten", "before")
             wait_for(lambda: w.owners() == ["before"], SLOW, "the first event")
-            killed = psql(clean_db, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                    f"WHERE datname = '{db_name(clean_db)}' AND application_name = 'dsipam-watch'")
+            killed = psql(own_db, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                    f"WHERE datname = '{db_name(own_db)}' AND application_name = 'dsipam-watch'")
             assert killed == "1"
             time.sleep(0.5)
             allocate(stub, "relisten", "after")
