@@ -34,6 +34,16 @@ The auth config is YAML (or JSON, which is YAML too)::
         node: node-b
     unix_socket_role: none                   # the default: the unix socket needs a token too
     # unix_socket_role: shim  with  unix_socket_node: node-a  for a node-local server
+    kubernetes:                              # ServiceAccount tokens, reviewed by the API server
+      serviceAccounts:                       # only these; a shim's node is its token's bound node
+        - {namespace: dsipam-system, name: dsipam-cni, role: shim}
+      audience: dsipam                       # the projected token's audience
+      # kubeconfig: /path  (default: in-cluster); cacheSeconds, reviewsPerSecond, ... (kube_auth.py)
+
+A bearer token that is a JWT and matches no hashed token is, with a ``kubernetes`` section,
+reviewed by the Kubernetes API server (:mod:`dsipam.server.kube_auth`): a TokenReview for the
+audience, the ServiceAccount must be listed, and a shim's node is the token's bound node
+(``authentication.kubernetes.io/node-name``), so that no per-node secret needs distributing.
 
 ``dsipam token new ROLE [--node NODE]`` prints a fresh random token and its config entry. Tokens are
 256-bit random strings, so a fast salted hash is as good as a slow one and keeps every
@@ -56,6 +66,7 @@ from typing import Any
 
 import grpc
 
+from .kube_auth import KubeAuthConfig, KubeAuthError, KubeTokenVerifier, looks_like_jwt
 from .rpc.errors import to_grpc_status
 
 SERVICE_PREFIX = "/dsipam.v1.IpamService/"
@@ -229,6 +240,7 @@ class AuthConfig:
     cert_san: dict[str, Grant] = field(default_factory=dict)
     unix_socket_role: Role | None = None
     unix_socket_node: str | None = None
+    kubernetes: KubeAuthConfig | None = None  # ServiceAccount tokens reviewed by the API server
 
     @property
     def maps_certificates(self) -> bool:
@@ -241,7 +253,7 @@ class AuthConfig:
             data = {}
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a mapping with tokens and/or clients")
-        unknown = set(data) - {"tokens", "clients", "unix_socket_role", "unix_socket_node"}
+        unknown = set(data) - {"tokens", "clients", "unix_socket_role", "unix_socket_node", "kubernetes"}
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
         cfg = cls()
@@ -272,8 +284,10 @@ class AuthConfig:
         else:
             cfg.unix_socket_node = parse_node(data.get("unix_socket_node"), cfg.unix_socket_role,
                                               f"{source}: unix_socket_node")
-        if not cfg.tokens and not cfg.maps_certificates:
-            raise ValueError(f"{source}: no tokens and no clients: nobody could call the service")
+        if data.get("kubernetes") is not None:
+            cfg.kubernetes = KubeAuthConfig.from_mapping(data["kubernetes"], f"{source}: kubernetes")
+        if not cfg.tokens and not cfg.maps_certificates and cfg.kubernetes is None:
+            raise ValueError(f"{source}: no tokens, no clients and no kubernetes: nobody could call the service")
         return cfg
 
 
@@ -334,12 +348,16 @@ class Authorizer:
         self._plain = {t.digest: t for t in config.tokens if t.salt is None}
         self._salted = [t for t in config.tokens if t.salt is not None]
         self._known: dict[str, TokenEntry] = {}
+        self.kube = KubeTokenVerifier(config.kubernetes) if config.kubernetes is not None else None
 
     def token_entry(self, token: str) -> TokenEntry | None:
-        """The config entry for a bearer token, or None."""
+        """The config entry for a bearer token, or None. A Kubernetes token is found here only
+        while it is cached as verified (:meth:`authorize` reviews a new one)."""
         entry = self._known.get(token)
         if entry is not None:
             return entry
+        if self.kube is not None and looks_like_jwt(token):
+            return self.kube.cached(token)
         raw = token.encode()
         plain = hashlib.sha256(raw).digest()
         found = self._plain.get(plain)
@@ -384,7 +402,13 @@ class Authorizer:
         who = ""
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
-            entry = self.token_entry(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+            token = token.strip()
+            entry = self.token_entry(token) if scheme.lower() == "bearer" and token else None
+            if entry is None and self.kube is not None and scheme.lower() == "bearer" and looks_like_jwt(token):
+                try:
+                    entry = await self.kube.verify(token)
+                except KubeAuthError as exc:
+                    await _deny(context, exc.code, exc.message, exc.reason)
             if entry is None:
                 await _deny(context, grpc.StatusCode.UNAUTHENTICATED,
                             "authorization: not a known bearer token", "UNAUTHENTICATED")

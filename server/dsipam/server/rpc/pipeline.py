@@ -141,6 +141,8 @@ class CallWrapper:
         self.metrics = metrics
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.in_flight = 0
+        if authorizer is not None and authorizer.kube is not None and metrics is not None:
+            metrics.registry.register(authorizer.kube.collector())  # dsipam_kube_token_* (kube_auth.py)
 
     def registrar(self, server: grpc.aio.Server) -> _Registrar:
         return _Registrar(server, self)
