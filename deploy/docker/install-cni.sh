@@ -16,8 +16,12 @@
 #      0600) and adds tokenFile, tls {ca, serverName} and transport "grpc" to every dsipam
 #      IPAM section: the plugin sends a bearer token only over TLS. A plain `token` key (one
 #      token for every node) is still read, with a warning: it cannot be a shim token. Without
-#      a token in the Secret, a `token` and `ca.crt` already in <secrets dir> on the node (put
-#      there by the node's provisioning) are used as they are;
+#      a token in the Secret but with the pod's projected ServiceAccount token ($DSIPAM_CNI_SA_TOKEN,
+#      audience dsipam, bound to this pod and so to this node), that token is copied instead (the
+#      server reviews it with the API server and takes the node from it; the CA still comes from the
+#      Secret or the node), and re-copied whenever the kubelet rotates it (every
+#      $DSIPAM_CNI_TOKEN_REFRESH seconds it is compared). Without any of these, a `token` and `ca.crt`
+#      already in <secrets dir> on the node (put there by the node's provisioning) are used as they are;
 #   4. runs the installed plugin's VERSION command, so a broken runtime fails the pod;
 #   5. with --once exits, otherwise waits for SIGTERM (the DaemonSet keeps the pod up so
 #      that an image update re-runs the install).
@@ -29,6 +33,7 @@
 #   DSIPAM_CNI_SERVER [$DSIPAM_SERVICE_HOST:$DSIPAM_SERVICE_PORT_GRPC, from the Service's links]
 #   DSIPAM_CNI_POOL [pods]  DSIPAM_CNI_VERSION [1.0.0]  NODE_NAME [hostname]  DSIPAM_CNI_VERIFY [1]
 #   DSIPAM_CNI_BUNDLE_SRC [/opt/dsipam/cni-bundle]  DSIPAM_CNI_WRAPPER_SRC [/opt/dsipam/dsipam-cni.sh]
+#   DSIPAM_CNI_SA_TOKEN [/var/run/secrets/dsipam/token]  DSIPAM_CNI_TOKEN_REFRESH [60]
 set -eu
 
 log() { echo "dsipam-cni-install: $*" >&2; }
@@ -38,7 +43,7 @@ once=0
 for arg in "$@"; do
   case "$arg" in
     --once) once=1 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) die "unknown argument $arg (expected --once)" ;;
   esac
 done
@@ -59,6 +64,9 @@ node="${NODE_NAME:-$(hostname)}"
 verify="${DSIPAM_CNI_VERIFY:-1}"
 bundle_src="${DSIPAM_CNI_BUNDLE_SRC:-/opt/dsipam/cni-bundle}"
 wrapper_src="${DSIPAM_CNI_WRAPPER_SRC:-/opt/dsipam/dsipam-cni.sh}"
+sa_token="${DSIPAM_CNI_SA_TOKEN:-/var/run/secrets/dsipam/token}"
+token_refresh="${DSIPAM_CNI_TOKEN_REFRESH:-60}"
+case "$token_refresh" in ''|*[!0-9]*|0) die "DSIPAM_CNI_TOKEN_REFRESH: '$token_refresh' is not a positive number of seconds" ;; esac
 
 # Without DSIPAM_CNI_SERVER: the ClusterIP of the Service "dsipam" from the service-link variables.
 if [ -z "$server" ] && [ -n "${DSIPAM_SERVICE_HOST:-}" ]; then
@@ -124,13 +132,23 @@ elif [ -d "$credentials" ] && ls "$credentials"/token.* >/dev/null 2>&1; then
   rm -f "$tmp_conf"
   die "$credentials has tokens for other nodes but none for this node ($node): add the key token.$node (dsipam token new shim --node $node)"
 fi
+sa_mode=0
+if [ -z "$token_src" ] && [ -s "$sa_token" ]; then
+  # No token in the Secret: this pod's projected ServiceAccount token is the shim's identity.
+  if [ ! -s "$credentials/ca.crt" ] && [ ! -s "$root$secrets_dir/ca.crt" ]; then
+    rm -f "$tmp_conf"
+    die "a ServiceAccount token ($sa_token) but no ca.crt in $credentials nor on the node: the plugin sends a token only over TLS"
+  fi
+  token_src="$sa_token"
+  sa_mode=1
+fi
 provisioned=0
 if [ -z "$token_src" ] && [ -s "$root$secrets_dir/token" ] && [ -s "$root$secrets_dir/ca.crt" ]; then
   # No token in the Secret: the node's provisioning put this node's own token and the CA on it.
   provisioned=1
 fi
 if [ -n "$token_src" ]; then
-  if [ ! -s "$credentials/ca.crt" ]; then
+  if [ ! -s "$credentials/ca.crt" ] && [ "$sa_mode" = 0 ]; then
     rm -f "$tmp_conf"
     die "$credentials has a token but no ca.crt: the plugin sends a token only over TLS"
   fi
@@ -138,9 +156,11 @@ if [ -n "$token_src" ]; then
   chmod 0755 "$root$secrets_dir"
   (umask 077 && cp "$token_src" "$root$secrets_dir/.token.tmp")
   mv -f "$root$secrets_dir/.token.tmp" "$root$secrets_dir/token"
-  cp "$credentials/ca.crt" "$root$secrets_dir/.ca.crt.tmp"
-  chmod 0644 "$root$secrets_dir/.ca.crt.tmp"
-  mv -f "$root$secrets_dir/.ca.crt.tmp" "$root$secrets_dir/ca.crt"
+  if [ -s "$credentials/ca.crt" ]; then
+    cp "$credentials/ca.crt" "$root$secrets_dir/.ca.crt.tmp"
+    chmod 0644 "$root$secrets_dir/.ca.crt.tmp"
+    mv -f "$root$secrets_dir/.ca.crt.tmp" "$root$secrets_dir/ca.crt"
+  fi
 fi
 if [ -n "$token_src" ] || [ "$provisioned" = 1 ]; then
   if ! python3 - "$tmp_conf" "$secrets_dir" "$server_name" <<'PY'
@@ -162,7 +182,9 @@ PY
     rm -f "$tmp_conf"
     die "could not add the credentials to the conflist"
   fi
-  if [ "$provisioned" = 1 ]; then
+  if [ "$sa_mode" = 1 ]; then
+    auth="ServiceAccount token over TLS ($sa_token, re-copied when it rotates), server name $server_name"
+  elif [ "$provisioned" = 1 ]; then
     auth="token over TLS (provisioned on the node in $secrets_dir), server name $server_name"
   else
     auth="token over TLS (${token_src##*/}), server name $server_name"
@@ -187,4 +209,19 @@ fi
 [ "$once" = 1 ] && exit 0
 log "installed; waiting for SIGTERM"
 trap 'log "stopping"; exit 0' TERM INT
+if [ "$sa_mode" = 1 ]; then
+  # The kubelet rotates the projected token: keep the node's copy (what the plugin reads on each
+  # call) the same, replaced with one rename, never half a file.
+  while :; do
+    sleep "$token_refresh" & wait $! || true
+    if [ -s "$sa_token" ] && ! cmp -s "$sa_token" "$root$secrets_dir/token"; then
+      if (umask 077 && cp "$sa_token" "$root$secrets_dir/.token.tmp") \
+          && mv -f "$root$secrets_dir/.token.tmp" "$root$secrets_dir/token"; then
+        log "ServiceAccount token rotated: copied to $secrets_dir/token"
+      else
+        log "error: could not copy the rotated ServiceAccount token to $secrets_dir/token"
+      fi
+    fi
+  done
+fi
 while :; do sleep 3600 & wait $! || true; done
