@@ -97,7 +97,17 @@ def wait_listening(target: str, timeout: float = 20.0, proc: subprocess.Popen | 
 
 FAST_PATH_ERROR_METRIC = "dsipam_fast_path_errors_total"
 FAST_PATH_ERROR_LINE = "fast path error"  # the fast path's ERROR log line (store/_fast.py)
+BACKGROUND_ERROR_METRIC = "dsipam_background_errors_total"  # server/dsipam/server/background.py
+BACKGROUND_ERROR_LINE = "background error ("  # its ERROR log line
+TRACEBACK_LINE = "Traceback (most recent call last)"  # any exception logged with its traceback
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\{)")  # a log record's first line (text or JSON)
 _METRICS_LINE = re.compile(r"dsipam: metrics on http://(\S+)/metrics")
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of every sample of counter ``name`` (all labels) in a /metrics page."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 @dataclass
@@ -108,7 +118,18 @@ class ServerProcess:
     # A test that provokes fast-path errors on purpose sets this (and asserts the counter went up);
     # otherwise terminate() fails when the server counted or logged any (see check_fast_path).
     fast_path_errors_expected: bool = False
+    # The same for background errors (dsipam_background_errors_total) and for tracebacks in the
+    # log (an exception logged with exc_info: INTERNAL answers, background errors, crashes). A
+    # traceback is judged by the log line that carries it: with fast_path_errors_expected those of
+    # fast-path error lines are expected, with background_errors_expected those of background
+    # errors, and a test that provokes others names their lines' text in expected_traceback_lines
+    # (an outage test: asyncpg's "Failed to restore the pool connection floor"); tracebacks_expected
+    # allows every one.
+    background_errors_expected: bool = False
+    tracebacks_expected: bool = False
+    expected_traceback_lines: tuple[str, ...] = ()
     _checked_errors: float = 0.0  # what check_fast_path has seen (and reported) so far
+    _checked_background: float = 0.0
     _checked_log: int = 0
 
     def log(self) -> str:
@@ -119,48 +140,95 @@ class ServerProcess:
         found = _METRICS_LINE.search(self.log())
         return found.group(1) if found else None
 
-    def fast_path_errors(self) -> float | None:
-        """The server's ``dsipam_fast_path_errors_total`` (all kinds); None when it cannot be scraped."""
+    def metrics_text(self) -> str | None:
+        """The server's /metrics page; None when it cannot be scraped."""
         address = self.metrics_address()
         if address is None or self.proc.poll() is not None:
             return None
         try:
             with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
+                return resp.read().decode()
         except OSError:
             return None
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(FAST_PATH_ERROR_METRIC + "{") or line.startswith(FAST_PATH_ERROR_METRIC + " "))
+
+    def fast_path_errors(self) -> float | None:
+        """The server's ``dsipam_fast_path_errors_total`` (all kinds); None when it cannot be scraped."""
+        text = self.metrics_text()
+        return None if text is None else metric_sum(text, FAST_PATH_ERROR_METRIC)
+
+    def background_errors(self) -> float | None:
+        """The server's ``dsipam_background_errors_total`` (all tasks); None when it cannot be scraped."""
+        text = self.metrics_text()
+        return None if text is None else metric_sum(text, BACKGROUND_ERROR_METRIC)
 
     def fast_path_error_lines(self, since: int = 0) -> list[str]:
         """The fast path's ERROR lines in the log from character ``since`` on."""
         return [line for line in self.log()[since:].splitlines() if FAST_PATH_ERROR_LINE in line]
 
     def check_fast_path(self, *, errors_before: float | None = None, log_from: int | None = None,
-                        errors_now: float | None = None, who: str = "") -> None:
-        """Fails when the server counted or logged a fast-path error since ``errors_before`` /
-        ``log_from`` (default: since the last check, so an error is reported once). A database
-        outage is not one (the fast path reports those as DatabaseUnavailable)."""
-        if self.fast_path_errors_expected:
-            return
-        if errors_now is None:
-            errors_now = self.fast_path_errors()
-        errors_before = self._checked_errors if errors_before is None else errors_before
-        log_from = self._checked_log if log_from is None else log_from
+                        errors_now: float | None = None, background_now: float | None = None,
+                        who: str = "") -> None:
+        """Fails when, since ``errors_before`` / ``log_from`` (default: since the last check, so
+        an error is reported once), the server counted or logged a fast-path error, counted a
+        background error, or logged a traceback; each unless the test opted out (the flags
+        above). A database outage is none of these (the server reports those as
+        DatabaseUnavailable, without a traceback)."""
         text = self.log()
-        lines = [line for line in text[log_from:].splitlines() if FAST_PATH_ERROR_LINE in line]
-        counted = (errors_now or 0.0) - errors_before
-        self._checked_errors, self._checked_log = max(self._checked_errors, errors_now or 0.0), len(text)
-        if counted > 0 or lines:
+        log_from = self._checked_log if log_from is None else log_from
+        new_log = text[log_from:]
+        self._checked_log = len(text)
+        problems = []
+        if not self.fast_path_errors_expected:
+            if errors_now is None:
+                errors_now = self.fast_path_errors()
+            errors_before = self._checked_errors if errors_before is None else errors_before
+            lines = [line for line in new_log.splitlines() if FAST_PATH_ERROR_LINE in line]
+            counted = (errors_now or 0.0) - errors_before
+            self._checked_errors = max(self._checked_errors, errors_now or 0.0)
+            if counted > 0 or lines:
+                shown = "\n".join(lines[:5]) or "(no log line: the log level hides ERROR?)"
+                problems.append(f"fast-path errors: {FAST_PATH_ERROR_METRIC} went up by {counted:g}; log:\n{shown}")
+        if not self.background_errors_expected:
+            if background_now is None:
+                background_now = self.background_errors()
+            counted = (background_now or 0.0) - self._checked_background
+            self._checked_background = max(self._checked_background, background_now or 0.0)
+            if counted > 0:
+                problems.append(f"background errors: {BACKGROUND_ERROR_METRIC} went up by {counted:g}")
+        if not self.tracebacks_expected:
+            unexpected = self.unexpected_tracebacks(new_log)
+            if unexpected:
+                problems.append(f"{len(unexpected)} traceback(s) in the log; the first:\n{unexpected[0]}")
+        if problems:
             who = who or os.environ.get("PYTEST_CURRENT_TEST", "?")
-            shown = "\n".join(lines[:5]) or "(no log line: the log level hides ERROR?)"
-            raise AssertionError(
-                f"fast-path errors in the server at {self.target} (log {self.log_path}) during {who}: "
-                f"{FAST_PATH_ERROR_METRIC} went up by {counted:g}; log:\n{shown}"
-            )
+            raise AssertionError(f"the server at {self.target} (log {self.log_path}) during {who}: "
+                                 + "\n".join(problems))
+
+    check_errors = check_fast_path  # the same check by a name that says what it covers
+
+    def unexpected_tracebacks(self, text: str) -> list[str]:
+        """Each traceback in ``text`` (with the log line that carries it, and 40 lines) that the
+        flags above do not expect."""
+        allowed = list(self.expected_traceback_lines)
+        if self.fast_path_errors_expected:
+            allowed.append(FAST_PATH_ERROR_LINE)
+        if self.background_errors_expected:
+            allowed.append(BACKGROUND_ERROR_LINE)
+        out = []
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if TRACEBACK_LINE not in line:
+                continue
+            carrier = line if _LOG_LINE.match(line) else next(  # JSON logs carry it in the record's line
+                (lines[j] for j in range(i - 1, -1, -1) if _LOG_LINE.match(lines[j])), "")
+            if not any(a in carrier for a in allowed):
+                out.append("\n".join([carrier, *lines[i:i + 40]]))
+        return out
 
     def terminate(self, timeout: float = 20.0) -> int:
-        errors_now = None if self.fast_path_errors_expected else self.fast_path_errors()  # scrape while it runs
+        text = self.metrics_text()  # scrape while it runs
+        errors_now = None if text is None else metric_sum(text, FAST_PATH_ERROR_METRIC)
+        background_now = None if text is None else metric_sum(text, BACKGROUND_ERROR_METRIC)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -168,7 +236,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.check_fast_path(errors_now=errors_now)
+        self.check_fast_path(errors_now=errors_now, background_now=background_now)
         return self.proc.returncode
 
     def kill(self) -> None:

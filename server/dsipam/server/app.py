@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dsipam.v1 import ipam_pb2, ipam_pb2_grpc
 
 from . import security
+from .background import report as report_background_error
 from .domain import DatabaseUnavailable
 from .observability import Observability
 from .rpc import reflection
@@ -46,12 +47,10 @@ async def maintain(store: Store) -> None:
                 pass
             if rounds % PRUNE_EVERY == 0:
                 await store.prune_events()
-        except asyncio.CancelledError:
-            raise
         except DatabaseUnavailable:
             log.warning("maintenance round skipped: database unreachable")
-        except Exception:  # noqa: BLE001 - keep maintaining; the database may be back next round
-            log.warning("maintenance round failed", exc_info=True)
+        except Exception:  # noqa: BLE001 - keep maintaining; logged at ERROR and counted
+            report_background_error(log, "maintenance", "maintenance round failed")
         rounds += 1
         await asyncio.sleep(MAINTENANCE_SECONDS)
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .background import report as report_background_error
+from .domain import DatabaseUnavailable
 from .rpc.pipeline import CallInfo, CallWrapper, current_call
 
 log = logging.getLogger("dsipam.server")
@@ -131,6 +133,10 @@ class Metrics:
 
         self.fast_path_errors = FAST_PATH_ERRORS  # dsipam_fast_path_errors_total{kind}
         r.register(FAST_PATH_ERRORS)
+        from .background import BACKGROUND_ERRORS  # counted by the background tasks, process-wide
+
+        self.background_errors = BACKGROUND_ERRORS  # dsipam_background_errors_total{task}
+        r.register(BACKGROUND_ERRORS)
         self.pool_snapshot: list[tuple[str, str, str, int]] = []
         self.pool_snapshot_time = 0.0
         r.register(_PoolCollector(self))
@@ -252,10 +258,10 @@ async def refresh_pool_gauges(store: Any, metrics: Metrics, interval: float, pag
                     break
             metrics.pool_snapshot = rows
             metrics.pool_snapshot_time = time.time()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the gauges keep their last values
+        except DatabaseUnavailable as exc:  # an outage (the health watch reports it): the gauges keep their values
             log.debug("pool gauges not refreshed: %s", exc)
+        except Exception:  # noqa: BLE001 - the gauges keep their last values; logged and counted
+            report_background_error(log, "pool-gauges", "pool gauges not refreshed")
         await asyncio.sleep(interval)
 
 
@@ -276,9 +282,10 @@ async def watch_database(
                 await asyncio.wait_for(ping(), timeout=max(interval, 2.0))
                 ok = True
                 break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+            except (DatabaseUnavailable, TimeoutError) as exc:  # unreachable: reported below, once
+                last = exc
+            except Exception as exc:  # noqa: BLE001 - "not reachable" too, but a bug: logged and counted
+                report_background_error(log, "db-health", "database ping failed unexpectedly")
                 last = exc
         if metrics is not None:
             metrics.db_up.set(1 if ok else 0)
@@ -349,8 +356,10 @@ class Observability:
         for task in self._tasks:
             try:
                 await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001,S110 - stopping anyway
+            except asyncio.CancelledError:
                 pass
+            except Exception:  # noqa: BLE001 - the task had died before: stopping anyway, but not silently
+                report_background_error(log, "shutdown", "background task %s had failed", task.get_name())
         self._tasks.clear()
         if self._http is not None:
             self._http.shutdown()

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "dsipam.io"
@@ -321,14 +322,14 @@ def _error_info(trailing_metadata: Iterable[Any] | None) -> error_details_pb2.Er
     for key, value in trailing_metadata or ():
         if key != _DETAILS_KEY or not isinstance(value, bytes):
             continue
-        try:
+        try:  # a garbled trailer (bytes that are not a Status, or an ErrorInfo that does not parse) is no detail
             status = status_pb2.Status.FromString(value)
-        except Exception:  # noqa: BLE001 - a garbled trailer is treated as no detail
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):  # False when the detail is of another type
+                    return info
+        except DecodeError:
             return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):  # False when the detail is of another type
-                return info
     return None
 
 

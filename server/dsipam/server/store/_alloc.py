@@ -20,11 +20,13 @@ import sqlalchemy.exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..background import report as report_background_error
 from ..domain import (
     AddressInCooldown,
     AddressInfo,
     AddressInUse,
     AllocationInfo,
+    DatabaseUnavailable,
     Family,
     InvalidArgument,
     OwnerHoldsOtherAddress,
@@ -56,6 +58,7 @@ from ._base import (
 from .db import FOREIGN_KEY_VIOLATION, UNIQUE_VIOLATION, sqlstate, unavailable_on_disconnect
 
 log = logging.getLogger("dsipam.store")
+_TOP_UP_TASKS: set[asyncio.Task[None]] = set()  # spare-block top-ups running in the background
 
 MAX_GC_GRACE_SECONDS = 100 * 365 * 86400  # beyond it, now() - grace leaves PostgreSQL's timestamp range
 EVENT_ALLOCATED = 1
@@ -317,12 +320,16 @@ class AllocationStore(StoreBase):
             try:
                 for fam in families:
                     await self.top_up_blocks(stored.name, fam, self.SPARE_BLOCKS)
-            except Exception:  # noqa: BLE001 - an optimisation; the full path still works
-                log.info("block top-up of %s failed", stored.name, exc_info=True)
+            except (DatabaseUnavailable, PoolNotFound):
+                pass  # an outage (the calls report it) or a pool deleted meanwhile: nothing to top up
+            except Exception:  # noqa: BLE001 - an optimisation the calls do not wait for: logged, counted
+                report_background_error(log, "block-top-up", "block top-up of pool %r failed", stored.name)
             finally:
                 self._topping_up.discard(stored.id)
 
-        asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(run(), name=f"dsipam-top-up-{stored.name}")
+        _TOP_UP_TASKS.add(task)  # a reference until it is done (the loop keeps only weak ones)
+        task.add_done_callback(_TOP_UP_TASKS.discard)
 
     async def top_up_blocks(self, pool: str, family: Family, spare: int) -> int:
         """Creates empty blocks (no node) until the family has ``spare`` blocks with free
