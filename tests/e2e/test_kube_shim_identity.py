@@ -349,3 +349,61 @@ def test_jwt_shaped_bearer_values_are_refused_with_bounded_reviews(cluster: Clus
     assert cluster.server_metric("dsipam_kube_token_reviews_total") >= reviews
     print(f"\n  {sum(seen.values())} bearer values in {elapsed:.1f} s: {seen}; TokenReviews at the API server: "
           f"{reviews:g}")
+
+
+def test_installer_puts_the_projected_token_on_the_node_and_follows_its_rotation(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """deploy/docker/install-cni.sh with the DaemonSet's projected token (no token in the Secret):
+    the node gets that token (0600) and the conflist points at it; when the kubelet rotates the
+    token, the node's copy follows (DSIPAM_CNI_TOKEN_REFRESH), and the plugin, which reads
+    tokenFile on each call, sends the new one."""
+    import os
+    import signal
+    import subprocess
+
+    from test_deploy_cni_install import INSTALL, WRAPPER, _bundle, _template
+
+    from dsipam.cni._config import parse as parse_config
+
+    bundle = _bundle(tmp_path)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n")
+    projected = tmp_path / "projected"
+    projected.mkdir()
+    (projected / "token").write_text(cluster.tokens["a"])
+    template = tmp_path / "conflist.template"
+    template.write_text(_template())
+    env = {"PATH": os.environ["PATH"], "DSIPAM_CNI_HOST_ROOT": str(tmp_path / "node"),
+           "DSIPAM_CNI_BUNDLE_SRC": str(bundle), "DSIPAM_CNI_WRAPPER_SRC": str(WRAPPER),
+           "DSIPAM_CNI_TEMPLATE": str(template), "DSIPAM_CNI_CREDENTIALS": str(creds),
+           "DSIPAM_CNI_SA_TOKEN": str(projected / "token"), "DSIPAM_CNI_TOKEN_REFRESH": "1",
+           "DSIPAM_CNI_SERVER": "198.18.0.10:50051", "NODE_NAME": cluster.nodes["a"]}
+    log = tmp_path / "install.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["sh", str(INSTALL)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    node_token = tmp_path / "node/etc/dsipam-cni/token"
+    conflist = tmp_path / "node/etc/cni/net.d/90-dsipam.conflist"
+    try:
+        deadline = time.monotonic() + 60
+        while "installed; waiting" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, log.read_text()
+        assert "auth: ServiceAccount token over TLS" in log.read_text()
+        assert node_token.read_text() == cluster.tokens["a"] and node_token.stat().st_mode & 0o777 == 0o600
+        plugins = json.loads(conflist.read_text())
+        netconf = {"cniVersion": plugins["cniVersion"], "name": plugins["name"], **plugins["plugins"][0]}
+        netconf["ipam"]["tokenFile"] = str(node_token)  # the plugin's view of the node's root
+        assert parse_config(netconf).token == cluster.tokens["a"]
+        # The kubelet's rotation: a new file renamed into place.
+        (projected / ".new").write_text(cluster.tokens["b"])
+        os.replace(projected / ".new", projected / "token")
+        deadline = time.monotonic() + 15
+        while node_token.read_text() != cluster.tokens["b"]:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert node_token.stat().st_mode & 0o777 == 0o600 and "rotated" in log.read_text()
+        assert parse_config(netconf).token == cluster.tokens["b"]  # read again on the next call
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
