@@ -310,3 +310,85 @@ class ApiServer:
                     doc["metadata"]["resourceVersion"] = current.metadata.resourceVersion
                     await dyn.replace(resource, body=doc, namespace=ns)
                     del doc["metadata"]["resourceVersion"]
+
+
+# -- the controller as a process ----------------------------------------------------------------
+
+CONTROLLER_METRICS_LINE = "dsipam controller: metrics and health on http://"
+
+
+class ControllerProcess:
+    """``dsipam controller`` as a real process, under the kubeconfig given (a ServiceAccount's token)."""
+
+    def __init__(self, kubeconfig: Path, target: str, log_path: Path, *, identity: str, args: Iterable[str] = (),
+                 env: dict[str, str] | None = None) -> None:
+        import sys
+
+        self.identity = identity
+        self.log_path = log_path
+        full_env = dict(os.environ)
+        full_env.update({"DSIPAM_CONTROLLER_NAMESPACE": "dsipam-system", "DSIPAM_LOG_LEVEL": "INFO",
+                         **(env or {})})
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dsipam.server", "--target", target, "controller", "--kubeconfig",
+                 str(kubeconfig), "--listen", "127.0.0.1:0", "--identity", identity, *args],
+                env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        self.address = self._wait_address()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_address(self, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if CONTROLLER_METRICS_LINE in text:
+                rest = text.split(CONTROLLER_METRICS_LINE, 1)[1]
+                return rest.split("/metrics", 1)[0]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"controller exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise TimeoutError(f"controller did not start:\n{self.log()}")
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://{self.address}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> str:
+        return self.get("/metrics")[1]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith("#") or not (line.startswith(name + "{") or line.startswith(name + " ")):
+                continue
+            series, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def is_leader(self) -> bool:
+        return self.proc.poll() is None and self.metric("dsipam_controller_leader") == 1.0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def errors(self) -> float:
+        return self.metric("dsipam_controller_errors_total")

@@ -492,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     fsck.set_defaults(func=cmd_fsck)
 
     add_client_commands(sub)
+    from dsipam.kube.cli import add_controller_command  # `dsipam controller` (clients/kubernetes)
+
+    add_controller_command(sub)
     return parser
 
 

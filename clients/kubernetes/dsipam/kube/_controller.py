@@ -1,0 +1,237 @@
+"""The controller process: health and metrics, leader election, then the watches and the loops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from kubernetes_asyncio import client, config
+
+from dsipam.client import AsyncIpamClient
+
+from ._ippool import GROUP, PLURAL, VERSION, PoolReconciler
+from ._leader import LeaderElector
+from ._metrics import Metrics
+from ._reconcile import Reconciler
+from ._watch import Informer
+
+log = logging.getLogger("dsipam.kube")
+
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+@dataclass
+class Settings:
+    kubeconfig: str | None = None
+    namespace: str = "default"  # of the Lease
+    lease_name: str = "dsipam-controller"
+    identity: str = ""
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    grace: float = 60.0
+    resync_interval: float = 300.0
+    status_interval: float = 30.0
+    listen: str = "0.0.0.0:8080"
+    watch_timeout: int = 300
+
+    def __post_init__(self) -> None:
+        if not self.identity:
+            self.identity = f"{socket.gethostname()}_{os.getpid()}"
+
+
+def default_namespace() -> str:
+    for var in ("DSIPAM_CONTROLLER_NAMESPACE", "POD_NAMESPACE"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        with open(SA_NAMESPACE_FILE) as f:
+            return f.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
+class Controller:
+    def __init__(self, settings: Settings, ipam: AsyncIpamClient) -> None:
+        self.s = settings
+        self.ipam = ipam
+        self.metrics = Metrics()
+        self.ready = False
+        self.started = time.monotonic()
+        self.elector: LeaderElector | None = None
+        self.pools: PoolReconciler | None = None
+        self.reconciler: Reconciler | None = None
+        self.informers: list[Informer] = []
+        self.pool_queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queued: set[str] = set()
+
+    # -- health and metrics -------------------------------------------------------------------
+
+    async def start_http(self) -> web.AppRunner:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            e = self.elector
+            if e is not None and e.is_leader and time.monotonic() - e.last_renew > self.s.lease_duration:
+                return web.Response(status=500, text="lease not renewed\n")
+            return web.Response(text="ok\n")
+
+        async def readyz(_: web.Request) -> web.Response:
+            if not self.ready:
+                return web.Response(status=503, text="starting\n")
+            role = "leader" if self.elector is not None and self.elector.is_leader else "standby"
+            return web.Response(text=f"ok ({role})\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, _, port = self.s.listen.rpartition(":")
+        site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port))
+        await site.start()
+        bound = runner.addresses[0]
+        print(f"dsipam controller: metrics and health on http://{bound[0]}:{bound[1]}/metrics", flush=True)
+        return runner
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        runner = await self.start_http()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if self.s.kubeconfig:
+            cfg = client.Configuration()
+            await config.load_kube_config(config_file=self.s.kubeconfig, client_configuration=cfg)
+        else:
+            config.load_incluster_config()
+            cfg = client.Configuration.get_default_copy()
+        api = client.ApiClient(configuration=cfg)
+        self.elector = LeaderElector(api, self.s.namespace, self.s.lease_name, self.s.identity, self.metrics,
+                                     duration=self.s.lease_duration, renew_deadline=self.s.renew_deadline,
+                                     retry=self.s.retry_period)
+        self.ready = True  # standby replicas are ready too: they wait for the Lease
+        code = 0
+        try:
+            acquire = asyncio.create_task(self.elector.acquire())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                acquire.cancel()
+                return 0
+            print(f"dsipam controller: leader ({self.s.identity})", flush=True)
+            work = asyncio.create_task(self.lead(api))
+            keep = asyncio.create_task(self.elector.keep())
+            done, _ = await asyncio.wait({work, keep, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if keep in done:
+                log.error("leadership lost: stopping (the Deployment restarts this replica as a standby)")
+                code = 1
+            elif work in done and work.exception() is not None:
+                exc = work.exception()
+                log.error("controller failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+                code = 1
+            for t in (work, keep, stopped):
+                t.cancel()
+            await asyncio.gather(work, keep, stopped, return_exceptions=True)
+            if code == 0:
+                await self.elector.release()
+            return code
+        finally:
+            self.ready = False
+            await api.close()
+            await runner.cleanup()
+
+    async def lead(self, api: client.ApiClient) -> None:
+        core = client.CoreV1Api(api)
+        custom = client.CustomObjectsApi(api)
+        self.pools = PoolReconciler(self.ipam, custom, self.metrics)
+        self.reconciler = Reconciler(self.ipam, core, self.metrics, grace=self.s.grace)
+
+        def list_ippools(**kw: Any) -> Any:
+            return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw)
+
+        pools = Informer("ippools", list_ippools, self._ippool_event, self.metrics, watch_timeout=self.s.watch_timeout)
+        pods = Informer("pods", core.list_pod_for_all_namespaces, self._pod_event, self.metrics,
+                        watch_timeout=self.s.watch_timeout)
+        nodes = Informer("nodes", core.list_node, self._node_event, self.metrics, watch_timeout=self.s.watch_timeout)
+        self.informers = [pools, pods, nodes]
+        async with asyncio.TaskGroup() as tg:
+            for inf in self.informers:
+                tg.create_task(inf.run())
+            tg.create_task(self._pool_worker(pools))
+            tg.create_task(self.reconciler.run_pending())
+            tg.create_task(self._resync_loop())
+            tg.create_task(self._status_loop(pools))
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _ippool_event(self, kind: str, obj: dict) -> None:
+        if kind == "DELETED":
+            return
+        self._enqueue(obj["metadata"]["name"])
+
+    def _enqueue(self, name: str) -> None:
+        if name not in self.queued:
+            self.queued.add(name)
+            self.pool_queue.put_nowait(name)
+
+    def _pod_event(self, kind: str, obj: dict) -> None:
+        assert self.reconciler is not None
+        self.reconciler.pod_event(kind, obj)
+
+    def _node_event(self, kind: str, obj: dict) -> None:
+        assert self.reconciler is not None
+        self.reconciler.node_event(kind, obj)
+
+    async def _pool_worker(self, informer: Informer) -> None:
+        assert self.pools is not None
+        while True:
+            name = await self.pool_queue.get()
+            self.queued.discard(name)
+            obj = informer.cache.get(name)
+            if obj is None:
+                continue
+            try:
+                await self.pools.reconcile(obj)
+            except Exception as exc:  # noqa: BLE001 - counted, logged, retried after a pause
+                self.metrics.errors.labels(where="ippool").inc()
+                log.error("IPPool %s: reconcile failed: %s: %s", name, type(exc).__name__, exc, exc_info=exc)
+                asyncio.get_running_loop().call_later(2.0, self._enqueue, name)
+
+    async def _resync_loop(self) -> None:
+        assert self.reconciler is not None
+        for inf in self.informers:
+            await inf.synced.wait()
+        while True:
+            try:
+                await self.reconciler.resync()
+            except Exception as exc:  # noqa: BLE001 - counted, logged, tried again next interval
+                self.metrics.errors.labels(where="resync").inc()
+                log.error("resync failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            await asyncio.sleep(self.s.resync_interval)
+
+    async def _status_loop(self, informer: Informer) -> None:
+        await informer.synced.wait()
+        while True:
+            await asyncio.sleep(self.s.status_interval)
+            for name in list(informer.cache):
+                self._enqueue(name)
+
+
+async def serve(settings: Settings, ipam: AsyncIpamClient) -> int:
+    async with ipam:
+        return await Controller(settings, ipam).run()

@@ -1,0 +1,227 @@
+"""Pod-leak and node reconciliation.
+
+An allocation belongs to a pod when it carries the ``k8s.podUID`` attribute (the CNI plugin
+records K8S_POD_UID from CNI_ARGS under that name; clients/cni/dsipam/cni/_plugin.py).
+
+Two paths lead to a release, both through GarbageCollect with an attribute selector or a node, so
+that the server re-checks the grace against each allocation's create_time at the moment of release:
+
+- **events**: a Pod DELETED (or turned Succeeded/Failed) schedules its UID, a Node DELETED
+  schedules its name, ``grace`` seconds later;
+- **full resync** (every ``resync_interval`` and after each start): list every pool's allocations
+  FIRST, then the pods and nodes. Any allocation in the first list was made for a pod that existed
+  before the pod list began (the CNI plugin runs for a pod that the API server already holds), so
+  a pod missing from the second list is gone, never "not created yet"; and an allocation younger
+  than the grace is kept in any case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsipam.client import AsyncIpamClient
+
+from ._metrics import Metrics
+from ._watch import list_all
+
+log = logging.getLogger("dsipam.kube")
+
+POD_UID = "k8s.podUID"
+TERMINAL = frozenset({"Succeeded", "Failed"})
+
+
+@dataclass
+class ResyncReport:
+    pools: int = 0
+    allocations: int = 0
+    pods: int = 0
+    nodes: int = 0
+    leaked: int = 0
+    released: int = 0
+    nodes_gone: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _live_pod(pod: dict) -> bool:
+    # A pod with a deletionTimestamp still runs until its containers stop: it stays live.
+    return (pod.get("status") or {}).get("phase") not in TERMINAL
+
+
+class Reconciler:
+    """Releases what pods and nodes that are gone left behind."""
+
+    def __init__(self, ipam: AsyncIpamClient, core: Any, metrics: Metrics, *, grace: float,
+                 concurrency: int = 16) -> None:
+        self.ipam = ipam
+        self.core = core  # kubernetes_asyncio CoreV1Api
+        self.metrics = metrics
+        self.grace = grace
+        self.sem = asyncio.Semaphore(concurrency)
+        # pod UID -> monotonic due time; node name -> (wall time it went away, monotonic due time)
+        self.pending_pods: dict[str, float] = {}
+        self.pending_nodes: dict[str, tuple[dt.datetime, float]] = {}
+        self.wake = asyncio.Event()
+        self.last_report: ResyncReport | None = None
+
+    # -- events ------------------------------------------------------------------------------
+
+    def pod_event(self, kind: str, pod: dict) -> None:
+        uid = pod["metadata"].get("uid")
+        if not uid:
+            return
+        if kind == "DELETED" or (pod.get("status") or {}).get("phase") in TERMINAL:
+            self.pending_pods.setdefault(uid, time.monotonic() + self.grace)
+            self.wake.set()
+
+    def node_event(self, kind: str, node: dict) -> None:
+        if kind == "DELETED":
+            self.schedule_node(node["metadata"]["name"], dt.datetime.now(dt.UTC))
+
+    def schedule_node(self, name: str, gone_since: dt.datetime) -> None:
+        if name not in self.pending_nodes:
+            self.pending_nodes[name] = (gone_since, time.monotonic() + self.grace)
+            self.wake.set()
+
+    async def run_pending(self) -> None:
+        """Releases scheduled pods and nodes when their grace has passed."""
+        while True:
+            now = time.monotonic()
+            due_pods = [u for u, t in self.pending_pods.items() if t <= now]
+            due_nodes = [n for n, (_, t) in self.pending_nodes.items() if t <= now]
+            if due_pods:
+                pools = await self._pool_names()
+                await asyncio.gather(*(self._release_pod(p, u) for u in due_pods for p in pools))
+                for u in due_pods:
+                    self.pending_pods.pop(u, None)
+            for name in due_nodes:
+                gone_since, _ = self.pending_nodes[name]
+                await self.release_node(name, gone_since)
+                self.pending_nodes.pop(name, None)
+            nxt = min([*self.pending_pods.values(), *(t for _, t in self.pending_nodes.values())], default=None)
+            self.wake.clear()
+            timeout = None if nxt is None else max(0.0, nxt - time.monotonic())
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _pool_names(self) -> list[str]:
+        return [p.name async for p in self.ipam.iter_pools(page_size=1000)]
+
+    async def _release_pod(self, pool: str, uid: str, grace: float | None = None) -> int:
+        async with self.sem:
+            try:
+                released = await self.ipam.garbage_collect(pool, (), grace=self.grace if grace is None else grace,
+                                                           selector={POD_UID: uid})
+            except Exception:  # noqa: BLE001 - counted, logged; the next resync tries again
+                self.metrics.errors.labels(where="release-pod").inc()
+                log.exception("releasing pod %s's allocations in pool %s failed", uid, pool)
+                return 0
+        for a in released:
+            log.info("released %s/%s: pod %s is gone (%s)", pool, a.owner, uid,
+                     ", ".join(str(x.ip) for x in a.addresses))
+        if released:
+            self.metrics.leaks_released.labels(pool=pool).inc(len(released))
+        self.metrics.reconciles.labels(kind="pod").inc()
+        return len(released)
+
+    async def release_node(self, name: str, gone_since: dt.datetime) -> None:
+        """In every pool: the node's allocations made before ``gone_since`` (and older than the
+        grace), then its blocks that are empty now (ReleaseNode)."""
+        age = (dt.datetime.now(dt.UTC) - gone_since).total_seconds()
+        grace = max(age, self.grace)
+        try:
+            pools = await self._pool_names()
+        except Exception:  # noqa: BLE001
+            self.metrics.errors.labels(where="release-node").inc()
+            log.exception("releasing node %s: listing pools failed", name)
+            self.pending_nodes.setdefault(name, (gone_since, time.monotonic() + self.grace))
+            return
+        failed = False
+        for pool in pools:
+            try:
+                released = await self.ipam.garbage_collect(pool, (), grace=grace, node=name)
+                blocks = await self.ipam.release_node(pool, name)
+            except Exception:  # noqa: BLE001 - counted, logged, retried at the next resync
+                failed = True
+                self.metrics.errors.labels(where="release-node").inc()
+                log.exception("releasing node %s in pool %s failed", name, pool)
+                continue
+            if released:
+                self.metrics.node_allocations_released.labels(pool=pool).inc(len(released))
+            if blocks.released:
+                self.metrics.node_blocks_released.labels(pool=pool).inc(len(blocks.released))
+            if released or blocks.released:
+                log.info("node %s is gone: released %d allocation(s) and %d block(s) in pool %s (%d block(s) kept)",
+                         name, len(released), len(blocks.released), pool, len(blocks.kept))
+        if not failed:
+            self.metrics.nodes_released.inc()
+            self.metrics.reconciles.labels(kind="node").inc()
+
+    # -- full resync -------------------------------------------------------------------------
+
+    async def resync(self) -> ResyncReport:
+        start = time.monotonic()
+        report = ResyncReport()
+        pools = await self._pool_names()
+        report.pools = len(pools)
+        # 1. allocations first (all pools) ...
+        by_pool: dict[str, list[tuple[str, str | None, dt.datetime | None]]] = {}
+        for pool in pools:
+            rows = []
+            async for a in self.ipam.iter_allocations(pool, page_size=1000):
+                uid = a.attributes.get(POD_UID)
+                if uid:
+                    rows.append((uid, a.node, a.create_time))
+            by_pool[pool] = rows
+            report.allocations += len(rows)
+        # 2. ... then pods and nodes
+        pods, _ = await list_all(self.core.list_pod_for_all_namespaces)
+        nodes, _ = await list_all(self.core.list_node)
+        report.pods, report.nodes = len(pods), len(nodes)
+        live = {p["metadata"]["uid"] for p in pods if _live_pod(p)}
+        node_names = {n["metadata"]["name"] for n in nodes}
+        # 3. ... and keep the grace (checked here and again by the server)
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.grace)
+        jobs = []
+        missing_nodes: set[str] = set()
+        nodes_of_live_pods: set[str] = set()
+        for pool, rows in by_pool.items():
+            leaked: set[str] = set()
+            for uid, node, created in rows:
+                if node and node not in node_names:
+                    missing_nodes.add(node)
+                    if uid in live:
+                        nodes_of_live_pods.add(node)
+                if uid not in live and (created is None or created <= cutoff):
+                    leaked.add(uid)
+            report.leaked += len(leaked)
+            jobs.extend(self._release_pod(pool, uid) for uid in leaked)
+        counts = await asyncio.gather(*jobs)
+        report.released = sum(counts)
+        # A node name that no Node has, but that live pods' allocations name, is not a deleted node
+        # (a CNI configuration whose node is not the Node's name): never released from here.
+        for node in sorted(missing_nodes - nodes_of_live_pods):
+            if node not in self.pending_nodes:
+                report.nodes_gone.append(node)
+                self.schedule_node(node, dt.datetime.now(dt.UTC))
+        report.seconds = time.monotonic() - start
+        self.metrics.resync_seconds.observe(report.seconds)
+        self.metrics.resync_allocations.set(report.allocations)
+        self.metrics.resync_pods.set(report.pods)
+        self.metrics.reconciles.labels(kind="resync").inc()
+        self.last_report = report
+        log.info("resync: %d pool(s), %d pod allocation(s), %d pod(s), %d node(s); %d leaked, %d released, "
+                 "nodes gone %s; %.2fs", report.pools, report.allocations, report.pods, report.nodes, report.leaked,
+                 report.released, report.nodes_gone or "none", report.seconds)
+        return report
+
+
+def names(objs: Iterable[dict]) -> set[str]:
+    return {o["metadata"]["name"] for o in objs}

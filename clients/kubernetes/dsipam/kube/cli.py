@@ -1,0 +1,131 @@
+"""``dsipam controller``: flags and DSIPAM_CONTROLLER_* settings (a flag wins over its variable)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+# (flag, env, type, default, help)
+_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
+    ("--kubeconfig", "KUBECONFIG", str, None, "kubeconfig file; unset: the in-cluster ServiceAccount"),
+    ("--namespace", "DSIPAM_CONTROLLER_NAMESPACE", str, None,
+     "namespace of the Lease (default: POD_NAMESPACE, the ServiceAccount's namespace, or default)"),
+    ("--lease-name", "DSIPAM_CONTROLLER_LEASE_NAME", str, "dsipam-controller", "name of the Lease"),
+    ("--identity", "DSIPAM_CONTROLLER_IDENTITY", str, None, "this replica's name in the Lease "
+     "(default: POD_NAME, else host_pid)"),
+    ("--lease-duration", "DSIPAM_CONTROLLER_LEASE_DURATION", float, 15.0,
+     "seconds a Lease holds without renewal; a standby takes over after it"),
+    ("--renew-deadline", "DSIPAM_CONTROLLER_RENEW_DEADLINE", float, 10.0,
+     "seconds the leader keeps acting without a successful renewal"),
+    ("--retry-period", "DSIPAM_CONTROLLER_RETRY_PERIOD", float, 2.0, "seconds between Lease renewals and tries"),
+    ("--grace", "DSIPAM_CONTROLLER_GRACE", float, 60.0,
+     "seconds an allocation of a gone pod or node is kept before it is released"),
+    ("--resync-interval", "DSIPAM_CONTROLLER_RESYNC_INTERVAL", float, 300.0, "seconds between full resyncs"),
+    ("--status-interval", "DSIPAM_CONTROLLER_STATUS_INTERVAL", float, 30.0,
+     "seconds between IPPool status (usage) refreshes"),
+    ("--listen", "DSIPAM_CONTROLLER_LISTEN", str, "0.0.0.0:8080", "host:port of /metrics, /healthz and /readyz"),
+    ("--watch-timeout", "DSIPAM_CONTROLLER_WATCH_TIMEOUT", int, 300,
+     "seconds a watch request lasts before it is renewed from its resourceVersion"),
+    ("--log-level", "DSIPAM_LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("--log-format", "DSIPAM_LOG_FORMAT", str, "text", "text or json"),
+)
+
+
+def _dest(flag: str) -> str:
+    return "controller_" + flag.lstrip("-").replace("-", "_")
+
+
+def add_controller_command(sub: Any) -> None:
+    """Adds ``controller`` to the ``dsipam`` command's subparsers."""
+    p = sub.add_parser("controller", help="run the Kubernetes controller (IPPool, pod-leak and node reconciliation)",
+                       description="Runs the Kubernetes controller; see docs/kubernetes.md. It reaches dsipam "
+                                   "with the connection options (--target, --token-file, ... / DSIPAM_TARGET, ...).")
+    for flag, env, _, default, text in _OPTIONS:
+        p.add_argument(flag, dest=_dest(flag), help=f"{text} (env {env}" + (f"; default {default})" if default
+                                                                              is not None else ")"))
+    p.set_defaults(func=cmd_controller)
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    from ._controller import Settings, default_namespace
+
+    values: dict[str, Any] = {}
+    for flag, env, conv, default, _ in _OPTIONS:
+        raw = getattr(args, _dest(flag), None)
+        source = flag
+        if raw is None and os.environ.get(env):
+            raw, source = os.environ[env], env
+        if raw is None:
+            values[flag] = default
+            continue
+        try:
+            value = conv(raw)
+        except ValueError:
+            raise SystemExit(f"dsipam controller: {source}: {raw!r} is not a {conv.__name__}") from None
+        if conv in (float, int) and value < 0:
+            raise SystemExit(f"dsipam controller: {source}: {raw} is negative")
+        values[flag] = value
+    if values["--log-format"] not in ("text", "json"):
+        raise SystemExit(f"dsipam controller: --log-format: {values['--log-format']!r} is not text or json")
+    s = Settings(
+        kubeconfig=values["--kubeconfig"], namespace=values["--namespace"] or default_namespace(),
+        lease_name=values["--lease-name"], identity=values["--identity"] or os.environ.get("POD_NAME", ""),
+        lease_duration=values["--lease-duration"], renew_deadline=values["--renew-deadline"],
+        retry_period=values["--retry-period"], grace=values["--grace"], resync_interval=values["--resync-interval"],
+        status_interval=values["--status-interval"], listen=values["--listen"],
+        watch_timeout=values["--watch-timeout"],
+    )
+    if not 0 < s.retry_period < s.renew_deadline < s.lease_duration:
+        raise SystemExit("dsipam controller: need 0 < --retry-period < --renew-deadline < --lease-duration "
+                         f"(got {s.retry_period}, {s.renew_deadline}, {s.lease_duration})")
+    if s.resync_interval <= 0 or s.status_interval <= 0 or s.watch_timeout <= 0:
+        raise SystemExit("dsipam controller: --resync-interval, --status-interval and --watch-timeout must be positive")
+    return s, values["--log-level"].upper(), values["--log-format"]
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from ._controller import serve
+
+    settings, level, fmt = settings_from(args)
+    try:
+        from dsipam.server.observability import setup_logging
+
+        setup_logging(level, fmt)
+    except ImportError:  # the SDK without the server: plain logging
+        import logging
+
+        logging.basicConfig(level=level, stream=sys.stderr)
+
+    async def main() -> int:
+        try:  # the gRPC aio channel belongs to the running loop: made here
+            ipam = make_async_client(args)
+        except Exception as exc:  # noqa: BLE001 - a bad connection option: one line
+            raise SystemExit(f"dsipam controller: {exc}") from None
+        return await serve(settings, ipam)
+
+    return asyncio.run(main())
+
+
+def make_async_client(args: argparse.Namespace) -> Any:
+    """The async SDK client for the connection options (flags first, then DSIPAM_*), as ``make_client``."""
+    from dsipam.client import AsyncIpamClient
+    from dsipam.client._channel import TlsConfig
+    from dsipam.client._cli import _dest as client_dest
+    from dsipam.client._cli import _setting
+
+    ca, cert, key, name = (_setting(args, f) for f in ("--ca-file", "--cert-file", "--key-file", "--server-name"))
+    tls: Any = None
+    if ca or cert or key or name:
+        tls = TlsConfig(ca_file=ca, cert_file=cert, key_file=key, server_name=name)
+    elif _setting(args, "--tls"):
+        tls = True
+    timeout_text = _setting(args, "--timeout")
+    timeout = float(timeout_text) if timeout_text is not None else 10.0
+    token, token_file = getattr(args, client_dest("--token"), None), getattr(args, client_dest("--token-file"), None)
+    if token is None and token_file is None:
+        token, token_file = _setting(args, "--token"), _setting(args, "--token-file")
+    return AsyncIpamClient(_setting(args, "--target"), tls=tls, token=token, token_file=token_file, timeout=timeout)
