@@ -392,3 +392,67 @@ class ControllerProcess:
 
     def errors(self) -> float:
         return self.metric("dsipam_controller_errors_total")
+
+
+# -- the project's manifests on the API server, and the controller's identity --------------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+CONTROLLER_NS = "dsipam-system"
+CONTROLLER_SA = "dsipam-controller"
+
+
+async def install_controller_manifests(api: ApiServer, tmp: Path) -> Path:
+    """Applies the real namespace, CRD and controller RBAC files (once per API server) and returns a
+    kubeconfig holding a fresh token of the controller's ServiceAccount (TokenRequest)."""
+    from kubernetes_asyncio import client
+
+    if not getattr(api, "_controller_installed", False):
+        await api.async_apply_files([DEPLOY / "namespace.yaml", DEPLOY / "crd-ippool.yaml"])
+        async with api.api_client() as c:
+            ext = client.ApiextensionsV1Api(c)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                crd = await ext.read_custom_resource_definition("ippools.ipam.dsipam.io")
+                if any(x.type == "Established" and x.status == "True" for x in (crd.status.conditions or ())):
+                    break
+                await asyncio.sleep(0.1)
+        # Everything in controller.yaml but the Deployment (no kubelet runs it here).
+        docs = [d for d in load_yaml_files([DEPLOY / "controller.yaml"]) if d["kind"] != "Deployment"]
+        await api.async_apply(docs)
+        api._controller_installed = True  # type: ignore[attr-defined]
+    token = await api.async_service_account_token(CONTROLLER_NS, CONTROLLER_SA)
+    return api.write_kubeconfig(tmp / f"controller-{secrets.token_hex(3)}.kubeconfig", token)
+
+
+async def wait_for(pred: Any, within: float = 20.0, interval: float = 0.1, what: str = "condition") -> Any:
+    """Polls ``pred`` (sync or async) until it returns something truthy; returns that."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"{what} not met within {within}s (last: {last!r})")
+
+
+async def delete_all_ippools(api: ApiServer) -> None:
+    """Test clean-up: every IPPool goes, finalizers stripped (the controller may be gone)."""
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.rest import ApiException
+
+    async with api.api_client() as c:
+        custom = client.CustomObjectsApi(c)
+        items = (await custom.list_cluster_custom_object("ipam.dsipam.io", "v1alpha1", "ippools"))["items"]
+        for item in items:
+            name = item["metadata"]["name"]
+            try:
+                await custom.patch_cluster_custom_object("ipam.dsipam.io", "v1alpha1", "ippools", name,
+                                                         {"metadata": {"finalizers": None}},
+                                                         _content_type="application/merge-patch+json")
+                await custom.delete_cluster_custom_object("ipam.dsipam.io", "v1alpha1", "ippools", name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.rest import ApiException
 
 from dsipam.client import AsyncIpamClient
 
@@ -207,6 +208,17 @@ class Controller:
                 continue
             try:
                 await self.pools.reconcile(obj)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise_later = exc
+                else:  # the object changed meanwhile: its newer version is (or soon is) in the cache
+                    self.metrics.conflicts.inc()
+                    log.info("IPPool %s changed while it was reconciled (409): again with its new version", name)
+                    asyncio.get_running_loop().call_later(0.2, self._enqueue, name)
+                    continue
+                self.metrics.errors.labels(where="ippool").inc()
+                log.error("IPPool %s: reconcile failed: %s", name, raise_later, exc_info=raise_later)
+                asyncio.get_running_loop().call_later(2.0, self._enqueue, name)
             except Exception as exc:  # noqa: BLE001 - counted, logged, retried after a pause
                 self.metrics.errors.labels(where="ippool").inc()
                 log.error("IPPool %s: reconcile failed: %s: %s", name, type(exc).__name__, exc, exc_info=exc)

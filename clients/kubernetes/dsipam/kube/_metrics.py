@@ -43,5 +43,8 @@ class Metrics:
         self.pool_writes = Counter("dsipam_controller_pool_writes_total",
                                    "Writes to dsipam pools (create, update, add/remove range, delete)", ["op"],
                                    registry=r)
+        self.conflicts = Counter("dsipam_controller_conflicts_total",
+                                 "IPPool writes refused with 409 Conflict (the object changed): retried with its "
+                                 "new version", registry=r)
         self.status_writes = Counter("dsipam_controller_status_writes_total", "IPPool status updates written",
                                      registry=r)
