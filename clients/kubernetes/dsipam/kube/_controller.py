@@ -170,6 +170,7 @@ class Controller:
                         watch_timeout=self.s.watch_timeout)
         nodes = Informer("nodes", core.list_node, self._node_event, self.metrics, watch_timeout=self.s.watch_timeout)
         self.informers = [pools, pods, nodes]
+        self.reconciler.node_exists = lambda name: name in nodes.cache
         async with asyncio.TaskGroup() as tg:
             for inf in self.informers:
                 tg.create_task(inf.run())

@@ -21,7 +21,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,9 @@ class Reconciler:
         self.pending_pods: dict[str, float] = {}
         self.pending_nodes: dict[str, tuple[dt.datetime, float]] = {}
         self.wake = asyncio.Event()
+        self.node_exists: Callable[[str], bool] = lambda name: False
+        self._node_retries: dict[str, int] = {}
+        self._released_nodes: set[str] = set()  # released once, blocks still waiting for a cooldown
         self.last_report: ResyncReport | None = None
 
     # -- events ------------------------------------------------------------------------------
@@ -100,9 +103,8 @@ class Reconciler:
                 for u in due_pods:
                     self.pending_pods.pop(u, None)
             for name in due_nodes:
-                gone_since, _ = self.pending_nodes[name]
+                gone_since, _ = self.pending_nodes.pop(name)
                 await self.release_node(name, gone_since)
-                self.pending_nodes.pop(name, None)
             nxt = min([*self.pending_pods.values(), *(t for _, t in self.pending_nodes.values())], default=None)
             self.wake.clear()
             timeout = None if nxt is None else max(0.0, nxt - time.monotonic())
@@ -133,36 +135,56 @@ class Reconciler:
 
     async def release_node(self, name: str, gone_since: dt.datetime) -> None:
         """In every pool: the node's allocations made before ``gone_since`` (and older than the
-        grace), then its blocks that are empty now (ReleaseNode)."""
+        grace), then its blocks that are empty now (ReleaseNode). Blocks kept only because their
+        released addresses wait out the pool's cooldown are tried again once it has passed (while
+        the node is still gone: a node back under the same name owns what it allocated since)."""
         age = (dt.datetime.now(dt.UTC) - gone_since).total_seconds()
         grace = max(age, self.grace)
+        again: float | None = None
         try:
-            pools = await self._pool_names()
-        except Exception:  # noqa: BLE001
+            pools = [p async for p in self.ipam.iter_pools(page_size=1000)]
+        except Exception:  # noqa: BLE001 - counted, logged, tried again
             self.metrics.errors.labels(where="release-node").inc()
             log.exception("releasing node %s: listing pools failed", name)
-            self.pending_nodes.setdefault(name, (gone_since, time.monotonic() + self.grace))
+            self.pending_nodes[name] = (gone_since, time.monotonic() + max(self.grace, 5.0))
             return
         failed = False
+        total = 0
         for pool in pools:
             try:
-                released = await self.ipam.garbage_collect(pool, (), grace=grace, node=name)
-                blocks = await self.ipam.release_node(pool, name)
-            except Exception:  # noqa: BLE001 - counted, logged, retried at the next resync
+                released = await self.ipam.garbage_collect(pool.name, (), grace=grace, node=name)
+                blocks = await self.ipam.release_node(pool.name, name)
+            except Exception:  # noqa: BLE001 - counted, logged, tried again
                 failed = True
                 self.metrics.errors.labels(where="release-node").inc()
-                log.exception("releasing node %s in pool %s failed", name, pool)
+                log.exception("releasing node %s in pool %s failed", name, pool.name)
                 continue
+            total += len(released)
             if released:
-                self.metrics.node_allocations_released.labels(pool=pool).inc(len(released))
+                self.metrics.node_allocations_released.labels(pool=pool.name).inc(len(released))
             if blocks.released:
-                self.metrics.node_blocks_released.labels(pool=pool).inc(len(blocks.released))
-            if released or blocks.released:
+                self.metrics.node_blocks_released.labels(pool=pool.name).inc(len(blocks.released))
+            if blocks.kept:
+                wait = pool.cooldown.total_seconds() + 1.0
+                again = wait if again is None else max(again, wait)
+            if released or blocks.released or blocks.kept:
                 log.info("node %s is gone: released %d allocation(s) and %d block(s) in pool %s (%d block(s) kept)",
-                         name, len(released), len(blocks.released), pool, len(blocks.kept))
-        if not failed:
+                         name, len(released), len(blocks.released), pool.name, len(blocks.kept))
+        first = name not in self._released_nodes
+        if failed:
+            self.pending_nodes[name] = (gone_since, time.monotonic() + max(self.grace, 5.0))
+        elif again is not None and not self.node_exists(name) and self._node_retries.get(name, 0) < 5:
+            self._node_retries[name] = self._node_retries.get(name, 0) + 1
+            self.pending_nodes[name] = (gone_since, time.monotonic() + again)
+        else:
+            self._node_retries.pop(name, None)
+        if not failed and first:
+            self._released_nodes.add(name)
             self.metrics.nodes_released.inc()
             self.metrics.reconciles.labels(kind="node").inc()
+        if name not in self.pending_nodes:
+            self._released_nodes.discard(name)
+        self.wake.set()
 
     # -- full resync -------------------------------------------------------------------------
 
@@ -187,24 +209,36 @@ class Reconciler:
         report.pods, report.nodes = len(pods), len(nodes)
         live = {p["metadata"]["uid"] for p in pods if _live_pod(p)}
         node_names = {n["metadata"]["name"] for n in nodes}
-        # 3. ... and keep the grace (checked here and again by the server)
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.grace)
+        # 3. ... and keep the grace: from when the pod was first seen gone, and (checked by the server
+        # in GarbageCollect) from each allocation's create_time.
         jobs = []
+        released_now: set[str] = set()
         missing_nodes: set[str] = set()
         nodes_of_live_pods: set[str] = set()
         for pool, rows in by_pool.items():
             leaked: set[str] = set()
-            for uid, node, created in rows:
+            for uid, node, _created in rows:
                 if node and node not in node_names:
                     missing_nodes.add(node)
                     if uid in live:
                         nodes_of_live_pods.add(node)
-                if uid not in live and (created is None or created <= cutoff):
+                if uid not in live:
                     leaked.add(uid)
             report.leaked += len(leaked)
-            jobs.extend(self._release_pod(pool, uid) for uid in leaked)
+            # A pod seen gone for the first time waits out the grace from now (as after its DELETED
+            # event); one already waiting past its grace goes now.
+            now_mono = time.monotonic()
+            for uid in leaked:
+                due = self.pending_pods.setdefault(uid, now_mono + self.grace)
+                if due <= now_mono:
+                    jobs.append(self._release_pod(pool, uid))
+                    released_now.add(uid)
+                else:
+                    self.wake.set()
         counts = await asyncio.gather(*jobs)
         report.released = sum(counts)
+        for uid in released_now:
+            self.pending_pods.pop(uid, None)
         # A node name that no Node has, but that live pods' allocations name, is not a deleted node
         # (a CNI configuration whose node is not the Node's name): never released from here.
         for node in sorted(missing_nodes - nodes_of_live_pods):
