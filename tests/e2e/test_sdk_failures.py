@@ -221,6 +221,7 @@ def sabotaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server
     unexpected error (INTERNAL). A sequence counts the pool inserts tried."""
     with scratch_database("dsipam_sdk_sabotage") as url:
         server = spawn_server(url, tmp_path_factory.mktemp("sabotage"))
+        server.expected_traceback_lines = ("dsipam.rpc internal error",)  # the INTERNAL answers it provokes
         try:
             with IpamClient(server.target, timeout=WAIT) as ipam:
                 ipam.create_pool("existing", DUAL)
