@@ -177,3 +177,54 @@ async def test_watch_cut_by_api_server_restart_misses_nothing(start: Callable[..
 
 async def _gone(ipam: AsyncIpamClient) -> bool:
     return not await _held(ipam, "cut", "gone/eth0")
+
+
+async def test_watch_resumed_after_410_gone_relists_and_misses_nothing(
+        start: Callable[..., ControllerProcess], kube_api: ApiServer, ipam: AsyncIpamClient) -> None:
+    """The controller is frozen (SIGSTOP) while the API server restarts, a pod is deleted and etcd's
+    history is compacted past the controller's resourceVersion: on SIGCONT its resume gets 410 Gone,
+    it lists afresh, and the deletion it never saw as an event is still reconciled."""
+    import signal
+
+    await ipam.create_pool("gone410", ["198.18.31.0/24"])
+    ns = f"g410-{uuid.uuid4().hex[:6]}"
+    async with kube_api.api_client() as api:
+        core = client.CoreV1Api(api)
+        await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+        for name in ("keep", "gone"):
+            pod = client.V1Pod(metadata=client.V1ObjectMeta(name=name, namespace=ns),
+                               spec=client.V1PodSpec(node_name="n1", containers=[client.V1Container(name="c",
+                                                                                                   image="pause")]))
+            uid = (await core.create_namespaced_pod(ns, pod)).metadata.uid
+            await ipam.allocate("gone410", f"{name}/eth0", node="n1", attributes={"k8s.podUID": uid})
+    ctl = start("g410", "--lease-duration", "60", "--renew-deadline", "40", "--retry-period", "1", "--grace", "1",
+                "--resync-interval", "3600")
+    await wait_for(ctl.is_leader, 30, what="leader")
+    await wait_for(lambda: ctl.metric("dsipam_controller_reconciles_total", kind="resync") >= 1, 15, what="resync")
+    relists = ctl.metric("dsipam_controller_relists_total", kind="pods")
+
+    ctl.proc.send_signal(signal.SIGSTOP)
+    try:
+        kube_api.stop_apiserver()
+        await asyncio.to_thread(kube_api.start_apiserver)
+        async with kube_api.api_client() as api:
+            await client.CoreV1Api(api).delete_namespaced_pod("gone", ns, grace_period_seconds=0)
+        kube_api.compact_etcd()
+        await asyncio.to_thread(kube_api.restart_apiserver)  # its watch cache starts after the compaction
+    finally:
+        ctl.proc.send_signal(signal.SIGCONT)
+    await wait_for(lambda: _gone_410(ipam), 30,
+                   what="the pod deleted while the controller was frozen is released")
+    assert await _held(ipam, "gone410", "keep/eth0")
+    gone = ctl.metric("dsipam_controller_watch_restarts_total", kind="pods", reason="gone")
+    relisted = ctl.metric("dsipam_controller_relists_total", kind="pods") - relists
+    print(f"\n410 Gone on resume: {gone:.0f}x, relists {relisted:.0f}; the missed deletion was reconciled")
+    assert gone >= 1 and relisted >= 1
+    assert ctl.metric("dsipam_controller_watch_events_total", kind="pods", type="DELETED") == 0  # not an event
+    assert ctl.metric("dsipam_controller_reconciles_total", kind="resync") == 1  # not the backstop
+    async with kube_api.api_client() as api:
+        await client.CoreV1Api(api).delete_namespace(ns)
+
+
+async def _gone_410(ipam: AsyncIpamClient) -> bool:
+    return not await _held(ipam, "gone410", "gone/eth0")
