@@ -21,7 +21,7 @@ from ._ippool import GROUP, PLURAL, VERSION, PoolReconciler
 from ._leader import LeaderElector
 from ._metrics import Metrics
 from ._reconcile import Reconciler
-from ._watch import Informer
+from ._watch import Informer, slim_meta, slim_pod
 
 log = logging.getLogger("dsipam.kube")
 
@@ -167,8 +167,9 @@ class Controller:
 
         pools = Informer("ippools", list_ippools, self._ippool_event, self.metrics, watch_timeout=self.s.watch_timeout)
         pods = Informer("pods", core.list_pod_for_all_namespaces, self._pod_event, self.metrics,
-                        watch_timeout=self.s.watch_timeout)
-        nodes = Informer("nodes", core.list_node, self._node_event, self.metrics, watch_timeout=self.s.watch_timeout)
+                        watch_timeout=self.s.watch_timeout, slim=slim_pod)
+        nodes = Informer("nodes", core.list_node, self._node_event, self.metrics, watch_timeout=self.s.watch_timeout,
+                         slim=slim_meta)
         self.informers = [pools, pods, nodes]
         self.reconciler.node_exists = lambda name: name in nodes.cache
         async with asyncio.TaskGroup() as tg:

@@ -28,7 +28,7 @@ from typing import Any
 from dsipam.client import AsyncIpamClient
 
 from ._metrics import Metrics
-from ._watch import list_all
+from ._watch import list_all, slim_meta, slim_pod
 
 log = logging.getLogger("dsipam.kube")
 
@@ -204,8 +204,8 @@ class Reconciler:
             by_pool[pool] = rows
             report.allocations += len(rows)
         # 2. ... then pods and nodes
-        pods, _ = await list_all(self.core.list_pod_for_all_namespaces)
-        nodes, _ = await list_all(self.core.list_node)
+        pods, _ = await list_all(self.core.list_pod_for_all_namespaces, slim=slim_pod)
+        nodes, _ = await list_all(self.core.list_node, slim=slim_meta)
         report.pods, report.nodes = len(pods), len(nodes)
         live = {p["metadata"]["uid"] for p in pods if _live_pod(p)}
         node_names = {n["metadata"]["name"] for n in nodes}

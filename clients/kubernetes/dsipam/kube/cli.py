@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -66,8 +67,8 @@ def settings_from(args: argparse.Namespace) -> Any:
             value = conv(raw)
         except ValueError:
             raise SystemExit(f"dsipam controller: {source}: {raw!r} is not a {conv.__name__}") from None
-        if conv in (float, int) and value < 0:
-            raise SystemExit(f"dsipam controller: {source}: {raw} is negative")
+        if conv in (float, int) and not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"dsipam controller: {source}: {raw} is not a finite number >= 0")
         values[flag] = value
     if values["--log-format"] not in ("text", "json"):
         raise SystemExit(f"dsipam controller: --log-format: {values['--log-format']!r} is not text or json")

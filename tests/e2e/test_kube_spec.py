@@ -1,0 +1,121 @@
+"""Hypothesis over the controller's input paths: IPPool specs (through the real API server's schema
+and CEL rules, then the controller's own parsing) and its settings (flags and DSIPAM_CONTROLLER_*)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kube import ApiServer, install_controller_manifests
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.rest import ApiException
+
+from dsipam.client import InvalidArgument
+from dsipam.kube._ippool import desired_ranges, parse_duration
+from dsipam.kube.cli import add_controller_command, settings_from
+
+G, V, P = "ipam.dsipam.io", "v1alpha1", "ippools"
+
+cidr_text = st.one_of(
+    st.builds(lambda a, p: str(ipaddress.ip_network(f"198.18.{a}.0/{p}", strict=False)), st.integers(0, 255),
+              st.integers(16, 30)),
+    st.builds(lambda a, p: f"fd00:{a:x}::/{p}", st.integers(0, 0xFFFF), st.integers(96, 126)),
+    st.builds(lambda a, p: f"198.18.0.{a}/{p}", st.integers(0, 255), st.integers(0, 40)),  # host bits, bad prefix
+    st.text(max_size=20),
+)
+addr_text = st.one_of(st.builds(lambda a: f"198.18.{a}.1", st.integers(0, 255)), st.just("fd00::5"),
+                      st.text(max_size=12))
+duration_text = st.one_of(st.builds(lambda n, u: f"{n}{u}", st.integers(0, 200), st.sampled_from(["ms", "s", "m", "h"])),
+                          st.text(max_size=10))
+range_obj = st.fixed_dictionaries({"cidr": cidr_text}, optional={
+    "first": addr_text, "last": addr_text, "gateway": addr_text, "exclude": st.lists(addr_text, max_size=3),
+    "blockSize": st.integers(-1, 70000)})
+spec_obj = st.fixed_dictionaries({"ranges": st.lists(range_obj, max_size=3)}, optional={
+    "cooldown": duration_text, "nodeAffinity": st.sampled_from(["Borrow", "Strict", "borrow", "x"])})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=spec_obj)
+def test_accepted_specs_parse_and_rejected_ones_name_a_field(kube_api: ApiServer, tmp_path: Path, spec: dict) -> None:
+    async def check() -> None:
+        await install_controller_manifests(kube_api, tmp_path)
+        async with kube_api.api_client() as api:
+            custom = client.CustomObjectsApi(api)
+            body = {"apiVersion": f"{G}/{V}", "kind": "IPPool", "metadata": {"name": "hypo"}, "spec": spec}
+            try:
+                await custom.create_cluster_custom_object(G, V, P, body)
+            except ApiException as exc:
+                assert exc.status == 422, exc.body
+                assert "spec." in exc.body, exc.body
+                return
+            try:
+                # Accepted by the API server: the controller's parsing agrees, or says which field is wrong
+                # in words that dsipam would use (never a crash).
+                try:
+                    ranges = desired_ranges(spec)
+                    assert len(ranges) == len(spec["ranges"]) >= 1
+                    for r, raw in zip(ranges, spec["ranges"], strict=True):
+                        assert r.cidr == ipaddress.ip_network(raw["cidr"])
+                except InvalidArgument as exc:
+                    assert "spec.ranges[" in str(exc)
+                if "cooldown" in spec:
+                    assert 0 <= parse_duration(spec["cooldown"]) <= 86400
+            finally:
+                await custom.delete_cluster_custom_object(G, V, P, "hypo")
+
+    asyncio.run(check())
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=30))
+def test_parse_duration_is_total(text: str) -> None:
+    try:
+        value = parse_duration(text)
+    except InvalidArgument as exc:
+        assert "spec.cooldown" in str(exc)
+    else:
+        assert value >= 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_controller_command(p.add_subparsers(dest="command"))
+    return p
+
+
+FLAGS = ["--grace", "--resync-interval", "--status-interval", "--lease-duration", "--renew-deadline",
+         "--retry-period", "--watch-timeout", "--log-format", "--listen"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(flag=st.sampled_from(FLAGS), value=st.one_of(st.sampled_from(["nan", "inf", "1e400", "0", " 5 ", "1_0"]),
+                                                     st.text(max_size=12)).filter(lambda v: not v.startswith("-")))
+def test_settings_accept_or_name_the_flag(flag: str, value: str) -> None:
+    args = _parser().parse_args(["controller", flag, value])
+    try:
+        s, level, fmt = settings_from(args)
+    except SystemExit as exc:
+        message = str(exc.code)
+        assert message.startswith("dsipam controller: ") and (flag in message or "--" in message), message
+    else:
+        assert 0 < s.retry_period < s.renew_deadline < s.lease_duration
+        assert fmt in ("text", "json")
+        for number in (s.grace, s.resync_interval, s.status_interval, s.lease_duration):
+            assert math.isfinite(number) and number >= 0
+
+
+def test_environment_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSIPAM_CONTROLLER_GRACE", "7.5")
+    monkeypatch.setenv("DSIPAM_CONTROLLER_NAMESPACE", "ipam")
+    args = _parser().parse_args(["controller", "--resync-interval", "9"])
+    s, _, _ = settings_from(args)
+    assert (s.grace, s.namespace, s.resync_interval) == (7.5, "ipam", 9.0)
+    monkeypatch.setenv("DSIPAM_CONTROLLER_GRACE", "soon")
+    with pytest.raises(SystemExit, match="DSIPAM_CONTROLLER_GRACE"):
+        settings_from(_parser().parse_args(["controller"]))
