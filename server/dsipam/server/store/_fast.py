@@ -19,7 +19,10 @@ and per-commit cost for every few pairs (docs/performance.md, "Engine changes").
 
 Never silent: the full path runs for a request only when the function hands it over (a
 ``slow`` or ``stale`` row, or no row for it). A database outage (a refused or lost connection,
-a timeout) is raised to the callers as :class:`DatabaseUnavailable`, as on the full path. Any
+a timeout) is raised to the callers as :class:`DatabaseUnavailable`, as on the full path. A
+pooled connection whose session the server ended while it was idle (see :func:`ended_while_idle`)
+is neither: nothing of the batch was sent on it, so the batch runs on another connection (logged
+at WARNING, counted in ``self.reconnects``). Any
 other exception of a batch (a bug in a function, a driver error, a deadlock) is an error: it
 is logged at ERROR with the batch (kind, pool, size, owners), counted in ``self.errors`` and in
 the ``dsipam_fast_path_errors_total`` counter (registered by observability.Metrics), and the
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +73,32 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate or "").startswith(_OUTAGE_SQLSTATES)
     return False
+
+# asyncpg's message when an operation starts on a connection whose protocol is in its "error
+# consume" state (2) with no operation of ours waiting on it (see ended_while_idle).
+_ENDED_WHILE_IDLE = re.compile(r"^cannot switch to state \d+; another operation \(2\) is in progress$")
+
+
+def ended_while_idle(exc: BaseException, conn: asyncpg.Connection) -> bool:
+    """True when ``exc`` says that the server ended ``conn``'s session while it was idle, so that
+    nothing of the statement that raised it was sent.
+
+    PostgreSQL ends an idle session (a restart's fast shutdown, pg_terminate_backend,
+    idle_session_timeout, a standby's recovery conflict) by sending a FATAL ErrorResponse and
+    then closing the socket. asyncpg reads an ErrorResponse on an idle connection as a protocol
+    error: its state becomes "error consume" (2), and the connection is only marked closed when
+    the end of the stream is read, a loop iteration or more later. A statement started in between
+    fails in asyncpg's state switch, before any of its messages is written, with
+    ``InternalClientError('cannot switch to state N; another operation (2) is in progress')``,
+    and asyncpg aborts the connection (so it is closed by the time the exception is seen; the
+    pool then replaces it). The fast path reaches state 2 in no other way: a connection serves
+    one statement of one task between acquire and release, and a statement that fails is
+    answered only after the server's ReadyForQuery, which leaves the connection idle.
+    Reproduced in tests/integration/test_fast_path_errors.py (a proxy that holds the close back).
+    """
+    return (isinstance(exc, asyncpg.InternalClientError) and bool(_ENDED_WHILE_IDLE.search(str(exc)))
+            and conn.is_closed())
+
 
 _SQL = {
     # Owners without a node: set-based, one block update per block touched (migration 0009).
@@ -125,6 +155,7 @@ class FastPath:
         self.batches = 0  # batches the database answered
         self.requests = 0  # requests in those batches
         self.errors: dict[str, int] = {}  # batches that failed unexpectedly, by kind (see the module doc)
+        self.reconnects = 0  # batches sent again because their connection had been ended while idle
 
     async def _connect(self) -> asyncpg.Pool:
         if self._pool is not None:
@@ -242,15 +273,33 @@ class FastPath:
         columns = [list(col) for col in zip(*(r.args for r in batch), strict=True)]
         if kind == "allocate":
             del columns[4]  # no node
-        try:
-            pool = await self._connect()
-            # One statement, so one implicit transaction: no BEGIN and COMMIT round trips.
-            async with pool.acquire() as conn:
-                rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
-        except Exception as exc:
-            if is_outage(exc):
-                raise DatabaseUnavailable("database: unreachable, try again later") from exc
-            raise
+        # A connection the server ended while it sat idle in the pool fails before anything of the
+        # batch is sent; asyncpg aborts it, so the next acquire gets another (or a new) one. At most
+        # every pooled connection can be such a one: beyond that, the server ends sessions as fast
+        # as they are made, which is an outage.
+        for attempt in range(self.pool_size + 1):
+            try:
+                pool = await self._connect()
+                # One statement, so one implicit transaction: no BEGIN and COMMIT round trips.
+                async with pool.acquire() as conn:
+                    try:
+                        rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
+                    except asyncpg.InternalClientError as exc:
+                        if not ended_while_idle(exc, conn):
+                            raise
+                        self.reconnects += 1
+                        log.warning("fast path: PostgreSQL had ended the pooled session %s while it was idle "
+                                    "(%r); the %s batch of %d for pool %r runs on another connection (attempt %d)",
+                                    conn.get_server_pid(), exc, kind, len(batch), pool_name, attempt + 2)
+                        continue
+            except Exception as exc:
+                if is_outage(exc):
+                    raise DatabaseUnavailable("database: unreachable, try again later") from exc
+                raise
+            break
+        else:
+            raise DatabaseUnavailable("database: unreachable, try again later (PostgreSQL ended every session of "
+                                      "the fast path's pool while it was idle)")
         self.batches += 1
         self.requests += len(batch)
         out: list[Any] = [None] * len(batch)
