@@ -108,7 +108,7 @@ async def test_only_the_leader_acts_and_sigkill_hands_over(start: Callable[..., 
     print(f"\ntakeover after SIGKILL of the leader: {', '.join(f'{t:.2f}s' for t in takeovers)} "
           f"(lease {LEASE_DURATION}s, retry {RETRY}s); after SIGTERM: {graceful:.2f}s")
     for took in takeovers:
-        assert took <= LEASE_DURATION + RETRY + 1.0, takeovers
+        assert took <= LEASE_DURATION + RETRY + 1.5, takeovers
     assert graceful < LEASE_DURATION
 
 
