@@ -1,7 +1,7 @@
 """Errors of background work: logged at ERROR with the traceback and counted, never hidden.
 
 The server's background tasks (the spare-block top-up, cooldown maintenance, the pool gauges,
-the database health watch) keep running after a failure, because the next round may succeed.
+the database health watch, the watch fan-out's listener) keep running after a failure, because the next round may succeed.
 The project's rule for such a fallback: expected conditions (a database outage, a pool deleted
 meanwhile, cancellation at shutdown) are caught by narrow ``except`` clauses and may stay quiet;
 anything else goes through :func:`report`, which logs it at ERROR with ``exc_info`` and counts
@@ -15,7 +15,7 @@ import logging
 
 from prometheus_client import Counter
 
-TASKS = ("block-top-up", "maintenance", "pool-gauges", "db-health", "shutdown")
+TASKS = ("block-top-up", "maintenance", "pool-gauges", "db-health", "watch", "shutdown")
 # Process-wide, like the fast path's counter: observability.Metrics registers it in its registry.
 BACKGROUND_ERRORS = Counter(
     "dsipam_background_errors",

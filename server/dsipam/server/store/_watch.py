@@ -37,6 +37,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 from sqlalchemy import text
 
+from ..background import report as report_background_error
 from ..domain import (
     AddressInfo,
     DatabaseUnavailable,
@@ -280,22 +281,30 @@ class WatchHub:
 
     async def stop(self) -> None:
         if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._ticker
+            await cancel_and_wait(self._ticker)
             self._ticker = None
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
-        await self._close()
+        await self._close("shutdown")
 
-    async def _close(self) -> None:
+    async def _close(self, task: str = "watch") -> None:
+        """Closes the listener connection. One the server or the network already broke is only
+        dropped (its close may fail as an outage does); any other failure to close it is reported
+        (background.report, under ``task``) and the connection is terminated."""
+        from ._fast import is_outage
+
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2.0)
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await asyncio.wait_for(conn.close(), 2.0)
+        except Exception as exc:
+            if not is_outage(exc):
+                report_background_error(log, task, "closing the watch listener connection failed")
+            else:
+                log.debug("watch listener connection closed with an outage (%s: %s)", type(exc).__name__, exc)
+            conn.terminate()
 
     # -- bounds -----------------------------------------------------------------------
 
@@ -593,10 +602,23 @@ class WatchService:
 
     async def stop(self) -> None:
         for task in self.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         await self.hub.stop()
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancels one of our background tasks and waits for its end. Its CancelledError is the
+    expected end (re-raised only when the caller itself is being cancelled); a task that had
+    ended with any other exception is reported (background.report, "shutdown")."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:  # noqa: BLE001 - the task had died before: stopping anyway, but not silently
+        report_background_error(log, "shutdown", "background task %s had failed", task.get_name())
 
 
 def configured_token_keys(settings: Any) -> list[bytes]:
