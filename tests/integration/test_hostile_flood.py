@@ -414,8 +414,23 @@ def test_overload_is_unavailable_counted_and_retried_by_the_sdk(flood_server, fl
         assert seen is not None and "max_concurrent_rpcs" in seen[0] and seen[1] == "OVERLOADED", seen
 
         async def sdk() -> list[object]:
-            async with AsyncIpamClient(server.target, token=tokens["admin"][0], timeout=60) as client:
-                return await asyncio.gather(*(client.get_pool("flood") for _ in range(500)))
+            # 20 open watch streams take every slot (streams count against the bound), so the SDK's
+            # calls are refused for certain until the streams end: then its retries get through.
+            async with grpc.aio.insecure_channel(server.target) as ch:
+                watch = ch.unary_stream("/dsipam.v1.IpamService/WatchAllocations",
+                                        pb.WatchAllocationsRequest.SerializeToString,
+                                        pb.WatchAllocationsResponse.FromString)
+                streams = [watch(pb.WatchAllocationsRequest(pool="flood"), metadata=md(tokens["admin"][0]))
+                           for _ in range(20)]
+                for stream in streams:
+                    await stream.read()  # the first bookmark: the stream holds its slot
+                async with AsyncIpamClient(server.target, token=tokens["admin"][0], timeout=60) as client:
+                    calls = asyncio.ensure_future(asyncio.gather(*(client.get_pool("flood") for _ in range(500))))
+                    await asyncio.sleep(1.5)
+                    assert not calls.done()  # every slot is held: nothing can have been answered
+                    for stream in streams:
+                        stream.cancel()
+                    return await calls
 
         before = rpc_counts(port, "GetPool")
         pools = asyncio.run(sdk())
