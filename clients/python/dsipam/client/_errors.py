@@ -83,6 +83,13 @@ class InvalidArgument(IpamError, ValueError):
     reason = "INVALID_ARGUMENT"
 
 
+class RangeNotAllowed(InvalidArgument):
+    """A range the server's range policy does not allow (the message says which rule, such as
+    a range outside the allowed prefixes or one too large)."""
+
+    reason = "RANGE_NOT_ALLOWED"
+
+
 class NotFound(IpamError):
     """Something named in the request does not exist (never retried)."""
 
@@ -193,6 +200,16 @@ class LimitExceeded(ResourceExhausted):
     reason = "LIMIT_EXCEEDED"
 
 
+class TooManyWatchStreams(ResourceExhausted):
+    """The server already serves as many watch streams as it may, in all or for this caller
+    (``metadata["bound"]`` names the setting, DSIPAM_MAX_WATCH_STREAMS or
+    DSIPAM_MAX_WATCH_STREAMS_PER_IDENTITY, and ``metadata["limit"]`` its value). Not retried by
+    the SDK, like every RESOURCE_EXHAUSTED: close streams you no longer read, or retry later or
+    on another replica."""
+
+    reason = "TOO_MANY_WATCH_STREAMS"
+
+
 class Aborted(IpamError):
     """The operation lost a race; the SDK retries it."""
 
@@ -217,6 +234,27 @@ class DatabaseUnavailable(ServiceUnavailable):
     """The server is up but its database is unreachable."""
 
     reason = "DATABASE_UNAVAILABLE"
+
+
+class Overloaded(ServiceUnavailable):
+    """The server has as many calls in flight as it takes (its max_concurrent_rpcs,
+    ``metadata["limit"]``); the SDK retries with backoff."""
+
+    reason = "OVERLOADED"
+
+
+class TokenReviewBusy(ServiceUnavailable):
+    """The server reviews new Kubernetes tokens at a bounded rate and this one has to wait its
+    turn (kubernetes.reviewsPerSecond); the SDK retries with backoff."""
+
+    reason = "TOKEN_REVIEW_BUSY"
+
+
+class TokenReviewFailed(ServiceUnavailable):
+    """The Kubernetes API server did not answer the server's TokenReview of this token; the
+    SDK retries with backoff."""
+
+    reason = "TOKEN_REVIEW_FAILED"
 
 
 class DeadlineExceeded(IpamError):
@@ -266,6 +304,7 @@ _S = grpc.StatusCode
 ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.INVALID_ARGUMENT, None, InvalidArgument),
     (_S.INVALID_ARGUMENT, "INVALID_ARGUMENT", InvalidArgument),
+    (_S.INVALID_ARGUMENT, "RANGE_NOT_ALLOWED", RangeNotAllowed),
     (_S.NOT_FOUND, None, NotFound),
     (_S.NOT_FOUND, "POOL_NOT_FOUND", PoolNotFound),
     (_S.NOT_FOUND, "ALLOCATION_NOT_FOUND", AllocationNotFound),
@@ -284,10 +323,14 @@ ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.RESOURCE_EXHAUSTED, None, ResourceExhausted),
     (_S.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED", PoolExhausted),
     (_S.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED", LimitExceeded),
+    (_S.RESOURCE_EXHAUSTED, "TOO_MANY_WATCH_STREAMS", TooManyWatchStreams),
     (_S.ABORTED, None, Aborted),
     (_S.ABORTED, "CONFLICT", Conflict),
     (_S.UNAVAILABLE, None, ServiceUnavailable),
     (_S.UNAVAILABLE, "DATABASE_UNAVAILABLE", DatabaseUnavailable),
+    (_S.UNAVAILABLE, "OVERLOADED", Overloaded),
+    (_S.UNAVAILABLE, "TOKEN_REVIEW_BUSY", TokenReviewBusy),
+    (_S.UNAVAILABLE, "TOKEN_REVIEW_FAILED", TokenReviewFailed),
     (_S.DEADLINE_EXCEEDED, None, DeadlineExceeded),
     (_S.CANCELLED, None, Cancelled),
     (_S.UNAUTHENTICATED, None, Unauthenticated),
