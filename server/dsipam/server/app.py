@@ -65,6 +65,7 @@ class Running:
     observability: Observability | None = None
     insecure: bool = False
     watch: WatchService | None = None  # token keys and the watch fan-out (store/_watch.py)
+    authorizer: security.Authorizer | None = None
 
     async def stop(self, grace: float, delay: float = 0.0) -> None:
         """Health goes NOT_SERVING; after ``delay`` (for load balancers to notice) new calls are
@@ -79,6 +80,8 @@ class Running:
             self.maintenance.cancel()
         if self.watch is not None:
             await self.watch.stop()
+        if self.authorizer is not None and self.authorizer.kube is not None:
+            await self.authorizer.kube.close()  # the API server session of TokenReviews
         await self.store.close()
 
 
@@ -173,7 +176,7 @@ async def start(settings: Settings) -> Running:
     await observability.start(store, health_servicer, [SERVICE_NAME])
     running = Running(server, health_servicer, store, bound, asyncio.create_task(maintain(store)))
     running.observability, running.insecure = observability, authorizer is None
-    running.watch = watch
+    running.watch, running.authorizer = watch, authorizer
     return running
 
 
