@@ -369,6 +369,43 @@ def test_an_unexpected_error_is_logged_counted_and_served_by_the_full_path(tmp_p
             server.terminate()
 
 
+def test_a_lost_lock_race_is_counted_and_served_by_the_full_path_not_an_error(tmp_path):
+    """PostgreSQL aborts the loser of a deadlock (40P01) or serialization failure (40001) whole; the
+    full path runs such a transaction again, and so the fast path hands the batch to it: a WARNING
+    and dsipam_fast_path_lock_retries_total, not a fast-path error. (A wrapper stands in for the
+    function and aborts with 40P01, as a real deadlock does: a real one is timing-dependent.)"""
+    sig = "dsipam_allocate_many(text, bigint, text[], boolean[], boolean[], jsonb[])"
+    with scratch_database("dsipam_fast_deadlock") as url:
+        server: ServerProcess = spawn_server(url, tmp_path)
+        try:
+            address = server.metrics_address()
+            assert address is not None
+            with grpc.insecure_channel(server.target) as ch:
+                stub = ipam_pb2_grpc.IpamServiceStub(ch)
+                stub.CreatePool(pool("race", "198.18.4.0/24", "fd00:4::/120", cooldown=0))
+                stub.Allocate(pb.AllocateRequest(pool="race", owner="warm", ip_family_policy=REQUIRE))
+                psql(url, f"ALTER FUNCTION {sig} RENAME TO dsipam_allocate_many_real")
+                psql(url, "CREATE FUNCTION dsipam_allocate_many(text, bigint, text[], boolean[], boolean[], jsonb[]) "
+                          "RETURNS TABLE (idx integer) LANGUAGE plpgsql AS $$ BEGIN "
+                          "RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; END $$")
+                for i in range(3):
+                    resp = stub.Allocate(pb.AllocateRequest(pool="race", owner=f"o{i}", ip_family_policy=REQUIRE))
+                    assert resp.created and len(resp.allocation.addresses) == 2
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+            retries = {(s.labels["kind"], s.labels["sqlstate"]): s.value
+                       for fam in text_string_to_metric_families(text) for s in fam.samples
+                       if s.name == "dsipam_fast_path_lock_retries_total"}
+            assert retries[("allocate", "40P01")] == 3 and retries[("allocate", "40001")] == 0, retries
+            assert _errors_metric(address)["allocate"] == 0
+            assert server.fast_path_error_lines() == []
+            warnings = [line for line in server.log().splitlines() if "lost a lock race (SQLSTATE 40P01)" in line]
+            assert len(warnings) == 3 and "pool 'race'" in warnings[0]
+            assert psql(url, "SELECT count(*) FROM ipam_allocations") == "4"
+        finally:
+            server.terminate()
+
+
 def test_an_outage_is_not_a_fast_path_error():
     """A refused connection is DatabaseUnavailable for the callers, and not counted as an error."""
     from dsipam.server.domain import DatabaseUnavailable

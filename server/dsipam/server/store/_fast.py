@@ -22,8 +22,13 @@ Never silent: the full path runs for a request only when the function hands it o
 a timeout) is raised to the callers as :class:`DatabaseUnavailable`, as on the full path. A
 pooled connection whose session the server ended while it was idle (see :func:`ended_while_idle`)
 is neither: nothing of the batch was sent on it, so the batch runs on another connection (logged
-at WARNING, counted in ``self.reconnects``). Any
-other exception of a batch (a bug in a function, a driver error, a deadlock) is an error: it
+at WARNING, counted in ``self.reconnects``). A batch that PostgreSQL aborted as the loser of a
+deadlock (40P01) or a serialization failure (40001) is a lost race, as on the full path (which
+runs such a transaction again and counts it in ``dsipam_db_lock_retries``): the whole statement
+was rolled back, so nothing of the batch happened, and its requests run the full path -- that is
+the retry. It is logged at WARNING with the batch and counted in
+``dsipam_fast_path_lock_retries_total{kind,sqlstate}``. Any
+other exception of a batch (a bug in a function, a driver error) is an error: it
 is logged at ERROR with the batch (kind, pool, size, owners), counted in ``self.errors`` and in
 the ``dsipam_fast_path_errors_total`` counter (registered by observability.Metrics), and the
 batch's callers still get their answer from the full path.
@@ -56,6 +61,16 @@ FAST_PATH_ERRORS = Counter(
 )
 for _kind in KINDS:
     FAST_PATH_ERRORS.labels(_kind)  # zeros from the start
+FAST_PATH_LOCK_RETRIES = Counter(
+    "dsipam_fast_path_lock_retries",
+    "Fast-path batches aborted by PostgreSQL as the loser of a deadlock (40P01) or serialization failure "
+    "(40001): rolled back whole, their requests ran the full path.",
+    ["kind", "sqlstate"], registry=None,
+)
+_LOST_RACE_SQLSTATES = ("40P01", "40001")
+for _kind in KINDS:
+    for _state in _LOST_RACE_SQLSTATES:
+        FAST_PATH_LOCK_RETRIES.labels(_kind, _state)
 # asyncpg's InterfaceError also reports client-side bugs (a wrong number of arguments): only
 # these messages mean the connection or the pool went away.
 _CLOSED_MESSAGES = ("connection is closed", "pool is closing", "pool is closed", "underlying connection is closed")
@@ -156,6 +171,7 @@ class FastPath:
         self.requests = 0  # requests in those batches
         self.errors: dict[str, int] = {}  # batches that failed unexpectedly, by kind (see the module doc)
         self.reconnects = 0  # batches sent again because their connection had been ended while idle
+        self.lock_retries = 0  # batches rolled back by a deadlock or serialization failure (full path ran)
 
     async def _connect(self) -> asyncpg.Pool:
         if self._pool is not None:
@@ -232,6 +248,12 @@ class FastPath:
                         if not r.future.done():
                             r.future.set_exception(exc)
                     continue
+                except asyncpg.PostgresError as exc:
+                    if exc.sqlstate in _LOST_RACE_SQLSTATES:
+                        self._lost_race(kind, pool_name, batch, exc.sqlstate)
+                    else:
+                        self._failed(kind, pool_name, batch, exc)
+                    rows = [None] * len(batch)  # every request of the batch: the full path
                 except Exception as exc:  # noqa: BLE001 - never leave a caller waiting, never hide it
                     self._failed(kind, pool_name, batch, exc)
                     rows = [None] * len(batch)  # every request of the batch: the full path
@@ -247,6 +269,13 @@ class FastPath:
             queue.inflight -= 1
             if not queue.waiting and queue.inflight == 0:
                 self._queues.pop(key, None)
+
+    def _lost_race(self, kind: str, pool_name: str, batch: list[_Request], sqlstate: str) -> None:
+        """A batch rolled back as the loser of a deadlock or serialization failure (module doc)."""
+        self.lock_retries += 1
+        FAST_PATH_LOCK_RETRIES.labels(kind, sqlstate).inc()
+        log.warning("fast path %s batch of %d for pool %r lost a lock race (SQLSTATE %s) and was rolled back; "
+                    "the full path serves its requests", kind, len(batch), pool_name, sqlstate)
 
     def _failed(self, kind: str, pool_name: str, batch: list[_Request], exc: Exception) -> None:
         """An unexpected exception of a whole batch: logged at ERROR and counted (see the module doc)."""
