@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -87,6 +88,8 @@ def main() -> int:
         print(f"no API server: {found}", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="kube-resync-"))
+    # SIGTERM (a `timeout`) unwinds through the finally blocks: etcd and kube-apiserver are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     api = ApiServer(*found)
     try:
         api.start()
