@@ -118,9 +118,9 @@ class Controller:
         if self.s.kubeconfig:
             cfg = client.Configuration()
             await config.load_kube_config(config_file=self.s.kubeconfig, client_configuration=cfg)
-        else:
-            config.load_incluster_config()
-            cfg = client.Configuration.get_default_copy()
+        else:  # the pod's ServiceAccount; the projected token is re-read as the kubelet rotates it
+            cfg = client.Configuration()
+            config.load_incluster_config(client_configuration=cfg, try_refresh_token=True)
         api = client.ApiClient(configuration=cfg)
         self.elector = LeaderElector(api, self.s.namespace, self.s.lease_name, self.s.identity, self.metrics,
                                      duration=self.s.lease_duration, renew_deadline=self.s.renew_deadline,
