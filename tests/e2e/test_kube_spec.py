@@ -119,3 +119,35 @@ def test_environment_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSIPAM_CONTROLLER_GRACE", "soon")
     with pytest.raises(SystemExit, match="DSIPAM_CONTROLLER_GRACE"):
         settings_from(_parser().parse_args(["controller"]))
+
+
+def test_deployment_speaks_the_controllers_settings() -> None:
+    """deploy/kubernetes/controller.yaml's Deployment runs `dsipam controller` with variables it
+    reads, probes paths it serves, on the port it listens on."""
+    import yaml
+    from kube import DEPLOY
+
+    from dsipam.client._cli import GLOBAL_OPTIONS
+    from dsipam.kube.cli import _OPTIONS
+
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "controller.yaml").read_text()) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    container = pod["containers"][0]
+    assert container["args"] == ["controller"]
+    known = {env for _, env, *_ in _OPTIONS} | {g.env for g in GLOBAL_OPTIONS} | {"POD_NAME", "POD_NAMESPACE"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert set(env) <= known, set(env) - known
+    port = int(env["DSIPAM_CONTROLLER_LISTEN"].rsplit(":", 1)[1])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == port
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for var in ("DSIPAM_TOKEN_FILE", "DSIPAM_CA_FILE"):
+        assert any(env[var].startswith(m + "/") for m in mounts), var
+    # The Lease Role names the controller's default Lease.
+    role = next(d for d in docs if d["kind"] == "Role")
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named[0]["resourceNames"] == ["dsipam-controller"]
