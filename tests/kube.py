@@ -341,6 +341,7 @@ class ControllerProcess:
 
         self.identity = identity
         self.log_path = log_path
+        self.outage_expected = False  # set by a test that cuts the API server on purpose
         full_env = dict(os.environ)
         full_env.update({"DSIPAM_CONTROLLER_NAMESPACE": "dsipam-system", "DSIPAM_LOG_LEVEL": "INFO",
                          **(env or {})})
@@ -407,6 +408,24 @@ class ControllerProcess:
 
     def errors(self) -> float:
         return self.metric("dsipam_controller_errors_total")
+
+    def check(self) -> None:
+        """Fails on anything the controller counted or logged as a failure: tracebacks, reconcile
+        errors, and (unless ``outage_expected``: the test cut the API server on purpose) watch and
+        Lease failures. Counters are read while it runs; a stopped one is judged by its log."""
+        problems = []
+        if "Traceback" in self.log():
+            problems.append("a traceback in the log")
+        if self.proc.poll() is None:
+            if self.errors():
+                problems.append(f"dsipam_controller_errors_total {self.errors()}")
+            if not self.outage_expected:
+                if self.metric("dsipam_controller_lease_failures_total"):
+                    problems.append("Lease failures")
+                for reason in ("error", "disconnected"):
+                    if self.metric("dsipam_controller_watch_restarts_total", reason=reason):
+                        problems.append(f"watch restarts ({reason})")
+        assert not problems, f"controller {self.identity}: {problems}\n{self.log()[-6000:]}"
 
 
 # -- the project's manifests on the API server, and the controller's identity --------------------

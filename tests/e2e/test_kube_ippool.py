@@ -31,8 +31,7 @@ async def ctl(kube_api: ApiServer, target: str, tmp_path: Path) -> AsyncIterator
     try:
         await wait_for(proc.is_leader, 30, what="controller leads")
         yield proc
-        assert proc.errors() == 0, proc.log()
-        assert "Traceback" not in proc.log(), proc.log()
+        proc.check()
     finally:
         proc.terminate()
         await delete_all_ippools(kube_api)

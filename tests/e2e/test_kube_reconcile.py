@@ -38,8 +38,7 @@ async def start(kube_api: ApiServer, target: str, tmp_path: Path) -> AsyncIterat
     try:
         yield _start
         for proc in started:
-            assert proc.errors() == 0 or proc.proc.poll() is not None, proc.log()
-            assert "Traceback" not in proc.log(), proc.log()
+            proc.check()
     finally:
         for proc in started:
             proc.terminate()

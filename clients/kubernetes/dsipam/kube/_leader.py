@@ -97,8 +97,9 @@ class LeaderElector:
                     self.metrics.leader_transitions.inc()
                     log.info("acquired the lease %s/%s as %s", self.namespace, self.name, self.identity)
                     return
-            except Exception as exc:  # noqa: BLE001 - API server unreachable: keep trying
-                log.warning("lease %s/%s: %s: %s", self.namespace, self.name, type(exc).__name__, exc)
+            except Exception as exc:  # noqa: BLE001 - API server unreachable: counted, logged, tried again
+                self.metrics.lease_failures.inc()
+                log.error("lease %s/%s: %s: %s", self.namespace, self.name, type(exc).__name__, exc)
             await asyncio.sleep(self.retry)
 
     async def keep(self) -> None:
@@ -112,8 +113,9 @@ class LeaderElector:
                     continue
                 log.error("lease %s/%s is held by another replica: leadership lost", self.namespace, self.name)
                 break
-            except Exception as exc:  # noqa: BLE001 - retried until the renew deadline
-                log.warning("lease %s/%s renew failed: %s: %s", self.namespace, self.name, type(exc).__name__, exc)
+            except Exception as exc:  # noqa: BLE001 - counted, logged, retried until the renew deadline
+                self.metrics.lease_failures.inc()
+                log.error("lease %s/%s renew failed: %s: %s", self.namespace, self.name, type(exc).__name__, exc)
             if time.monotonic() - self.last_renew > self.renew_deadline:
                 log.error("lease %s/%s not renewed for %.0fs: leadership lost", self.namespace, self.name,
                           self.renew_deadline)
@@ -135,5 +137,6 @@ class LeaderElector:
                 lease.spec.acquire_time = None
                 await self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
                 log.info("released the lease %s/%s", self.namespace, self.name)
-        except Exception as exc:  # noqa: BLE001 - it expires on its own
-            log.warning("lease %s/%s not released: %s: %s", self.namespace, self.name, type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - it expires on its own; counted
+            self.metrics.lease_failures.inc()
+            log.error("lease %s/%s not released: %s: %s", self.namespace, self.name, type(exc).__name__, exc)

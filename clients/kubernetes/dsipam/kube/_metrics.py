@@ -31,6 +31,9 @@ class Metrics:
         self.leader = Gauge("dsipam_controller_leader", "1 while this replica holds the Lease", registry=r)
         self.leader_transitions = Counter("dsipam_controller_leader_acquired_total",
                                           "Times this replica acquired the Lease", registry=r)
+        self.lease_failures = Counter("dsipam_controller_lease_failures_total",
+                                      "Lease reads/writes that failed (API server unreachable, ...); retried",
+                                      registry=r)
         self.watch_restarts = Counter("dsipam_controller_watch_restarts_total",
                                       "Watches resumed or restarted, by kind and reason", ["kind", "reason"],
                                       registry=r)

@@ -152,14 +152,14 @@ class Informer:
                     need_list = True
                     continue
                 self.metrics.watch_restarts.labels(kind=self.kind, reason="error").inc()
-                log.warning("%s watch failed (%s %s); resuming in %.1fs", self.kind, exc.status, exc.reason,
-                            self._delay(failures))
+                log.error("%s watch failed (%s %s); resuming in %.1fs", self.kind, exc.status, exc.reason,
+                          self._delay(failures))
                 await asyncio.sleep(self._delay(failures))
             except Exception as exc:  # noqa: BLE001 - connection refused/reset while the API server restarts
                 failures += 1
                 self.metrics.watch_restarts.labels(kind=self.kind, reason="disconnected").inc()
-                log.warning("%s watch cut (%s: %s); resuming from resourceVersion %s in %.1fs", self.kind,
-                            type(exc).__name__, exc, self.resource_version, self._delay(failures))
+                log.error("%s watch cut (%s: %s); resuming from resourceVersion %s in %.1fs", self.kind,
+                          type(exc).__name__, exc, self.resource_version, self._delay(failures))
                 await asyncio.sleep(self._delay(failures))
                 if failures >= 5:
                     need_list = True  # a resume that keeps failing: start over with a fresh list
