@@ -283,3 +283,30 @@ async def test_controller_without_rbac_is_refused(kube_api: ApiServer, target: s
         assert "403" in proc.log() or "Forbidden" in proc.log()
     finally:
         proc.terminate()
+
+
+async def test_what_only_dsipam_can_judge_shows_as_a_condition(ctl: ControllerProcess,
+                                                               custom: client.CustomObjectsApi,
+                                                               ipam: AsyncIpamClient) -> None:
+    """Overlap with another pool of the network passes the schema; dsipam refuses it, and the
+    IPPool says so (no crash loop: the controller counts no error and retries on later passes)."""
+    await custom.create_cluster_custom_object(G, V, P, ippool("ov-a", [{"cidr": "198.18.40.0/24"}]))
+    await wait_for(lambda: _ready(custom, "ov-a"), 20, what="ov-a Ready")
+    await custom.create_cluster_custom_object(G, V, P, ippool("ov-b", [{"cidr": "198.18.40.128/25"}]))
+
+    async def refused() -> dict | None:
+        o = await get(custom, "ov-b")
+        c = cond(o, "Synced")
+        return o if c and c["status"] == "False" else None
+
+    obj = await wait_for(refused, 15, what="ov-b refused")
+    assert cond(obj, "Synced")["reason"] == "PoolsOverlap", obj["status"]
+    assert "ov-a" in cond(obj, "Synced")["message"]
+    assert cond(obj, "Ready")["status"] == "False"
+    with pytest.raises(PoolNotFound):
+        await ipam.get_pool("ov-b")
+    # Fixing the spec lets it through.
+    obj["spec"]["ranges"] = [{"cidr": "198.18.41.0/24"}]
+    await custom.replace_cluster_custom_object(G, V, P, "ov-b", obj)
+    await wait_for(lambda: _ready(custom, "ov-b"), 15, what="ov-b Ready after the fix")
+    assert [str(r.cidr) for r in (await ipam.get_pool("ov-b")).ranges] == ["198.18.41.0/24"]
