@@ -151,3 +151,20 @@ def test_deployment_speaks_the_controllers_settings() -> None:
     role = next(d for d in docs if d["kind"] == "Role")
     named = [r for r in role["rules"] if r.get("resourceNames")]
     assert named[0]["resourceNames"] == ["dsipam-controller"]
+
+
+def test_docs_name_every_metric_and_setting() -> None:
+    """docs/kubernetes.md stays true: each metric the controller defines and each of its settings."""
+    from kube import DEPLOY
+
+    from dsipam.kube._metrics import Metrics
+    from dsipam.kube.cli import _OPTIONS
+
+    doc = (DEPLOY.parent.parent / "docs" / "kubernetes.md").read_text()
+    names = {m.name for m in Metrics().registry.collect()}
+    assert names, "no metrics?"
+    for name in names:
+        base = name.removeprefix("dsipam_controller_")
+        assert f"dsipam_controller_{base}" in doc or f"..._{base}" in doc, name
+    for flag, env, *_ in _OPTIONS:
+        assert f"`{flag}`" in doc and f"`{env}`" in doc, flag
