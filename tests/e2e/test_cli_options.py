@@ -219,6 +219,79 @@ def test_fsck_and_migrate_errors_are_one_line(db_url: str, empty_db: str) -> Non
              "/nonexistent/dsipam")
 
 
+@pytest.mark.parametrize("command", [["fsck", "pods"], ["migrate"], ["migrate", "--check"], ["serve"]])
+def test_database_url_is_checked_up_front(command: list[str]) -> None:
+    """A port out of range, a foreign scheme or a broken host is a usage error naming it (it was
+    'unexpected error: OverflowError' from the driver), from the flag and from the variable."""
+    for url, words in (("postgresql://postgres@127.0.0.1:99999/x", ["port", "'99999'"]),
+                       ("postgresql://postgres@h1:5432,h2:70000/x", ["port", "'70000'"]),
+                       ("postgresql://postgres@127.0.0.1/x?port=0", ["port", "'0'"]),
+                       ("mysql://root@127.0.0.1/x", ["scheme", "'mysql'"]),
+                       ("postgresql://postgres@[::1/x", ["[::1"])):
+        line = one_line(dsipam(*command, "--database-url", url), 2, "--database-url", *words)
+        assert "unexpected" not in line
+        one_line(dsipam(*command, env={"DSIPAM_DATABASE_URL": url}), 2, "DSIPAM_DATABASE_URL", *words)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@example("postgresql://u@h:65536/d")
+@example("postgresql://u@[fd00::1]:5432/d")
+@given(st.builds("{}://{}@{}:{}/d{}".format, st.sampled_from(["postgresql", "postgres", "postgresql+asyncpg", "pg"]),
+                 st.sampled_from(["u", "u:p"]), st.sampled_from(["h", "198.18.0.1", "[fd00::1]", "h1:1,h2", "a b"]),
+                 st.one_of(st.integers(-3, 70000).map(str), st.text(max_size=6)),
+                 st.sampled_from(["", "?port=5", "?port=99999", "?host=/tmp"])))
+def test_database_url_check_refuses_with_a_usage_error_or_accepts(url: str) -> None:
+    from dsipam.server.cli import CommandError, check_database_url
+    from dsipam.server.store.db import to_sqlalchemy_url
+
+    try:
+        check_database_url(url)
+    except CommandError as exc:
+        assert exc.code == 2 and str(exc).startswith("--database-url ")
+        return
+    to_sqlalchemy_url(url)  # the engine takes it
+    from urllib.parse import urlsplit
+
+    from dsipam.server.store.db import normalise_multihost
+
+    parts = urlsplit(normalise_multihost(url))
+    assert parts.port is None or 1 <= parts.port <= 65535
+    assert "99999" not in url and " " not in url
+
+
+def test_migrate_check_names_the_revisions_when_behind(db_url: str, empty_db: str) -> None:
+    from dsipam.server.migrate import head_revision
+
+    head = head_revision()
+    line = one_line(dsipam("migrate", "--check", "--database-url", empty_db), 1, "no dsipam schema", head,
+                    "dsipam migrate")
+    assert "unexpected" not in line
+    assert dsipam("migrate", "--revision", "0001", "--database-url", empty_db).returncode == 0
+    line = one_line(dsipam("migrate", "--check", "--database-url", empty_db), 1, "0001", head, "dsipam migrate")
+    assert "unexpected" not in line
+    result = dsipam("migrate", "--check", "--database-url", db_url)  # the session database is at head
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", [["migrate", "--check"], ["fsck", "pods"], ["serve"]])
+def test_debug_is_taken_after_the_subcommand_too(command: list[str]) -> None:
+    bogus = "postgresql://postgres@127.0.0.1:99999/x"
+    for argv in (["--debug", *command], [*command, "--debug"]):
+        result = dsipam(*argv, "--database-url", bogus)
+        assert result.returncode != 0
+        assert "Traceback" in result.stderr and "unrecognized" not in result.stderr, result.stderr
+    assert "Traceback" not in dsipam(*command, "--database-url", bogus).stderr
+    assert _parse(["token", "hash", "--debug"]).client_debug is True
+    assert _parse(["token", "new", "admin", "--debug"]).client_debug is True
+    assert _parse(["--debug", "migrate"]).client_debug is True
+    assert not _parse(["migrate"]).client_debug
+
+
+def test_fsck_of_a_missing_pool_names_the_command(db_url: str) -> None:
+    line = one_line(dsipam("fsck", "nopool", "--database-url", db_url), 1, "POOL_NOT_FOUND")
+    assert line == "dsipam: fsck: pool 'nopool' not found [POOL_NOT_FOUND]", line
+
+
 def test_serve_on_a_busy_port_is_one_line(db_url: str) -> None:
     import socket
 
