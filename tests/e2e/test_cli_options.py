@@ -129,6 +129,14 @@ def test_malformed_targets_exit_2_before_any_call(bad: str) -> None:
     assert elapsed < 8, elapsed  # no retries (they took 9 s before)
 
 
+@pytest.mark.parametrize("bad", ["http://127.0.0.1:50051", "https://ipam.example:443", "grpc://[fd00::1]:5",
+                                 "tcp://198.18.0.1:50051"])
+def test_a_url_scheme_in_the_target_is_named_as_unsupported(bad: str) -> None:
+    line = one_line(dsipam("--target", bad, "pool", "list"), 2, "target", "scheme", bad.split(":")[0] + "://",
+                    "host:port", "unix:///")
+    assert "IPv6" not in line.split("give")[0], line  # it said "write an IPv6 address in brackets"
+
+
 def _accepted(target: str) -> bool:
     try:
         normalise_target(target)

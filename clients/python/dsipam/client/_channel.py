@@ -82,6 +82,9 @@ _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-
 _URI_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p")
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
 def _bad(target: str, why: str) -> InvalidArgument:
     return InvalidArgument(f"target: {target!r}: {why}", metadata={"field": "target"})
 
@@ -159,6 +162,10 @@ def normalise_target(target: str) -> tuple[str, bool]:
     if any(ch.isspace() or not ch.isprintable() for ch in target):
         raise _bad(target, "contains spaces or control characters")
     scheme, sep, rest = target.partition(":")
+    if sep and scheme not in _URI_SCHEMES and rest.startswith("//") and _SCHEME.fullmatch(scheme):
+        tls = " (TLS is --tls / tls=True, not https://)" if scheme.lower() in ("https", "grpcs") else ""
+        raise _bad(target, f"the scheme {scheme + '://'!r} is not supported{tls}; give host:port, [IPv6]:port, "
+                           "unix:///absolute/path, unix-abstract:NAME or a gRPC URI such as dns:///host:port")
     if sep and scheme in _URI_SCHEMES:
         _check_uri(target, scheme, rest)
         return target, scheme == "dns" or (scheme in ("ipv4", "ipv6") and "," in rest)
