@@ -300,6 +300,26 @@ def test_fsck_of_a_missing_pool_names_the_command(db_url: str) -> None:
     assert line == "dsipam: fsck: pool 'nopool' not found [POOL_NOT_FOUND]", line
 
 
+@pytest.mark.parametrize(("env", "words"), [
+    ({"DSIPAM_MAX_WATCH_STREAMS": "abc"}, ["DSIPAM_MAX_WATCH_STREAMS", "'abc'"]),
+    ({"DSIPAM_MAX_EXCLUDES_PER_POOL": "-1"}, ["DSIPAM_MAX_EXCLUDES_PER_POOL", "-1"]),
+    ({"DSIPAM_FAST_LINGER_MS": "soon"}, ["DSIPAM_FAST_LINGER_MS"]),
+    ({"DSIPAM_SHUTDOWN_GRACE": "x"}, ["DSIPAM_SHUTDOWN_GRACE"]),
+    ({"DSIPAM_UNIX_SOCKET_MODE": "999"}, ["DSIPAM_UNIX_SOCKET_MODE"]),
+    ({"DSIPAM_TOKEN_KEY": "zz"}, ["DSIPAM_TOKEN_KEY"]),
+    ({"DSIPAM_TOKEN_KEY_FILE": "/nonexistent/key"}, ["DSIPAM_TOKEN_KEY_FILE", "/nonexistent/key"]),
+    ({"DSIPAM_LOG_FORMAT": "xml"}, ["'xml'"]),
+    ({"DSIPAM_METRICS_LISTEN": "nocolon"}, ["--metrics-listen", "nocolon"]),
+    ({"DSIPAM_METRICS_LISTEN": "127.0.0.1:99999"}, ["--metrics-listen", "99999"]),
+    ({"DSIPAM_LISTEN": "nocolon"}, ["--listen", "nocolon"]),
+    ({"DSIPAM_LOG_LEVEL": "loud"}, ["--log-level", "'LOUD'"]),
+])
+def test_setting_errors_are_one_usage_line(db_url: str, env: dict[str, str], words: list[str]) -> None:
+    result = dsipam("serve", "--insecure", env={"DSIPAM_DATABASE_URL": db_url, **env})
+    line = one_line(result, 2, *words)
+    assert line.startswith("dsipam: "), line
+
+
 def test_serve_on_a_busy_port_is_one_line(db_url: str) -> None:
     import socket
 

@@ -90,7 +90,9 @@ def normalise_listen(address: str) -> str:
     if address.startswith("unix:"):
         return address
     if ":" not in address:
-        raise SystemExit(f"--listen {address!r}: expected host:port or unix:///path")
+        from .settings import SettingError
+
+        raise SettingError(f"--listen {address!r}: expected host:port or unix:///path")
     return address
 
 
@@ -148,7 +150,8 @@ async def start(settings: Settings) -> Running:
     credentials = security.credentials_from_settings(settings)
     observability = Observability(settings)
     observability.instrument(engine)
-    wrapper = CallWrapper(authorizer, observability.metrics, max_concurrent_rpcs=settings.max_concurrent_rpcs)
+    wrapper = CallWrapper(authorizer, observability.metrics, max_concurrent_rpcs=settings.max_concurrent_rpcs,
+                          request_read_seconds=settings.request_read_seconds)
     server = grpc.aio.server(options=server_options(settings))
     ipam_pb2_grpc.add_IpamServiceServicer_to_server(IpamServicer(store), wrapper.registrar(server))
     health_servicer = health.aio.HealthServicer()

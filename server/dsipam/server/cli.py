@@ -20,7 +20,7 @@ from dsipam.client._cli import (
     run,
 )
 
-from .settings import DEFAULT_LISTEN, Settings
+from .settings import DEFAULT_LISTEN, SettingError, Settings
 
 # Status lines `dsipam serve` prints on stdout; in text logs the same records would say them twice.
 _PRINTED_STATUS = frozenset({"dsipam listening on %s", "authentication is off (--insecure)",
@@ -102,6 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.db_pgbouncer:  # every engine of this process (store, migrations) reads it
         _use_pgbouncer()
     _apply_security_flags(args, settings)
+    from .store._watch import configured_token_keys
+
+    configured_token_keys(settings)  # a bad key is refused before anything starts (read again at start)
+    _check_serve_settings(settings)
     if not settings.auth_config and not settings.insecure:
         exposed = [a for a in settings.listen or [DEFAULT_LISTEN] if not is_loopback(a)]
         if exposed:  # without a database URL too: the private PostgreSQL does not make it insecure there
@@ -143,6 +147,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"dsipam: private PostgreSQL left running for {embedded.others} other dsipam serve "
                       f"process(es)", flush=True)
     return 0
+
+
+def _check_serve_settings(settings: Settings) -> None:
+    """Refuses, before anything starts, the settings that would otherwise fail half-way through
+    start-up (listen addresses, the metrics address, the log level and format)."""
+    from .app import normalise_listen
+
+    for address in settings.listen:
+        normalise_listen(address)
+    if settings.metrics_listen:
+        _, sep, port = settings.metrics_listen.rpartition(":")
+        if not sep or not (port.isascii() and port.isdigit() and int(port) <= 65535):
+            raise SettingError(f"--metrics-listen {settings.metrics_listen!r}: expected host:port")
+    if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingError(f"--log-level {settings.log_level!r}: expected DEBUG, INFO, WARNING or ERROR")
+    if settings.log_format not in ("text", "json"):
+        raise SettingError(f"--log-format {settings.log_format!r}: expected text or json")
 
 
 def is_loopback(address: str) -> bool:
@@ -581,6 +602,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
+    except SettingError as exc:  # a flag or DSIPAM_* variable: the same line as the command line's errors
+        if args.client_debug or os.environ.get("DSIPAM_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        print(f"dsipam: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("dsipam: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

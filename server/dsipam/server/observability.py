@@ -71,7 +71,7 @@ class _TextFormatter(logging.Formatter):
 def setup_logging(level: str, fmt: str = "text") -> None:
     """Logs to stderr, as text or as JSON lines (``fmt="json"``)."""
     if fmt not in ("text", "json"):
-        raise SystemExit(f"--log-format {fmt!r}: expected text or json")
+        raise _setting_error(f"--log-format {fmt!r}: expected text or json")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else _TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -199,7 +199,7 @@ class Metrics:
         try:
             server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
         except ValueError:
-            raise SystemExit(f"--metrics-listen {listen!r}: expected host:port") from None
+            raise _setting_error(f"--metrics-listen {listen!r}: expected host:port") from None
         bound = server.server_address[1]
         shown = f"[{host}]" if ":" in host else host
         return server, f"{shown}:{bound}"
@@ -382,3 +382,9 @@ __all__ = [
     "setup_logging",
     "watch_database",
 ]
+
+
+def _setting_error(message: str) -> SystemExit:
+    from .settings import SettingError
+
+    return SettingError(message)

@@ -11,12 +11,21 @@ T = TypeVar("T", int, float)
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
+class SettingError(SystemExit):
+    """A setting (a flag or a DSIPAM_* variable) is wrong. ``dsipam`` prints ``dsipam: MESSAGE``
+    and exits 2; elsewhere it ends the process like any SystemExit."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 def _env_int(name: str, default: int, minimum: int | None = None) -> int:
     value = os.environ.get(name, "")
     try:
         out = int(value) if value else default
     except ValueError:
-        raise SystemExit(f"{name}: {value!r} is not an integer") from None
+        raise SettingError(f"{name}: {value!r} is not an integer") from None
     return _at_least(name, out, minimum)
 
 
@@ -25,13 +34,13 @@ def _env_float(name: str, default: float, minimum: float | None = None) -> float
     try:
         out = float(value) if value else default
     except ValueError:
-        raise SystemExit(f"{name}: {value!r} is not a number") from None
+        raise SettingError(f"{name}: {value!r} is not a number") from None
     return _at_least(name, out, minimum)
 
 
 def _at_least(name: str, value: T, minimum: T | None) -> T:
     if minimum is not None and value < minimum:
-        raise SystemExit(f"{name}: {value} is less than {minimum}")
+        raise SettingError(f"{name}: {value} is less than {minimum}")
     return value
 
 
@@ -44,9 +53,9 @@ def parse_mode(value: str, where: str) -> int:
     try:
         mode = int(value.removeprefix("0o"), 8)
     except ValueError:
-        raise SystemExit(f"{where}: {value!r} is not an octal file mode such as 660") from None
+        raise SettingError(f"{where}: {value!r} is not an octal file mode such as 660") from None
     if not 0 <= mode <= 0o777:
-        raise SystemExit(f"{where}: {value!r} is not an octal file mode such as 660")
+        raise SettingError(f"{where}: {value!r} is not an octal file mode such as 660")
     return mode
 
 
@@ -98,6 +107,7 @@ class Settings:
     # HTTP/2 streams per connection, connections, and connection idle/age/keepalive times.
     max_message_bytes: int = 512 * 1024
     max_concurrent_rpcs: int = 4096
+    request_read_seconds: float = 10.0  # an authenticated call's request must arrive within this
     max_streams_per_connection: int = 4096
     max_connections: int = 4096
     connection_idle_seconds: float = 300.0
@@ -136,8 +146,8 @@ class Settings:
             db_pgbouncer=os.environ.get("DSIPAM_DB_PGBOUNCER", "").strip().lower() in ("1", "true", "yes"),
             log_level=os.environ.get("DSIPAM_LOG_LEVEL", "INFO").upper(),
             log_format=os.environ.get("DSIPAM_LOG_FORMAT", "text"),
-            shutdown_grace=float(os.environ.get("DSIPAM_SHUTDOWN_GRACE", "10") or 10),
-            shutdown_delay=float(os.environ.get("DSIPAM_SHUTDOWN_DELAY", "1") or 1),
+            shutdown_grace=_env_float("DSIPAM_SHUTDOWN_GRACE", 10.0, minimum=0.0),
+            shutdown_delay=_env_float("DSIPAM_SHUTDOWN_DELAY", 1.0, minimum=0.0),
             data_dir=os.environ.get("DSIPAM_DATA_DIR", ""),
             migrate=os.environ.get("DSIPAM_MIGRATE", "") in ("1", "true", "yes"),
             uvloop=os.environ.get("DSIPAM_UVLOOP", "1") not in ("0", "false", "no"),
@@ -155,6 +165,7 @@ class Settings:
             unix_socket_mode=_env_mode("DSIPAM_UNIX_SOCKET_MODE", 0o660),
             max_message_bytes=_env_int("DSIPAM_MAX_MESSAGE_BYTES", 512 * 1024, minimum=64 * 1024),
             max_concurrent_rpcs=_env_int("DSIPAM_MAX_CONCURRENT_RPCS", 4096, minimum=1),
+            request_read_seconds=_env_float("DSIPAM_REQUEST_READ_SECONDS", 10.0, minimum=0.1),
             max_streams_per_connection=_env_int("DSIPAM_MAX_STREAMS_PER_CONNECTION", 4096, minimum=1),
             max_connections=_env_int("DSIPAM_MAX_CONNECTIONS", 4096, minimum=1),
             connection_idle_seconds=_env_float("DSIPAM_CONNECTION_IDLE_SECONDS", 300.0, minimum=0.0),

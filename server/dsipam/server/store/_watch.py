@@ -623,6 +623,7 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
 
 def configured_token_keys(settings: Any) -> list[bytes]:
     """The keys of DSIPAM_TOKEN_KEY_FILE or DSIPAM_TOKEN_KEY (none: the database's are used)."""
+    from ..settings import SettingError
     from ._base import parse_token_keys
 
     where, value = "DSIPAM_TOKEN_KEY", settings.token_key
@@ -632,13 +633,13 @@ def configured_token_keys(settings: Any) -> list[bytes]:
             with open(settings.token_key_file, encoding="utf-8") as f:
                 value = f.read()
         except OSError as exc:
-            raise SystemExit(f"{where}: {exc.strerror}") from None
+            raise SettingError(f"{where}: {exc.strerror}") from None
     if not value:
         return []
     try:
         return parse_token_keys(value, where)
     except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+        raise SettingError(str(exc)) from None
 
 
 async def start_watch(store: Any, settings: Any) -> WatchService:
