@@ -168,6 +168,9 @@ def test_install_usage_errors_exit_2_and_create_nothing(tmp_path: Path, args: tu
     assert proc.returncode == (1 if "/usr/bin/python 3" in args else 2), (proc.stdout, proc.stderr)
     assert proc.stdout == ""
     assert proc.stderr.startswith("usage: dsipam-cni") or "--python" in proc.stderr, proc.stderr
+    if args[0] == "install" and proc.returncode == 2:  # the install usage, not the top level's
+        assert proc.stderr.startswith("usage: dsipam-cni install "), proc.stderr
+        assert "dsipam-cni install: error:" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -78,13 +78,17 @@ def _parser():  # type: ignore[no-untyped-def]
     install_parser.add_argument("--python", metavar="PATH",
                                 help="the interpreter the launcher runs (default: this one, %(default)s)",
                                 default=sys.executable)
+    parser.set_defaults(install_parser=install_parser)
     return parser
 
 
 def cli(args: list[str]) -> int:
     """``dsipam-cni install [--python PATH] DIR`` and ``--help``: 0, or 2 for a wrong command line."""
     try:
-        ns = _parser().parse_args(args)
+        parser = _parser()
+        ns, extra = parser.parse_known_args(args)
+        if extra:  # said by the install parser, with its usage (the top level's would be no help)
+            ns.install_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
