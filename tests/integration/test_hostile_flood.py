@@ -264,11 +264,11 @@ def test_the_method_cache_holds_only_real_methods():
         assert generic.service(Details(f"/dsipam.v1.IpamService/X{i}", ())) is None
     real = [m.name for m in pb.DESCRIPTOR.services_by_name["IpamService"].methods]
     for name in real:
-        fast = generic.service(Details(f"/dsipam.v1.IpamService/{name}", (("authorization", "Bearer t"),)))
+        known = generic.service(Details(f"/dsipam.v1.IpamService/{name}", (("authorization", "Bearer t"),)))
         guarded = generic.service(Details(f"/dsipam.v1.IpamService/{name}", ()))
-        assert fast is not None and guarded is not None and fast is not guarded
-        assert guarded.request_streaming, name  # reads nothing until the caller is checked
-        assert not fast.request_streaming, name
+        assert known is not None and guarded is not None
+        # Every call, a known token's too, reads nothing until it is counted and its caller checked.
+        assert guarded.request_streaming and known.request_streaming, name
     assert len(generic._cache) == len(real)
 
 
@@ -544,3 +544,51 @@ def test_server_survives_the_floods(flood_server):
     assert "Traceback" not in flood_server.log(), flood_server.log()[-3000:]
     with contextlib.suppress(Exception):
         print(f"\nserver RSS at the end: {rss_mb(flood_server.proc.pid):.0f} MB")
+
+
+def test_calls_that_never_send_their_request_are_counted_and_timed_out(flood_db, tokens, tmp_path):
+    """An outside review, with a valid token, opened 18,000 calls that never sent their request
+    message: gRPC waited for each, uncounted and without end (+330 MB). Every authenticated call
+    now counts against DSIPAM_MAX_CONCURRENT_RPCS before its request is read, and the read is
+    bounded by DSIPAM_REQUEST_READ_SECONDS (scaled down here: 60 calls, a bound of 40, 1.5 s)."""
+    config = write_config(tmp_path / "auth.yaml", tokens)
+    server = spawn_server(flood_db, tmp_path, extra_env={
+        "DSIPAM_AUTH_CONFIG": str(config), "DSIPAM_MAX_CONCURRENT_RPCS": "40", "DSIPAM_REQUEST_READ_SECONDS": "1.5"})
+    try:
+        async def park() -> tuple[list[tuple[grpc.StatusCode, str]], float, float]:
+            never = asyncio.Event()
+
+            async def no_request():  # type: ignore[no-untyped-def]
+                await never.wait()
+                yield b""  # pragma: no cover - never reached
+
+            async with grpc.aio.insecure_channel(server.target) as ch:
+                call = ch.stream_unary(GET_POOL, lambda b: b, pb.Pool.FromString)
+                t0 = time.monotonic()
+                calls = [call(no_request(), metadata=md(tokens["admin"][0]), timeout=30) for _ in range(60)]
+                outcomes: list[tuple[grpc.StatusCode, str]] = []
+                ends: list[float] = []
+                for c in calls:
+                    try:
+                        await c
+                        outcomes.append((grpc.StatusCode.OK, ""))
+                    except grpc.aio.AioRpcError as exc:
+                        outcomes.append((exc.code(), exc.details() or ""))
+                    ends.append(time.monotonic() - t0)
+                return outcomes, max(ends), time.monotonic() - t0
+
+        outcomes, last, _ = asyncio.run(park())
+        codes = collections.Counter(code for code, _ in outcomes)
+        # 40 held their slot until the read bound ended them; the other 20 were refused at once.
+        assert codes[grpc.StatusCode.DEADLINE_EXCEEDED] >= 40 - 1, codes
+        assert codes[grpc.StatusCode.UNAVAILABLE] >= 1, codes
+        assert set(codes) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}, codes
+        timed_out = next(d for c, d in outcomes if c == grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert "request: not received within 1.5s" in timed_out, timed_out
+        assert last < 15, last  # ended by the server's bound, not by the client's 30 s deadline
+        # The slots are free again: an ordinary call is served.
+        with grpc.insecure_channel(server.target) as ch:
+            got = ipam_pb2_grpc.IpamServiceStub(ch).ListPools(pb.ListPoolsRequest(), metadata=md(tokens["admin"][0]))
+            assert got is not None
+    finally:
+        server.terminate()

@@ -5,14 +5,13 @@
 showed in the Allocate profile). For each call it
 
 1. decides from the call's **metadata alone**, before any request byte is read, whether the
-   caller may be served (:meth:`_WrappedGeneric.service` sees the method path and the headers
-   before gRPC reads the message): a call that carries a bearer token with a sufficient role
-   gets the fast handler; every other call (no token, an unknown token, a role too low) gets a
-   *guarded* handler, a stream-shaped handler that runs :meth:`Authorizer.authorize` with the
-   call's context first and ends a refused call at once, so its request message is never read
-   nor parsed (gRPC resets the stream; what the client still sends is dropped by HTTP/2 flow
-   control). A guarded call that is allowed (a unix socket or client-certificate caller) reads
-   its one request message afterwards;
+   caller may be served: with authentication on, every call gets the *guarded* handler, a
+   stream-shaped handler that counts the call in flight and runs :meth:`Authorizer.authorize`
+   with the call's context first and ends a refused call at once, so its request message is
+   never read nor parsed (gRPC resets the stream; what the client still sends is dropped by
+   HTTP/2 flow control). An allowed call then reads its one request message, within
+   ``request_read_seconds`` (DEADLINE_EXCEEDED after it): a caller that opens calls and never
+   sends their requests holds at most ``max_concurrent_rpcs`` slots, each that long;
 2. sets the request ID (``x-request-id``, else generated) for the logs (:data:`current_call`);
 3. refuses the call with UNAVAILABLE (retryable, counted) when ``max_concurrent_rpcs`` calls are
    already in flight in this process;
@@ -24,7 +23,8 @@ showed in the Allocate profile). For each call it
 When authentication is on, the service's registered-method table (grpcio's
 ``add_registered_method_handlers``, which skips ``service()``) is not installed, so that step 1
 runs for every call; ``bench/pipeline_cost.py`` measures what that costs. With ``--insecure``
-there is nothing to decide before the body and the registered table is used.
+there is nothing to decide before the body: the registered table and the fast form (gRPC reads
+the request before the handler runs) are used.
 
 Method paths that the service does not have are answered UNIMPLEMENTED by gRPC and leave
 nothing behind: only the service's own methods are cached.
@@ -100,18 +100,6 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
     return "UNKNOWN"
 
 
-def token_suffices(authorizer: Authorizer, authorization: str, required: Role) -> bool:
-    """Whether an ``authorization`` header alone lets its caller call a method needing
-    ``required``: a known bearer token with that role or more. False means "look closer" (the
-    guarded handler runs the full check), never "refused" by itself."""
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    if not token or scheme.lower() != "bearer":
-        return False
-    entry = authorizer.token_entry(token)
-    return entry is not None and entry.role >= required
-
-
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str,
                  metadata: dict[str, str]) -> None:
     status = to_grpc_status(code, message, reason, metadata)
@@ -136,10 +124,11 @@ class CallWrapper:
     """
 
     def __init__(self, authorizer: Authorizer | None, metrics: Metrics | None, *,
-                 max_concurrent_rpcs: int = 0) -> None:
+                 max_concurrent_rpcs: int = 0, request_read_seconds: float = 10.0) -> None:
         self.authorizer = authorizer
         self.metrics = metrics
         self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.request_read_seconds = request_read_seconds
         self.in_flight = 0
         if authorizer is not None and authorizer.kube is not None and metrics is not None:
             metrics.registry.register(authorizer.kube.collector())  # dsipam_kube_token_* (kube_auth.py)
@@ -196,12 +185,19 @@ class CallWrapper:
                              "INVALID_ARGUMENT", {})
 
         async def read_one(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            """The one request message of a unary call served by a guarded (stream-shaped) handler."""
+            """The one request message of a unary call served by a guarded (stream-shaped) handler,
+            within ``request_read_seconds``: a caller that opens a call and never sends its request
+            holds an in-flight slot (counted against max_concurrent_rpcs) only that long."""
             try:
-                raw = await request_iterator.__anext__()
+                raw = await asyncio.wait_for(request_iterator.__anext__(), wrapper.request_read_seconds)
             except StopAsyncIteration:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request: no request message",
                              "INVALID_ARGUMENT", {"field": "request"})
+            except TimeoutError:
+                await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"request: not received within {wrapper.request_read_seconds:g}s of the call's start "
+                             "(request_read_seconds)",
+                             "REQUEST_READ_TIMEOUT", {"field": "request", "limit": "request_read_seconds"})
             return await parse_request(raw, context)
 
         def finish(context: grpc.aio.ServicerContext, start: float, code: str | None) -> None:
@@ -382,15 +378,13 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
             if not method.startswith(SERVICE_PREFIX):
                 return handler
             entry = self._cache[method] = self._wrapper.method(method, handler)
-        authorizer = self._authorizer
-        if authorizer is None or entry.required is None:
+        if self._authorizer is None or entry.required is None:
             return entry.fast
-        for item in handler_call_details.invocation_metadata or ():
-            if item[0] == AUTHORIZATION_HEADER:
-                value = item[1]
-                if isinstance(value, str) and token_suffices(authorizer, value, entry.required):
-                    return entry.fast
-                break
+        # Every call of an authenticated service takes the guarded form, a known token's too: the
+        # call is counted in flight and its caller checked before its request is read, and the read
+        # is bounded (request_read_seconds). With the fast form gRPC waits for the request before
+        # the handler runs, uncounted and without limit: a token holder could park thousands of
+        # calls that never send one (an outside review held 18,000: +330 MB).
         return entry.guarded
 
 
@@ -400,5 +394,4 @@ __all__ = [
     "CallInfo",
     "CallWrapper",
     "current_call",
-    "token_suffices",
 ]
