@@ -227,6 +227,15 @@ def test_creating_an_existing_pool_again_is_already_exists_not_an_overlap(stub, 
     assert error_info(err).reason != "POOLS_OVERLAP"
 
 
+def test_the_network_name_default_is_reserved(stub, clean_db):
+    # An outside review: "default" was a network of its own beside the default network "", so a
+    # pool written with network: default could overlap a pool of the default network.
+    stub.CreatePool(pool("p1", "198.18.0.0/24"))
+    err = _fails(stub.CreatePool, _pool_in("p2", "default", "198.18.0.0/26"), C.INVALID_ARGUMENT)
+    assert "pool.network: 'default' is reserved" in err.details(), err.details()
+    assert [p.name for p in stub.ListPools(pb.ListPoolsRequest()).pools] == ["p1"]
+
+
 @pytest.mark.parametrize("network", ["Lab", "-x", "a b", "x" * 129, "a/b", "ü"])
 def test_bad_network_names_are_refused(stub, clean_db, network):
     err = _fails(stub.CreatePool, _pool_in("p", network, "198.18.0.0/24"), C.INVALID_ARGUMENT)

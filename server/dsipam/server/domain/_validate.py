@@ -45,6 +45,13 @@ def check_network(network: str, where: str = "pool.network") -> str:
             "a-z, 0-9, '-' and '.', starting and ending with a letter or digit)",
             field=where,
         )
+    if network == "default":
+        # Written out, "default" would be a network of its own beside the default network "", and
+        # an operator who means the default would get overlapping pools.
+        raise InvalidArgument(
+            f"{where}: 'default' is reserved; leave the network empty for the default network",
+            field=where,
+        )
     return network
 
 
