@@ -194,3 +194,85 @@ def test_a_dropped_database_is_not_serving_and_unavailable_with_one_error_line(t
         assert log.count("maintenance round") <= 1, log
     finally:
         psql(ADMIN_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class _Forwarder:
+    """A TCP forwarder to the real PostgreSQL, started late: the database is unreachable on its
+    port until then."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", 5432))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:  # type: ignore[no-untyped-def]
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+def test_an_outage_at_start_up_logs_one_error_per_loop_counts_every_attempt_and_one_line_at_its_end(db_url, tmp_path):
+    """The token keys were read every second with an ERROR line each, without end; the maintenance
+    loop logged every round. Now: one line each when the outage starts and when it ends, every
+    failed token-key read counted."""
+    from support import metric_sum
+
+    port = free_port()
+    url = db_url.replace("127.0.0.1:5432", f"127.0.0.1:{port}")
+    assert url != db_url
+    server = spawn_server(url, tmp_path, wait_serving=False,
+                          extra_env={"DSIPAM_LOG_LEVEL": "INFO", "DSIPAM_DB_HEALTH_INTERVAL": "0.5"})
+    forwarder = None
+    try:
+        time.sleep(5)  # five token-key attempts, two maintenance rounds, ten pings
+        assert health(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+        failures = metric_sum(server.metrics_text() or "", "dsipam_token_key_refresh_failures_total")
+        assert failures >= 4, (failures, server.log())
+        forwarder = _Forwarder(port)
+        deadline = time.monotonic() + 20
+        while "token keys read from the database again" not in server.log() or \
+                "maintenance resumed" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+        assert health(server.target) == health_pb2.HealthCheckResponse.SERVING
+        time.sleep(2.5)  # a key refresh and a maintenance round after the end
+        assert metric_sum(server.metrics_text() or "", "dsipam_token_key_refresh_failures_total") >= failures
+    finally:
+        server.terminate()
+        if forwarder is not None:
+            forwarder.close()
+    log = server.log()
+    assert "Traceback" not in log, log
+    keys = [line for line in log.splitlines() if "token keys not read" in line]
+    assert len(keys) == 1 and " ERROR " in keys[0], log
+    assert log.count("token keys read from the database again") == 1, log
+    assert log.count("maintenance round skipped") == 1 and log.count("maintenance resumed") == 1, log
+    assert len([line for line in log.splitlines() if " ERROR dsipam.server database unreachable (" in line]) == 1, log
+    assert log.count("watch listener failed") == 1, log  # then DEBUG, with a growing backoff

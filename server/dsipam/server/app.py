@@ -41,14 +41,20 @@ async def maintain(store: Store) -> None:
     """Frees addresses whose cooldown has passed and prunes old events. Every server runs
     this; the SQL skips rows another server holds, so they never collide."""
     rounds = 0
+    skipped = 0  # rounds of the current outage (the health watch logs it at ERROR): one line at its start and end
     while True:
         try:
             while await store.reclaim_cooldowns(limit=500) == 500:
                 pass
             if rounds % PRUNE_EVERY == 0:
                 await store.prune_events()
+            if skipped:
+                log.info("maintenance resumed after %d round%s skipped", skipped, "" if skipped == 1 else "s")
+            skipped = 0
         except DatabaseUnavailable:
-            log.warning("maintenance round skipped: database unreachable")
+            if not skipped:
+                log.warning("maintenance round skipped: database unreachable")
+            skipped += 1
         except Exception:  # noqa: BLE001 - keep maintaining; logged at ERROR and counted
             report_background_error(log, "maintenance", "maintenance round failed")
         rounds += 1

@@ -25,30 +25,17 @@ from .settings import DEFAULT_LISTEN, SettingError, Settings
 # Status lines `dsipam serve` prints on stdout; in text logs the same records would say them twice.
 _PRINTED_STATUS = frozenset({"dsipam listening on %s", "authentication is off (--insecure)",
                              "shutting down: health NOT_SERVING, finishing in-flight calls (grace %ss)"})
-_MAINTENANCE_SKIPPED = "maintenance round skipped: database unreachable"
-_DATABASE_BACK = "database reachable again: health SERVING"
 
 
 class _ServeLogFilter(logging.Filter):
-    """Drops what would be said twice: the status lines printed on stdout (text logs only), and
-    the maintenance loop's "skipped" line every 2 s of a database outage after its first (the
-    health watch logs the outage and its end once each)."""
+    """Drops the status lines printed on stdout from text logs, where they would be said twice."""
 
     def __init__(self, text: bool) -> None:
         super().__init__()
         self.text = text
-        self.outage_reported = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name != "dsipam.server":
-            return True
-        if record.msg == _DATABASE_BACK:
-            self.outage_reported = False
-        elif record.msg == _MAINTENANCE_SKIPPED:
-            if self.outage_reported:
-                return False
-            self.outage_reported = True
-        return not (self.text and record.msg in _PRINTED_STATUS)
+        return not (self.text and record.name == "dsipam.server" and record.msg in _PRINTED_STATUS)
 
 
 def _setup_logging(level: str, fmt: str = "text", *, serve: bool = False) -> None:

@@ -578,9 +578,11 @@ class WatchHub:
             sub.wake.set()
 
 
-async def refresh_token_keys(engine: Any, interval: float = KEY_REFRESH_SECONDS) -> None:
+async def refresh_token_keys(engine: Any, interval: float = KEY_REFRESH_SECONDS, *, failed: int = 0) -> None:
     """Reloads the database's token keys every ``interval`` seconds (a rotation reaches every
-    replica), every second while they could not be read at all."""
+    replica), every second while they could not be read at all. Every failed attempt is counted
+    (dsipam_token_key_refresh_failures); an outage is logged once at ERROR (its first failure;
+    ``failed`` attempts had failed before this loop started) and its end once at INFO."""
     while True:
         await asyncio.sleep(1.0 if TOKEN_KEYS.waiting else interval)
         try:
@@ -589,8 +591,15 @@ async def refresh_token_keys(engine: Any, interval: float = KEY_REFRESH_SECONDS)
             raise
         except Exception as exc:  # noqa: BLE001 - counted and logged; the keys loaded before stay in use
             TOKEN_KEY_FAILURES.inc()
-            log.error("token keys not %s from the database (%s: %s)%s", "read" if TOKEN_KEYS.waiting else "reloaded",
-                      type(exc).__name__, exc, "" if TOKEN_KEYS.waiting else "; the loaded keys stay in use")
+            log.log(logging.DEBUG if failed else logging.ERROR, "token keys not %s from the database (%s: %s)%s",
+                    "read" if TOKEN_KEYS.waiting else "reloaded", type(exc).__name__, exc,
+                    "; reading them again every second" if TOKEN_KEYS.waiting else "; the loaded keys stay in use")
+            failed += 1
+        else:
+            if failed:
+                log.info("token keys read from the database again (after %d failed attempt%s)", failed,
+                         "" if failed == 1 else "s")
+            failed = 0
 
 
 @dataclass
@@ -649,13 +658,15 @@ async def start_watch(store: Any, settings: Any) -> WatchService:
     if keys:
         TOKEN_KEYS.use(keys)
     else:
+        failed = 0
         try:
             await load_database_token_keys(store.engine)
         except DatabaseUnavailable as exc:  # the server starts anyway; calls that need a token wait
             TOKEN_KEY_FAILURES.inc()
             log.error("token keys not read from the database (%s); reading them again every second", exc)
             TOKEN_KEYS.waiting = True
-        tasks.append(asyncio.create_task(refresh_token_keys(store.engine)))
+            failed = 1
+        tasks.append(asyncio.create_task(refresh_token_keys(store.engine, failed=failed)))
     hub = WatchHub(store, settings.database_url, pgbouncer=settings.db_pgbouncer,
                    max_streams=settings.max_watch_streams, max_per_identity=settings.max_watch_streams_per_identity,
                    buffer=settings.watch_buffer, fallback=settings.watch_fallback_seconds)
