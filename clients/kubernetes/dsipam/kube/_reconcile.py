@@ -104,6 +104,15 @@ class Reconciler:
                     self.pending_pods.pop(u, None)
             for name in due_nodes:
                 gone_since, _ = self.pending_nodes.pop(name)
+                if self.node_exists(name):
+                    # The Node is back (a kubelet re-registers a Node object deleted under it): its
+                    # pods may still run with their addresses. Pods that are gone are released by
+                    # the pod path; releasing by node here would hand out running pods' addresses.
+                    self._node_retries.pop(name, None)
+                    self._released_nodes.discard(name)
+                    log.info("node %s is back: its allocations are kept (those of pods that are gone are "
+                             "released one by one)", name)
+                    continue
                 await self.release_node(name, gone_since)
             nxt = min([*self.pending_pods.values(), *(t for _, t in self.pending_nodes.values())], default=None)
             self.wake.clear()
