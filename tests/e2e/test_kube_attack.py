@@ -4,16 +4,22 @@ against a real API server, a real dsipam server and real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from kube import ApiServer, ControllerProcess, install_controller_manifests, wait_for
+from kube import ApiServer, ControllerProcess, install_controller_manifests, load_yaml_files, wait_for
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
 from dsipam.client import AllocationNotFound, AsyncIpamClient
+from dsipam.server.kube_auth import KubeAuthConfig, KubeAuthError, KubeTokenVerifier
+
+CNI_YAML = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "cni.yaml"
 
 GRACE = 3.0
 LEASE = ["--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5", "--status-interval", "30"]
@@ -106,3 +112,52 @@ async def test_node_deleted_and_recreated_within_the_grace_keeps_its_live_pods(
     await asyncio.sleep(GRACE + 3)
     assert await held(ipam, "rn", "live/eth0"), "a running pod's address was released: its node came back"
     assert ctl.metric("dsipam_controller_node_allocations_released_total") == 0
+
+
+def _b64(obj: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+
+async def test_a_flood_of_forged_tokens_does_not_lock_out_a_shim_already_verified(
+        kube_api: ApiServer, core: client.CoreV1Api, ns: str, tmp_path: Path) -> None:
+    """Anyone who reaches the server can forge JWTs that pass the cheap checks (listed ServiceAccount,
+    audience, future expiry: all public) and so keep the TokenReview bucket empty. A shim's token
+    is reviewed again every cacheSeconds: the flood must not turn its next re-review into
+    TOKEN_REVIEW_BUSY (every CNI ADD on every node would fail while the flood lasts)."""
+    await make_node(core, "node-f")
+    pod = await core.create_namespaced_pod(ns, client.V1Pod(
+        metadata=client.V1ObjectMeta(name="dsipam-cni-f"),
+        spec=client.V1PodSpec(node_name="node-f", service_account_name="dsipam-cni",
+                              containers=[client.V1Container(name="c", image="pause")])))
+    token = await kube_api.async_service_account_token(ns, "dsipam-cni", audiences=["dsipam"],
+                                                       bound_pod=(pod.metadata.name, pod.metadata.uid))
+    await kube_api.async_apply([d for d in load_yaml_files([CNI_YAML])
+                                if d["kind"] in ("ClusterRole", "ClusterRoleBinding")])
+    try:
+        await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="dsipam-system")))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    server_token = await kube_api.async_service_account_token("dsipam-system", "dsipam")
+    cfg = KubeAuthConfig.from_mapping({
+        "serviceAccounts": [{"namespace": ns, "name": "dsipam-cni", "role": "shim"}],
+        "kubeconfig": str(kube_api.write_kubeconfig(tmp_path / "kubeconfig", server_token)),
+        "cacheSeconds": 1, "reviewsPerSecond": 0.01, "reviewBurst": 5}, "test")
+    verifier = KubeTokenVerifier(cfg)
+    try:
+        assert (await verifier.verify(token)).node == "node-f"
+        sub = f"system:serviceaccount:{ns}:dsipam-cni"
+        busy = 0
+        for i in range(20):
+            forged = ".".join((_b64({"alg": "RS256"}), _b64({"aud": ["dsipam"], "sub": sub, "jti": str(i),
+                                                               "exp": int(time.time()) + 3600}), "c2ln"))
+            with pytest.raises(KubeAuthError) as err:
+                await verifier.verify(forged)
+            busy += err.value.reason == "TOKEN_REVIEW_BUSY"
+        assert busy >= 15  # the bucket is empty
+        await asyncio.sleep(1.2)  # the shim's verified entry has expired: it is reviewed again
+        entry = await verifier.verify(token)
+        assert entry.node == "node-f"
+        assert verifier.reviews["accepted"] == 2
+    finally:
+        await verifier.close()

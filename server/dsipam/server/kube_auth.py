@@ -25,7 +25,11 @@ What keeps this cheap and bounded under a flood of made-up tokens:
 3. **One review per token at a time** (concurrent calls with the same new token share it), at
    most ``maxConcurrentReviews`` in flight, and a **token bucket** of ``reviewsPerSecond`` /
    ``reviewBurst`` reviews: past it a new token is UNAVAILABLE (retryable, reason
-   ``TOKEN_REVIEW_BUSY``), counted, never queued without bound.
+   ``TOKEN_REVIEW_BUSY``), counted, never queued without bound. A token the API server has
+   accepted before (remembered by hash until its ``exp``, in an LRU of ``maxCachedTokens``) is
+   reviewed again every ``cacheSeconds`` outside the bucket: forged tokens (whose claims anyone
+   can write) that keep the bucket empty delay only tokens never seen, never the shims already
+   verified.
 
 An API server that cannot be reached (or refuses the review: missing RBAC) is UNAVAILABLE,
 logged at ERROR and counted (``dsipam_kube_token_reviews_total{result="error"}``).
@@ -264,6 +268,9 @@ class ExpiringLru:
         self._items.move_to_end(key)
         return item[1]
 
+    def pop(self, key: bytes) -> None:
+        self._items.pop(key, None)
+
     def put(self, key: bytes, value: Any, expires: float) -> None:
         self._items[key] = (expires, value)
         self._items.move_to_end(key)
@@ -285,6 +292,7 @@ class KubeTokenVerifier:
         self.clock = clock
         self._ok = ExpiringLru(cfg.max_cached_tokens)
         self._refused = ExpiringLru(cfg.max_cached_tokens)
+        self._known = ExpiringLru(cfg.max_cached_tokens)  # accepted once: re-reviews skip the bucket
         self._bucket = TokenBucket(cfg.reviews_per_second, cfg.review_burst)
         self._inflight: dict[bytes, asyncio.Future[TokenEntry]] = {}
         self._semaphore: asyncio.Semaphore | None = None
@@ -327,7 +335,7 @@ class KubeTokenVerifier:
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
-        if not self._bucket.take():
+        if self._known.get(key, now) is None and not self._bucket.take():
             self.refusals["busy"] += 1
             raise KubeAuthError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -367,6 +375,7 @@ class KubeTokenVerifier:
             self.reviews["refused"] += 1
             self.refusals[kind] += 1
             self._refused.put(key, why, now + self.cfg.refused_cache_seconds)
+            self._known.pop(key)
             return _unauthenticated(why)
 
         if not getattr(status, "authenticated", False):
@@ -398,6 +407,7 @@ class KubeTokenVerifier:
         entry = TokenEntry(label, role, b"", None, node)
         self.reviews["accepted"] += 1
         self._ok.put(key, entry, min(claims.expires, now + self.cfg.cache_seconds))
+        self._known.put(key, True, claims.expires)
         return entry
 
     async def _token_review(self, token: str) -> Any:
