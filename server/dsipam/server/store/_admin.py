@@ -42,6 +42,7 @@ from ._base import (
     decode_page_token,
     encode_page_token,
     off_loop,
+    page_scope,
     page_size,
     pool_info,
     warm,
@@ -629,7 +630,8 @@ class AdminStore:
         check_pool_name(name, "pool")
         check_node(node)
         limit = page_size(size)
-        after = decode_page_token(token, "blocks")
+        scope = page_scope(name, node=node)
+        after = decode_page_token(token, "blocks", scope)
         with unavailable_on_disconnect():
             async with self.engine.connect() as conn:
                 pool = await self._load_pool(conn, name)
@@ -645,7 +647,7 @@ class AdminStore:
                     )
                 ).mappings().all()
         blocks = [_block(r) for r in rows[:limit]]
-        return blocks, (encode_page_token(str(rows[limit - 1]["id"]), "blocks") if len(rows) > limit else "")
+        return blocks, (encode_page_token(str(rows[limit - 1]["id"]), "blocks", scope) if len(rows) > limit else "")
 
     async def release_node(self, name: str, node: str) -> tuple[list[BlockInfo], list[BlockInfo]]:
         """Frees the node's empty blocks; returns (released, kept)."""

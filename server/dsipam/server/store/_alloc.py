@@ -52,6 +52,7 @@ from ._base import (
     allocation_info,
     decode_page_token,
     encode_page_token,
+    page_scope,
     page_size,
     row_allocation,
 )
@@ -822,8 +823,9 @@ class AllocationStore(StoreBase):
     ) -> tuple[list[AllocationInfo], str]:
         check_pool_name(pool, "pool")
         limit = page_size(size)
-        after = decode_page_token(token)
         selector = check_map(selector or {}, "attribute_selector")
+        scope = page_scope(pool, selector=selector, family=family.name if family is not None else "")
+        after = decode_page_token(token, "allocations", scope)
         family_filter = ""
         if family is not None:
             family_filter = f" AND {FAMILY_COLUMN[family]} IS NOT NULL"
@@ -843,7 +845,7 @@ class AllocationStore(StoreBase):
                     )
                 ).mappings().all()
         out = [row_allocation(stored, r["owner"], r) for r in rows[:limit]]
-        return out, (encode_page_token(rows[limit - 1]["owner"]) if len(rows) > limit else "")
+        return out, (encode_page_token(rows[limit - 1]["owner"], "allocations", scope) if len(rows) > limit else "")
 
     async def fsck(self, pool: str) -> list[str]:
         """Checks that block bitmaps and counters agree exactly with allocations and cooldowns."""

@@ -266,17 +266,27 @@ def bad_token(where: str, why: str) -> InvalidArgument:
 _PAGE_KINDS = ("allocations", "pools", "blocks")
 
 
-def encode_page_token(after: str, kind: str = "allocations") -> str:
+def page_scope(pool: str = "", **filters: Any) -> dict[str, str]:
+    """What binds a page token to its request: the pool, and a short digest of every filter
+    (everything but ``page_token`` and ``page_size``) in a canonical form. The MAC covers both."""
+    canonical = json.dumps(filters, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return {"p": pool, "f": hashlib.sha256(canonical.encode()).hexdigest()[:16]}
+
+
+def encode_page_token(after: str, kind: str = "allocations", scope: dict[str, str] | None = None) -> str:
     """The token of the page after ``after``. ``kind``: the listing (ListAllocations by default,
-    "pools", "blocks"); a token is accepted only by the listing that made it."""
-    return encode_token({"k": kind, "a": after})
+    "pools", "blocks"); ``scope``: its request (``page_scope``). A token is accepted only by the
+    listing that made it, for the same pool and filters."""
+    return encode_token({"k": kind, "a": after, **(scope or page_scope())})
 
 
-def decode_page_token(token: str, kind: str = "allocations") -> str | None:
+def decode_page_token(token: str, kind: str = "allocations", scope: dict[str, str] | None = None) -> str | None:
     assert kind in _PAGE_KINDS
     value = decode_token(token, "page_token", kind)
     if value is None:
         return None
+    if any(value.get(k) != v for k, v in (scope or page_scope()).items()):
+        raise InvalidArgument("page_token: belongs to another request (pool or filters differ)", field="page_token")
     after = value.get("a")
     if not isinstance(after, str) or not 0 < len(after) <= _MAX_PAGE_AFTER or not (
         after.isascii() and after.isprintable() and " " not in after
@@ -287,13 +297,19 @@ def decode_page_token(token: str, kind: str = "allocations") -> str | None:
     return after
 
 
-# Keys kept in the database (migration 0013): the newest three rows are accepted; the newest
-# that every replica has had time to load (older than KEY_ACTIVATION_SECONDS) signs.
+# Keys kept in the database (migration 0013): the newest three rows are accepted; the newest row
+# that every replica has had time to load (older than KEY_ACTIVATION_SECONDS) signs, and is
+# accepted too even when newer rows have pushed it out of the three (so rotating several times
+# within the delay never breaks a page in flight). Only when no row is that old (a new
+# deployment) does the oldest row sign.
 KEY_REFRESH_SECONDS = 30.0
 KEY_ACTIVATION_SECONDS = 3 * KEY_REFRESH_SECONDS
-_SQL_TOKEN_KEYS = text(
-    "SELECT key, extract(epoch FROM now() - create_time)::float8 AS age FROM ipam_token_keys ORDER BY id DESC LIMIT 3"
+_KEY_COLUMNS = "SELECT id, key, extract(epoch FROM now() - create_time)::float8 AS age FROM ipam_token_keys "
+_SQL_TOKEN_KEYS = text(_KEY_COLUMNS + "ORDER BY id DESC LIMIT 3")
+_SQL_SIGNING_KEY = text(
+    _KEY_COLUMNS + "WHERE create_time <= now() - make_interval(secs => :delay) ORDER BY create_time DESC, id DESC LIMIT 1"
 )
+_SQL_OLDEST_KEY = text(_KEY_COLUMNS + "ORDER BY create_time, id LIMIT 1")
 _SQL_FIRST_TOKEN_KEY = text(
     "INSERT INTO ipam_token_keys (key) SELECT CAST(:key AS bytea) WHERE NOT EXISTS (SELECT 1 FROM ipam_token_keys)"
 )
@@ -308,8 +324,13 @@ async def load_database_token_keys(engine: AsyncEngine) -> None:
                 await conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended('dsipam.token-keys', 0))"))
                 await conn.execute(_SQL_FIRST_TOKEN_KEY, {"key": os.urandom(MIN_KEY_BYTES)})
                 rows = (await conn.execute(_SQL_TOKEN_KEYS)).all()
+            signer = (await conn.execute(_SQL_SIGNING_KEY, {"delay": KEY_ACTIVATION_SECONDS})).first()
+            if signer is None:
+                signer = (await conn.execute(_SQL_OLDEST_KEY)).first()
     keys = [bytes(r.key) for r in rows]
-    signing = next((i for i, r in enumerate(rows) if r.age >= KEY_ACTIVATION_SECONDS), len(rows) - 1)
+    if signer is not None and signer.id not in {r.id for r in rows}:
+        keys.append(bytes(signer.key))
+    signing = keys.index(bytes(signer.key)) if signer is not None else len(keys) - 1
     TOKEN_KEYS.use(keys, signing, "database")
 
 
