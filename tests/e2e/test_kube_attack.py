@@ -161,3 +161,26 @@ async def test_a_flood_of_forged_tokens_does_not_lock_out_a_shim_already_verifie
         assert verifier.reviews["accepted"] == 2
     finally:
         await verifier.close()
+
+
+async def test_a_static_pods_allocation_is_kept_while_its_mirror_pod_lives(
+        start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient) -> None:
+    """A static pod (a manifest on the node) runs under the UID the kubelet gives it, the hash of its
+    manifest; that is the K8S_POD_UID the CNI plugin records. The API server only holds its mirror
+    pod, whose metadata.uid is another one and whose annotation kubernetes.io/config.mirror names
+    the static UID. A resync that knows only metadata.uid releases the running static pod's address."""
+    await ipam.create_pool("sp", ["198.18.11.0/24"], cooldown=1)
+    await make_node(core, "node-s")
+    static_uid = uuid.uuid4().hex  # what the kubelet derives from the manifest
+    mirror_uid = await make_pod(core, ns, "static-web-node-s", "node-s", annotations={
+        "kubernetes.io/config.mirror": static_uid, "kubernetes.io/config.hash": static_uid,
+        "kubernetes.io/config.source": "file"})
+    assert mirror_uid != static_uid
+    await ipam.allocate("sp", "static/eth0", node="node-s", attributes=attrs(ns, "static-web-node-s", static_uid,
+                                                                             "node-s"))
+    await asyncio.sleep(GRACE + 0.5)  # older than the grace
+    ctl = start("--grace", str(GRACE), "--resync-interval", "1")
+    await wait_for(ctl.is_leader, 30, what="leader")
+    await asyncio.sleep(2 * GRACE + 3)  # several resyncs, each past the grace
+    assert ctl.metric("dsipam_controller_reconciles_total", kind="resync") >= 3
+    assert await held(ipam, "sp", "static/eth0"), "a running static pod's address was released"

@@ -28,7 +28,7 @@ from typing import Any
 from dsipam.client import AsyncIpamClient
 
 from ._metrics import Metrics
-from ._watch import list_all, slim_meta, slim_pod
+from ._watch import MIRROR_ANNOTATION, list_all, slim_meta, slim_pod
 
 log = logging.getLogger("dsipam.kube")
 
@@ -53,6 +53,17 @@ def _live_pod(pod: dict) -> bool:
     return (pod.get("status") or {}).get("phase") not in TERMINAL
 
 
+def pod_uids(pod: dict) -> list[str]:
+    """The UIDs a pod's allocations can carry: metadata.uid, and for a static pod's mirror pod the
+    UID the kubelet runs the static pod under (its kubernetes.io/config.mirror annotation)."""
+    meta = pod["metadata"]
+    uids = [meta["uid"]] if meta.get("uid") else []
+    mirror = (meta.get("annotations") or {}).get(MIRROR_ANNOTATION)
+    if mirror and mirror not in uids:
+        uids.append(mirror)
+    return uids
+
+
 class Reconciler:
     """Releases what pods and nodes that are gone left behind."""
 
@@ -66,6 +77,9 @@ class Reconciler:
         # pod UID -> monotonic due time; node name -> (wall time it went away, monotonic due time)
         self.pending_pods: dict[str, float] = {}
         self.pending_nodes: dict[str, tuple[dt.datetime, float]] = {}
+        # UIDs of live pods as the pod events tell (a pending UID found live again is never released:
+        # a static pod whose mirror pod was deleted and re-created by its kubelet)
+        self.live_uids: set[str] = set()
         self.wake = asyncio.Event()
         self.node_exists: Callable[[str], bool] = lambda name: False
         self._node_retries: dict[str, int] = {}
@@ -75,12 +89,21 @@ class Reconciler:
     # -- events ------------------------------------------------------------------------------
 
     def pod_event(self, kind: str, pod: dict) -> None:
-        uid = pod["metadata"].get("uid")
-        if not uid:
+        uids = pod_uids(pod)
+        if not uids:
             return
-        if kind == "DELETED" or (pod.get("status") or {}).get("phase") in TERMINAL:
-            self.pending_pods.setdefault(uid, time.monotonic() + self.grace)
+        terminal = (pod.get("status") or {}).get("phase") in TERMINAL
+        if kind == "DELETED" or terminal:
+            self.live_uids.difference_update(uids)
+            # A deleted mirror pod does not stop its static pod (its kubelet makes a new mirror):
+            # only a terminal phase speaks for the static pod too.
+            for uid in uids if terminal else uids[:1]:
+                self.pending_pods.setdefault(uid, time.monotonic() + self.grace)
             self.wake.set()
+        else:
+            self.live_uids.update(uids)
+            for uid in uids:
+                self.pending_pods.pop(uid, None)
 
     def node_event(self, kind: str, node: dict) -> None:
         if kind == "DELETED":
@@ -96,6 +119,9 @@ class Reconciler:
         while True:
             now = time.monotonic()
             due_pods = [u for u, t in self.pending_pods.items() if t <= now]
+            for u in [u for u in due_pods if u in self.live_uids]:
+                self.pending_pods.pop(u, None)
+                due_pods.remove(u)
             due_nodes = [n for n, (_, t) in self.pending_nodes.items() if t <= now]
             if due_pods:
                 pools = await self._pool_names()
@@ -216,7 +242,7 @@ class Reconciler:
         pods, _ = await list_all(self.core.list_pod_for_all_namespaces, slim=slim_pod)
         nodes, _ = await list_all(self.core.list_node, slim=slim_meta)
         report.pods, report.nodes = len(pods), len(nodes)
-        live = {p["metadata"]["uid"] for p in pods if _live_pod(p)}
+        live = {u for p in pods if _live_pod(p) for u in pod_uids(p)}
         node_names = {n["metadata"]["name"] for n in nodes}
         # 3. ... and keep the grace: from when the pod was first seen gone, and (checked by the server
         # in GarbageCollect) from each allocation's create_time.

@@ -36,12 +36,18 @@ async def read_json(resp: Any) -> dict:
 
 Slim = Callable[[dict], dict]
 
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+"""On a static pod's mirror pod: the UID the kubelet runs the static pod under (K8S_POD_UID)."""
+
 
 def slim_pod(pod: dict) -> dict:
     """What the controller needs of a pod: 10,000 full pods would take ~100 MiB of dicts."""
     meta = pod.get("metadata") or {}
-    return {"metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp")
-                         if k in meta},
+    slim = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp") if k in meta}
+    mirror = (meta.get("annotations") or {}).get(MIRROR_ANNOTATION)
+    if mirror:  # a static pod's mirror: the kubelet (and so the CNI plugin) knows it by this UID
+        slim["annotations"] = {MIRROR_ANNOTATION: mirror}
+    return {"metadata": slim,
             "spec": {"nodeName": (pod.get("spec") or {}).get("nodeName")},
             "status": {"phase": (pod.get("status") or {}).get("phase")}}
 
