@@ -168,3 +168,44 @@ def test_docs_name_every_metric_and_setting() -> None:
         assert f"dsipam_controller_{base}" in doc or f"..._{base}" in doc, name
     for flag, env, *_ in _OPTIONS:
         assert f"`{flag}`" in doc and f"`{env}`" in doc, flag
+
+
+def test_connection_options_after_controller(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`dsipam controller --target X --token-file F --debug` works as `dsipam --target X ... controller`
+    (as the admin commands take them), the one after the subcommand wins, and its --help lists them."""
+    from dsipam.kube.cli import make_async_client
+    from dsipam.server.cli import build_parser
+
+    for var in ("DSIPAM_TARGET", "DSIPAM_TOKEN_FILE", "DSIPAM_DEBUG", "DSIPAM_LOG_LEVEL", "DSIPAM_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    parser = build_parser()
+    after = parser.parse_args(["controller", "--target", "198.18.0.9:50051", "--token-file", str(token),
+                               "--timeout", "3", "--debug", "--grace", "5"])
+    assert (after.client_target, after.client_token_file, after.client_timeout, after.client_debug) == (
+        "198.18.0.9:50051", str(token), "3", True)
+    s, level, _ = settings_from(after)
+    assert s.grace == 5.0 and level == "DEBUG"  # --debug logs the retry attempts too
+    before = parser.parse_args(["--target", "198.18.0.8:1", "controller", "--log-level", "warning"])
+    assert before.client_target == "198.18.0.8:1" and not before.client_debug
+    assert settings_from(before)[1] == "WARNING"
+    both = parser.parse_args(["--target", "198.18.0.8:1", "controller", "--target", "198.18.0.9:2"])
+    assert both.client_target == "198.18.0.9:2"
+    explicit = parser.parse_args(["controller", "--debug", "--log-level", "info"])
+    assert settings_from(explicit)[1] == "INFO"
+
+    async def target_of(args: argparse.Namespace) -> str:
+        c = make_async_client(args)
+        try:
+            return str(c.target)
+        finally:
+            await c.close()
+
+    assert "198.18.0.9:50051" in asyncio.run(target_of(after))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["controller", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--target", "--token-file", "--tls", "--ca-file", "--timeout", "--debug"):
+        assert flag in help_text, flag

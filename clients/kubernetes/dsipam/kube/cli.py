@@ -48,13 +48,34 @@ def add_controller_command(sub: Any) -> None:
     for flag, env, _, default, text in _OPTIONS:
         p.add_argument(flag, dest=_dest(flag), help=f"{text} (env {env}" + (f"; default {default})" if default
                                                                               is not None else ")"))
+    _add_connection_options(p)
     p.set_defaults(func=cmd_controller)
+
+
+def _add_connection_options(p: argparse.ArgumentParser) -> None:
+    """The admin commands' connection options (and --debug), after ``controller`` too. SUPPRESS as
+    default: a value given before the subcommand is kept when none is given after it."""
+    from dsipam.client._cli import GLOBAL_OPTIONS
+    from dsipam.client._cli import _dest as client_dest
+
+    group = p.add_argument_group("connection options (before or after 'controller')")
+    for g in GLOBAL_OPTIONS:
+        text = f"{g.help} (env {g.env}{'=1' if not g.metavar else ''})"
+        if g.flag == "--debug":
+            text = f"print tracebacks; log at DEBUG unless --log-level is given (env {g.env}=1)"
+        if g.metavar:
+            group.add_argument(g.flag, dest=client_dest(g.flag), metavar=g.metavar, default=argparse.SUPPRESS,
+                               help=text)
+        else:
+            group.add_argument(g.flag, dest=client_dest(g.flag), action="store_true", default=argparse.SUPPRESS,
+                               help=text)
 
 
 def settings_from(args: argparse.Namespace) -> Any:
     from ._controller import Settings, default_namespace
 
     values: dict[str, Any] = {}
+    explicit_level = getattr(args, _dest("--log-level"), None) or os.environ.get("DSIPAM_LOG_LEVEL") or None
     for flag, env, conv, default, _ in _OPTIONS:
         raw = getattr(args, _dest(flag), None)
         source = flag
@@ -70,6 +91,8 @@ def settings_from(args: argparse.Namespace) -> Any:
         if conv in (float, int) and not (math.isfinite(value) and value >= 0):
             raise SystemExit(f"dsipam controller: {source}: {raw} is not a finite number >= 0")
         values[flag] = value
+    if explicit_level is None and _debug(args):  # --debug: the retry attempts and other DEBUG lines too
+        values["--log-level"] = "DEBUG"
     if values["--log-format"] not in ("text", "json"):
         raise SystemExit(f"dsipam controller: --log-format: {values['--log-format']!r} is not text or json")
     s = Settings(
@@ -86,6 +109,12 @@ def settings_from(args: argparse.Namespace) -> Any:
     if s.resync_interval <= 0 or s.status_interval <= 0 or s.watch_timeout <= 0:
         raise SystemExit("dsipam controller: --resync-interval, --status-interval and --watch-timeout must be positive")
     return s, values["--log-level"].upper(), values["--log-format"]
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    if getattr(args, "client_debug", None):
+        return True
+    return os.environ.get("DSIPAM_DEBUG", "").lower() in ("1", "true", "yes")
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
