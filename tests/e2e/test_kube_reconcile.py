@@ -138,6 +138,8 @@ async def test_deleted_and_finished_pods_are_released_after_the_grace(
     for owner in ("ctr2/eth0", "ctr3/eth0", "rpc/eth0"):
         assert await held(ipam, "leak", owner), owner
     assert ctl.metric("dsipam_controller_leaks_released_total", pool="leak") == 3
+    # The finished pod (phase Failed) is not called gone: its object is still there.
+    assert f"released leak/ctr1/eth0: pod {pods[1]} is gone or finished" in ctl.log(), ctl.log()[-3000:]
     print(f"\npod deleted -> pair released after {took:.2f}s (grace {GRACE}s)")
 
 

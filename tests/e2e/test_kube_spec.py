@@ -209,3 +209,23 @@ def test_connection_options_after_controller(monkeypatch: pytest.MonkeyPatch, tm
     help_text = capsys.readouterr().out
     for flag in ("--target", "--token-file", "--tls", "--ca-file", "--timeout", "--debug"):
         assert flag in help_text, flag
+
+
+def test_docs_ippool_example_is_meaningful() -> None:
+    """docs/kubernetes.md's IPPool example: each range's gateway and excludes lie inside its first-last
+    (an exclude outside them would exclude nothing), and the controller's own parsing accepts it."""
+    import yaml
+    from kube import DEPLOY
+
+    doc = (DEPLOY.parent.parent / "docs" / "kubernetes.md").read_text()
+    block = doc.split("## IPPool reference", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    obj = yaml.safe_load(block)
+    assert obj["kind"] == "IPPool"
+    for r in obj["spec"]["ranges"]:
+        net = ipaddress.ip_network(r["cidr"])
+        first = ipaddress.ip_address(r.get("first", net[0]))
+        last = ipaddress.ip_address(r.get("last", net[-1]))
+        for entry in r.get("exclude", []):
+            ex = ipaddress.ip_network(entry, strict=True)
+            assert first <= ex[0] and ex[-1] <= last, (entry, str(first), str(last))
+    assert desired_ranges(obj["spec"])

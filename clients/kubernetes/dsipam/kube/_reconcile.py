@@ -161,7 +161,7 @@ class Reconciler:
                 log.exception("releasing pod %s's allocations in pool %s failed", uid, pool)
                 return 0
         for a in released:
-            log.info("released %s/%s: pod %s is gone (%s)", pool, a.owner, uid,
+            log.info("released %s/%s: pod %s is gone or finished (%s)", pool, a.owner, uid,
                      ", ".join(str(x.ip) for x in a.addresses))
         if released:
             self.metrics.leaks_released.labels(pool=pool).inc(len(released))
