@@ -184,3 +184,93 @@ async def test_a_static_pods_allocation_is_kept_while_its_mirror_pod_lives(
     await asyncio.sleep(2 * GRACE + 3)  # several resyncs, each past the grace
     assert ctl.metric("dsipam_controller_reconciles_total", kind="resync") >= 3
     assert await held(ipam, "sp", "static/eth0"), "a running static pod's address was released"
+
+
+async def test_a_replica_whose_clock_runs_ahead_does_not_take_a_lease_that_is_being_renewed(
+        start: Callable[..., ControllerProcess], kube_api: ApiServer) -> None:
+    """The holder renews the Lease every 0.5 s, but its clock is 20 s behind (its renewTime looks 20 s
+    old, older than the 4 s lease duration). A standby that compares renewTime with its own clock
+    takes the Lease from a live leader: two replicas act. The standby must expire the Lease by how
+    long it has watched it unchanged (client-go's observedTime), not by the holder's clock."""
+    import datetime as dt
+
+    stop = asyncio.Event()
+
+    async with kube_api.api_client() as raw:
+        coord = client.CoordinationV1Api(raw)
+
+        async def write(lease: client.V1Lease | None) -> None:
+            spec = client.V1LeaseSpec(holder_identity="skewed-leader", lease_duration_seconds=4,
+                                      renew_time=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=20),
+                                      acquire_time=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60))
+            if lease is None:
+                await coord.create_namespaced_lease("dsipam-system", client.V1Lease(
+                    metadata=client.V1ObjectMeta(name="dsipam-controller"), spec=spec))
+            else:
+                lease.spec = spec
+                await coord.replace_namespaced_lease("dsipam-controller", "dsipam-system", lease)
+
+        async def renew() -> None:
+            while not stop.is_set():
+                try:
+                    lease = await coord.read_namespaced_lease("dsipam-controller", "dsipam-system")
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+                    lease = None
+                if lease is not None and lease.spec.holder_identity not in (None, "skewed-leader"):
+                    return  # taken
+                await write(lease)
+                await asyncio.sleep(0.5)
+
+        renewer = asyncio.create_task(renew())
+        try:
+            await asyncio.sleep(1)
+            ctl = start("--grace", "60", "--resync-interval", "3600", identity="ahead")
+            await asyncio.sleep(8)  # two lease durations with the holder renewing
+            assert not ctl.is_leader(), "a standby took the Lease from a holder that renews it"
+            stop.set()
+            await renewer
+            await wait_for(ctl.is_leader, 15, what="the standby takes over once the holder stops renewing")
+        finally:
+            stop.set()
+            await asyncio.gather(renewer, return_exceptions=True)
+
+
+async def test_an_ippool_whose_block_size_exceeds_its_range_is_not_rewritten_on_every_pass(
+        start: Callable[..., ControllerProcess], kube_api: ApiServer) -> None:
+    """blockSize 65536 on a /24 passes the CRD (a power of two up to 65536) and the server makes the
+    range's blocks 256 addresses. Compared with the spec as written, the range looked changed on
+    every status pass: removed (dropping its cooldown) and added again, while Synced said True."""
+    g, v, p = "ipam.dsipam.io", "v1alpha1", "ippools"
+    ctl = start("--grace", "60", "--resync-interval", "3600", "--status-interval", "0.3", identity="blocks")
+    await wait_for(ctl.is_leader, 30, what="leader")
+    async with kube_api.api_client() as raw:
+        custom = client.CustomObjectsApi(raw)
+        await custom.create_cluster_custom_object(g, v, p, {
+            "apiVersion": f"{g}/{v}", "kind": "IPPool", "metadata": {"name": "wide-blocks"},
+            "spec": {"ranges": [{"cidr": "198.18.12.0/24", "blockSize": 65536, "exclude": ["198.18.12.7"]},
+                                {"cidr": "fd00:12::/120", "blockSize": 1024}, {"cidr": "198.18.13.0/24"}]}})
+        try:
+            await wait_for(lambda: ctl.metric("dsipam_controller_pool_writes_total", op="create") == 1, 20,
+                           what="pool created")
+            await asyncio.sleep(3)  # ten status passes
+            assert ctl.metric("dsipam_controller_pool_writes_total", op="remove-range") == 0
+            assert ctl.metric("dsipam_controller_pool_writes_total", op="add-range") == 0
+            obj = await custom.get_cluster_custom_object(g, v, p, "wide-blocks")
+            synced = {c["type"]: c for c in obj["status"]["conditions"]}["Synced"]
+            assert synced["status"] == "True", synced
+        finally:
+            await custom.patch_cluster_custom_object(g, v, p, "wide-blocks",
+                                                     {"metadata": {"annotations": {"ipam.dsipam.io/force-delete": "true"}}},
+                                                     _content_type="application/merge-patch+json")
+            await custom.delete_cluster_custom_object(g, v, p, "wide-blocks")
+            await wait_for(lambda: _ippool_gone(custom, "wide-blocks"), 15, what="IPPool deleted")
+
+
+async def _ippool_gone(custom: client.CustomObjectsApi, name: str) -> bool:
+    try:
+        await custom.get_cluster_custom_object("ipam.dsipam.io", "v1alpha1", "ippools", name)
+    except ApiException as exc:
+        return exc.status == 404
+    return False

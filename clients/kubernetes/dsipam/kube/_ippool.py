@@ -68,7 +68,9 @@ def parse_duration(text: str) -> float:
 def _same_range(want: Range, have: Range) -> bool:
     return (want.cidr == have.cidr and want.first in (None, have.first) and want.last in (None, have.last)
             and want.gateway == have.gateway and set(want.exclude) == set(have.exclude)
-            and want.block_size in (0, have.block_size))
+            # the server makes a block no larger than its range (blockSize 65536 on a /24 is 256):
+            # compared as is, such a range would be removed and added again on every pass
+            and min(want.block_size, want.cidr.num_addresses) in (0, have.block_size))
 
 
 def _usage(pool: Pool) -> tuple[list[dict], dict[str, str]]:
