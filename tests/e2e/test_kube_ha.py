@@ -228,3 +228,86 @@ async def test_watch_resumed_after_410_gone_relists_and_misses_nothing(
 
 async def _gone_410(ipam: AsyncIpamClient) -> bool:
     return not await _held(ipam, "gone410", "gone/eth0")
+
+
+async def test_unreachable_dsipam_makes_the_leader_unready_and_resync_backs_off(
+        kube_api: ApiServer, db_url: str, tmp_path: Path) -> None:
+    """While the leader's resync fails because dsipam cannot be reached (or refuses its token),
+    /readyz answers 503 with the reason; the resync is retried after 2 s, 4 s, ... (not only after
+    --resync-interval), and readiness comes back once dsipam answers."""
+    import signal as _signal
+    import socket
+
+    from support import spawn_server
+
+    kubeconfig = await install_controller_manifests(kube_api, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctl = ControllerProcess(kubeconfig, f"127.0.0.1:{port}", tmp_path / "down.log", identity="down",
+                            args=[*ha_args()[:6], "--resync-interval", "3600"], env={"DSIPAM_TIMEOUT": "1"})
+    server = None
+    try:
+        await wait_for(ctl.is_leader, 30, what="leader")
+        t0 = time.monotonic()
+        await wait_for(lambda: _async(ctl.metric("dsipam_controller_errors_total", where="resync") >= 3), 30,
+                       what="three resync failures (backoff, not the 3600 s interval)")
+        assert time.monotonic() - t0 < 25
+        status, body = ctl.get("/readyz")
+        assert status == 503 and "resync failed: dsipam ServiceUnavailable" in body, (status, body)
+        assert ctl.get("/healthz")[0] == 200  # a restart would not help: alive, not ready
+        log = ctl.log()  # the traceback once, then one line per retry
+        assert log.count("ERROR dsipam.kube resync failed:") >= 3, log
+        assert "Traceback" not in log.split("ERROR dsipam.kube resync failed:", 2)[2], log
+        server = spawn_server(db_url, tmp_path, port=port)
+        await wait_for(lambda: _async(ctl.get("/readyz") == (200, "ok (leader)\n")), 40, what="ready again")
+        assert "resync works again" in ctl.log()
+    finally:
+        ctl.terminate()
+        if server is not None:
+            server.proc.send_signal(_signal.SIGTERM)
+            server.proc.wait(20)
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_lease_forbidden_is_one_line_then_counted(kube_api: ApiServer, target: str, tmp_path: Path) -> None:
+    """A Lease namespace the Role does not cover: one ERROR line naming the cause and the flag (no
+    HTTP headers), the repeats only counted; the same line again only when the error changes."""
+    kubeconfig = await install_controller_manifests(kube_api, tmp_path)
+    ctl = ControllerProcess(kubeconfig, target, tmp_path / "ns.log", identity="wrong-ns", args=ha_args(),
+                            env={"DSIPAM_CONTROLLER_NAMESPACE": "default"})
+    try:
+        await wait_for(lambda: _async(ctl.metric("dsipam_controller_lease_failures_total") >= 5), 20,
+                       what="repeated Lease failures")
+        log = ctl.log()
+        assert log.count("forbidden in namespace default (set --namespace") == 1, log
+        assert "HTTP response headers" not in log and "Traceback" not in log, log
+        assert ctl.get("/readyz")[0] == 200 and not ctl.is_leader()
+    finally:
+        ctl.terminate()
+
+
+async def test_shutdown_does_not_hang_on_a_silent_api_server(start: Callable[..., ControllerProcess],
+                                                             kube_api: ApiServer) -> None:
+    """SIGTERM while the API server does not answer (stopped, not gone): the Lease release gives up
+    after --release-timeout with one line, and the process exits."""
+    import signal as _signal
+
+    ctl = start("silent", *ha_args(), "--release-timeout", "1")
+    await wait_for(ctl.is_leader, 30, what="leader")
+    assert kube_api.apiserver is not None
+    kube_api.apiserver.send_signal(_signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        code = ctl.terminate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        kube_api.apiserver.send_signal(_signal.SIGCONT)
+    ctl.outage_expected = True
+    assert took < 10, (took, ctl.log()[-3000:])
+    assert code == 0, ctl.log()[-3000:]
+    assert ctl.log().count("not released: the API server did not answer within 1s") == 1, ctl.log()[-3000:]
+    kube_api.wait_ready(30)

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 FLAGS = ["--grace", "--resync-interval", "--status-interval", "--lease-duration", "--renew-deadline",
-         "--retry-period", "--watch-timeout", "--log-format", "--listen"]
+         "--retry-period", "--watch-timeout", "--log-format", "--listen", "--release-timeout"]
 
 
 @settings(max_examples=200, deadline=None)

@@ -15,7 +15,7 @@ from aiohttp import web
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.rest import ApiException
 
-from dsipam.client import AsyncIpamClient
+from dsipam.client import AsyncIpamClient, DeadlineExceeded, PermissionDenied, ServiceUnavailable, Unauthenticated
 
 from ._ippool import GROUP, PLURAL, VERSION, PoolReconciler
 from ._leader import LeaderElector
@@ -24,6 +24,10 @@ from ._reconcile import Reconciler
 from ._watch import Informer, slim_meta, slim_pod
 
 log = logging.getLogger("dsipam.kube")
+
+# dsipam failures that make the leader unready: its token is rejected or dsipam cannot be reached
+DSIPAM_DOWN = (Unauthenticated, PermissionDenied, ServiceUnavailable, DeadlineExceeded)
+FIRST_RETRY = 2.0  # seconds before a failed resync is tried again; doubles up to --resync-interval
 
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -42,6 +46,7 @@ class Settings:
     status_interval: float = 30.0
     listen: str = "0.0.0.0:8080"
     watch_timeout: int = 300
+    release_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.identity:
@@ -65,6 +70,8 @@ class Controller:
         self.ipam = ipam
         self.metrics = Metrics()
         self.ready = False
+        # why the leader's last resync failed, when dsipam refused its token or could not be reached
+        self.dsipam_problem: str | None = None
         self.started = time.monotonic()
         self.elector: LeaderElector | None = None
         self.pools: PoolReconciler | None = None
@@ -91,8 +98,10 @@ class Controller:
         async def readyz(_: web.Request) -> web.Response:
             if not self.ready:
                 return web.Response(status=503, text="starting\n")
-            role = "leader" if self.elector is not None and self.elector.is_leader else "standby"
-            return web.Response(text=f"ok ({role})\n")
+            leader = self.elector is not None and self.elector.is_leader
+            if leader and self.dsipam_problem is not None:
+                return web.Response(status=503, text=f"not ready (leader): {self.dsipam_problem}\n")
+            return web.Response(text=f"ok ({'leader' if leader else 'standby'})\n")
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
@@ -124,7 +133,7 @@ class Controller:
         api = client.ApiClient(configuration=cfg)
         self.elector = LeaderElector(api, self.s.namespace, self.s.lease_name, self.s.identity, self.metrics,
                                      duration=self.s.lease_duration, renew_deadline=self.s.renew_deadline,
-                                     retry=self.s.retry_period)
+                                     retry=self.s.retry_period, release_timeout=self.s.release_timeout)
         self.ready = True  # standby replicas are ready too: they wait for the Lease
         code = 0
         try:
@@ -230,12 +239,25 @@ class Controller:
         assert self.reconciler is not None
         for inf in self.informers:
             await inf.synced.wait()
+        retry = min(FIRST_RETRY, self.s.resync_interval)
+        last_error: str | None = None
         while True:
             try:
                 await self.reconciler.resync()
-            except Exception as exc:  # noqa: BLE001 - counted, logged, tried again next interval
+            except Exception as exc:  # noqa: BLE001 - counted, logged, tried again with a backoff
                 self.metrics.errors.labels(where="resync").inc()
-                log.error("resync failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+                text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                self.dsipam_problem = f"resync failed: dsipam {text}" if isinstance(exc, DSIPAM_DOWN) else None
+                log.error("resync failed: %s; tried again in %gs", text, retry,
+                          exc_info=exc if text != last_error else None)  # the traceback once per distinct error
+                last_error = text
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, self.s.resync_interval)
+                continue
+            if last_error is not None:
+                log.info("resync works again (after: %s)", last_error)
+            self.dsipam_problem, last_error = None, None
+            retry = min(FIRST_RETRY, self.s.resync_interval)
             await asyncio.sleep(self.s.resync_interval)
 
     async def _status_loop(self, informer: Informer) -> None:

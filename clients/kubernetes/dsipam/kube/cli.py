@@ -28,6 +28,8 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
     ("--resync-interval", "DSIPAM_CONTROLLER_RESYNC_INTERVAL", float, 300.0, "seconds between full resyncs"),
     ("--status-interval", "DSIPAM_CONTROLLER_STATUS_INTERVAL", float, 30.0,
      "seconds between IPPool status (usage) refreshes"),
+    ("--release-timeout", "DSIPAM_CONTROLLER_RELEASE_TIMEOUT", float, 5.0,
+     "seconds the leader tries to give the Lease up on shutdown before it exits anyway"),
     ("--listen", "DSIPAM_CONTROLLER_LISTEN", str, "0.0.0.0:8080", "host:port of /metrics, /healthz and /readyz"),
     ("--watch-timeout", "DSIPAM_CONTROLLER_WATCH_TIMEOUT", int, 300,
      "seconds a watch request lasts before it is renewed from its resourceVersion"),
@@ -101,13 +103,14 @@ def settings_from(args: argparse.Namespace) -> Any:
         lease_duration=values["--lease-duration"], renew_deadline=values["--renew-deadline"],
         retry_period=values["--retry-period"], grace=values["--grace"], resync_interval=values["--resync-interval"],
         status_interval=values["--status-interval"], listen=values["--listen"],
-        watch_timeout=values["--watch-timeout"],
+        watch_timeout=values["--watch-timeout"], release_timeout=values["--release-timeout"],
     )
     if not 0 < s.retry_period < s.renew_deadline < s.lease_duration:
         raise SystemExit("dsipam controller: need 0 < --retry-period < --renew-deadline < --lease-duration "
                          f"(got {s.retry_period}, {s.renew_deadline}, {s.lease_duration})")
-    if s.resync_interval <= 0 or s.status_interval <= 0 or s.watch_timeout <= 0:
-        raise SystemExit("dsipam controller: --resync-interval, --status-interval and --watch-timeout must be positive")
+    if s.resync_interval <= 0 or s.status_interval <= 0 or s.watch_timeout <= 0 or s.release_timeout <= 0:
+        raise SystemExit("dsipam controller: --resync-interval, --status-interval, --watch-timeout and "
+                         "--release-timeout must be positive")
     return s, values["--log-level"].upper(), values["--log-format"]
 
 
