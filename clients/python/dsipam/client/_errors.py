@@ -263,6 +263,13 @@ class DeadlineExceeded(IpamError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class RequestReadTimeout(DeadlineExceeded):
+    """The server did not receive the call's request message within its request_read_seconds
+    (a client that opened the call and stalled)."""
+
+    reason = "REQUEST_READ_TIMEOUT"
+
+
 class Cancelled(IpamError):
     """The call was cancelled."""
 
@@ -332,6 +339,7 @@ ERROR_TABLE: tuple[tuple[grpc.StatusCode, str | None, ErrorClass], ...] = (
     (_S.UNAVAILABLE, "TOKEN_REVIEW_BUSY", TokenReviewBusy),
     (_S.UNAVAILABLE, "TOKEN_REVIEW_FAILED", TokenReviewFailed),
     (_S.DEADLINE_EXCEEDED, None, DeadlineExceeded),
+    (_S.DEADLINE_EXCEEDED, "REQUEST_READ_TIMEOUT", RequestReadTimeout),
     (_S.CANCELLED, None, Cancelled),
     (_S.UNAUTHENTICATED, None, Unauthenticated),
     (_S.UNAUTHENTICATED, "UNAUTHENTICATED", Unauthenticated),
