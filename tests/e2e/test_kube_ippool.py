@@ -280,7 +280,7 @@ async def test_controller_without_rbac_is_refused(kube_api: ApiServer, target: s
     try:
         await asyncio.sleep(3)
         assert not proc.is_leader()
-        assert "403" in proc.log() or "Forbidden" in proc.log()
+        assert "forbidden in namespace dsipam-system" in proc.log(), proc.log()
     finally:
         proc.terminate()
 
