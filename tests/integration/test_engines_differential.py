@@ -27,7 +27,9 @@ databases, and both engines must choose the same address.
 Cost: the two servers and databases live for the module; each example uses a fresh pool name
 and deletes its pool at the end (DeletePool force, compared too). ``DSIPAM_DIFF_EXAMPLES`` sets
 the number of examples (default 25, which takes well under a minute here; 0 runs only the explicit
-examples; a long run: ``DSIPAM_DIFF_EXAMPLES=1000 scripts/test tests/integration/test_engines_differential.py``).
+examples; a long run: ``DSIPAM_DIFF_EXAMPLES=1000 scripts/test tests/integration/test_engines_differential.py
+--timeout=0 -s``: without ``--timeout=0`` pytest-timeout's 300 s per test ends a run of more than about
+1,400 examples).
 
 Fast-path errors: after each example both servers' logs (ERROR lines, "fast path", "fell back")
 and the fast server's ``dsipam_fast_path_errors_total`` are checked, so a batch that failed and
