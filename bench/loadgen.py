@@ -45,6 +45,8 @@ CALLS = ("allocate", "release", "mixed", "health")
 POLICIES = {"single": 1, "prefer": 2, "dual": 3}
 FAMILIES = {"": (), "ipv4": (1,), "ipv6": (2,)}  # ReleaseRequest.ip_families
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
+# Where the latency CDF is sampled (percent of requests): every percent, then the tail finer.
+CDF_PERCENTS = (0.1, 0.5, *range(1, 100), 99.25, 99.5, 99.75, 99.9, 99.95, 99.99, 100)
 
 _ALLOCATE = "/dsipam.v1.IpamService/Allocate"
 _RELEASE = "/dsipam.v1.IpamService/Release"
@@ -196,6 +198,8 @@ class Report:
                 "p90_ms": _percentile(lat, 90) * 1e3,
                 "p95_ms": _percentile(lat, 95) * 1e3,
                 "p99_ms": _percentile(lat, 99) * 1e3,
+                # [[percent, ms], ...]: the latency CDF (bench/plots.py draws it)
+                "latency_cdf": [[p, round(_percentile(lat, p) * 1e3, 4)] for p in CDF_PERCENTS] if lat else [],
             },
         }
 

@@ -81,6 +81,7 @@ def _report_fields(report: loadgen.Report) -> dict[str, Any]:
         "last10_rps": d["last10_rps"],
         "client_cpu_s": d["client_cpu_s"],
         "timeline_per_s": d["timeline_per_s"],
+        "latency_cdf": d["latency_cdf"],  # [[percent, ms], ...] for bench/plots.py
     }
 
 
@@ -581,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.update_docs:
         update_docs(block)
         log(f"updated {DOC}")
+    # Figures (bench/plots.py): next to the results, and into docs/img/performance/ with --update-docs.
+    import plots  # matplotlib only once a run is done
+
+    plots.after_suite({"meta": meta, "summary": summary, "runs": runs}, RESULTS / stamp, update_docs=a.update_docs)
     ok = all(m.get("all_checks_ok", True) for m in summary["scenarios"].values())
     ok = ok and summary.get("ceilings", {}).get("pgbench_checks_ok", True)
     return 0 if ok else 1

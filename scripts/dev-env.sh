@@ -9,7 +9,7 @@ fi
 STAMP=.venv/.dsipam-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ clients/python/pyproject.toml -nt "$STAMP" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e '.[test,bench]'
   touch "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
