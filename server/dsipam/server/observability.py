@@ -129,11 +129,18 @@ class Metrics:
             ["sqlstate"], registry=r,
         )
         self.db_up = Gauge("dsipam_db_up", "1 when the last database ping succeeded, else 0.", registry=r)
-        from .store._fast import FAST_PATH_ERRORS, FAST_PATH_LOCK_RETRIES  # counted by the fast path, process-wide
+        from .store._fast import (  # counted by the fast path, process-wide
+            FAST_PATH_BATCH_SECONDS,
+            FAST_PATH_BATCH_SIZE,
+            FAST_PATH_ERRORS,
+            FAST_PATH_LOCK_RETRIES,
+        )
 
         self.fast_path_errors = FAST_PATH_ERRORS  # dsipam_fast_path_errors_total{kind}
         r.register(FAST_PATH_ERRORS)
         r.register(FAST_PATH_LOCK_RETRIES)  # dsipam_fast_path_lock_retries_total{kind,sqlstate}
+        r.register(FAST_PATH_BATCH_SIZE)  # dsipam_fast_path_batch_size{kind} (histogram)
+        r.register(FAST_PATH_BATCH_SECONDS)  # dsipam_fast_path_batch_duration_seconds{kind} (histogram)
         from .background import BACKGROUND_ERRORS  # counted by the background tasks, process-wide
 
         self.background_errors = BACKGROUND_ERRORS  # dsipam_background_errors_total{task}
