@@ -43,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ceiling  # noqa: E402
+import ghz_load  # noqa: E402
 import harness  # noqa: E402
 import loadgen  # noqa: E402
 from harness import log  # noqa: E402
@@ -85,6 +86,12 @@ def _report_fields(report: loadgen.Report) -> dict[str, Any]:
     }
 
 
+def allocation_count(db_url: str, pool: str) -> int:
+    """Allocations held in ``pool`` now (how a ghz run's created count is known: ghz reads no answers)."""
+    return int(harness.psql(db_url, "SELECT count(*) FROM ipam_allocations a JOIN ipam_pools p ON p.id = a.pool_id "
+                                    f"WHERE p.name = '{pool}'") or 0)
+
+
 class Run:
     """One run of the scenarios; results go into ``self.out``."""
 
@@ -104,8 +111,12 @@ class Run:
         expected: int | None, extra_ok: bool = True, **extra: Any,
     ) -> loadgen.Report:
         log(f"run {self.index} scenario {key}: {title}")
+        before = allocation_count(db_url, pool) if spec.call == "allocate" else 0
         with harness.Sampler(servers.pids) as sampler:
-            report = loadgen.run_load(spec)
+            report, generator = self.load(spec)
+        if generator != "loadgen" and spec.call == "allocate":  # ghz reads no answers: the database says
+            report.created = allocation_count(db_url, pool) - before
+            report.not_created = report.ok - report.created
         check = harness.check_pool(db_url, pool, expected)
         log(f"  {report.rps:.1f}/s p99 {report.percentile(99) * 1e3:.1f} ms errors {report.error_count}; {check.line()}")
         res = _report_fields(report)
@@ -113,6 +124,7 @@ class Run:
             title=title,
             check=check.line(),
             check_ok=check.ok and extra_ok and report.error_count == 0 and report.duplicates == 0,
+            generator=generator,
             server_cpu_s=sum(sampler.cpu.values()),
             server_cpu_per_request_ms=1e3 * sum(sampler.cpu.values()) / max(report.count, 1),
             machine_busy=sampler.machine_busy_fraction,
@@ -123,6 +135,12 @@ class Run:
             log("  CHECK FAILED:\n" + check.fsck_output)
         self.out["scenarios"][key] = res
         return report
+
+    def load(self, spec: loadgen.LoadSpec) -> tuple[loadgen.Report, str]:
+        """Runs ``spec`` with ghz when the suite has one and ghz can express the call, else with loadgen."""
+        if self.args.ghz and ghz_load.supports(spec):
+            return ghz_load.run_load(spec, self.args.ghz), "ghz"
+        return loadgen.run_load(spec), "loadgen"
 
     def main_db(self) -> None:
         a = self.args
@@ -224,13 +242,13 @@ class Run:
         if n <= 0:
             return
         harness.create_pool(servers.targets[0], "warmup", WARMUP_RANGES)
-        rep = loadgen.run_load(self.spec(servers, "allocate", "warmup", max(n, self.args.concurrency), owner_prefix="w"))
+        rep, _ = self.load(self.spec(servers, "allocate", "warmup", max(n, self.args.concurrency), owner_prefix="w"))
         log(f"  warm-up: {rep.count} Allocates into pool warmup at {rep.rps:.0f}/s (not measured)")
 
     def ceilings(self, url: str, servers: harness.Servers, n1: int) -> None:
         a = self.args
         log(f"run {self.index} ceilings at concurrency {a.concurrency}")
-        empty = loadgen.run_load(self.spec(servers, "health", "", a.ceiling_requests or n1, name="empty RPC"))
+        empty, _ = self.load(self.spec(servers, "health", "", a.ceiling_requests or n1, name="empty RPC"))
         ceiling.prepare_ceiling_pool(servers.targets[0], url)
         tx = min(a.pgbench_transactions, int(ceiling.ceiling_capacity() * 0.95))
         try:
@@ -469,7 +487,7 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{m['loadavg_at_start']}. The machine was shared with other work: expect noise.",
         "",
         f"Median of {meta['runs']} run(s); concurrency {meta['concurrency']}; {meta['servers']} server process(es); "
-        f"{meta['processes']} load process(es); "
+        f"load generator {_generator_text(meta)}; "
         f"{_pin_text(meta)}servers reach PostgreSQL over "
         f"{'the Unix socket in ' + meta['db_socket'] if meta.get('db_socket') else 'TCP on 127.0.0.1'}; "
         f"{meta.get('warmup', 0):,} unmeasured warm-up Allocates after each server start; scenario 1 count {meta['s1_count']:,}, scenario 6 count "
@@ -481,6 +499,14 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         END_MARK,
     ]
     return "\n".join(lines)
+
+
+def _generator_text(meta: dict[str, Any]) -> str:
+    gen = meta.get("generator", "bench/loadgen.py")
+    if gen.startswith("ghz"):
+        return (f"{gen} (one process per server, 4 HTTP/2 connections; scenario 5's mixed stream, which ghz cannot "
+                f"express, by bench/loadgen.py with {meta['processes']} process(es))")
+    return f"bench/loadgen.py, {meta['processes']} process(es) (no ghz found)"
 
 
 def _pin_text(meta: dict[str, Any]) -> str:
@@ -525,6 +551,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--db-max-overflow", type=int, help="DSIPAM_DB_MAX_OVERFLOW of the servers (default: theirs)")
     p.add_argument("--db-socket", metavar="DIR", help="servers reach PostgreSQL over the Unix socket in DIR, not TCP")
     p.add_argument("--profile", action="store_true", help="one more scenario-1 run under py-spy (not in the medians)")
+    p.add_argument("--load-generator", choices=("auto", "ghz", "loadgen"), default="auto",
+                   help="auto (default): ghz when one is found ($GHZ, PATH, ../shared/ghz/ghz) for every call it "
+                        "can express (all but scenario 5's mixed stream), else bench/loadgen.py")
     p.add_argument("--keep-db", action="store_true", help="keep the scratch databases")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--update-docs", action="store_true", help=f"rewrite the results block of {DOC.name}")
@@ -533,6 +562,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not set(a.scenarios) <= set(range(1, 10)):
         p.error("--scenarios: numbers from 1 to 9")
     a.profile_dir = None
+    a.ghz = None if a.load_generator == "loadgen" else ghz_load.find_ghz()
+    if a.load_generator == "ghz" and a.ghz is None:
+        p.error("--load-generator ghz: no ghz found ($GHZ, PATH, ../shared/ghz/ghz)")
     a.server_cpus, a.load_cpus = (), ()
     if a.pin:
         cpus = sorted(os.sched_getaffinity(0))
@@ -550,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": a.concurrency,
         "servers": a.servers,
         "processes": a.processes,
+        "generator": f"ghz {ghz_load.version(a.ghz)}" if a.ghz else "bench/loadgen.py",
         "db_socket": a.db_socket,
         "pin": {"server": ",".join(map(str, a.server_cpus)), "load": ",".join(map(str, a.load_cpus))} if a.pin else None,
         "warmup": a.warmup,
