@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CNI plugin benchmark: ADD+DEL cycles through the real bridge plugin, dsipam vs host-local.
 
-    .venv/bin/python bench/cni_bench.py [--cycles 50] [--runs 30] [--json out.json]
+    .venv/bin/python bench/cni_bench.py [--repeat 3] [--cycles 50] [--runs 30] [--json out.json]
 
 Needs root, iproute2 and containernetworking-plugins (/usr/lib/cni). It makes a scratch
 database, a dsipam server on loopback and a unix socket, a parent network namespace with two
@@ -10,8 +10,12 @@ bridges (one per IPAM) and two pod namespaces, and removes all of it at the end.
 The timing runs inside the parent namespace (this script re-executes itself there with
 ``ip netns exec``), so each sample is one bridge-plugin process, as a runtime would start it:
 
-* ``bridge+dsipam`` vs ``bridge+host-local``: ``--cycles`` ADD+DEL cycles each, interleaved
-  (the order alternates every cycle, so machine noise hits both alike); medians and ratios.
+* ``bridge+dsipam`` vs ``bridge+host-local``: ``--repeat`` runs of ``--cycles`` ADD+DEL cycles
+  each, interleaved (the order alternates every cycle, so machine noise hits both alike); each
+  run's medians and ratio, and the median of the runs' ratios;
+* how many ADDs of each side took 40 ms or more over that side's fastest: the bridge plugin
+  polls with 50 ms sleeps (an IPv6 address still "tentative", a bridge port not yet up), so
+  these are the samples that lost a race with the kernel (docs/performance.md, "CNI plugin");
 * each sample's CPU time (the process and the children it waited for, from ``wait4``) is
   reported next to its wall time: on a busy machine it moves much less than the wall time;
 * where the time goes (``--runs`` samples each): the bare interpreter (``python -IS``), the
@@ -82,12 +86,17 @@ def _env(command: str, container: str, netns: str, cni_path: str) -> dict[str, s
             "CNI_PATH": cni_path}
 
 
-def _ms(samples: list[tuple[float, float]]) -> dict[str, float]:
+SLOW_MS = 40.0  # over the fastest sample: at least one of the bridge plugin's 50 ms polls
+
+
+def _ms(samples: list[tuple[float, float]]) -> dict:
     wall = sorted(w for w, _ in samples)
     return {"median_ms": round(statistics.median(wall) * 1000, 2),
             "p90_ms": round(wall[min(len(wall) - 1, int(len(wall) * 0.9))] * 1000, 2),
             "cpu_median_ms": round(statistics.median(c for _, c in samples) * 1000, 2),
-            "n": len(wall)}
+            "n": len(wall),
+            "slow": sum(1 for w in wall if (w - wall[0]) * 1000 >= SLOW_MS),
+            "wall_ms": [round(w * 1000, 3) for w, _ in samples]}
 
 
 def worker(spec: dict) -> dict:
@@ -123,10 +132,17 @@ def worker(spec: dict) -> dict:
         cycle("host-local", i, record=False)
         if with_grpc:
             cycle("dsipam-grpc", i, record=False)
-    log(f"{spec['cycles']} interleaved ADD+DEL cycles, dsipam and host-local")
-    for i in range(spec["cycles"]):
-        for name in (("dsipam", "host-local") if i % 2 == 0 else ("host-local", "dsipam")):
-            cycle(name, 1000 + i)
+    per_run = []
+    for run in range(spec["repeat"]):
+        log(f"run {run + 1} of {spec['repeat']}: {spec['cycles']} interleaved ADD+DEL cycles, dsipam and host-local "
+            f"(load {os.getloadavg()[0]:.2f})")
+        before = {key: len(values) for key, values in samples.items()}
+        for i in range(spec["cycles"]):
+            for name in (("dsipam", "host-local") if (run + i) % 2 == 0 else ("host-local", "dsipam")):
+                cycle(name, 1000 * (run + 1) + i)
+        this = {key: _ms(values[before.get(key, 0):]) for key, values in samples.items()}
+        per_run.append({"load": round(os.getloadavg()[0], 2), **{
+            f"{key} {field}": this[key][field] for key in this for field in ("median_ms", "cpu_median_ms", "slow")}})
 
     runs = spec["runs"]
     log(f"where the time goes: {runs} samples each")
@@ -164,29 +180,53 @@ def worker(spec: dict) -> dict:
                 (time.perf_counter() - start, time.process_time() - cpu))
     finally:
         client.close()
-    return {name: _ms(values) for name, values in samples.items()}
+    return {"samples": {name: _ms(values) for name, values in samples.items()}, "per_run": per_run}
 
 
 # -- set-up in the root namespace ----------------------------------------------------------
 
 
+def run_ratios(per_run: list[dict]) -> list[dict[str, float]]:
+    """Each run's ADD medians, wall and CPU ratios and slow-sample counts."""
+    out = []
+    for r in per_run:
+        d, h = "bridge+dsipam ADD", "bridge+host-local ADD"
+        out.append({"load": r["load"], "dsipam_ms": r[f"{d} median_ms"], "host_local_ms": r[f"{h} median_ms"],
+                    "wall_ratio": round(r[f"{d} median_ms"] / r[f"{h} median_ms"], 2),
+                    "cpu_ratio": round(r[f"{d} cpu_median_ms"] / r[f"{h} cpu_median_ms"], 2),
+                    "dsipam_slow": r[f"{d} slow"], "host_local_slow": r[f"{h} slow"]})
+    return out
+
+
 def report(results: dict, machine: dict) -> str:
-    lines = [f"machine: {machine.get('nproc')} CPUs, {machine.get('cpu')}; load at start {machine.get('loadavg_at_start')}",
+    lines = [f"machine: {machine.get('nproc')} CPUs, {machine.get('cpu')}; load at start {machine.get('loadavg_at_start')}"
+             f", at the end {results.get('loadavg_at_end')}",
              f"plugin interpreter: {machine.get('plugin_python')}",
-             "", f"{'measurement':45} {'median ms':>10} {'p90 ms':>8} {'CPU ms':>7} {'n':>4}"]
+             "", f"{'measurement':45} {'median ms':>10} {'p90 ms':>8} {'CPU ms':>7} {'n':>4} {'slow':>5}"]
     for name, r in results["samples"].items():
-        lines.append(f"{name:45} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['cpu_median_ms']:>7.2f} {r['n']:>4}")
+        slow = r["slow"] if " ADD" in name and name.startswith("bridge") else ""
+        lines.append(f"{name:45} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['cpu_median_ms']:>7.2f} {r['n']:>4}"
+                     f" {slow:>5}")
+    lines.append(f"(slow: ADDs {SLOW_MS:.0f} ms or more over the side's fastest, i.e. at least one 50 ms poll "
+                 "of the bridge plugin)")
+    lines += ["", f"{'run':>3} {'load':>5} {'dsipam ADD ms':>14} {'host-local ADD ms':>18} {'wall ratio':>11} "
+                  f"{'CPU ratio':>10} {'slow d/h':>9}"]
+    for i, r in enumerate(results["per_run"], 1):
+        lines.append(f"{i:>3} {r['load']:>5.2f} {r['dsipam_ms']:>14.2f} {r['host_local_ms']:>18.2f} "
+                     f"{r['wall_ratio']:>10.2f}x {r['cpu_ratio']:>9.2f}x {r['dsipam_slow']:>4}/{r['host_local_slow']}")
     lines.append("")
     for name, value in results["ratios"].items():
         lines.append(f"{name:60} {value:>6.2f}")
     return "\n".join(lines)
 
 
-def ratios(samples: dict) -> dict[str, float]:
+def ratios(samples: dict, per_run: list[dict]) -> dict[str, float]:
     def med(name: str) -> float:
         return samples[name]["median_ms"]
 
     out = {
+        "ADD: median over the runs of each run's bridge+dsipam / bridge+host-local median":
+            statistics.median(r["wall_ratio"] for r in per_run),
         "ADD: bridge+dsipam / bridge+host-local (median)": med("bridge+dsipam ADD") / med("bridge+host-local ADD"),
         "DEL: bridge+dsipam / bridge+host-local (median)": med("bridge+dsipam DEL") / med("bridge+host-local DEL"),
         "ADD+DEL: bridge+dsipam / bridge+host-local (medians summed)":
@@ -203,7 +243,9 @@ def ratios(samples: dict) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cycles", type=int, default=50, help="interleaved ADD+DEL cycles per IPAM (default 50)")
+    parser.add_argument("--cycles", type=int, default=50, help="interleaved ADD+DEL cycles per IPAM and run (default 50)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of --cycles cycles; the ADD ratio is also given "
+                        "as the median of the runs' ratios (default 3)")
     parser.add_argument("--runs", type=int, default=30, help="samples per breakdown measurement (default 30)")
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds between one bridge call and the next (default 0.1): an ADD right after a "
@@ -254,6 +296,7 @@ def main() -> int:
 
             spec = {"cni_bin": str(tmp / "bin"), "sock": str(sock), "data_dir": str(tmp / "host-local"),
                     "bridges": [f"cbd{run}", f"cbh{run}"], "pods": pods, "cycles": args.cycles, "runs": args.runs,
+                    "repeat": args.repeat,
                     "pause": args.pause,
                     "python": args.plugin_python or sys.executable, "venv_python": sys.executable,
                     "grpc": not args.plugin_python, "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
@@ -262,14 +305,16 @@ def main() -> int:
             sys.stderr.write(done.stderr)
             if done.returncode != 0:
                 raise RuntimeError(f"worker failed ({done.returncode})")
-            samples = json.loads(done.stdout)
+            measured = json.loads(done.stdout)
     finally:
         for ns in created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
     machine["plugin_python"] = args.plugin_python or sys.executable
-    results = {"machine": machine, "cycles": args.cycles, "runs": args.runs, "pause": args.pause, "samples": samples,
-               "ratios": ratios(samples)}
+    per_run = run_ratios(measured["per_run"])
+    results = {"machine": machine, "command": " ".join(sys.argv), "cycles": args.cycles, "repeat": args.repeat,
+               "runs": args.runs, "pause": args.pause, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+               "samples": measured["samples"], "per_run": per_run, "ratios": ratios(measured["samples"], per_run)}
     print(report(results, machine))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
