@@ -18,9 +18,11 @@ from kubernetes_asyncio.client.rest import ApiException
 from dsipam.client import AsyncIpamClient, DeadlineExceeded, PermissionDenied, ServiceUnavailable, Unauthenticated
 
 from ._ippool import GROUP, PLURAL, VERSION, PoolReconciler
+from ._lbplan import LB_CLASS
 from ._leader import LeaderElector
 from ._metrics import Metrics
 from ._reconcile import Reconciler
+from ._services import LbSettings, ServiceReconciler, slim_namespace, slim_service
 from ._watch import Informer, slim_meta, slim_pod
 
 log = logging.getLogger("dsipam.kube")
@@ -47,6 +49,10 @@ class Settings:
     listen: str = "0.0.0.0:8080"
     watch_timeout: int = 300
     release_timeout: float = 5.0
+    lb_class: str = LB_CLASS
+    lb_default_implementation: bool = False
+    lb_default_pool: str = ""
+    lb_concurrency: int = 16
 
     def __post_init__(self) -> None:
         if not self.identity:
@@ -76,6 +82,7 @@ class Controller:
         self.elector: LeaderElector | None = None
         self.pools: PoolReconciler | None = None
         self.reconciler: Reconciler | None = None
+        self.services: ServiceReconciler | None = None
         self.informers: list[Informer] = []
         self.pool_queue: asyncio.Queue[str] = asyncio.Queue()
         self.queued: set[str] = set()
@@ -179,11 +186,22 @@ class Controller:
                         watch_timeout=self.s.watch_timeout, slim=slim_pod)
         nodes = Informer("nodes", core.list_node, self._node_event, self.metrics, watch_timeout=self.s.watch_timeout,
                          slim=slim_meta)
-        self.informers = [pools, pods, nodes]
+        services = Informer("services", core.list_service_for_all_namespaces, self._service_event, self.metrics,
+                            watch_timeout=self.s.watch_timeout, slim=slim_service)
+        namespaces = Informer("namespaces", core.list_namespace, self._namespace_event, self.metrics,
+                              watch_timeout=self.s.watch_timeout, slim=slim_namespace)
+        self.services = ServiceReconciler(
+            self.ipam, core, self.metrics,
+            LbSettings(lb_class=self.s.lb_class, default_implementation=self.s.lb_default_implementation,
+                       default_pool=self.s.lb_default_pool, concurrency=self.s.lb_concurrency,
+                       resync_interval=self.s.resync_interval),
+            services=lambda: services.cache, ippools=lambda: pools.cache)
+        self.informers = [pools, pods, nodes, namespaces, services]
         self.reconciler.node_exists = lambda name: name in nodes.cache
         async with asyncio.TaskGroup() as tg:
             for inf in self.informers:
                 tg.create_task(inf.run())
+            tg.create_task(self.services.run(services.synced))
             tg.create_task(self._pool_worker(pools))
             tg.create_task(self.reconciler.run_pending())
             tg.create_task(self._resync_loop())
@@ -192,9 +210,19 @@ class Controller:
     # -- events -------------------------------------------------------------------------------
 
     def _ippool_event(self, kind: str, obj: dict) -> None:
+        if self.services is not None:
+            self.services.ippool_event(kind, obj)
         if kind == "DELETED":
             return
         self._enqueue(obj["metadata"]["name"])
+
+    def _service_event(self, kind: str, obj: dict) -> None:
+        assert self.services is not None
+        self.services.service_event(kind, obj)
+
+    def _namespace_event(self, kind: str, obj: dict) -> None:
+        assert self.services is not None
+        self.services.namespace_event(kind, obj)
 
     def _enqueue(self, name: str) -> None:
         if name not in self.queued:

@@ -32,6 +32,7 @@ FINALIZER = "ipam.dsipam.io/pool"
 FORCE_DELETE = "ipam.dsipam.io/force-delete"  # annotation "true": delete even with live allocations
 MANAGED_LABEL = "ipam.dsipam.io/managed-by"  # on the dsipam pool
 MANAGED_VALUE = "dsipam-controller"
+SERVICES_LABEL = "ipam.dsipam.io/services"  # on the dsipam pool: spec.services, lowercased
 INT64_MAX = 2**63 - 1
 MERGE = "application/merge-patch+json"
 
@@ -135,6 +136,8 @@ class PoolReconciler:
     async def _sync(self, name: str, spec: dict) -> tuple[Pool, list[tuple[str, str]]]:
         ranges = desired_ranges(spec)
         labels = {**(spec.get("labels") or {}), MANAGED_LABEL: MANAGED_VALUE}
+        if spec.get("services") in ("Allowed", "Default"):  # LoadBalancer Services may use it (_services.py)
+            labels[SERVICES_LABEL] = spec["services"].lower()
         cooldown = parse_duration(spec["cooldown"]) if spec.get("cooldown") else None
         affinity = (spec.get("nodeAffinity") or "Borrow").lower()
         network = spec.get("network") or ""

@@ -51,3 +51,14 @@ class Metrics:
                                  "new version", registry=r)
         self.status_writes = Counter("dsipam_controller_status_writes_total", "IPPool status updates written",
                                      registry=r)
+        self.service_addresses = Counter("dsipam_controller_service_addresses_total",
+                                         "LoadBalancer Service addresses allocated and released", ["op"], registry=r)
+        self.service_problems = Counter("dsipam_controller_service_problems_total",
+                                        "LoadBalancer Service passes that met a problem (an Event and condition), "
+                                        "by reason", ["reason"], registry=r)
+        self.service_status_writes = Counter("dsipam_controller_service_status_writes_total",
+                                             "Service status (ingress, condition) updates written", registry=r)
+        self.services_waiting = Gauge("dsipam_controller_services_waiting",
+                                      "LoadBalancer Services without (all) their addresses, retried", registry=r)
+        self.services_queued = Gauge("dsipam_controller_services_queued", "Services waiting for a worker",
+                                     registry=r)

@@ -6,9 +6,20 @@ import argparse
 import asyncio
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
+
+
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
 
 # (flag, env, type, default, help)
 _OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
@@ -33,9 +44,20 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
     ("--listen", "DSIPAM_CONTROLLER_LISTEN", str, "0.0.0.0:8080", "host:port of /metrics, /healthz and /readyz"),
     ("--watch-timeout", "DSIPAM_CONTROLLER_WATCH_TIMEOUT", int, 300,
      "seconds a watch request lasts before it is renewed from its resourceVersion"),
+    ("--lb-class", "DSIPAM_CONTROLLER_LB_CLASS", str, "ipam.dsipam.io/lb",
+     "spec.loadBalancerClass of the LoadBalancer Services that get addresses from dsipam"),
+    ("--lb-default-implementation", "DSIPAM_CONTROLLER_LB_DEFAULT_IMPLEMENTATION", boolean, False,
+     "true: LoadBalancer Services without a class too (dsipam is the cluster's default implementation)"),
+    ("--lb-default-pool", "DSIPAM_CONTROLLER_LB_DEFAULT_POOL", str, None,
+     "pool of the LoadBalancer Services that name none (default: the IPPool marked spec.services: Default)"),
+    ("--lb-concurrency", "DSIPAM_CONTROLLER_LB_CONCURRENCY", int, 16, "LoadBalancer Services reconciled at once"),
     ("--log-level", "DSIPAM_LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     ("--log-format", "DSIPAM_LOG_FORMAT", str, "text", "text or json"),
 )
+
+_LB_CLASS = re.compile(r"(?=.{1,253}/)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/"
+                       r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_POOL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _dest(flag: str) -> str:
@@ -89,7 +111,8 @@ def settings_from(args: argparse.Namespace) -> Any:
         try:
             value = conv(raw)
         except ValueError:
-            raise SystemExit(f"dsipam controller: {source}: {raw!r} is not a {conv.__name__}") from None
+            kind = "true or false" if conv is boolean else f"a {conv.__name__}"
+            raise SystemExit(f"dsipam controller: {source}: {raw!r} is not {kind}") from None
         if conv in (float, int) and not (math.isfinite(value) and value >= 0):
             raise SystemExit(f"dsipam controller: {source}: {raw} is not a finite number >= 0")
         values[flag] = value
@@ -104,7 +127,17 @@ def settings_from(args: argparse.Namespace) -> Any:
         retry_period=values["--retry-period"], grace=values["--grace"], resync_interval=values["--resync-interval"],
         status_interval=values["--status-interval"], listen=values["--listen"],
         watch_timeout=values["--watch-timeout"], release_timeout=values["--release-timeout"],
+        lb_class=values["--lb-class"], lb_default_implementation=values["--lb-default-implementation"],
+        lb_default_pool=values["--lb-default-pool"] or "", lb_concurrency=values["--lb-concurrency"],
     )
+    if not _LB_CLASS.fullmatch(s.lb_class) or len(s.lb_class.rsplit("/", 1)[-1]) > 63:
+        raise SystemExit(f"dsipam controller: --lb-class: {s.lb_class[:80]!r} is not a qualified name such as "
+                         "ipam.dsipam.io/lb (a DNS subdomain, '/', a name of 1-63 characters)")
+    if s.lb_default_pool and not _POOL.fullmatch(s.lb_default_pool):
+        raise SystemExit(f"dsipam controller: --lb-default-pool: {s.lb_default_pool[:80]!r} is not a pool name "
+                         "(a lowercase DNS label)")
+    if not 1 <= s.lb_concurrency <= 1024:
+        raise SystemExit(f"dsipam controller: --lb-concurrency: {s.lb_concurrency} is not 1-1024")
     if not 0 < s.retry_period < s.renew_deadline < s.lease_duration:
         raise SystemExit("dsipam controller: need 0 < --retry-period < --renew-deadline < --lease-duration "
                          f"(got {s.retry_period}, {s.renew_deadline}, {s.lease_duration})")
