@@ -37,6 +37,8 @@ from ..domain._errors import PoolsOverlap
 from ..domain._model import check_excludes_limit, check_reservations_limit
 from ..domain._ranges import Cidr, IPNetwork, RangeSpec, ReservationIndex, merge_intervals, parse_cidrs, parse_network
 from ._base import (
+    SQL_READ_BLOCKS,
+    SQL_READ_POOL,
     StoredPool,
     StoredRange,
     decode_page_token,
@@ -45,6 +47,7 @@ from ._base import (
     page_scope,
     page_size,
     pool_info,
+    usage_of,
     warm,
 )
 from ._watch import EVENT_RETENTION_SECONDS, Event, read_events
@@ -271,9 +274,10 @@ class AdminStore:
 
     async def get_pool(self, name: str) -> PoolInfo:
         check_pool_name(name, "name")
-        with unavailable_on_disconnect():
-            async with self.engine.connect() as conn:
-                return await self._pool_info(conn, await self._load_pool(conn, name, "name"))
+        # One statement reads the head and the exact usage; the layout is the cached one of that
+        # version (a pool's layout changes only with its version).
+        pool, rows = await self._read(SQL_READ_POOL, name, "name")
+        return pool_info(pool, usage_of(pool, rows))
 
     async def list_pools(self, size: int, token: str) -> tuple[list[PoolInfo], str]:
         limit = page_size(size)
@@ -632,22 +636,10 @@ class AdminStore:
         limit = page_size(size)
         scope = page_scope(name, node=node)
         after = decode_page_token(token, "blocks", scope)
-        with unavailable_on_disconnect():
-            async with self.engine.connect() as conn:
-                pool = await self._load_pool(conn, name)
-                rows = (
-                    await conn.execute(
-                        text(
-                            "SELECT id, host(base) || '/' || masklen(base) AS cidr, family, node, "
-                            "avail_count - free_count AS used, free_count AS free FROM ipam_blocks "
-                            "WHERE pool_id = :p AND (CAST(:node AS text) = '' OR node = :node) "
-                            "AND id > :after ORDER BY id LIMIT :limit"
-                        ),
-                        {"p": pool.id, "node": node, "after": int(after or 0), "limit": limit + 1},
-                    )
-                ).mappings().all()
-        blocks = [_block(r) for r in rows[:limit]]
-        return blocks, (encode_page_token(str(rows[limit - 1]["id"]), "blocks", scope) if len(rows) > limit else "")
+        _, rows = await self._read(SQL_READ_BLOCKS, name, "pool", node, int(after or 0), limit + 1)
+        rows = [r for r in rows if r["block_id"] is not None]
+        blocks = [_block({**dict(r), "id": r["block_id"], "node": r["block_node"]}) for r in rows[:limit]]
+        return blocks, (encode_page_token(str(rows[limit - 1]["block_id"]), "blocks", scope) if len(rows) > limit else "")
 
     async def release_node(self, name: str, node: str) -> tuple[list[BlockInfo], list[BlockInfo]]:
         """Frees the node's empty blocks; returns (released, kept)."""

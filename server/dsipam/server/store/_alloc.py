@@ -44,6 +44,7 @@ from ..domain._fsck import check_consistency
 from ..domain._ranges import IPAddress
 from ._base import (
     FAMILY_COLUMN,
+    SQL_READ_ALLOCATION,
     Reclaim,
     Retry,
     StoreBase,
@@ -54,7 +55,9 @@ from ._base import (
     encode_page_token,
     page_scope,
     page_size,
+    read_allocation,
     row_allocation,
+    sql_read_allocations,
 )
 from .db import FOREIGN_KEY_VIOLATION, UNIQUE_VIOLATION, sqlstate, unavailable_on_disconnect
 
@@ -224,6 +227,8 @@ def _not_of_node(pool: str, owner: str, node: str) -> PermissionDenied:
     )
 
 
+_READ_ALLOCATIONS = {f: sql_read_allocations(f) for f in ("", " AND a.ipv4 IS NOT NULL", " AND a.ipv6 IS NOT NULL")}
+
 class AllocationStore(StoreBase):
     """Allocate, Release, GarbageCollect, cooldown reclaim, reads and fsck.
 
@@ -285,15 +290,19 @@ class AllocationStore(StoreBase):
         if stored is None or self.fast is None:
             return None
         plan = plan_allocation(pool_families=stored.families, policy=policy, families=families, addresses=())
-        row = await self.fast.allocate(
-            pool, stored.version, owner, Family.IPV4 in plan.wanted, Family.IPV6 in plan.wanted,
-            json.dumps(attributes), node,
-        )
+        want4, want6, attrs_json = Family.IPV4 in plan.wanted, Family.IPV6 in plan.wanted, json.dumps(attributes)
+        row = await self.fast.allocate(pool, stored.version, owner, want4, want6, attrs_json, node)
+        if row is not None and row["status"] == "slow":
+            # Mostly: no unlocked block had room (a new pool, or batches outran the spares). The
+            # top-up that creates blocks ahead of need is waited for and the fast path tried once
+            # more, instead of the full path creating blocks call by call under the range lock.
+            # What the function hands over for other reasons (an upgrade, the same owner twice in
+            # a batch, an exhausted family) is handed over again, and the full path decides.
+            await asyncio.shield(self._schedule_top_up(stored, plan.wanted))
+            row = await self.fast.allocate(pool, stored.version, owner, want4, want6, attrs_json, node)
         if row is None or row["status"] not in ("created", "exists"):
             if row is not None and row["status"] == "stale":
                 self._by_name.pop(pool, None)
-            elif row is not None:  # node requests too: the fast path claims spare blocks for nodes
-                self._schedule_top_up(stored, plan.wanted)
             return None
         if row["status"] == "created":
             n = self._fast_created.get(stored.id, 0) + 1
@@ -310,12 +319,13 @@ class AllocationStore(StoreBase):
 
     SPARE_BLOCKS = 16  # unlocked blocks with free addresses the fast path should find, per family
 
-    def _schedule_top_up(self, stored: StoredPool, families: Sequence[Family]) -> None:
+    def _schedule_top_up(self, stored: StoredPool, families: Sequence[Family]) -> asyncio.Task[None]:
         """Creates blocks ahead of need (in the background, one top-up per pool at a time), so
-        that concurrent batches find unlocked blocks with room instead of falling back."""
-        if stored.id in self._topping_up:
-            return
-        self._topping_up.add(stored.id)
+        that concurrent batches find unlocked blocks with room instead of falling back. Returns
+        the pool's running top-up (callers may wait for it; it never raises)."""
+        running = self._topping_up.get(stored.id)
+        if running is not None and not running.done():
+            return running
 
         async def run() -> None:
             try:
@@ -325,12 +335,18 @@ class AllocationStore(StoreBase):
                 pass  # an outage (the calls report it) or a pool deleted meanwhile: nothing to top up
             except Exception:  # noqa: BLE001 - an optimisation the calls do not wait for: logged, counted
                 report_background_error(log, "block-top-up", "block top-up of pool %r failed", stored.name)
-            finally:
-                self._topping_up.discard(stored.id)
 
         task = asyncio.get_running_loop().create_task(run(), name=f"dsipam-top-up-{stored.name}")
+        self._topping_up[stored.id] = task
         _TOP_UP_TASKS.add(task)  # a reference until it is done (the loop keeps only weak ones)
-        task.add_done_callback(_TOP_UP_TASKS.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            _TOP_UP_TASKS.discard(t)
+            if self._topping_up.get(stored.id) is t:
+                del self._topping_up[stored.id]
+
+        task.add_done_callback(done)
+        return task
 
     async def top_up_blocks(self, pool: str, family: Family, spare: int) -> int:
         """Creates empty blocks (no node) until the family has ``spare`` blocks with free
@@ -799,23 +815,13 @@ class AllocationStore(StoreBase):
     async def get_allocation(self, *, pool: str, owner: str, node_scope: str | None = None) -> AllocationInfo | None:
         check_pool_name(pool, "pool")
         check_owner(owner)
-        with unavailable_on_disconnect():
-            async with self.engine.connect() as conn:
-                stored = await self._load_pool(conn, pool)
-                row = (
-                    await conn.execute(
-                        text(
-                            "SELECT host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time, node, borrowed "
-                            "FROM ipam_allocations WHERE pool_id = :pool AND owner = :owner"
-                        ),
-                        {"pool": stored.id, "owner": owner},
-                    )
-                ).mappings().first()
-        if row is None:
+        stored, rows = await self._read(SQL_READ_ALLOCATION, pool, "pool", owner)
+        row = rows[0]
+        if row["owner"] is None:
             return None
-        if node_scope is not None and row["node"] != node_scope:
+        if node_scope is not None and row["allocation_node"] != node_scope:
             raise _not_of_node(pool, owner, node_scope)
-        return row_allocation(stored, owner, row)
+        return read_allocation(stored, row)
 
     async def list_allocations(
         self, *, pool: str, size: int, token: str, selector: dict[str, str] | None = None,
@@ -826,25 +832,11 @@ class AllocationStore(StoreBase):
         selector = check_map(selector or {}, "attribute_selector")
         scope = page_scope(pool, selector=selector, family=family.name if family is not None else "")
         after = decode_page_token(token, "allocations", scope)
-        family_filter = ""
-        if family is not None:
-            family_filter = f" AND {FAMILY_COLUMN[family]} IS NOT NULL"
-        with unavailable_on_disconnect():
-            async with self.engine.connect() as conn:
-                stored = await self._load_pool(conn, pool)
-                rows = (
-                    await conn.execute(
-                        text(
-                            "SELECT owner, host(ipv4) AS ipv4, host(ipv6) AS ipv6, attributes, create_time, node, "
-                            "borrowed FROM ipam_allocations WHERE pool_id = :pool "
-                            "AND (CAST(:after AS text) IS NULL OR owner > :after) "
-                            "AND attributes @> CAST(:selector AS jsonb)" + family_filter +
-                            " ORDER BY owner LIMIT :limit"
-                        ),
-                        {"pool": stored.id, "after": after, "limit": limit + 1, "selector": json.dumps(selector)},
-                    )
-                ).mappings().all()
-        out = [row_allocation(stored, r["owner"], r) for r in rows[:limit]]
+        family_filter = "" if family is None else f" AND a.{FAMILY_COLUMN[family]} IS NOT NULL"
+        stored, rows = await self._read(_READ_ALLOCATIONS[family_filter], pool, "pool", after, json.dumps(selector),
+                                        limit + 1)
+        rows = [r for r in rows if r["owner"] is not None]
+        out = [read_allocation(stored, r) for r in rows[:limit]]
         return out, (encode_page_token(rows[limit - 1]["owner"], "allocations", scope) if len(rows) > limit else "")
 
     async def fsck(self, pool: str) -> list[str]:

@@ -424,6 +424,60 @@ _SQL_USAGE = text(
 )
 
 
+# The reads (GetPool, GetAllocation, ListAllocations, ListBlocks) are one statement each: the pool's
+# head row (its id, version and the settings that change without a new version) and what was asked,
+# from one snapshot. The layout (ranges, excludes, reservations) is the cached one of that version.
+_HEAD = ("p.id, p.name, p.labels::text AS labels, p.create_time, p.cooldown_ms, p.version, p.node_affinity, "
+         "p.network")
+SQL_READ_POOL = f"""
+    SELECT {_HEAD}, u.family, u.size, u.used, u.cooling
+      FROM ipam_pools p
+      LEFT JOIN LATERAL (
+        SELECT r.family, sum(r.size) AS size, coalesce(sum(b.used), 0) AS used, coalesce(sum(b.cooling), 0) AS cooling
+          FROM ipam_ranges r
+          LEFT JOIN (SELECT range_id, sum(avail_count - free_count - cooling) AS used, sum(cooling) AS cooling
+                       FROM ipam_blocks WHERE pool_id = p.id GROUP BY range_id) b ON b.range_id = r.id
+         WHERE r.pool_id = p.id
+         GROUP BY r.family) u ON true
+     WHERE p.name = $1
+"""
+_ALLOCATION_COLUMNS = ("a.owner, host(a.ipv4) AS ipv4, host(a.ipv6) AS ipv6, a.attributes::text AS attributes, "
+                       "a.create_time AS allocation_time, a.node AS allocation_node, a.borrowed")
+SQL_READ_ALLOCATION = f"""
+    SELECT {_HEAD}, {_ALLOCATION_COLUMNS}
+      FROM ipam_pools p LEFT JOIN ipam_allocations a ON a.pool_id = p.id AND a.owner = $2
+     WHERE p.name = $1
+"""
+
+
+def sql_read_allocations(family_filter: str) -> str:
+    """ListAllocations: a page of the pool's allocations after owner $2 (NULL: the first page)
+    whose attributes contain $3, at most $4 rows; ``family_filter`` is a fixed condition on a."""
+    return f"""
+    SELECT {_HEAD}, {_ALLOCATION_COLUMNS}
+      FROM ipam_pools p
+      LEFT JOIN LATERAL (
+        SELECT * FROM ipam_allocations a
+         WHERE a.pool_id = p.id AND ($2::text IS NULL OR a.owner > $2) AND a.attributes @> $3::jsonb{family_filter}
+         ORDER BY a.owner LIMIT $4) a ON true
+     WHERE p.name = $1
+     ORDER BY a.owner
+"""
+
+
+SQL_READ_BLOCKS = f"""
+    SELECT {_HEAD}, b.id AS block_id, host(b.base) || '/' || masklen(b.base) AS cidr, b.family, b.node AS block_node,
+           b.avail_count - b.free_count AS used, b.free_count AS free
+      FROM ipam_pools p
+      LEFT JOIN LATERAL (
+        SELECT * FROM ipam_blocks b
+         WHERE b.pool_id = p.id AND ($2 = '' OR b.node = $2) AND b.id > $3
+         ORDER BY b.id LIMIT $4) b ON true
+     WHERE p.name = $1
+     ORDER BY b.id
+"""
+
+
 class StoreBase:
     """Transactions, pool layouts (cached by version) and usage."""
 
@@ -432,7 +486,7 @@ class StoreBase:
         self._layouts: dict[int, StoredPool] = {}
         self._by_name: dict[str, StoredPool] = {}  # for the fast path, which checks the version itself
         self.fast: Any = None  # a _fast.FastPath when enabled
-        self._topping_up: set[int] = set()  # pools whose spare blocks are being created
+        self._topping_up: dict[int, asyncio.Task[None]] = {}  # pools whose spare blocks are being created
         self._fast_created: dict[int, int] = {}  # allocations made by the fast path, per pool
         self.retries = 0  # transactions run again after a lost race (deadlock, serialization, conflict)
         self._building: dict[tuple[int, int], asyncio.Future[StoredPool]] = {}  # layouts being built
@@ -475,6 +529,56 @@ class StoreBase:
         raise NotImplementedError
 
     # -- layouts ----------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        """One read statement, in its own implicit transaction (one snapshot, no BEGIN/ROLLBACK round
+        trips), straight on asyncpg as a cached prepared statement: on the fast path's pool when it is
+        on, else on a raw connection of the engine's pool. The reads of GetPool, GetAllocation,
+        ListAllocations and ListBlocks take this way (docs/performance.md, "Cost per call")."""
+        if self.fast is not None:
+            return await self.fast.fetch(sql, *args)
+        from ._fast import is_outage
+
+        with unavailable_on_disconnect():
+            async with self.engine.connect() as conn:
+                raw = (await conn.get_raw_connection()).driver_connection
+                try:
+                    return await raw.fetch(sql, *args)
+                except Exception as exc:
+                    if is_outage(exc):
+                        raise DatabaseUnavailable("database: unreachable, try again later") from exc
+                    raise
+
+    def _cached_layout(self, head: Any) -> StoredPool | None:
+        """The cached layout of the pool whose head row (id, version, create_time, labels as JSON
+        text, cooldown_ms, node_affinity) was just read, or None when it is not cached at that version."""
+        cached = self._layouts.get(head["id"])
+        if cached is None or cached.version != head["version"] or cached.create_time != head["create_time"]:
+            return None
+        labels = json.loads(head["labels"]) if head["labels"] else {}
+        if (cached.labels, cached.cooldown_ms, cached.strict_affinity) != (
+            labels, head["cooldown_ms"], head["node_affinity"] == 2
+        ):
+            cached = _replace_head(cached, {**dict(head), "labels": labels})
+            self._layouts[head["id"]] = cached
+        return cached
+
+    async def _read(self, sql: str, name: str, where: str, *args: Any) -> tuple[StoredPool, list[Any]]:
+        """Runs one of the read statements above (``$1`` the pool's name) and returns the pool's
+        layout at the version the statement read, with the rows. A layout not cached at that version
+        is loaded (and cached) and the statement runs again; if the pool changes under every try,
+        the rows of the last one come with the newest layout."""
+        for _ in range(3):
+            rows = await self._fetch(sql, name, *args)
+            if not rows:
+                raise PoolNotFound(f"{where}: pool {name!r} not found", field=where, pool=name)
+            pool = self._cached_layout(rows[0])
+            if pool is not None:
+                return pool, rows
+            with unavailable_on_disconnect():
+                async with self.engine.connect() as conn:
+                    pool = await self._load_pool(conn, name, where)
+        return pool, rows
 
     async def _load_pool(self, conn: AsyncConnection, name: str, where: str = "pool") -> StoredPool:
         head = (await conn.execute(_SQL_POOL_HEAD, {"name": name})).mappings().first()
@@ -525,18 +629,10 @@ class StoreBase:
     async def _usage(self, conn: AsyncConnection, pools: Sequence[StoredPool]) -> dict[int, tuple[FamilyUsage, ...]]:
         ids = [p.id for p in pools]
         rows = (await conn.execute(_SQL_USAGE, {"pools": ids})).mappings().all()
-        by_pool: dict[int, dict[Family, FamilyUsage]] = {i: {} for i in ids}
         rows_of: dict[int, list[Any]] = {}
         for row in rows:  # grouped once: a page of 1000 pools is not 1000 x 2000 comparisons
             rows_of.setdefault(row["pool_id"], []).append(row)
-        for p in pools:
-            for row in rows_of.get(p.id, ()):
-                fam = Family(row["family"])
-                effective = sum(r.spec.size for r in p.ranges_of(fam))
-                by_pool[p.id][fam] = FamilyUsage(
-                    fam, int(row["size"]), int(row["used"]), int(row["cooling"]), int(row["size"]) - effective
-                )
-        return {p.id: tuple(by_pool[p.id][f] for f in p.families if f in by_pool[p.id]) for p in pools}
+        return {p.id: usage_of(p, rows_of.get(p.id, ())) for p in pools}
 
     async def _pool_info(self, conn: AsyncConnection, pool: StoredPool) -> PoolInfo:
         usage = await self._usage(conn, [pool])
@@ -546,6 +642,19 @@ class StoreBase:
 def _replace_head(pool: StoredPool, head: Any) -> StoredPool:
     return replace(pool, labels=dict(head["labels"]), cooldown_ms=head["cooldown_ms"],
                    strict_affinity=head["node_affinity"] == 2)
+
+
+def usage_of(pool: StoredPool, rows: Sequence[Any]) -> tuple[FamilyUsage, ...]:
+    """The pool's usage per family (in the pool's family order) from rows of family, size, used, cooling."""
+    by_family: dict[Family, FamilyUsage] = {}
+    for row in rows:
+        if row["family"] is None:  # a pool without ranges (the LEFT JOIN of SQL_READ_POOL)
+            continue
+        fam = Family(row["family"])
+        effective = sum(r.spec.size for r in pool.ranges_of(fam))
+        size = int(row["size"])
+        by_family[fam] = FamilyUsage(fam, size, int(row["used"]), int(row["cooling"]), size - effective)
+    return tuple(by_family[f] for f in pool.families if f in by_family)
 
 
 def pool_info(pool: StoredPool, usage: tuple[FamilyUsage, ...]) -> PoolInfo:
@@ -579,3 +688,10 @@ def row_allocation(pool: StoredPool, owner: str, row: Any) -> AllocationInfo:
     held = {f: row[c] for f, c in FAMILY_COLUMN.items() if row[c]}
     return allocation_info(pool, owner, held, pool.families, row["attributes"], row["create_time"],
                            row.get("node"), bool(row.get("borrowed", False)))
+
+
+def read_allocation(pool: StoredPool, row: Any) -> AllocationInfo:
+    """An allocation from a row of SQL_READ_ALLOCATION or sql_read_allocations (attributes as JSON text)."""
+    held = {f: row[c] for f, c in FAMILY_COLUMN.items() if row[c]}
+    return allocation_info(pool, row["owner"], held, pool.families, json.loads(row["attributes"]),
+                           row["allocation_time"], row["allocation_node"], bool(row["borrowed"]))

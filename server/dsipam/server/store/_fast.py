@@ -314,38 +314,43 @@ class FastPath:
             if filled in queue.lingering:
                 queue.lingering.remove(filled)
 
-    async def _call(self, kind: str, pool_name: str, version: int, batch: list[_Request]) -> list[Any]:
-        columns = [list(col) for col in zip(*(r.args for r in batch), strict=True)]
-        if kind == "allocate":
-            del columns[4]  # no node
-        # A connection the server ended while it sat idle in the pool fails before anything of the
-        # batch is sent; asyncpg aborts it, so the next acquire gets another (or a new) one. At most
-        # every pooled connection can be such a one: beyond that, the server ends sessions as fast
-        # as they are made, which is an outage.
-        started = time.perf_counter()
+    async def fetch(self, sql: str, *args: Any, what: str = "a read") -> list[Any]:
+        """Runs one statement (its own implicit transaction: no BEGIN and COMMIT round trips) on a
+        pooled connection, as a prepared statement that asyncpg caches per connection.
+
+        A connection the server ended while it sat idle in the pool fails before anything of the
+        statement is sent; asyncpg aborts it, so the next acquire gets another (or a new) one. At
+        most every pooled connection can be such a one: beyond that, the server ends sessions as
+        fast as they are made, which is an outage. An outage is :class:`DatabaseUnavailable`.
+        """
         for attempt in range(self.pool_size + 1):
             try:
                 pool = await self._connect()
-                # One statement, so one implicit transaction: no BEGIN and COMMIT round trips.
                 async with pool.acquire() as conn:
                     try:
-                        rows = await conn.fetch(_SQL[kind], pool_name, version, *columns)
+                        return await conn.fetch(sql, *args)
                     except asyncpg.InternalClientError as exc:
                         if not ended_while_idle(exc, conn):
                             raise
                         self.reconnects += 1
                         log.warning("fast path: PostgreSQL had ended the pooled session %s while it was idle "
-                                    "(%r); the %s batch of %d for pool %r runs on another connection (attempt %d)",
-                                    conn.get_server_pid(), exc, kind, len(batch), pool_name, attempt + 2)
+                                    "(%r); %s runs on another connection (attempt %d)",
+                                    conn.get_server_pid(), exc, what, attempt + 2)
                         continue
             except Exception as exc:
                 if is_outage(exc):
                     raise DatabaseUnavailable("database: unreachable, try again later") from exc
                 raise
-            break
-        else:
-            raise DatabaseUnavailable("database: unreachable, try again later (PostgreSQL ended every session of "
-                                      "the fast path's pool while it was idle)")
+        raise DatabaseUnavailable("database: unreachable, try again later (PostgreSQL ended every session of "
+                                  "the fast path's pool while it was idle)")
+
+    async def _call(self, kind: str, pool_name: str, version: int, batch: list[_Request]) -> list[Any]:
+        columns = [list(col) for col in zip(*(r.args for r in batch), strict=True)]
+        if kind == "allocate":
+            del columns[4]  # no node
+        started = time.perf_counter()
+        rows = await self.fetch(_SQL[kind], pool_name, version, *columns,
+                                what=f"the {kind} batch of {len(batch)} for pool {pool_name!r}")
         took = time.perf_counter() - started
         self.batches += 1
         self.requests += len(batch)
