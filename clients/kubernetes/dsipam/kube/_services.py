@@ -329,24 +329,32 @@ class ServiceReconciler:
     # -- the loops ------------------------------------------------------------------------------
 
     async def run(self, services_synced: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(max(1, self.s.concurrency)):
-                tg.create_task(self._worker())
-            tg.create_task(self._resync_loop(services_synced))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(max(1, self.s.concurrency)):
+                    tg.create_task(self._worker())
+                tg.create_task(self._resync_loop(services_synced))
+        finally:
+            await self.close()
 
     async def _resync_loop(self, services_synced: asyncio.Event) -> None:
         retry = 2.0
+        last_error: str | None = None
         while True:
             try:
                 await self.sweep(services_synced)
             except Exception as exc:  # noqa: BLE001 - counted, logged, tried again with a backoff
                 self.metrics.errors.labels(where="service-resync").inc()
-                log.error("LoadBalancer resync failed: %s: %s; tried again in %gs", type(exc).__name__,
-                          str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "", retry, exc_info=exc)
+                text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                log.error("LoadBalancer resync failed: %s; tried again in %gs", text, retry,
+                          exc_info=exc if text != last_error else None)  # the traceback once per distinct error
+                last_error = text
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, self.s.resync_interval)
                 continue
-            retry = 2.0
+            if last_error is not None:
+                log.info("LoadBalancer resync works again (after: %s)", last_error)
+            retry, last_error = 2.0, None
             await asyncio.sleep(self.s.resync_interval)
 
     async def sweep(self, services_synced: asyncio.Event) -> dict[str, int]:
