@@ -240,7 +240,7 @@ def _add_settings(p: argparse.ArgumentParser, *, update: bool) -> None:
                         + "; strict: it never does")
 
 
-POOL_COMMANDS = "{create,list,show,delete,update,reserve,unreserve,add-range,remove-range,migrate}"
+POOL_COMMANDS = "{create,list,show,usage,delete,update,reserve,unreserve,add-range,remove-range,migrate}"
 
 
 def add_client_commands(sub: Any) -> None:
@@ -271,6 +271,16 @@ def add_client_commands(sub: Any) -> None:
     show.add_argument("name", metavar="NAME")
     _add_output(show)
     show.set_defaults(func=run, handler=_pool_show)
+
+    usage = pool_sub.add_parser(
+        "usage", help="utilisation bars per family: one pool, or every pool",
+        description="Per family of POOL (or of every pool): a bar of the addresses allocated, in cooldown, "
+                    "reserved and free, the share in use, and the exact counts. With -o json or yaml: "
+                    "{pools: [{name, network, families: [{family, size, allocated, cooldown, reserved, free, "
+                    "used, used_percent}]}]}.")
+    usage.add_argument("name", metavar="POOL", nargs="?", help="the pool (default: every pool)")
+    _add_output(usage)
+    usage.set_defaults(func=run, handler=_pool_usage)
 
     delete = pool_sub.add_parser("delete", help="delete a pool", description="Delete a pool.")
     delete.add_argument("name", metavar="NAME")
@@ -715,6 +725,14 @@ def _pool_show(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> No
 
     pool = client.get_pool(args.name)
     _emit(args, out, pool_doc(pool), lambda: pool_table(pool))
+
+
+def _pool_usage(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:
+    from ._output import _unicode, usage_report_doc, usage_text
+
+    pools = [client.get_pool(args.name)] if args.name else list(client.iter_pools(page_size=500))
+    _emit(args, out, usage_report_doc(pools),
+          lambda: usage_text(pools, unicode=_unicode(out)) if pools else "no pools")
 
 
 def _pool_delete(client: IpamClient, args: argparse.Namespace, out: IO[str]) -> None:

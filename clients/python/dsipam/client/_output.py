@@ -410,3 +410,111 @@ class Progress:
         if self.enabled and self.shown:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
+
+
+# -- pool usage bars (`dsipam pool usage`) --------------------------------------------------
+
+USAGE_STATES = ("allocated", "cooldown", "reserved", "free")
+_USAGE_CELLS = {True: ("█", "▓", "▒", "░"), False: ("#", "=", "+", ".")}
+USAGE_BAR_WIDTH = 40
+"""Cells of a usage bar: a family's line (indent, label, bar, percentage) stays within 72 columns."""
+
+
+def used_percent(used: int, size: int) -> str:
+    """``used / size`` as a percentage for people, from exact integers: never ``100%`` or ``0%`` unless
+    exactly so, more digits near the ends, scientific notation for tiny shares of IPv6 families."""
+    import math
+    from decimal import ROUND_DOWN, Decimal, localcontext
+
+    if size <= 0:
+        return "-"
+    if used <= 0:
+        return "0%"
+    if used >= size:
+        return "100%"
+    with localcontext() as ctx:
+        ctx.prec = 60
+        pct = Decimal(used) * 100 / Decimal(size)
+        if pct < Decimal("0.01"):
+            return f"{pct:.1e}%".replace("e-0", "e-")
+        if pct > 99:  # as many decimals as the free share needs (up to 6), rounded down: never 100%
+            places = min(max(1, -math.floor((100 - pct).log10())), 6)
+            return f"{pct.quantize(Decimal(1).scaleb(-places), rounding=ROUND_DOWN)}%"
+        for places in (1, 2, 3):  # the shortest rounding that does not say 0
+            shown = pct.quantize(Decimal(1).scaleb(-places))
+            if shown > 0:
+                return f"{shown}%"
+        return f"{pct:.1e}%"
+
+
+def usage_cells(counts: Sequence[int], width: int = USAGE_BAR_WIDTH) -> list[int]:
+    """Cells per state (allocated, cooldown, reserved, free) of a bar ``width`` wide, from exact
+    counts: proportional (largest remainders), any non-zero state gets at least one cell."""
+    total = sum(counts)
+    if total <= 0:
+        return [0, 0, 0, width]
+    exact = [c * width for c in counts]
+    cells = [e // total for e in exact]
+    order = sorted(range(len(counts)), key=lambda i: (exact[i] % total), reverse=True)
+    for i in order[: width - sum(cells)]:
+        cells[i] += 1
+    for i, c in enumerate(counts):  # visible when non-zero: take the cell from the largest state
+        if c > 0 and cells[i] == 0:
+            cells[i] = 1
+            big = max(range(len(cells)), key=lambda j: (cells[j], counts[j]))
+            cells[big] -= 1
+    return cells
+
+
+def usage_bar(u: FamilyUsage, *, unicode: bool, width: int = USAGE_BAR_WIDTH) -> str:
+    counts = [u.allocated, u.cooldown, u.reserved, u.free]
+    glyphs = _USAGE_CELLS[unicode]
+    return "".join(g * n for g, n in zip(glyphs, usage_cells(counts, width), strict=True))
+
+
+def _wrap(parts: Sequence[str], indent: int, width: int = 80) -> list[str]:
+    lines, line = [], ""
+    for part in parts:
+        candidate = f"{line}, {part}" if line else part
+        if line and indent + len(candidate) > width:
+            lines.append(line + ",")
+            line = part
+        else:
+            line = candidate
+    lines.append(line)
+    return [" " * indent + text for text in lines]
+
+
+def usage_text(pools: Sequence[Pool], *, unicode: bool) -> str:
+    """Per pool and family: a bar of allocated, cooldown, reserved and free addresses with the
+    share in use, and the exact counts under it (wrapped to 80 columns)."""
+    out: list[str] = []
+    for pool in pools:
+        out.append(pool.name + (f"  (network {pool.network})" if pool.network else ""))
+        for u in pool.usage:
+            used = u.allocated + u.cooldown + u.reserved
+            bar = usage_bar(u, unicode=unicode)
+            out.append(f"  {u.family.label}  {bar}  {used_percent(used, u.size)} used")
+            out += _wrap([f"{u.allocated} allocated", f"{u.cooldown} cooldown", f"{u.reserved} reserved",
+                          f"{u.free} free", f"{u.size} in all"], indent=8)
+        if not pool.usage:
+            out.append("  (no ranges)")
+    glyphs = _USAGE_CELLS[unicode]
+    out.append("  ".join(f"{g} {name}" for g, name in zip(glyphs, USAGE_STATES, strict=True)))
+    return "\n".join(out)
+
+
+def usage_report_doc(pools: Sequence[Pool]) -> Document:
+    """``{pools: [{name, network, families: [{family, size, allocated, cooldown, reserved, free, used,
+    used_percent}]}]}``: exact integer counts; ``used_percent`` to 4 significant digits."""
+    docs = []
+    for pool in pools:
+        families = []
+        for u in pool.usage:
+            used = u.allocated + u.cooldown + u.reserved
+            pct = float(f"{used * 100 / u.size:.4g}") if u.size else None
+            families.append({"family": u.family.value, "size": u.size, "allocated": u.allocated,
+                             "cooldown": u.cooldown, "reserved": u.reserved, "free": u.free, "used": used,
+                             "used_percent": pct})
+        docs.append({"name": pool.name, "network": pool.network, "families": families})
+    return {"pools": docs}

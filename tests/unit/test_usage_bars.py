@@ -1,0 +1,33 @@
+"""The percentages and bar cells of ``dsipam pool usage`` (clients/python/dsipam/client/_output.py),
+from exact integers: the ends are never rounded onto 0% or 100%, tiny IPv6 shares stay visible."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsipam.client._output import usage_cells, used_percent
+
+CAP = 2**64 - 1  # the API's largest count
+
+
+@pytest.mark.parametrize(("used", "size", "shown"), [
+    (0, 254, "0%"), (254, 254, "100%"), (1, 3, "33.3%"), (2, 3, "66.7%"), (23, 62, "37.1%"),
+    (9999, 10000, "99.99%"), (999_999, 1_000_000, "99.9999%"), (1, 2000, "0.05%"), (1, 10_000, "0.01%"),
+    (1, 100_000, "1.0e-3%"), (20, CAP, "1.1e-16%"), (CAP - 1, CAP, "99.999999%"), (199, 200, "99.5%"), (1999, 2000, "99.95%"), (5, 0, "-"),
+])
+def test_used_percent(used: int, size: int, shown: str) -> None:
+    assert used_percent(used, size) == shown
+
+
+@pytest.mark.parametrize("counts", [
+    [0, 0, 0, 254], [254, 0, 0, 0], [15, 5, 3, 39], [1, 0, 0, CAP - 1], [1, 1, 1, CAP - 3], [10, 10, 10, 10],
+    [3, 0, 0, 0], [0, 0, 0, 0], [1, 2, 3, 4],
+])
+def test_usage_cells_fill_the_width_and_show_every_state(counts: list[int]) -> None:
+    cells = usage_cells(counts, 40)
+    assert sum(cells) == 40 and all(c >= 0 for c in cells)
+    total = sum(counts)
+    for count, n in zip(counts, cells, strict=True):
+        assert (n > 0) == (count > 0) or total == 0
+        if total:
+            assert abs(n - count * 40 / total) <= 1 + sum(1 for c in counts if 0 < c * 40 / total < 0.5)
