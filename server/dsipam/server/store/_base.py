@@ -37,12 +37,25 @@ from ..domain import (
 )
 from ..domain._model import PoolLimits, set_pool_limits
 from ..domain._ranges import Cidr, IPAddress, ReservationIndex
-from .db import RETRYABLE_SQLSTATES, sqlstate, unavailable_on_disconnect
+from .db import (
+    READ_ONLY_MESSAGE,
+    RECONNECTS,
+    RETRYABLE_SQLSTATES,
+    LogEvery,
+    is_ended_while_idle,
+    is_read_only,
+    sqlstate,
+    unavailable_on_disconnect,
+)
 
 log = logging.getLogger("dsipam.store")
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 10
+RECONNECT_ATTEMPTS = 3
+"""Times a transaction runs again on a new connection after one that could not have written anything
+(see :meth:`StoreBase._transaction`; once for a read-only server); beyond that the caller gets UNAVAILABLE."""
+_RECONNECT_LOG = LogEvery(1.0)
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 FAMILY_COLUMN = {Family.IPV4: "ipv4", Family.IPV6: "ipv6"}
@@ -478,6 +491,11 @@ SQL_READ_BLOCKS = f"""
 """
 
 
+# True when the connection cannot write: a standby, or a session whose transactions are read-only
+# (default_transaction_read_only, as a primary being demoted behind a pooler may be set).
+_SQL_READ_ONLY = text("SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'")
+
+
 class StoreBase:
     """Transactions, pool layouts (cached by version) and usage."""
 
@@ -501,17 +519,43 @@ class StoreBase:
         await self.engine.dispose()
 
     async def ping(self) -> None:
+        """Health: the database answers and takes writes. A connection that reaches a read-only
+        server (a standby, a demoted primary behind a pooler or a virtual IP) is dropped, so that
+        the next ping connects anew, and the ping fails: no writable primary is no service."""
         with unavailable_on_disconnect():
             async with self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+                if (await conn.execute(_SQL_READ_ONLY)).scalar():
+                    RECONNECTS.labels("health", "read-only").inc()
+                    await conn.invalidate()
+                    raise DatabaseUnavailable(READ_ONLY_MESSAGE)
 
     async def _transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Runs ``fn(conn, *args)`` in a transaction; again after lost races and cooldown reclaims."""
+        """Runs ``fn(conn, *args)`` in a transaction; again after lost races and cooldown reclaims,
+        and on a new connection (up to :data:`RECONNECT_ATTEMPTS` times) after one that cannot have
+        written anything: a read-only server (SQLSTATE 25006; the engine then drops every pooled
+        connection, see db.drop_stale_connections) or a session PostgreSQL had ended before the
+        statement was sent. Each of those is counted in ``dsipam_db_reconnects_total{path="full"}``
+        and logged at WARNING (at most a line a second): expected after a failover, not an error."""
+        reconnects, read_only = 0, False
         for attempt in range(MAX_ATTEMPTS):
             try:
                 with unavailable_on_disconnect():
                     async with self.engine.begin() as conn:
                         return await fn(conn, *args)
+            except DatabaseUnavailable as exc:
+                reason = ("read-only" if is_read_only(exc) else
+                          "ended-while-idle" if is_ended_while_idle(exc) else "")
+                # Read-only: one new connection; when that one is read-only too, so is the server.
+                if not reason or reconnects >= RECONNECT_ATTEMPTS or (reason == "read-only" and read_only):
+                    raise
+                reconnects += 1
+                read_only = read_only or reason == "read-only"
+                RECONNECTS.labels("full", reason).inc()
+                if held := _RECONNECT_LOG.due():
+                    log.warning("database: a transaction's connection could not write (%s: %s); it runs again on a "
+                                "new connection (attempt %d; %d such retries since the last line)", reason,
+                                str(exc.__cause__ or exc).splitlines()[0], reconnects + 1, held)
+                continue
             except Retry:
                 pass
             except Reclaim as need:
@@ -691,7 +735,19 @@ def row_allocation(pool: StoredPool, owner: str, row: Any) -> AllocationInfo:
 
 
 def read_allocation(pool: StoredPool, row: Any) -> AllocationInfo:
-    """An allocation from a row of SQL_READ_ALLOCATION or sql_read_allocations (attributes as JSON text)."""
-    held = {f: row[c] for f, c in FAMILY_COLUMN.items() if row[c]}
-    return allocation_info(pool, row["owner"], held, pool.families, json.loads(row["attributes"]),
-                           row["allocation_time"], row["allocation_node"], bool(row["borrowed"]))
+    """An allocation from a row of SQL_READ_ALLOCATION or sql_read_allocations (attributes as JSON
+    text). Runs for every row of a ListAllocations page, so it is allocation_info made direct."""
+    v4, v6 = row["ipv4"], row["ipv6"]
+    if v4 and v6:
+        six_first = bool(pool.families) and pool.families[0] is Family.IPV6  # the pool's order, as allocation_info
+        addresses: tuple[AddressInfo, ...] = (
+            (pool.address_info(v6), pool.address_info(v4)) if six_first
+            else (pool.address_info(v4), pool.address_info(v6)))
+    else:
+        addresses = (pool.address_info(v4 or v6),) if (v4 or v6) else ()
+    attributes = row["attributes"]
+    return AllocationInfo(
+        pool=pool.name, owner=row["owner"], addresses=addresses,
+        attributes={} if attributes == "{}" else json.loads(attributes),
+        create_time=row["allocation_time"], node=row["allocation_node"] or "", borrowed=bool(row["borrowed"]),
+    )
