@@ -250,7 +250,9 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds between one bridge call and the next (default 0.1): an ADD right after a "
                              "DEL otherwise waits for the kernel to finish removing the previous veth")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results here (they always go to bench/results/ too)")
+    parser.add_argument("--docs-figure", action="store_true",
+                        help="also draw the ADD-time figure into docs/img/performance/cni-add.png (bench/plots.py)")
     parser.add_argument("--plugin-python", help="interpreter for the installed plugin (default: this one); "
                         "the built-in transport needs only the standard library")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -318,6 +320,16 @@ def main() -> int:
     print(report(results, machine))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    # The results and the ADD-time figure (bench/plots.py) in bench/results/; with --docs-figure in docs/ too.
+    stem = HERE / "results" / (time.strftime("%Y%m%d-%H%M%S") + "-cni")
+    stem.parent.mkdir(exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    import plots  # matplotlib only once the run is done
+
+    figures = [plots.cni_add(results, stem.parent / (stem.name + "-add.png"))]
+    if args.docs_figure:
+        figures.append(plots.cni_add(results, plots.DOC_FIGURES / "cni-add.png"))
+    log(f"results in {stem}.json; figures {', '.join(str(f) for f in figures)}")
     return 0
 
 
