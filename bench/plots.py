@@ -12,6 +12,7 @@ shows. On its own this module draws the figures of saved results again (into the
 default), for a run that was not made with ``--update-docs``::
 
     .venv/bin/python bench/plots.py bench/results/20261204-120000-scale.json [more.json ...] [--out DIR]
+                                    [--figures latency-cdf,scale-throughput]
 
 Needs matplotlib (``pip install -e '.[bench]'``; scripts/dev-env.sh installs it).
 """
@@ -160,10 +161,14 @@ def scale_throughput(doc: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path, caption)
 
 
-def suite_figures(doc: dict[str, Any], out_dir: Path, prefix: str = "") -> list[Path]:
-    """Every figure a suite result document has data for; returns the files written."""
-    made = [latency_cdf(doc, out_dir / f"{prefix}latency-cdf.png"),
-            scale_throughput(doc, out_dir / f"{prefix}scale-throughput.png")]
+SUITE_FIGURES = {"latency-cdf": latency_cdf, "scale-throughput": scale_throughput}
+
+
+def suite_figures(doc: dict[str, Any], out_dir: Path, prefix: str = "",
+                  only: set[str] | None = None) -> list[Path]:
+    """Every figure a suite result document has data for (or those of ``only``); the files written."""
+    made = [draw(doc, out_dir / f"{prefix}{name}.png") for name, draw in SUITE_FIGURES.items()
+            if only is None or name in only]
     return [p for p in made if p is not None]
 
 
@@ -257,8 +262,9 @@ def cni_add(doc: dict[str, Any], path: Path) -> Path | None:
 # -- again, from saved results ------------------------------------------------------------------
 
 
-def render(result: Path, out_dir: Path) -> list[Path]:
-    """The figures of one saved result document, whichever benchmark wrote it."""
+def render(result: Path, out_dir: Path, only: set[str] | None = None) -> list[Path]:
+    """The figures of one saved result document, whichever benchmark wrote it (of a suite result,
+    only those named in ``only`` when given)."""
     doc = json.loads(result.read_text())
     if doc.get("kind") == "fill-curve":
         return [fill_curve(doc, out_dir / "fill-curve.png")]
@@ -268,7 +274,7 @@ def render(result: Path, out_dir: Path) -> list[Path]:
             raise SystemExit(f"{result}: no per-sample times (made before cni_bench.py kept them)")
         return [made]
     if "runs" in doc and "meta" in doc:
-        return suite_figures(doc, out_dir)
+        return suite_figures(doc, out_dir, only=only)
     raise SystemExit(f"{result}: not a result of bench/suite.py, bench/fill_curve.py or bench/cni_bench.py")
 
 
@@ -276,9 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", type=Path, help="result JSON files (bench/results/*.json)")
     p.add_argument("--out", type=Path, default=DOC_FIGURES, help=f"where the PNGs go (default {DOC_FIGURES})")
+    p.add_argument("--figures", help=f"of a suite result, only these (comma-separated: {', '.join(SUITE_FIGURES)})")
     a = p.parse_args(argv)
+    only = {x.strip() for x in a.figures.split(",") if x.strip()} if a.figures else None
+    if only and only - set(SUITE_FIGURES):
+        p.error(f"--figures: {', '.join(sorted(only - set(SUITE_FIGURES)))} is not one of {', '.join(SUITE_FIGURES)}")
     for result in a.results:
-        for made in render(result, a.out):
+        made_any = render(result, a.out, only)
+        if not made_any:
+            raise SystemExit(f"{result}: no figure drawn (no data for {a.figures or 'any figure'})")
+        for made in made_any:
             print(made)
     return 0
 
