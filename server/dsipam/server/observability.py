@@ -141,6 +141,9 @@ class Metrics:
         r.register(FAST_PATH_LOCK_RETRIES)  # dsipam_fast_path_lock_retries_total{kind,sqlstate}
         r.register(FAST_PATH_BATCH_SIZE)  # dsipam_fast_path_batch_size{kind} (histogram)
         r.register(FAST_PATH_BATCH_SECONDS)  # dsipam_fast_path_batch_duration_seconds{kind} (histogram)
+        from .store.db import RECONNECTS  # counted by the store, process-wide
+
+        r.register(RECONNECTS)  # dsipam_db_reconnects_total{path,reason}
         from .background import BACKGROUND_ERRORS  # counted by the background tasks, process-wide
 
         self.background_errors = BACKGROUND_ERRORS  # dsipam_background_errors_total{task}

@@ -22,7 +22,11 @@ Never silent: the full path runs for a request only when the function hands it o
 a timeout) is raised to the callers as :class:`DatabaseUnavailable`, as on the full path. A
 pooled connection whose session the server ended while it was idle (see :func:`ended_while_idle`)
 is neither: nothing of the batch was sent on it, so the batch runs on another connection (logged
-at WARNING, counted in ``self.reconnects``). A batch that PostgreSQL aborted as the loser of a
+at WARNING, counted in ``self.reconnects`` and ``dsipam_db_reconnects_total{path="fast"}``). Nor is
+a batch refused as "cannot execute ... in a read-only transaction" (25006: the connections reach a
+primary that was demoted behind a pooler or a virtual IP): nothing of it was written, so every
+pooled connection is dropped and the batch runs on a new one, likewise logged and counted; when
+the new connections cannot write either, the callers get :class:`DatabaseUnavailable`. A batch that PostgreSQL aborted as the loser of a
 deadlock (40P01) or a serialization failure (40001) is a lost race, as on the full path (which
 runs such a transaction again and counts it in ``dsipam_db_lock_retries``): the whole statement
 was rolled back, so nothing of the batch happened, and its requests run the full path -- that is
@@ -49,6 +53,7 @@ import asyncpg
 from prometheus_client import Counter, Histogram
 
 from ..domain import DatabaseUnavailable
+from .db import READ_ONLY_MESSAGE, READ_ONLY_SQLSTATE, RECONNECTS, LogEvery, is_read_only
 
 log = logging.getLogger("dsipam.store.fast")
 
@@ -90,8 +95,12 @@ for _kind in KINDS:
 # asyncpg's InterfaceError also reports client-side bugs (a wrong number of arguments): only
 # these messages mean the connection or the pool went away.
 _CLOSED_MESSAGES = ("connection is closed", "pool is closing", "pool is closed", "underlying connection is closed")
-# SQLSTATE classes of an outage, as store.db: 08 connection, 57P shutdown/cannot connect, 53 resources.
-_OUTAGE_SQLSTATES = ("08", "57P", "53")
+# SQLSTATE classes of an outage, as store.db: 08 connection, 57P shutdown/cannot connect, 53 resources,
+# 25006 a read-only server (no writable primary behind the connection).
+_OUTAGE_SQLSTATES = ("08", "57P", "53", "25006")
+
+
+_RECONNECT_LOG = LogEvery(1.0)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -323,6 +332,7 @@ class FastPath:
         most every pooled connection can be such a one: beyond that, the server ends sessions as
         fast as they are made, which is an outage. An outage is :class:`DatabaseUnavailable`.
         """
+        read_only = False
         for attempt in range(self.pool_size + 1):
             try:
                 pool = await self._connect()
@@ -333,11 +343,30 @@ class FastPath:
                         if not ended_while_idle(exc, conn):
                             raise
                         self.reconnects += 1
+                        RECONNECTS.labels("fast", "ended-while-idle").inc()
                         log.warning("fast path: PostgreSQL had ended the pooled session %s while it was idle "
                                     "(%r); %s runs on another connection (attempt %d)",
                                     conn.get_server_pid(), exc, what, attempt + 2)
                         continue
+                    except asyncpg.PostgresError as exc:
+                        if exc.sqlstate != READ_ONLY_SQLSTATE or read_only:
+                            raise  # a new connection to a read-only server: DatabaseUnavailable below
+                        # The server takes no writes any more (a demoted primary behind a pooler or
+                        # a virtual IP): the statement was refused whole. Every pooled connection
+                        # went to that server: drop them all, and run it on a new connection.
+                        read_only = True
+                        self.reconnects += 1
+                        RECONNECTS.labels("fast", "read-only").inc()
+                        if held := _RECONNECT_LOG.due():
+                            log.warning("fast path: the server of pooled session %s takes no writes (%s); the "
+                                        "pool's connections are dropped and %s runs on a new one (%d such retries "
+                                        "since the last line)", conn.get_server_pid(), exc, what, held)
+                        conn.terminate()
+                        await pool.expire_connections()
+                        continue
             except Exception as exc:
+                if is_read_only(exc):
+                    raise DatabaseUnavailable(READ_ONLY_MESSAGE) from exc
                 if is_outage(exc):
                     raise DatabaseUnavailable("database: unreachable, try again later") from exc
                 raise

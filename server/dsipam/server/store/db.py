@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy.exc
+from prometheus_client import Counter
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..domain import DatabaseUnavailable
@@ -22,7 +25,55 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 UNIQUE_VIOLATION = "23505"
 FOREIGN_KEY_VIOLATION = "23503"
 # Classes that mean the server is gone or refusing: 08 connection, 57P admin shutdown/cannot connect, 53 resources.
-_UNAVAILABLE_PREFIXES = ("08", "57P", "53", "3D000")  # 3D000: the database was dropped
+_UNAVAILABLE_PREFIXES = ("08", "57P", "53", "3D000", "25006")  # 3D000: the database was dropped
+# "cannot execute ... in a read-only transaction": the connection reaches a server that no longer
+# takes writes (a demoted primary behind a pooler or a virtual IP, a standby). Nothing was written.
+READ_ONLY_SQLSTATE = "25006"
+# After these the connection is dropped, and with it every other connection of its pool (they were
+# made to the same server): read-only, and the admin shutdown (57P01), crash shutdown (57P02) and
+# "cannot connect now" (57P03) that PostgreSQL sends when it stops or restarts, as Patroni does to
+# demote a primary.
+DROP_SQLSTATES = frozenset({READ_ONLY_SQLSTATE, "57P01", "57P02", "57P03"})
+
+READ_ONLY_MESSAGE = ("database: the server reached takes no writes (a standby, or a primary being demoted); "
+                     "try again later")
+
+RECONNECT_PATHS = ("full", "fast", "health")
+RECONNECT_REASONS = ("read-only", "ended-while-idle")
+# Process-wide, like the fast path's counters: observability.Metrics registers it in its registry.
+RECONNECTS = Counter(
+    "dsipam_db_reconnects",
+    "Statements run again on a new connection because their connection could not have written anything: "
+    "it reached a read-only server (a demoted primary, a standby: SQLSTATE 25006) or PostgreSQL had ended it "
+    "while it was idle. Expected after a failover or switchover (logged at WARNING); by path (full, fast, "
+    "health) and reason.",
+    ["path", "reason"], registry=None,
+)
+for _path in RECONNECT_PATHS:
+    for _reason in RECONNECT_REASONS:
+        RECONNECTS.labels(_path, _reason)  # zeros from the start
+
+
+class LogEvery:
+    """At most one log line per ``seconds`` for a condition that may repeat on every call (a
+    read-only server after a failover): ``due()`` says whether to log now and how many
+    occurrences the line stands for."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds = seconds
+        self._last = -seconds
+        self._held = 0
+
+    def due(self) -> int:
+        """0 when this occurrence is not to be logged; else the occurrences since the last line, this one included."""
+        import time
+
+        self._held += 1
+        now = time.monotonic()
+        if now - self._last < self.seconds:
+            return 0
+        self._last, held, self._held = now, self._held, 0
+        return held
 
 
 def database_url_from_env() -> str:
@@ -122,7 +173,7 @@ def create_engine(
         pgbouncer = pgbouncer_from_env()
     if pgbouncer:
         connect_args.update(pgbouncer_connect_args())
-    return create_async_engine(
+    engine = create_async_engine(
         to_sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
@@ -130,6 +181,63 @@ def create_engine(
         pool_pre_ping=False,
         connect_args=connect_args,
     )
+    drop_stale_connections(engine)
+    return engine
+
+
+def drop_stale_connections(engine: AsyncEngine) -> None:
+    """Makes the engine's pool let go of connections that cannot write any more, without a ping
+    per checkout (``pool_pre_ping`` costs a round trip on every call):
+
+    - at checkout, a connection that asyncpg already knows to be closed (PostgreSQL ended it while
+      it sat idle: a restart, Patroni demoting the primary) is discarded and another one taken;
+    - an error in :data:`DROP_SQLSTATES` (read-only, admin shutdown) counts as a disconnect:
+      SQLAlchemy invalidates the connection and every other connection of the pool, which were
+      made to the same server, so that the next ones are made anew (with
+      ``target_session_attrs=read-write``, to the new primary).
+    """
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "handle_error")
+    def _drop(ctx):  # type: ignore[no-untyped-def]
+        if not ctx.is_disconnect and ctx.original_exception is not None and (
+            sqlstate(ctx.sqlalchemy_exception or ctx.original_exception) in DROP_SQLSTATES
+        ):
+            ctx.is_disconnect = True
+
+    @event.listens_for(sync_engine.pool, "checkout")
+    def _closed(dbapi_connection, record, proxy):  # type: ignore[no-untyped-def]
+        raw = getattr(dbapi_connection, "_connection", None)  # the asyncpg connection
+        if raw is not None and raw.is_closed():
+            raise sqlalchemy.exc.DisconnectionError("the pooled connection was closed while it was idle")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps (``__cause__``, SQLAlchemy's ``orig``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or getattr(current, "orig", None)
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) is PostgreSQL's "cannot execute ... in a read-only
+    transaction" (SQLSTATE 25006): the statement was refused, nothing was written."""
+    return any(sqlstate(e) == READ_ONLY_SQLSTATE for e in _chain(exc))
+
+
+# asyncpg's message when a statement starts on a connection whose session PostgreSQL has ended
+# (a FATAL ErrorResponse read while no operation waited on it); see _fast.ended_while_idle.
+_ENDED_WHILE_IDLE = re.compile(r"cannot switch to state \d+; another operation \(2\) is in progress")
+
+
+def is_ended_while_idle(exc: BaseException) -> bool:
+    """True when ``exc`` wraps asyncpg's refusal to start a statement on a connection whose session
+    PostgreSQL had already ended: nothing of that statement was sent, and the session's open
+    transaction (if any) ended with it, uncommitted."""
+    return any(type(e).__name__ == "InternalClientError" and _ENDED_WHILE_IDLE.search(str(e)) for e in _chain(exc))
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -169,6 +277,8 @@ def unavailable_on_disconnect() -> Iterator[None]:
     try:
         yield
     except (TimeoutError, sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
+        if is_read_only(exc):
+            raise DatabaseUnavailable(READ_ONLY_MESSAGE) from exc
         if is_unavailable(exc):
             raise DatabaseUnavailable("database: unreachable, try again later") from exc
         raise
