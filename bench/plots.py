@@ -84,6 +84,11 @@ def _median_run(runs: Sequence[dict[str, Any]], key: str) -> dict[str, Any] | No
     return ordered[(len(ordered) - 1) // 2]
 
 
+SHORT_TITLES = {"1": "Allocate, dual-stack", "2": "Release", "3": "re-Allocate (idempotent)",
+                "4": "Allocate, pool 99% full", "5": "mixed Allocate/Release", "6": "Allocate, scale run",
+                "8": "Allocate, single-stack", "9": "Release, one family"}
+
+
 def latency_cdf(doc: dict[str, Any], path: Path) -> Path | None:
     """Latency CDF of every scenario of a suite result (the median-throughput run of each), with the
     empty-RPC ceiling for reference. None when the result holds no CDF (made before they were kept)."""
@@ -93,35 +98,35 @@ def latency_cdf(doc: dict[str, Any], path: Path) -> Path | None:
     for key in keys:
         res = _median_run(runs, key)
         if res and res.get("latency_cdf"):
-            series.append((key, f"{key}  {res['title']}", res))
+            series.append((key, f"{key}  {SHORT_TITLES.get(key, res['title'])}", res))
     ceilings = [r["ceilings"]["empty_rpc"] for r in runs if r.get("ceilings", {}).get("empty_rpc", {}).get("latency_cdf")]
     if ceilings:
         ceil = sorted(ceilings, key=lambda c: c["rps"])[(len(ceilings) - 1) // 2]
-        series.append(("ceiling", "ceiling: empty unary RPC (health Check)", ceil))
+        series.append(("ceiling", "ceiling: empty RPC", ceil))
     if not series:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=SIZE)
+    fig, ax = plt.subplots(figsize=(11.0, 5.0))
     for key, label, res in series:
         pts = res["latency_cdf"]
         xs = [ms for _, ms in pts]
         ys = [pct for pct, _ in pts]
         ax.step(xs, ys, where="post", color=COLOURS.get(key, None), linewidth=1.6,
                 linestyle="--" if key == "ceiling" else "-",
-                label=f"{label}: {res['rps']:,.0f}/s, p99 {res['p99_ms']:.1f} ms")
+                label=f"{label}\n{res['rps']:,.0f}/s, p99 {res['p99_ms']:.1f} ms")
     ax.set_xscale("log")
     ax.set_xlabel("latency per call, client side (ms, log scale)")
     ax.set_ylabel("calls completed within that time (%)")
     ax.set_ylim(0, 100.5)
     ax.axhline(99, color="0.6", linewidth=0.8, linestyle=":")
-    ax.text(ax.get_xlim()[0], 99, " p99", va="bottom", fontsize=8, color="0.4")
+    ax.text(ax.get_xlim()[1], 99, "p99 ", va="top", ha="right", fontsize=8, color="0.4")
     ax.grid(True, which="both", alpha=0.3)
     meta = doc["meta"]
     ax.set_title(f"Latency CDF per scenario (concurrency {meta.get('concurrency', '?')}; "
                  f"median-throughput run of {meta.get('runs', '?')})")
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), labelspacing=0.8)
     caption = _caption(meta)
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=_bottom_margin(caption) + 0.04)
+    fig.subplots_adjust(left=0.07, right=0.78, top=0.92, bottom=_bottom_margin(caption) + 0.04)
     return _save(fig, path, caption)
 
 
@@ -243,19 +248,29 @@ def cni_add(doc: dict[str, Any], path: Path) -> Path | None:
         ax.step(wall, ys, where="post", color=colour, linestyle=style, linewidth=1.8,
                 label=f"{label}: median {samples[key]['median_ms']:.1f} ms, CPU {samples[key]['cpu_median_ms']:.1f} ms"
                       f" (n={len(wall)})")
-    ax.set_xlabel("wall time of one plugin process (ms)")
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time of one plugin process (ms, log scale)")
     ax.set_ylabel("calls completed within that time (%)")
     ax.set_ylim(0, 100.5)
-    ax.set_xlim(left=0)
-    ax.grid(True, alpha=0.3)
-    ratio = doc.get("ratios", {}).get("ADD: bridge+dsipam / bridge+host-local (median)")
-    ax.set_title("CNI ADD, dual-stack, through Debian's bridge plugin"
-                 + (f": dsipam / host-local median = {ratio:.2f}x" if ratio else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ratios = doc.get("ratios", {})
+    pooled = ratios.get("ADD: bridge+dsipam / bridge+host-local (median)")
+    per_run = ratios.get("ADD: median over the runs of each run's bridge+dsipam / bridge+host-local median")
+    title = "CNI ADD, dual-stack, through Debian's bridge plugin"
+    if pooled:
+        title += f"\ndsipam / host-local median: {pooled:.2f}x"
+        if per_run and doc.get("repeat", 1) > 1:
+            title += f" (median of the {doc['repeat']} runs' ratios: {per_run:.2f}x)"
+    ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8, loc="lower right")
     meta = {"machine": doc.get("machine", {}), "command": doc.get("command", "")}
+    load = doc.get("loadavg_at_end")
     caption = _caption(meta, f"plugin interpreter {doc.get('machine', {}).get('plugin_python', '?')}; "
-                             f"{doc.get('cycles', '?')} interleaved cycles, {doc.get('pause', '?')} s pause")
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=_bottom_margin(caption) + 0.04)
+                             f"{doc.get('repeat', 1)} x {doc.get('cycles', '?')} interleaved cycles, "
+                             f"{doc.get('pause', '?')} s pause; load average at start "
+                             f"{str(doc.get('machine', {}).get('loadavg_at_start', '?')).split(' ')[0][:4]}"
+                             + (f", at the end {load[0]}" if load else ""))
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=_bottom_margin(caption) + 0.04)
     return _save(fig, path, caption)
 
 
