@@ -321,6 +321,10 @@ def observed(kube_api: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> I
             started.append(broken)
             prom = Prometheus(binary, tmp, metrics, [leader.address, broken.address])
             started.append(prom)
+            deadline = time.monotonic() + 40  # the shared Lease may still be held by an earlier test's controller
+            while not leader.is_leader():
+                assert time.monotonic() < deadline, f"the controller did not lead:\n{leader.log()[-3000:]}"
+                time.sleep(0.2)
             at = asyncio.run(_drive_load(server, kube_api, node))
             time.sleep(2.5)  # scraped after the load (every second; pool gauges every 0.5 s)
             yield {"prometheus": prom, "at": at, "server": server, "leader": leader, "broken": broken}
