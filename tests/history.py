@@ -25,6 +25,12 @@ treated as possibly taken: when an owner is later seen holding an address, its i
 the earliest such call that could have taken it. Unknown Releases may have freed what the owner
 held, so they end the visibility obligation of (2), but never shorten an interval of (1).
 
+Client retries. A client that retries (the SDK does, on UNAVAILABLE and ABORTED) answers a call
+with its last attempt, and an earlier attempt that failed ambiguously may have acted: a Release
+whose first attempt committed but lost its answer in a failover answers "nothing released" on
+its retry. The recorder keeps each attempt's status code (``Op.attempts``); such a Release counts
+as the release of what the owner held, not as proof that it held nothing.
+
 Soundness. The intervals of (1) are upper bounds of the real holding times, so that a real
 double holding always shows. A correct server may still reuse an address soon after its release,
 and then two upper bounds can overlap without any fault: the checker relies on the pool's
@@ -83,11 +89,22 @@ class Op:
     addresses: frozenset[str] = frozenset()
     error: str = ""
     index: int = 0
+    # The status code of every attempt the client made for this call ("OK" for an answer), when
+    # known: a client that retries answers with its last attempt, and an earlier attempt that
+    # failed ambiguously (UNAVAILABLE, DEADLINE_EXCEEDED ...) may have acted.
+    attempts: tuple[str, ...] = ()
+
+    @property
+    def earlier_attempt_may_have_acted(self) -> bool:
+        """An earlier attempt of this call failed without a definite refusal: it may have taken
+        effect, so the answer shows the state after this call's own effect."""
+        return any(code not in DEFINITE_FAILURES and code != "OK" for code in self.attempts[:-1])
 
     def __str__(self) -> str:
         what = sorted(self.addresses) if self.outcome == OK else self.error or self.outcome
+        tries = f" after attempts {'/'.join(self.attempts)}" if len(self.attempts) > 1 else ""
         return (f"#{self.index} {self.process} {self.kind}({self.owner}) [{self.invoke:.3f}, {self.complete:.3f}] "
-                f"{self.outcome} {what}")
+                f"{self.outcome} {what}{tries}")
 
 
 class History:
@@ -106,8 +123,8 @@ class History:
             self.ops.append(op)
         return op
 
-    def ok(self, op: Op, addresses: Iterable[str] = ()) -> Op:
-        op.addresses, op.outcome, op.complete = frozenset(addresses), OK, self.clock()
+    def ok(self, op: Op, addresses: Iterable[str] = (), attempts: Sequence[str] = ()) -> Op:
+        op.addresses, op.outcome, op.complete, op.attempts = frozenset(addresses), OK, self.clock(), tuple(attempts)
         return op
 
     def fail(self, op: Op, error: str) -> Op:
@@ -118,9 +135,14 @@ class History:
         op.outcome, op.error, op.complete = UNKNOWN, error, self.clock()
         return op
 
-    def error(self, op: Op, code: str, message: str = "") -> Op:
-        """Records an error answer by its gRPC status code name (definite or unknown outcome)."""
-        op.outcome, op.error, op.complete = outcome_of_code(code), f"{code} {message}".strip(), self.clock()
+    def error(self, op: Op, code: str, message: str = "", attempts: Sequence[str] = ()) -> Op:
+        """Records an error answer by its gRPC status code name: a definite refusal (``fail``) only
+        when no earlier attempt may have acted, else an unknown outcome."""
+        op.attempts = tuple(attempts)
+        outcome = outcome_of_code(code)
+        if outcome == FAIL and op.earlier_attempt_may_have_acted:
+            outcome = UNKNOWN
+        op.outcome, op.error, op.complete = outcome, f"{code} {message}".strip(), self.clock()
         return op
 
     def snapshot(self) -> list[Op]:
@@ -234,8 +256,11 @@ def _observations(ops: list[Op], final: frozenset[str], end_time: float) -> list
         if op.outcome != OK:
             continue
         if op.kind == RELEASE:
-            # Just before its effect the owner held what it released; after it, nothing.
-            out.append(_Obs(op, op.invoke, op.complete, op.addresses))
+            # Just before its effect the owner held what it released; after it, nothing. A Release
+            # that answered "nothing" after an attempt that may have acted shows only the after-state:
+            # that attempt may have released what the owner held.
+            if op.addresses or not op.earlier_attempt_may_have_acted:
+                out.append(_Obs(op, op.invoke, op.complete, op.addresses))
             out.append(_Obs(op, op.invoke, op.complete, frozenset()))
         else:
             out.append(_Obs(op, op.invoke, op.complete, op.addresses))
@@ -298,7 +323,9 @@ def _check_owner(owner: str, ops: list[Op], final: frozenset[str], end_time: flo
             if op.invoke < ack.complete or op.outcome != OK:
                 continue
             if op.kind == RELEASE:
-                if op.invoke == release_from and not lingering and op.addresses != ack.addresses:
+                retried_away = not op.addresses and op.earlier_attempt_may_have_acted
+                if (op.invoke == release_from and not lingering and op.addresses != ack.addresses
+                        and not retried_away):
                     report.violations.append(
                         f"owner {owner!r}: Allocate acknowledged {sorted(ack.addresses)} ({ack}) but its Release "
                         f"released {sorted(op.addresses)} ({op})" + _lost(op.addresses))
@@ -350,14 +377,16 @@ def final_holdings(allocations: Iterable[tuple[str, Iterable[str]]]) -> dict[str
     return out
 
 
-def windows(ops: Sequence[Op], fault_at: float, kind: str = ALLOCATE) -> dict[str, float]:
-    """Figures of one fault from the history: ``first_ok`` (from ``fault_at`` to the completion of
-    the first ``ok`` call of ``kind`` invoked after it) and ``gap`` (the longest time without any
-    ``ok`` completion of ``kind`` that spans ``fault_at``)."""
+def windows(ops: Sequence[Op], fault_at: float, kind: str = ALLOCATE, until: float = INF) -> dict[str, float]:
+    """Figures of one fault from the history: ``first_ok``, from ``fault_at`` to the completion of
+    the first ``ok`` call of ``kind`` invoked after it; ``gap``, the longest time between two
+    consecutive ``ok`` completions of ``kind`` from the last one before ``fault_at`` until ``until``
+    (the unavailability window as the clients saw it, whenever it began after the fault)."""
     after = sorted(op.complete for op in ops if op.kind == kind and op.outcome == OK and op.invoke >= fault_at)
     first_ok = after[0] - fault_at if after else INF
-    done = sorted(op.complete for op in ops if op.kind == kind and op.outcome == OK)
+    done = sorted(op.complete for op in ops if op.kind == kind and op.outcome == OK and op.complete <= until)
     before = [t for t in done if t <= fault_at]
-    later = [t for t in done if t > fault_at]
-    gap = (later[0] - before[-1]) if before and later else INF
+    times = before[-1:] + [t for t in done if t > fault_at]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gap = max(gaps) if gaps and before else INF
     return {"first_ok": first_ok, "gap": gap}

@@ -384,6 +384,25 @@ class PatroniCluster:
             raise RuntimeError(f"patronictl {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
         return out.stdout
 
+    def set_dcs(self, **settings: Any) -> None:
+        """Changes the cluster's dynamic configuration (``patronictl edit-config --set``) and waits
+        two HA loops, by which every member has applied it."""
+        args = ["edit-config", self.scope, "--force", "--quiet"]
+        for key, value in settings.items():
+            args += ["--set", f"{key}={json.dumps(value)}"]
+        self.patronictl(*args)
+        self._wait(lambda: all(_get_json(f"{self.members['m1'].api}/config")[1].get(k) == v
+                               for k, v in settings.items()), 30, f"DCS config {settings}")
+        time.sleep(2 * LOOP_WAIT + 0.5)
+
+    def pids(self) -> list[int]:
+        """Every process of the cluster known now: Patroni, postmasters, etcd."""
+        out = [m.proc.pid for m in self.members.values() if m.proc is not None and m.proc.poll() is None]
+        out += [pid for m in self.members.values() if (pid := m.postmaster_pid()) is not None]
+        if self.etcd is not None and self.etcd.poll() is None:
+            out.append(self.etcd.pid)
+        return out
+
     def switchover(self, candidate: str | None = None) -> None:
         """``patronictl switchover --force`` (to ``candidate``, else Patroni's choice: the sync standby)."""
         args = ["switchover", self.scope, "--force"]

@@ -87,6 +87,19 @@ def test_unknown_allocate_learned_later_passes():
     verdict(b, {"o1": ("a",)}).assert_valid()
 
 
+def test_retried_release_that_finds_nothing_is_the_release():
+    # Its first attempt released "a" and lost its answer in a failover; the retry found nothing.
+    b = Builder()
+    b.op("p1", ALLOCATE, "o1", 0, 1, OK, "a")
+    b.op("p1", RELEASE, "o1", 2, 5, OK).attempts = ("UNAVAILABLE", "OK")
+    report = verdict(b, {})
+    report.assert_valid()
+    assert [(iv.start, iv.end) for iv in report.intervals] == [(0, 5)]
+    # A retry after a definite refusal proves nothing acted before it: then "nothing" is a loss.
+    b.ops[1].attempts = ("ABORTED", "OK")
+    assert any("its Release released []" in v for v in verdict(b, {}).violations)
+
+
 def test_failed_calls_take_no_part():
     b = Builder()
     b.op("p1", ALLOCATE, "o1", 0, 1, FAIL)  # RESOURCE_EXHAUSTED: nothing taken
@@ -215,7 +228,7 @@ def test_overlapping_calls_of_one_owner_are_refused():
 
 
 def test_recorder_and_helpers():
-    clock = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).__next__
+    clock = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).__next__
     h = History(clock)
     a = h.ok(h.invoke("p1", ALLOCATE, "o1"), ["a"])
     r = h.error(h.invoke("p1", RELEASE, "o1"), "DEADLINE_EXCEEDED", "deadline")
@@ -223,6 +236,8 @@ def test_recorder_and_helpers():
     assert (a.invoke, a.complete, a.outcome, a.addresses) == (1.0, 2.0, OK, frozenset({"a"}))
     assert (r.outcome, r.error) == (UNKNOWN, "DEADLINE_EXCEEDED deadline")
     assert g.outcome == FAIL
+    after = h.error(h.invoke("p1", ALLOCATE, "o3"), "RESOURCE_EXHAUSTED", attempts=("UNAVAILABLE", "RESOURCE_EXHAUSTED"))
+    assert after.outcome == UNKNOWN  # the first attempt may have taken an address
     assert outcome_of_code("UNAVAILABLE") == UNKNOWN and outcome_of_code("INTERNAL") == UNKNOWN
     with pytest.raises(ValueError):
         h.invoke("p1", "delete", "o1")
@@ -231,9 +246,13 @@ def test_recorder_and_helpers():
         final_holdings([("o1", ["a"]), ("o1", ["b"])])
     b = Builder()
     b.op("p1", ALLOCATE, "o1", 0, 1, OK, "a")
-    b.op("p1", ALLOCATE, "o2", 2, 9, OK, "b")  # invoked before the fault, answered after it
-    b.op("p1", ALLOCATE, "o3", 4, 6, OK, "c")
-    assert windows(b.ops, fault_at=3) == {"first_ok": 3, "gap": 5}
+    b.op("p2", ALLOCATE, "o2", 2, 9, OK, "b")  # invoked before the fault, answered after it
+    b.op("p3", ALLOCATE, "o3", 4, 6, OK, "c")
+    b.op("p3", ALLOCATE, "o4", 6.5, 7, OK, "d")
+    b.op("p1", ALLOCATE, "o5", 1.5, 2.5, OK, "e")
+    assert windows(b.ops, fault_at=3) == {"first_ok": 3, "gap": 3.5}  # from 2.5 (before the fault) to 6
+    assert windows(b.ops, fault_at=3, until=6.5)["gap"] == 3.5
+    assert windows(b.ops, fault_at=10) == {"first_ok": INF, "gap": INF}
 
 
 # -- simulated allocators (hypothesis) -----------------------------------------------------------
@@ -256,7 +275,7 @@ def simulate(seed: int, *, processes: int, calls: int, unknown: float, cooldown:
     an address another owner holds."""
     rng = random.Random(seed)
     ops: list[Op] = []
-    effects: list[tuple[float, int]] = []
+    effects: list[tuple[float, int, bool]] = []  # (when, call, whether this attempt's answer is the call's)
     modes: dict[int, str] = {}
     for p in range(processes):
         owners = [f"p{p}o{i}" for i in range(rng.randint(1, 3))]
@@ -267,12 +286,17 @@ def simulate(seed: int, *, processes: int, calls: int, unknown: float, cooldown:
             op = Op(f"p{p}", kind, rng.choice(owners), t, t + duration, index=len(ops))
             mode = "ok"
             if rng.random() < unknown:
-                mode = rng.choice(("unknown-applied", "unknown-not-applied"))
+                mode = rng.choice(("unknown-applied", "unknown-not-applied", "retried"))
             modes[op.index] = mode
+            middle = (op.invoke + op.complete) / 2
             if mode == "ok":
-                effects.append((rng.uniform(op.invoke, op.complete), op.index))
+                effects.append((rng.uniform(op.invoke, op.complete), op.index, True))
             elif mode == "unknown-applied":
-                effects.append((rng.uniform(op.invoke, op.complete + linger), op.index))
+                effects.append((rng.uniform(op.invoke, op.complete + linger), op.index, False))
+            elif mode == "retried":  # a first attempt acted but lost its answer; the retry answered
+                effects.append((rng.uniform(op.invoke, middle), op.index, False))
+                effects.append((rng.uniform(middle, op.complete), op.index, True))
+                op.attempts = ("UNAVAILABLE", "OK")
             ops.append(op)
             t = op.complete + rng.uniform(0, 1)
     held: dict[str, str] = {}
@@ -281,7 +305,7 @@ def simulate(seed: int, *, processes: int, calls: int, unknown: float, cooldown:
     faults = 0
     loss_after: dict[int, str] = {}
     pool = [f"a{i}" for i in range(addresses)]
-    for when, index in sorted(effects):
+    for when, index, answers in sorted(effects):
         op = ops[index]
         result: frozenset[str] | None = None
         if op.kind == ALLOCATE:
@@ -290,13 +314,13 @@ def simulate(seed: int, *, processes: int, calls: int, unknown: float, cooldown:
             else:
                 taken = set(held.values()) | quarantined
                 free = [a for a in pool if a not in taken and freed_at.get(a, -INF) + cooldown <= when]
-                if fault == "double" and modes[index] == "ok" and not faults and held and rng.random() < 0.5:
+                if fault == "double" and answers and not faults and held and rng.random() < 0.5:
                     free = [rng.choice(sorted(set(held.values())))]
                     faults += 1
                 if free:
                     held[op.owner] = free[0]
                     result = frozenset({free[0]})
-                    if fault == "lose" and modes[index] == "ok" and not faults and rng.random() < 0.5:
+                    if fault == "lose" and answers and not faults and rng.random() < 0.5:
                         loss_after[index] = op.owner
                         faults += 1
         elif op.kind == RELEASE:
@@ -306,7 +330,7 @@ def simulate(seed: int, *, processes: int, calls: int, unknown: float, cooldown:
             result = frozenset({address} if address else ())
         else:
             result = frozenset({held[op.owner]} if op.owner in held else ())
-        if modes[index] == "ok":
+        if answers:
             if result is None:  # exhausted: a definite refusal
                 op.outcome = FAIL
                 op.error = "RESOURCE_EXHAUSTED"
@@ -315,9 +339,9 @@ def simulate(seed: int, *, processes: int, calls: int, unknown: float, cooldown:
         if index in loss_after:  # lost right after the answer: before the owner's next call
             quarantined.add(held.pop(loss_after[index]))
     for op in ops:
-        if modes[op.index] != "ok":
+        if modes[op.index] in ("unknown-applied", "unknown-not-applied"):
             op.outcome, op.error = UNKNOWN, "DEADLINE_EXCEEDED"
-    end = max([op.complete for op in ops] + [w for w, _ in effects]) + 1
+    end = max([op.complete for op in ops] + [w for w, _, _ in effects]) + 1
     return Sim(ops, {o: frozenset({a}) for o, a in held.items()}, end, faults)
 
 
