@@ -28,6 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def exit_now(code: int) -> None:
+    """Ends the process with ``code`` once stdout and stderr are flushed, without the interpreter's
+    finalization (~2 ms of CPU tearing down modules that a one-shot plugin never needs again).
+
+    Nothing is lost: the output is flushed here (a failing flush raises as usual), the plugin
+    closes its connection itself and registers no ``atexit`` handlers, and the kernel closes the
+    rest. The runtime waits for the plugin's exit before it goes on, so this is the plugin's
+    wall time, and the bridge plugin's, too (docs/cni.md, "Start-up").
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    import posix
+
+    posix._exit(code)
+
+
 def environment() -> dict[str, str]:
     """The process environment, read through ``posix``: importing ``os`` costs ~1 ms per run."""
     os = sys.modules.get("os")
@@ -40,4 +57,6 @@ def environment() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if len(sys.argv) > 1:  # a subcommand (install): an ordinary exit
+        sys.exit(main())
+    exit_now(main())

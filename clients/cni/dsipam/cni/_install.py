@@ -3,7 +3,8 @@
 It writes ``DIR/dsipam-cni``, a launcher that starts this Python with ``-IS`` (no site
 initialisation: the editable-install finder and ``.pth`` processing alone cost ~15 ms) and the
 package's own directory on ``sys.path``, and the link ``DIR/dsipam`` so that
-``"ipam": {"type": "dsipam"}`` finds it.
+``"ipam": {"type": "dsipam"}`` finds it. The launcher ends the process without the
+interpreter's finalization once the output is flushed (``__main__.exit_now``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ LAUNCHER = """#!{python} -IS
 # dsipam CNI IPAM plugin, written by `dsipam-cni install`. Regenerate rather than edit.
 import sys
 sys.path[:0] = {paths!r}
-from dsipam.cni.__main__ import main
-sys.exit(main([]))
+from dsipam.cni.__main__ import exit_now, main
+exit_now(main([]))
 """
 
 
