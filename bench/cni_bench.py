@@ -18,6 +18,12 @@ The timing runs inside the parent namespace (this script re-executes itself ther
   these are the samples that lost a race with the kernel (docs/performance.md, "CNI plugin");
 * each sample's CPU time (the process and the children it waited for, from ``wait4``) is
   reported next to its wall time: on a busy machine it moves much less than the wall time;
+* with ``--stand-ins``, two more sides in the same rotation, on dsipam's bridge and pod
+  namespace: ``replay``, a shell script that prints the result dsipam gave (no server, no
+  Python: same result, plugin time ~1 ms), and ``replay-slow``, the same from the plugin's
+  interpreter after a 4 ms sleep, so that it takes about as long as a dsipam plugin run but
+  talks to no server. They tell the result's shape and the plugin's duration apart from the
+  server's work;
 * where the time goes (``--runs`` samples each): the bare interpreter (``python -IS``), the
   plugin without an RPC (VERSION), the plugin's ADD and DEL alone, the same RPCs on a warm
   connection, grpc's import cost, and ``bridge+dsipam`` with ``"transport": "grpc"``.
@@ -99,6 +105,44 @@ def _ms(samples: list[tuple[float, float]]) -> dict:
             "wall_ms": [round(w * 1000, 3) for w, _ in samples]}
 
 
+REPLAY_SH = """#!/bin/sh
+# stand-in IPAM plugin (bench/cni_bench.py --stand-ins): prints the result dsipam gave
+cat >/dev/null
+[ "$CNI_COMMAND" = ADD ] && cat {result}
+exit 0
+"""
+REPLAY_PY = """#!{python} -IS
+# stand-in IPAM plugin (bench/cni_bench.py --stand-ins): dsipam's result after a 4 ms sleep
+import posix, sys, time
+sys.stdin.buffer.read()
+time.sleep(0.004)
+if posix.environ.get(b"CNI_COMMAND") == b"ADD":
+    sys.stdout.write(open({result!r}).read())
+"""
+
+
+def _stand_ins(spec: dict, dsipam_ipam: dict, variants: dict) -> list[str]:
+    """Writes the stand-in plugins (named ``dsipam``, in their own CNI_PATH directories) around a
+    result the real plugin printed, and adds them to ``variants``; returns their names."""
+    root = Path(spec["data_dir"]).parent / "stand-ins"
+    conf = json.dumps({"cniVersion": "1.0.0", "name": "bench-capture", "ipam": dsipam_ipam}).encode()
+    plugin = str(Path(spec["cni_bin"]) / "dsipam")
+    env = _env("ADD", "bench-stand-in-result", spec["pods"][0], spec["cni_bin"])
+    result = root / "result.json"
+    root.mkdir(parents=True, exist_ok=True)
+    result.write_bytes(subprocess.run([plugin], input=conf, env=env, capture_output=True, check=True).stdout)
+    subprocess.run([plugin], input=conf, env={**env, "CNI_COMMAND": "DEL"}, capture_output=True, check=True)
+    names = []
+    for name, text in (("replay", REPLAY_SH.format(result=result)),
+                       ("replay-slow", REPLAY_PY.format(python=spec["python"], result=str(result)))):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "dsipam").write_text(text)
+        (root / name / "dsipam").chmod(0o755)
+        variants[name] = (_conf(spec["bridges"][0], dsipam_ipam), spec["pods"][0], str(root / name))
+        names.append(name)
+    return names
+
+
 def worker(spec: dict) -> dict:
     """Runs every measurement; called inside the parent namespace."""
     cni_bin, sock = spec["cni_bin"], spec["sock"]
@@ -113,6 +157,9 @@ def worker(spec: dict) -> dict:
         "host-local": (_conf(spec["bridges"][1], hostlocal_ipam), spec["pods"][1], HOST_LOCAL_DIR),
         "dsipam-grpc": (_conf(spec["bridges"][0], {**dsipam_ipam, "transport": "grpc"}), spec["pods"][0], cni_bin),
     }
+    rotation = ["dsipam", "host-local"]
+    if spec["stand_ins"]:
+        rotation += _stand_ins(spec, dsipam_ipam, variants)
     samples: dict[str, list[tuple[float, float]]] = {}
 
     def cycle(name: str, i: int, record: bool = True) -> None:
@@ -128,8 +175,8 @@ def worker(spec: dict) -> dict:
 
     with_grpc = spec["grpc"]  # grpcio is importable by the plugin's interpreter
     for i in range(3):  # warm caches (page cache, pyc, the server's database connections) for both
-        cycle("dsipam", i, record=False)
-        cycle("host-local", i, record=False)
+        for name in rotation:
+            cycle(name, i, record=False)
         if with_grpc:
             cycle("dsipam-grpc", i, record=False)
     per_run = []
@@ -138,7 +185,8 @@ def worker(spec: dict) -> dict:
             f"(load {os.getloadavg()[0]:.2f})")
         before = {key: len(values) for key, values in samples.items()}
         for i in range(spec["cycles"]):
-            for name in (("dsipam", "host-local") if (run + i) % 2 == 0 else ("host-local", "dsipam")):
+            k = (run + i) % len(rotation)  # each side goes first in turn
+            for name in rotation[k:] + rotation[:k]:
                 cycle(name, 1000 * (run + 1) + i)
         this = {key: _ms(values[before.get(key, 0):]) for key, values in samples.items()}
         per_run.append({"load": round(os.getloadavg()[0], 2), **{
@@ -250,6 +298,8 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds between one bridge call and the next (default 0.1): an ADD right after a "
                              "DEL otherwise waits for the kernel to finish removing the previous veth")
+    parser.add_argument("--stand-ins", action="store_true", help="also time two stand-in IPAM plugins that print "
+                        "dsipam's result, at once and from Python after 4 ms (see above)")
     parser.add_argument("--json", help="also write the results here (they always go to bench/results/ too)")
     parser.add_argument("--docs-figure", action="store_true",
                         help="also draw the ADD-time figure into docs/img/performance/cni-add.png (bench/plots.py)")
@@ -298,7 +348,7 @@ def main() -> int:
 
             spec = {"cni_bin": str(tmp / "bin"), "sock": str(sock), "data_dir": str(tmp / "host-local"),
                     "bridges": [f"cbd{run}", f"cbh{run}"], "pods": pods, "cycles": args.cycles, "runs": args.runs,
-                    "repeat": args.repeat,
+                    "repeat": args.repeat, "stand_ins": args.stand_ins,
                     "pause": args.pause,
                     "python": args.plugin_python or sys.executable, "venv_python": sys.executable,
                     "grpc": not args.plugin_python, "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
