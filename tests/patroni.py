@@ -257,7 +257,8 @@ class Member:
 class PatroniCluster:
     """etcd and three Patroni members in a temporary directory; see :func:`patroni_cluster`."""
 
-    def __init__(self, *, strict: bool = False) -> None:
+    def __init__(self, *, strict: bool = False, ttl: int = TTL, loop_wait: int = LOOP_WAIT,
+                 retry_timeout: int = RETRY_TIMEOUT) -> None:
         why = missing()
         if why is not None:
             raise RuntimeError(why)
@@ -273,9 +274,9 @@ class PatroniCluster:
         self.etcd: subprocess.Popen | None = None
         self.etcd_paused = False
         self.dcs: dict[str, Any] = {
-            "ttl": TTL,
-            "loop_wait": LOOP_WAIT,
-            "retry_timeout": RETRY_TIMEOUT,
+            "ttl": ttl,
+            "loop_wait": loop_wait,
+            "retry_timeout": retry_timeout,
             "maximum_lag_on_failover": 1_048_576,
             "primary_start_timeout": 0,
             "synchronous_mode": True,
@@ -393,7 +394,7 @@ class PatroniCluster:
         self.patronictl(*args)
         self._wait(lambda: all(_get_json(f"{self.members['m1'].api}/config")[1].get(k) == v
                                for k, v in settings.items()), 30, f"DCS config {settings}")
-        time.sleep(2 * LOOP_WAIT + 0.5)
+        time.sleep(2 * self.dcs["loop_wait"] + 0.5)
 
     def pids(self) -> list[int]:
         """Every process of the cluster known now: Patroni, postmasters, etcd."""
@@ -493,9 +494,10 @@ def create_dsipam_database(cluster: PatroniCluster, name: str = "dsipam") -> str
 
 
 @contextlib.contextmanager
-def patroni_cluster(*, strict: bool = False) -> Iterator[PatroniCluster]:
-    """A started :class:`PatroniCluster`; everything killed and deleted afterwards, even on failure."""
-    cluster = PatroniCluster(strict=strict)
+def patroni_cluster(**settings: Any) -> Iterator[PatroniCluster]:
+    """A started :class:`PatroniCluster` (``settings``: its keyword arguments); everything killed and
+    deleted afterwards, even on failure."""
+    cluster = PatroniCluster(**settings)
     try:
         cluster.start()
         yield cluster
