@@ -143,6 +143,12 @@ def _stand_ins(spec: dict, dsipam_ipam: dict, variants: dict) -> list[str]:
     return names
 
 
+def _mark(spec: dict, text: str) -> None:
+    """A marker in the kernel's trace, when bench/cni_trace.py runs this benchmark."""
+    if spec.get("mark_fd") is not None:
+        os.write(spec["mark_fd"], f"cni_bench: {text}\n".encode())
+
+
 def worker(spec: dict) -> dict:
     """Runs every measurement; called inside the parent namespace."""
     cni_bin, sock = spec["cni_bin"], spec["sock"]
@@ -184,10 +190,12 @@ def worker(spec: dict) -> dict:
         log(f"run {run + 1} of {spec['repeat']}: {spec['cycles']} interleaved ADD+DEL cycles, dsipam and host-local "
             f"(load {os.getloadavg()[0]:.2f})")
         before = {key: len(values) for key, values in samples.items()}
+        _mark(spec, f"start of run {run + 1}")
         for i in range(spec["cycles"]):
             k = (run + i) % len(rotation)  # each side goes first in turn
             for name in rotation[k:] + rotation[:k]:
                 cycle(name, 1000 * (run + 1) + i)
+        _mark(spec, f"end of run {run + 1}")
         this = {key: _ms(values[before.get(key, 0):]) for key, values in samples.items()}
         per_run.append({"load": round(os.getloadavg()[0], 2), **{
             f"{key} {field}": this[key][field] for key in this for field in ("median_ms", "cpu_median_ms", "slow")}})
@@ -352,8 +360,15 @@ def main() -> int:
                     "pause": args.pause,
                     "python": args.plugin_python or sys.executable, "venv_python": sys.executable,
                     "grpc": not args.plugin_python, "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
+            # bench/cni_trace.py: the worker marks its timed runs in the kernel's trace (through an
+            # inherited descriptor: `ip netns exec` mounts another /sys for the worker).
+            marks = os.environ.get("DSIPAM_BENCH_TRACE_MARKS")
+            spec["mark_fd"] = os.open(marks, os.O_WRONLY) if marks else None
             done = subprocess.run(["ip", "netns", "exec", parent, sys.executable, str(Path(__file__).resolve()),
-                                   "--worker", json.dumps(spec)], capture_output=True, text=True)
+                                   "--worker", json.dumps(spec)], capture_output=True, text=True,
+                                  pass_fds=(spec["mark_fd"],) if marks else ())
+            if marks:
+                os.close(spec["mark_fd"])
             sys.stderr.write(done.stderr)
             if done.returncode != 0:
                 raise RuntimeError(f"worker failed ({done.returncode})")
