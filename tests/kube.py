@@ -113,8 +113,10 @@ def load_yaml_files(paths: Iterable[Path]) -> list[dict]:
 class ApiServer:
     """etcd + kube-apiserver processes in ``run_dir``; ``stop()`` ends both and deletes ``run_dir``."""
 
-    def __init__(self, apiserver_bin: Path, etcd_bin: Path, run_dir: Path | None = None) -> None:
+    def __init__(self, apiserver_bin: Path, etcd_bin: Path, run_dir: Path | None = None, *,
+                 service_cidrs: str = "10.0.0.0/24,fd00:10::/108") -> None:
         self.apiserver_bin = apiserver_bin
+        self.service_cidrs = service_cidrs  # the ClusterIP ranges (the tests': 253 IPv4 Services at most)
         self.etcd_bin = etcd_bin
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="dsipam-kube-"))
         self.pki = self.run_dir / "pki"
@@ -166,7 +168,7 @@ class ApiServer:
              "--authorization-mode=RBAC", f"--service-account-issuer={self.issuer}",
              f"--service-account-key-file={self.pki / 'sa.pub'}",
              f"--service-account-signing-key-file={self.pki / 'sa.key'}",
-             "--service-cluster-ip-range=10.0.0.0/24,fd00:10::/108",
+             f"--service-cluster-ip-range={self.service_cidrs}",
              "--allow-privileged=true", "--disable-admission-plugins=ServiceAccount"],
             stdout=log, stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
