@@ -145,6 +145,18 @@ def test_install_writes_a_fast_launcher_and_the_dsipam_link(plugin_dir: Path) ->
     assert (plugin_dir / "dsipam").resolve() == launcher.resolve()
 
 
+def test_launcher_output_reaches_a_file_whole(plugin_dir: Path, tmp_path: Path) -> None:
+    """The launcher ends the process without the interpreter's finalization (docs/cni.md): what
+    the plugin printed must still be all there when stdout is a block-buffered file."""
+    assert "exit_now(main([]))" in (plugin_dir / "dsipam-cni").read_text()
+    out = tmp_path / "out.json"
+    env = {"PATH": os.environ.get("PATH", ""), "CNI_COMMAND": "VERSION"}
+    with open(out, "wb") as f:
+        proc = subprocess.run([str(plugin_dir / "dsipam")], input=b"{}", env=env, stdout=f, timeout=60)
+    assert proc.returncode == 0
+    assert "1.0.0" in json.loads(out.read_text())["supportedVersions"]
+
+
 def _install_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dsipam.cni", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=60)
