@@ -59,6 +59,7 @@ CALLS = (
     "health", "allocate_pair", "allocate_single", "reallocate", "get_allocation", "get_pool",
     "list_allocations", "list_blocks", "release_family", "release", "gc",
 )
+READS = ("get_allocation", "get_pool", "list_allocations", "list_blocks")
 POOL = "cost"
 GC_POOL = "costgc"
 GC_OWNERS = 10_000
@@ -217,8 +218,14 @@ def one_run(a: argparse.Namespace, index: int, ghz: str | None) -> dict[str, Any
         gc_file = gc_data_file(Path(tmpdir))
         meter = CpuMeter(pid, url)
         profiler = None
+        analyzed = False
         for key in a.calls:
             call = table[key]
+            if key in READS and not analyzed:
+                # The tables just grew from nothing to tens of thousands of rows: what autovacuum's
+                # ANALYZE does within a minute on a live server (docs/performance.md, "Cost per call").
+                harness.psql(url, "ANALYZE ipam_allocations, ipam_blocks")
+                analyzed = True
             if not ghz and call.loadgen is None:
                 results[key] = {"title": call.title, "skipped": "needs ghz (the Python generator lacks this call)"}
                 continue
@@ -240,6 +247,8 @@ def one_run(a: argparse.Namespace, index: int, ghz: str | None) -> dict[str, Any
             harness.log(f"run {index} {key}: {res['rps']:,.0f}/s p50 {res['p50'] * 1e3:.2f} ms "
                         f"p99 {res['p99'] * 1e3:.2f} ms server {res['server_cpu_us']:.0f} µs/call "
                         f"PostgreSQL {res['pg_cpu_us']:.0f} µs/call errors {res['errors']}")
+        if a.status_rate and ghz:
+            results["status_rate"] = status_at_rate(ghz, target, table["get_pool"], a, meter)
         checks = [harness.check_pool(url, p) for p in (POOL, GC_POOL)]
         for c in checks:
             harness.log(f"  {c.line()}")
@@ -249,6 +258,30 @@ def one_run(a: argparse.Namespace, index: int, ghz: str | None) -> dict[str, Any
             res["ratio"] = res["server_cpu_us"] / empty
     return {"calls": results, "checks_ok": all(c.ok for c in checks),
             "errors": sum(r.get("errors", 0) for r in results.values())}
+
+
+def status_at_rate(ghz: str, target: str, call: Call, a: argparse.Namespace, meter: CpuMeter) -> dict[str, Any]:
+    """GetPool at a fixed rate (the CNI STATUS of many nodes: 5,000 nodes every 10 s is 500/s): the
+    share of a core the server spends on it."""
+    n = int(a.status_rate * a.status_seconds)
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        meter.start()
+        t0 = time.monotonic()
+        subprocess.run([ghz, "--insecure", "--connections", "4", "-c", "16", "-n", str(n), "--rps", str(a.status_rate),
+                        *_PROTO, "--proto", call.proto, "--call", call.method.replace("/", "."),
+                        "-d", json.dumps(call.data), "--format", "json", "-o", out.name, target],
+                       check=True, capture_output=True, text=True,
+                       preexec_fn=lambda: os.sched_setaffinity(0, {a.load_cpu}))
+        wall = time.monotonic() - t0
+        server_cpu, pg_cpu = meter.stop()
+        rep = json.loads(Path(out.name).read_text())
+    codes = rep.get("statusCodeDistribution") or {}
+    res = {"title": f"GetPool at {a.status_rate:g}/s for {a.status_seconds:g} s", "rps": rep["rps"], "wall": wall,
+           "server_core": server_cpu / wall, "pg_core": pg_cpu / wall,
+           "errors": sum(v for k, v in codes.items() if k != "OK")}
+    harness.log(f"  GetPool at {rep['rps']:.0f}/s: server {res['server_core']:.3f} of a core, PostgreSQL "
+                f"{res['pg_core']:.3f}, errors {res['errors']}")
+    return res
 
 
 def server_url(url: str, socket_dir: str | None) -> str:
@@ -297,6 +330,19 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def status_line(runs: list[dict[str, Any]]) -> str:
+    per = [r["calls"]["status_rate"] for r in runs if "status_rate" in r["calls"]]
+    if not per:
+        return ""
+    core = statistics.median(p["server_core"] for p in per)
+    pg = statistics.median(p["pg_core"] for p in per)
+    rps = statistics.median(p["rps"] for p in per)
+    return (f"{per[0]['title']} (the CNI STATUS of 5,000 nodes every 10 s): {rps:,.0f} calls/s sustained cost the "
+            f"server **{core:.3f} of a core** (median of {len(per)}; runs "
+            f"{', '.join(format(p['server_core'], '.3f') for p in per)}) and PostgreSQL {pg:.3f} of a core; "
+            f"errors {sum(p['errors'] for p in per)}.")
+
+
 def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "| call | calls/s | p50 ms | p99 ms | server CPU µs/call | × empty call | PostgreSQL CPU µs/call | errors |",
@@ -325,6 +371,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=4, help="ghz's HTTP/2 connections")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
+    p.add_argument("--status-rate", type=float, default=500,
+                   help="then GetPool at this rate with ghz (CNI STATUS of 5,000 nodes every 10 s: 500/s; 0: skip)")
+    p.add_argument("--status-seconds", type=float, default=20)
     p.add_argument("--db-socket", metavar="DIR", help="servers reach PostgreSQL over the Unix socket in DIR")
     p.add_argument("--load-generator", choices=("auto", "ghz", "python"), default="auto")
     p.add_argument("--profile", metavar="DIR", help="py-spy raw profiles of the --profile-calls into DIR")
@@ -370,8 +419,12 @@ def main(argv: list[str] | None = None) -> int:
             "connections": a.connections, "server_cpu": a.server_cpu, "load_cpu": a.load_cpu,
             "db_socket": bool(a.db_socket), **harness.machine_info()}
     text = table(summary, meta)
+    status = status_line(runs)
+    if status:
+        text += "\n\n" + status
     print(text)
     ok = all(r["checks_ok"] for r in runs) and not any(r["errors"] for r in runs)
+    ok = ok and not any(r["calls"].get("status_rate", {}).get("errors") for r in runs)
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=1))
     if a.write_docs:
