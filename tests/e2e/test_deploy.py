@@ -350,6 +350,37 @@ def test_network_policy_admits_clients_and_nodes_on_the_grpc_port() -> None:
     assert any(p.get("podSelector", {}).get("matchLabels") == {"dsipam.io/client": "true"} for p in rule["from"])
 
 
+def test_network_policies_admit_prometheus_to_every_metrics_port() -> None:
+    """The default deny covers every pod of the namespace: each workload's metrics port (the server's
+    9090, the controller's 8080, the scrape targets of the PodMonitors) needs a policy that admits the
+    namespaces labelled dsipam.io/metrics-scraper, else the dsipam-controller job scrapes nothing."""
+    scraper = {"dsipam.io/metrics-scraper": "true"}
+    policies = [r for r in _resources() if r["kind"] == "NetworkPolicy"]
+    checked = []
+    for workload in _resources():
+        if workload["kind"] not in ("Deployment", "DaemonSet", "StatefulSet"):
+            continue
+        pod = workload["spec"]["template"]
+        if pod["spec"].get("hostNetwork"):
+            continue  # policies do not apply to host-network pods
+        labels = pod["metadata"]["labels"]
+        for container in pod["spec"]["containers"]:
+            for port in container.get("ports", []):
+                if port.get("name") != "metrics":
+                    continue
+                admitted = any(
+                    _matches(policy["spec"]["podSelector"], labels)
+                    and any(any(_matches(peer.get("namespaceSelector", {"matchLabels": {"-": "-"}}), scraper)
+                                for peer in rule.get("from", []))
+                            and {"protocol": "TCP", "port": port["containerPort"]} in rule.get("ports", [])
+                            for rule in policy["spec"].get("ingress", []))
+                    for policy in policies)
+                assert admitted, (f"{workload['kind']}/{workload['metadata']['name']}: no NetworkPolicy admits "
+                                  f"Prometheus to its metrics port {port['containerPort']}")
+                checked.append(workload["metadata"]["name"])
+    assert {"dsipam", "dsipam-controller"} <= set(checked), checked
+
+
 def test_cni_daemonset_installs_into_the_node_cni_directories() -> None:
     daemonset = _one("DaemonSet", "dsipam-cni")
     pod = daemonset["spec"]["template"]["spec"]
