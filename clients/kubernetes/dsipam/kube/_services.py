@@ -195,6 +195,7 @@ class PoolInfo:
     families: tuple[Family, ...]
     services: str | None  # the pool's ipam.dsipam.io/services label
     cooldown: float
+    networks: tuple = ()  # the ranges' CIDRs: a requested address outside them is refused before any release
 
 
 class PoolCache:
@@ -216,7 +217,7 @@ class PoolCache:
             try:
                 pool = await self.ipam.get_pool(name)
                 fut.set_result(PoolInfo(name, pool.families, pool.labels.get(POOL_SERVICES_LABEL),
-                                        pool.cooldown.total_seconds()))
+                                        pool.cooldown.total_seconds(), tuple(r.cidr for r in pool.ranges)))
             except BaseException as exc:
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
@@ -260,6 +261,10 @@ class ServiceReconciler:
         self.failures: dict[str, int] = {}  # key -> reconciles in a row that failed (exceptions)
         self.attempts: dict[str, int] = {}  # key -> passes in a row that met a Problem to retry
         self.waiting: dict[str, str | None] = {}  # key -> the pool its Service waits for (None: any)
+        self.waiting_for: dict[str, str] = {}  # key -> the address (held by another) its Service waits for
+        # key -> (address, until, reason, message): a change to that address failed and the old one
+        # was taken back; not tried again (given back again) before ``until`` or the address's release
+        self.blocked: dict[str, tuple[str, float, str, str]] = {}
         self.memo: dict[str, _Memo] = {}
         self.last_event: dict[str, tuple[str, str]] = {}
         self.watches: dict[str, asyncio.Task] = {}
@@ -443,7 +448,8 @@ class ServiceReconciler:
         await self.reconcile(key, obj)
 
     def _forget(self, key: str) -> None:
-        for d in (self.memo, self.last_event, self.waiting, self.failures, self.attempts):
+        for d in (self.memo, self.last_event, self.waiting, self.waiting_for, self.blocked, self.failures,
+                  self.attempts):
             d.pop(key, None)  # type: ignore[attr-defined]
         self.metrics.services_waiting.set(len(self.waiting))
 
@@ -470,12 +476,23 @@ class ServiceReconciler:
         except Problem as p:
             self.metrics.service_problems.labels(reason=p.reason).inc()
             self.waiting[key] = getattr(p, "pool", None)
+            if getattr(p, "address", None) and p.reason == "AddressInUse":  # (one in cooldown: no release comes)
+                self.waiting_for[key] = p.address  # type: ignore[attr-defined]
+            else:
+                self.waiting_for.pop(key, None)
             self.metrics.services_waiting.set(len(self.waiting))
             self.memo.pop(key, None)
             await self._event(key, obj, "Warning", p.reason, p.message)
-            await self._write_status(obj, None, ("False", p.reason, p.message))
+            # what the Service holds changed before the problem (a family dropped, an address given
+            # back that could not be taken again): the ingress says so, never an address not held
+            await self._write_status(obj, getattr(p, "ingress", None), ("False", p.reason, p.message))
             if p.retry:
-                self._retry_later(key, getattr(p, "pool", None))
+                delay = self._retry_later(key, getattr(p, "pool", None))
+                if getattr(p, "swap", False) and getattr(p, "address", None):
+                    self.blocked[key] = (p.address, time.monotonic() + delay - 0.05, p.reason,  # type: ignore
+                                         p.message)
+                else:
+                    self.blocked.pop(key, None)
             return
         addresses = ", ".join(str(held[f]) for f in order if f in held)
         if note is None:
@@ -498,15 +515,19 @@ class ServiceReconciler:
             self._retry_later(key, pool)
         else:
             self.waiting.pop(key, None)
+            self.waiting_for.pop(key, None)
+            self.blocked.pop(key, None)
             self.attempts.pop(key, None)
             self.memo[key] = _Memo(self._signature(obj), own)
         self.metrics.services_waiting.set(len(self.waiting))
 
-    def _retry_later(self, key: str, pool: str | None) -> None:
+    def _retry_later(self, key: str, pool: str | None) -> float:
         n = self.attempts[key] = self.attempts.get(key, 0) + 1
-        self.queue.add_after(key, min(2.0 ** (n - 1), MAX_BACKOFF))
+        delay = min(2.0 ** (n - 1), MAX_BACKOFF)
+        self.queue.add_after(key, delay)
         if pool is not None:
             self._watch_pool(pool)
+        return delay
 
     def _signature(self, obj: dict) -> tuple:
         meta = obj["metadata"]
@@ -552,15 +573,48 @@ class ServiceReconciler:
             want = plan(policy, families, target, info.families, requested)
         except Problem as p:
             raise _pool_problem(p, target) from None
+        for addr in want.addresses.values():  # refused before anything held is given back for it
+            if info.networks and not any(addr in net for net in info.networks if net.version == addr.version):
+                raise _pool_problem(Problem("AddressNotInPool", f"requested address {addr} is outside the ranges of "
+                                                                f"pool {target}"), target)
         held = await self._held(target, owner) if target in self.index.get(owner, ()) else {}
+        before = dict(held)
         ch = changes(want, held)
+        swapped = {f: before[f] for f in ch.release if f in want.order}
+        blocked = self.blocked.get(_key(obj))
+        if swapped and blocked and blocked[1] > time.monotonic() and blocked[0] in {
+                str(want.addresses[f]) for f in swapped if f in want.addresses}:
+            again = Problem(blocked[2], blocked[3], retry=True)  # as the last try, without giving back again
+            again.address, again.swap = blocked[0], True  # type: ignore[attr-defined]
+            raise _pool_problem(again, target)
+        if swapped:  # shown by another Service: taken, surely; refused without giving anything back
+            asked = {str(want.addresses[f]) for f in swapped if f in want.addresses}
+            for k, other in list(self.services().items()):
+                shown = asked & {e.get("ip") for e in (other.get("status") or {}).get("ingress") or ()}
+                if shown and k != _key(obj):
+                    keeps = ", ".join(str(swapped[f]) for f in want.order if f in swapped)
+                    taken = Problem("AddressInUse", f"requested address {min(shown)} is held by another owner; "
+                                                    f"keeps {keeps}", retry=True)
+                    taken.address = min(shown)  # type: ignore[attr-defined]
+                    raise _pool_problem(taken, target)
         if ch.release:
             await self._release(target, owner, families=ch.release,
                                 why="no longer asked for (ipFamilies or requested address changed)")
             for fam in ch.release:
                 held.pop(fam, None)
         if ch.allocate:
-            held = await self._allocate(target, owner, want, held, obj)
+            try:
+                held = await self._allocate(target, owner, want, held, obj)
+            except Problem as p:
+                # An owner holds one address per family, so a changed request gives the old address
+                # back first (dsipam has no swap); when the new one cannot be had, the old one is
+                # taken back (its last holder may, even in cooldown) and the Service keeps it.
+                if swapped:
+                    held = await self._take_back(target, owner, swapped, want, held, obj, p)
+                    p.swap = True  # type: ignore[attr-defined]
+                if held != before:
+                    p.ingress = ingress(want.order, held)  # type: ignore[attr-defined]
+                raise
         if target == desired and others:  # moved: what the old pools held goes now
             for pool in others:
                 await self._release(pool, owner, why=f"moved to pool {target}")
@@ -633,7 +687,10 @@ class ServiceReconciler:
             elif isinstance(exc, PoolNotFound):
                 self.pools.invalidate(pool)
                 text = f"pool {pool} does not exist"
-            raise _pool_problem(Problem(reason, text, retry=retry), pool) from None
+            problem = Problem(reason, text, retry=retry)
+            if isinstance(exc, AddressInUse | AddressInCooldown) and exc.metadata.get("address"):
+                problem.address = exc.metadata["address"]  # type: ignore[attr-defined]
+            raise _pool_problem(problem, pool) from None
         got = {x.family: x.ip for x in res.allocation.addresses}
         extra = [f for f in got if f not in want.order]
         if extra:  # held from before, no longer asked for
@@ -645,6 +702,36 @@ class ServiceReconciler:
             log.info("Service %s/%s: %s from pool %s", meta["namespace"], meta["name"],
                      ", ".join(str(got[f]) for f in want.order if f in got), pool)
         return got
+
+    async def _take_back(self, pool: str, owner: str, swapped: dict[Family, IPAddress], want: Want,
+                         held: dict[Family, IPAddress], obj: dict, problem: Problem) -> dict[Family, IPAddress]:
+        """After a changed request failed: the addresses given back for it, taken again; returns what
+        the owner holds. One that cannot be had (taken meanwhile: a pool without cooldown) is named in
+        the problem's message; any other failure of the call is logged, counted and raised."""
+        order = [f for f in want.order if f in swapped]
+        meta = obj["metadata"]
+        attrs = {KIND_ATTRIBUTE: KIND_SERVICE, "k8s.namespace": meta["namespace"], "k8s.service": meta["name"],
+                 "k8s.serviceUID": meta["uid"]}
+        old = ", ".join(str(swapped[f]) for f in order)
+        self.index.setdefault(owner, set()).add(pool)
+        try:
+            res = await self.ipam.allocate(pool, owner, policy="require" if len(order) == 2 else "single",
+                                           families=order, addresses=[str(swapped[f]) for f in order],
+                                           attributes=attrs)
+        except (AddressInUse, AddressInCooldown, PoolExhausted) as exc:
+            log.warning("Service %s/%s: could not take back %s from pool %s: %s", meta["namespace"], meta["name"],
+                        old, pool, exc)
+            problem.message += f"; its previous address {old} was taken meanwhile"
+            return await self._held(pool, owner)
+        except Exception as exc:
+            self.metrics.errors.labels(where="service-take-back").inc()
+            log.error("Service %s/%s: taking back %s in pool %s failed: %s: %s", meta["namespace"], meta["name"],
+                      old, pool, type(exc).__name__, exc)
+            raise
+        problem.message += f"; keeps {old}"
+        log.info("Service %s/%s keeps %s from pool %s (%s)", meta["namespace"], meta["name"], old, pool,
+                 problem.reason)
+        return {x.family: x.ip for x in res.allocation.addresses}
 
     async def _release(self, pool: str, owner: str, *, families: tuple[Family, ...] = (), why: str) -> tuple:
         try:
@@ -774,7 +861,17 @@ class ServiceReconciler:
                     if not waiters:
                         return
                     if first or ev.type is EventType.RELEASED:
+                        freed = None if first else {str(a.ip) for a in ev.addresses}
                         first = False
+                        # a Service waiting for one address held by another wakes when that one is
+                        # freed (not at its own take-back's release: that would loop)
+                        waiters = [k for k in waiters if freed is None or k not in self.waiting_for
+                                   or self.waiting_for[k] in freed]
+                        if not waiters:
+                            continue
+                        if freed is not None:
+                            for k in waiters:
+                                self.blocked.pop(k, None)
                         try:
                             cooldown = (await self.pools.get(pool)).cooldown
                         except PoolNotFound:
