@@ -176,13 +176,13 @@ PANELS: list[Any] = [
      {"leader": True}),
     ("Reconciles per second by kind", "timeseries", 9, 8, "ops",
      "Reconciles done by the leader: resync (the full pod-leak and node sweep), pod (a gone pod's "
-     "allocations released), node, ippool.",
+     "allocations released), node, ippool, service (a LoadBalancer Service pass), service-resync.",
      [{"expr": f"sum by (kind) (rate(dsipam_controller_reconciles_total{{{CTL}}}[$__rate_interval]))",
        "legend": "{{kind}}"}], {}),
     ("Controller errors by where", "timeseries", 9, 8, "short",
      "Reconciles and events that failed (each logged at ERROR), per interval: resync (the leak resync, "
      "retried with backoff; DsipamControllerResyncFailing), release-pod, release-node, ippool, "
-     "<kind>-event.",
+     "service, service-resync, service-event, service-pool-watch, <kind>-event.",
      [{"expr": f"sum by (instance, where) (increase(dsipam_controller_errors_total{{{CTL}}}[$__rate_interval]))",
        "legend": "{{where}} {{instance}}"}], {}),
     ("Resync duration", "timeseries", 8, 8, "s",
@@ -201,7 +201,8 @@ PANELS: list[Any] = [
      [{"expr": f"sum by (pool) (increase(dsipam_controller_leaks_released_total{{{CTL}}}[$__rate_interval]))",
        "legend": "{{pool}}"}], {}),
     ("Watch events by kind", "timeseries", 8, 8, "ops",
-     "Events of the controller's watches (pods, nodes, ippools) per second, by kind and type.",
+     "Events of the controller's watches (pods, nodes, ippools, services, namespaces) per second, by "
+     "kind and type.",
      [{"expr": f"sum by (kind, type) (rate(dsipam_controller_watch_events_total{{{CTL}}}[$__rate_interval]))",
        "legend": "{{kind}} {{type}}"}], {}),
     ("Lease failures and leadership changes", "timeseries", 8, 8, "short",
@@ -217,6 +218,21 @@ PANELS: list[Any] = [
      "counts those restarts; it has no series before the first).",
      [{"expr": f"sum by (kind) (increase(dsipam_controller_relists_total{{{CTL}}}[$__rate_interval]))",
        "legend": "{{kind}}"}], {}),
+    ("LoadBalancer Services", "timeseries", 12, 8, "short",
+     "Services of dsipam's loadBalancerClass that lack some of their addresses (a problem such as "
+     "PoolExhausted or PoolNotFound, or a secondary family pending; retried, "
+     "DsipamLoadBalancerServicesWaiting), and the addresses the leader allocated and released for "
+     "Services per interval.",
+     [{"expr": f"max by (instance) (dsipam_controller_services_waiting{{{CTL}}})", "legend": "waiting {{instance}}"},
+      {"expr": f"sum by (op) (increase(dsipam_controller_service_addresses_total{{{CTL}}}[$__rate_interval]))",
+       "legend": "{{op}}"}], {}),
+    ("LoadBalancer problems by reason", "timeseries", 12, 8, "short",
+     "Service passes that met a problem, per interval, by the reason its Event and condition carry "
+     "(PoolNotFound, PoolExhausted, AddressInUse, InvalidAnnotation, ...; docs/kubernetes.md); a waiting "
+     "Service is retried after 1 s doubling to 30 s, so one stuck Service counts a few times a minute. "
+     "No series before the first.",
+     [{"expr": f"sum by (reason) (increase(dsipam_controller_service_problems_total{{{CTL}}}[$__rate_interval]))",
+       "legend": "{{reason}}"}], {}),
 ]
 
 

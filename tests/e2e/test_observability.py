@@ -317,7 +317,8 @@ def observed(kube_api: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> I
             broken = ControllerProcess(kube_api.write_kubeconfig(tmp / "admin.kubeconfig"),
                                        f"127.0.0.1:{free_port()}", tmp / "broken.log", identity="observability-broken",
                                        args=[*LEASE, "--lease-name", "dsipam-observability-broken",
-                                             "--resync-interval", "2", "--timeout", "1"])
+                                             "--resync-interval", "2", "--timeout", "1",
+                                             "--lb-class", "ipam.dsipam.io/observability-broken"])
             started.append(broken)
             prom = Prometheus(binary, tmp, metrics, [leader.address, broken.address])
             started.append(prom)
@@ -331,6 +332,7 @@ def observed(kube_api: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> I
             leader.check()  # the healthy controller counted no error
             assert broken.metric("dsipam_controller_errors_total", where="resync") > 0, broken.log()[-3000:]
         finally:
+            asyncio.run(_delete_lb(kube_api, node))  # while the leader runs: it releases and lifts the finalizers
             for proc in reversed(started):
                 if isinstance(proc, ServerProcess):
                     proc.terminate()
@@ -353,10 +355,84 @@ async def _delete_node(api: ApiServer, name: str) -> None:
                 raise
 
 
+LB_CLASS = "ipam.dsipam.io/lb"
+
+
+def _lb_names(node: str) -> tuple[str, str]:
+    """The IPPool (and Service) that gets addresses, and the Service that names a missing pool."""
+    return f"{node}-lb", f"{node}-nopool"
+
+
+async def _create_lb(api: ApiServer, node: str) -> None:
+    """A LoadBalancer IPPool and two Services of dsipam's class: one served, one whose pool does not
+    exist (a problem, retried: it stays waiting)."""
+    from kubernetes_asyncio import client as kclient
+
+    lb, nopool = _lb_names(node)
+    async with api.api_client() as c:
+        await kclient.CustomObjectsApi(c).create_cluster_custom_object("ipam.dsipam.io", "v1alpha1", "ippools", {
+            "apiVersion": "ipam.dsipam.io/v1alpha1", "kind": "IPPool", "metadata": {"name": lb},
+            "spec": {"ranges": [{"cidr": "198.18.12.0/28"}, {"cidr": "fd00:18::/124"}], "services": "Allowed"}})
+        for name, pool in ((lb, lb), (nopool, "no-such-pool")):
+            await kclient.CoreV1Api(c).create_namespaced_service("default", {
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "annotations": {"ipam.dsipam.io/pool": pool}},
+                "spec": {"type": "LoadBalancer", "loadBalancerClass": LB_CLASS,
+                         "ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 443}]}})
+
+
+async def _lb_ingress(api: ApiServer, node: str) -> list[str]:
+    from kubernetes_asyncio import client as kclient
+
+    async with api.api_client() as c:
+        svc = await kclient.CoreV1Api(c).read_namespaced_service(_lb_names(node)[0], "default")
+    return [i.ip for i in (svc.status.load_balancer.ingress or ())] if svc.status.load_balancer else []
+
+
+async def _delete_lb(api: ApiServer, node: str) -> None:
+    """Deletes the Services (the leader releases them and removes its finalizer) and then the IPPool;
+    whatever still holds a finalizer after 20 s has it removed, so the shared API server keeps nothing."""
+    from kubernetes_asyncio import client as kclient
+    from kubernetes_asyncio.client.rest import ApiException
+
+    lb, nopool = _lb_names(node)
+    async with api.api_client() as c:
+        core, custom = kclient.CoreV1Api(c), kclient.CustomObjectsApi(c)
+        ippool = ("ipam.dsipam.io", "v1alpha1", "ippools", lb)
+
+        async def gone(read: Any, clear: Any, delete: Any) -> None:
+            try:
+                await delete()
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    await read()
+                except ApiException as exc:
+                    if exc.status == 404:
+                        return
+                    raise
+                if time.monotonic() > deadline:
+                    await clear()
+                    deadline = time.monotonic() + 20
+                await asyncio.sleep(0.2)
+
+        for name in (lb, nopool):
+            await gone(lambda n=name: core.read_namespaced_service(n, "default"),
+                       lambda n=name: core.patch_namespaced_service(n, "default", {"metadata": {"finalizers": None}}),
+                       lambda n=name: core.delete_namespaced_service(n, "default"))
+        await gone(lambda: custom.get_cluster_custom_object(*ippool),
+                   lambda: custom.patch_cluster_custom_object(*ippool, {"metadata": {"finalizers": None}}),
+                   lambda: custom.delete_cluster_custom_object(*ippool))
+
+
 async def _drive_load(server: ServerProcess, api: ApiServer, node: str) -> float:
     """Allocations and releases in rounds (concurrent, so the fast path batches them), an
-    exhausted IPv4 family, a bad request each round, one watch stream, a node event and an
-    allocation of a pod that never existed (the controller releases it). Returns the end time."""
+    exhausted IPv4 family, a bad request each round, one watch stream, a node event, an
+    allocation of a pod that never existed (the controller releases it), and two LoadBalancer
+    Services (one served, one naming a missing pool). Returns the end time."""
     from kubernetes_asyncio import client as kclient
 
     from dsipam.client import AsyncIpamClient, PoolExhausted
@@ -368,6 +444,7 @@ async def _drive_load(server: ServerProcess, api: ApiServer, node: str) -> float
             "k8s.podUID": str(uuid.uuid4()), "k8s.namespace": "default", "k8s.pod": "ghost", "cni.node": node})
         async with api.api_client() as c:
             await kclient.CoreV1Api(c).create_node(kclient.V1Node(metadata=kclient.V1ObjectMeta(name=node)))
+        await _create_lb(api, node)
         channel = grpc.insecure_channel(server.target)
         stub = ipam_pb2_grpc.IpamServiceStub(channel)
         watch = stub.WatchAllocations(pb.WatchAllocationsRequest(pool="obs"))
@@ -387,6 +464,7 @@ async def _drive_load(server: ServerProcess, api: ApiServer, node: str) -> float
                     assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
                     bad += 1
                 await asyncio.sleep(0.4)
+            assert len(await _lb_ingress(api, node)) == 2  # the controller gave the Service its pair meanwhile
         finally:
             end = time.time()
             watch.cancel()
