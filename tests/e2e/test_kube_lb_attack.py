@@ -7,9 +7,10 @@ server, the real dsipam server and PostgreSQL, the controller as a process."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 
-from kube import ControllerProcess, wait_for
+from kube import ApiServer, ControllerProcess, delete_all_ippools, wait_for
 from kubernetes_asyncio import client
 from test_kube_lb import (  # noqa: F401 - lb_ns is a fixture
     FAST,
@@ -105,3 +106,80 @@ async def _reason_and_message(core: client.CoreV1Api, ns: str, name: str, reason
 
 async def _ips_are(core: client.CoreV1Api, ns: str, name: str, ips: list[str]) -> bool:
     return ingress_ips(await raw(core, ns, name)) == ips
+
+
+async def test_family_transitions_finalizer_strip_and_long_names(
+        start: Callable[..., ControllerProcess], core: client.CoreV1Api, lb_ns: str,  # noqa: F811
+        ipam: AsyncIpamClient, kube_api: ApiServer) -> None:
+    """Single -> Prefer -> Require -> Single against a pool without the secondary family keeps the
+    primary throughout (Require: a condition, the ingress unchanged); PreferDualStack against an
+    IPPool that gains the secondary range gets it without waiting for the resync; a finalizer
+    stripped from a live Service comes back; the longest namespace and name work (owner key,
+    attributes, Events)."""
+    custom = client.CustomObjectsApi(core.api_client)
+    await custom.create_cluster_custom_object("ipam.dsipam.io", "v1alpha1", "ippools", {
+        "apiVersion": "ipam.dsipam.io/v1alpha1", "kind": "IPPool", "metadata": {"name": "grow"},
+        "spec": {"ranges": [{"cidr": "198.18.41.0/24"}], "cooldown": "0s", "services": "Allowed"}})
+    long_ns = "l" * 52 + uuid.uuid4().hex[:11]  # 63 characters
+    await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=long_ns, annotations={"ipam.dsipam.io/pool": "grow"})))
+    try:
+        ctl = start(*FAST)
+        await wait_for(ctl.is_leader, 30, what="leader")
+        await wait_for(lambda: _pool_exists(ipam, "grow"), 15, what="dsipam pool grow")
+        ann = {"ipam.dsipam.io/pool": "grow"}
+        await core.create_namespaced_service(lb_ns, service("t", "SingleStack", ["IPv4"], annotations=ann))
+        await core.create_namespaced_service(lb_ns, service("p", "PreferDualStack", ["IPv4", "IPv6"],
+                                                            annotations=ann))
+        long_name = "n" * 63
+        await core.create_namespaced_service(long_ns, service(long_name, "SingleStack", ["IPv4"]))
+        primary = ingress_ips(await wait_ingress(core, lb_ns, "t", 1))
+        assert condition(await wait_ingress(core, lb_ns, "p", 1))["reason"] == "SingleFamilyPool"
+
+        # t: Single -> Prefer (one family: primary kept) -> Require (no IPv6 range: condition, primary
+        # kept and shown) -> Single (Allocated again, the same address).
+        await core.patch_namespaced_service("t", lb_ns, {"spec": {"ipFamilyPolicy": "PreferDualStack"}})
+        await wait_condition(core, lb_ns, "t", "SingleFamilyPool")
+        await core.patch_namespaced_service("t", lb_ns, {"spec": {"ipFamilyPolicy": "RequireDualStack"}})
+        svc = await wait_condition(core, lb_ns, "t", "FamilyNotInPool")
+        assert ingress_ips(svc) == primary and await held(ipam, "grow", svc) == primary
+        await core.patch_namespaced_service("t", lb_ns, {"spec": {"ipFamilyPolicy": "SingleStack"}})
+        svc = await wait_condition(core, lb_ns, "t", "Allocated")
+        assert ingress_ips(svc) == primary and await held(ipam, "grow", svc) == primary
+
+        # A finalizer stripped from the live Service comes back.
+        await core.patch_namespaced_service("t", lb_ns, {"metadata": {"finalizers": None}},
+                                            _content_type="application/merge-patch+json")
+        await wait_for(lambda: _has_finalizer(core, lb_ns, "t"), 10, what="finalizer back")
+
+        # The IPPool gains an IPv6 range: p (PreferDualStack) gets its secondary soon; so does t
+        # once it asks for RequireDualStack again.
+        await custom.patch_cluster_custom_object("ipam.dsipam.io", "v1alpha1", "ippools", "grow", {
+            "spec": {"ranges": [{"cidr": "198.18.41.0/24"}, {"cidr": "fd00:41::/120"}]}},
+            _content_type="application/merge-patch+json")
+        p = await wait_ingress(core, lb_ns, "p", 2, within=15)
+        assert [ip.count(":") > 0 for ip in ingress_ips(p)] == [False, True]
+        assert sorted(await held(ipam, "grow", p)) == sorted(ingress_ips(p))
+
+        # The longest namespace and name: held, with its owner key and attributes, and Events.
+        svc = await wait_ingress(core, long_ns, long_name, 1)
+        a = await ipam.get_allocation("grow", f"svc/{long_ns}/{long_name}/{svc['metadata']['uid']}")
+        assert a.attributes["k8s.namespace"] == long_ns and a.attributes["k8s.service"] == long_name
+        assert [str(x.ip) for x in a.addresses] == ingress_ips(svc)
+        assert any(e.reason == "AddressesAllocated" for e in await events(core, long_ns, long_name))
+        await core.patch_namespaced_service(long_name, long_ns, {"metadata": {"finalizers": None}},
+                                            _content_type="application/merge-patch+json")
+        await core.delete_namespaced_service(long_name, long_ns)
+        ctl.check()
+        assert ctl.terminate() == 0
+    finally:
+        await core.delete_namespace(long_ns)
+        await delete_all_ippools(kube_api)
+
+
+async def _pool_exists(ipam: AsyncIpamClient, name: str) -> bool:
+    return name in [p.name async for p in ipam.iter_pools()]
+
+
+async def _has_finalizer(core: client.CoreV1Api, ns: str, name: str) -> bool:
+    return "ipam.dsipam.io/load-balancer" in ((await raw(core, ns, name))["metadata"].get("finalizers") or ())

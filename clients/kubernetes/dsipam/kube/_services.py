@@ -265,6 +265,9 @@ class ServiceReconciler:
         # key -> (address, until, reason, message): a change to that address failed and the old one
         # was taken back; not tried again (given back again) before ``until`` or the address's release
         self.blocked: dict[str, tuple[str, float, str, str]] = {}
+        # key -> the pool of a PreferDualStack Service that has no range of its secondary family:
+        # done, but looked at again when that pool's IPPool changes (it may gain the range)
+        self.single_family: dict[str, str] = {}
         self.memo: dict[str, _Memo] = {}
         self.last_event: dict[str, tuple[str, str]] = {}
         self.watches: dict[str, asyncio.Task] = {}
@@ -318,6 +321,10 @@ class ServiceReconciler:
             return
         for key, pool in list(self.waiting.items()):
             if pool is None or pool == name:
+                self.queue.add(key)
+        for key, pool in list(self.single_family.items()):
+            if pool == name:
+                self.memo.pop(key, None)
                 self.queue.add(key)
 
     def default_pool(self) -> str | None:
@@ -448,8 +455,8 @@ class ServiceReconciler:
         await self.reconcile(key, obj)
 
     def _forget(self, key: str) -> None:
-        for d in (self.memo, self.last_event, self.waiting, self.waiting_for, self.blocked, self.failures,
-                  self.attempts):
+        for d in (self.memo, self.last_event, self.waiting, self.waiting_for, self.blocked, self.single_family,
+                  self.failures, self.attempts):
             d.pop(key, None)  # type: ignore[attr-defined]
         self.metrics.services_waiting.set(len(self.waiting))
 
@@ -518,6 +525,10 @@ class ServiceReconciler:
             self.waiting_for.pop(key, None)
             self.blocked.pop(key, None)
             self.attempts.pop(key, None)
+            if note is not None and note.reason == "SingleFamilyPool":
+                self.single_family[key] = pool
+            else:
+                self.single_family.pop(key, None)
             self.memo[key] = _Memo(self._signature(obj), own)
         self.metrics.services_waiting.set(len(self.waiting))
 
