@@ -183,3 +183,28 @@ async def _pool_exists(ipam: AsyncIpamClient, name: str) -> bool:
 
 async def _has_finalizer(core: client.CoreV1Api, ns: str, name: str) -> bool:
     return "ipam.dsipam.io/load-balancer" in ((await raw(core, ns, name))["metadata"].get("finalizers") or ())
+
+
+async def test_ingress_follows_dsipam_after_a_crash_mid_change(
+        start: Callable[..., ControllerProcess], core: client.CoreV1Api, lb_ns: str,  # noqa: F811
+        ipam: AsyncIpamClient) -> None:
+    """The controller died between giving an address back and taking the new one (here: the
+    address released by hand while it is stopped, and the new one taken): the next controller's
+    pass fails on the requested address and the ingress stops listing the address the Service no
+    longer holds, so it is never shown by two Services."""
+    await ipam.create_pool("crash", ["198.18.42.0/24"], labels=SERVICES_LABEL, cooldown=0)
+    ctl = start(*FAST)
+    await wait_for(ctl.is_leader, 30, what="leader")
+    await core.create_namespaced_service(lb_ns, service("a", "SingleStack", ["IPv4"],
+                                                        annotations={"ipam.dsipam.io/pool": "crash"}))
+    a = await wait_ingress(core, lb_ns, "a", 1)
+    assert ctl.terminate() == 0
+    await ipam.release("crash", f"svc/{lb_ns}/a/{a['metadata']['uid']}")
+    await ipam.allocate("crash", "vm-1", policy="single", families=["ipv4"], addresses=["198.18.42.60"])
+    await core.patch_namespaced_service("a", lb_ns, {"metadata": {"annotations": {IPS: "198.18.42.60"}}})
+    ctl2 = start(*FAST, identity="lb-attack-2")
+    await wait_for(ctl2.is_leader, 30, what="second leader")
+    svc = await wait_condition(core, lb_ns, "a", "AddressInUse")
+    await wait_for(lambda: _ips_are(core, lb_ns, "a", []), 5, what="a's ingress emptied")
+    assert await held(ipam, "crash", svc) == []
+    ctl2.check()

@@ -623,7 +623,10 @@ class ServiceReconciler:
                 if swapped:
                     held = await self._take_back(target, owner, swapped, want, held, obj, p)
                     p.swap = True  # type: ignore[attr-defined]
-                if held != before:
+                if held != before or target != desired or not others:
+                    # the pool the Service stays in: the ingress is what dsipam holds there (also after
+                    # a controller died between a give-back and a take; while moving, the old pool's
+                    # addresses are still the Service's and stay listed)
                     p.ingress = ingress(want.order, held)  # type: ignore[attr-defined]
                 raise
         if target == desired and others:  # moved: what the old pools held goes now
