@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsipam.client._output import usage_cells, used_percent
+from dsipam.client._output import usage_cells, usage_report_doc, used_percent
 
 CAP = 2**64 - 1  # the API's largest count
 
@@ -31,3 +31,15 @@ def test_usage_cells_fill_the_width_and_show_every_state(counts: list[int]) -> N
         assert (n > 0) == (count > 0) or total == 0
         if total:
             assert abs(n - count * 40 / total) <= 1 + sum(1 for c in counts if 0 < c * 40 / total < 0.5)
+
+
+@pytest.mark.parametrize(("used", "size"), [(2**20 - 1, 2**20), (CAP - 1, CAP), (99_999, 100_000), (1, 2**20)])
+def test_json_used_percent_is_never_100_or_0_unless_exactly_so(used: int, size: int) -> None:
+    # -o json: 4 significant digits, but as the text does, a family with one free address is not
+    # reported full (a script's `used_percent >= 100` would call it exhausted).
+    from dsipam.client._types import Family, FamilyUsage, Pool
+
+    u = FamilyUsage(Family("ipv4"), size=size, allocated=used, free=size - used)
+    (fam,) = usage_report_doc([Pool("p", [], usage=[u])])["pools"][0]["families"]
+    assert 0 < fam["used_percent"] < 100, fam
+    assert (fam["size"], fam["used"], fam["free"]) == (size, used, size - used)

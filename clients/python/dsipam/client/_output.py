@@ -144,7 +144,7 @@ def to_json_line(doc: Any) -> str:
 
 # -- YAML (a small emitter for the documents above; no dependency) ---------------------------
 
-_PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./:@+-]*$")
+_PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./:@+-]*\Z")  # \Z: "$" also matches before a final newline
 _RESERVED = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "nan", "inf"}
 
 
@@ -506,13 +506,15 @@ def usage_text(pools: Sequence[Pool], *, unicode: bool) -> str:
 
 def usage_report_doc(pools: Sequence[Pool]) -> Document:
     """``{pools: [{name, network, families: [{family, size, allocated, cooldown, reserved, free, used,
-    used_percent}]}]}``: exact integer counts; ``used_percent`` to 4 significant digits."""
+    used_percent}]}]}``: exact integer counts; ``used_percent`` to 4 significant digits, never 100 unless full."""
     docs = []
     for pool in pools:
         families = []
         for u in pool.usage:
             used = u.allocated + u.cooldown + u.reserved
             pct = float(f"{used * 100 / u.size:.4g}") if u.size else None
+            if pct is not None and pct >= 100 and used < u.size:  # as the text: never 100 unless full
+                pct = float(used_percent(used, u.size).rstrip("%"))
             families.append({"family": u.family.value, "size": u.size, "allocated": u.allocated,
                              "cooldown": u.cooldown, "reserved": u.reserved, "free": u.free, "used": used,
                              "used_percent": pct})

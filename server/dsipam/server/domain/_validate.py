@@ -10,8 +10,8 @@ from ._errors import FamilyNotInPool, InvalidArgument
 from ._family import Family, Policy
 from ._ranges import IPAddress, family_of, parse_address
 
-_POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_NETWORK_NAME = re.compile(r"^[a-z0-9]([-.a-z0-9]{0,126}[a-z0-9])?$")
+_POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")  # \Z: "$" also matches before a final newline
+_NETWORK_NAME = re.compile(r"^[a-z0-9]([-.a-z0-9]{0,126}[a-z0-9])?\Z")
 MAX_OWNER = 253
 MAX_ATTRIBUTES = 64
 MAX_KEY = 253
