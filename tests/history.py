@@ -23,13 +23,16 @@ from its invocation until ``linger`` seconds after its completion (a server can 
 call its client has given up on; ``linger=None`` means at any later time). Unknown Allocates are
 treated as possibly taken: when an owner is later seen holding an address, its interval starts at
 the earliest such call that could have taken it. Unknown Releases may have freed what the owner
-held, so they end the visibility obligation of (2), but never shorten an interval of (1).
+held, so they end the visibility obligation of (2), but never shorten an interval of (1); a
+Release acts once, so one that must have acted already (a later call saw the holding gone with no
+other Release to thank) excuses no later loss.
 
 Client retries. A client that retries (the SDK does, on UNAVAILABLE and ABORTED) answers a call
 with its last attempt, and an earlier attempt that failed ambiguously may have acted: a Release
 whose first attempt committed but lost its answer in a failover answers "nothing released" on
 its retry. The recorder keeps each attempt's status code (``Op.attempts``); such a Release counts
-as the release of what the owner held, not as proof that it held nothing.
+as the release of what the owner held, not as proof that it held nothing (nor, when an unknown
+Allocate of the owner may still have been acting, is a retry that released other addresses).
 
 Soundness. The intervals of (1) are upper bounds of the real holding times, so that a real
 double holding always shows. A correct server may still reuse an address soon after its release,
@@ -310,6 +313,7 @@ def _check_owner(owner: str, ops: list[Op], final: frozenset[str], end_time: flo
             i = j + 1
 
     # (2) Visibility of every acknowledged allocation until a release could have taken effect.
+    acted_by = _unknown_releases_acted(ops, linger)
     for ack in ops:
         if ack.kind != ALLOCATE or ack.outcome != OK:
             continue
@@ -317,15 +321,20 @@ def _check_owner(owner: str, ops: list[Op], final: frozenset[str], end_time: flo
         # after the answer, or of an unknown one from before that may still have been acting.
         later = [op for op in releases if op.invoke >= ack.complete]
         lingering = [op for op in releases if op.invoke < ack.complete and op.outcome == UNKNOWN
-                     and _window_end(op, linger) >= ack.invoke]
+                     and acted_by.get(op.index, _window_end(op, linger)) >= ack.invoke]
         release_from = min((op.invoke for op in later + lingering), default=INF)
         for op in ops:
             if op.invoke < ack.complete or op.outcome != OK:
                 continue
             if op.kind == RELEASE:
                 retried_away = not op.addresses and op.earlier_attempt_may_have_acted
+                # Its first attempt may have freed the acknowledged addresses, and an unknown
+                # Allocate still acting may have taken others, which the retry released.
+                refilled = op.earlier_attempt_may_have_acted and any(
+                    a.outcome == UNKNOWN and a.invoke < op.complete and _window_end(a, linger) >= op.invoke
+                    for a in allocates)
                 if (op.invoke == release_from and not lingering and op.addresses != ack.addresses
-                        and not retried_away):
+                        and not retried_away and not refilled):
                     report.violations.append(
                         f"owner {owner!r}: Allocate acknowledged {sorted(ack.addresses)} ({ack}) but its Release "
                         f"released {sorted(op.addresses)} ({op})" + _lost(op.addresses))
@@ -342,6 +351,38 @@ def _check_owner(owner: str, ops: list[Op], final: frozenset[str], end_time: flo
                 report.violations.append(
                     f"owner {owner!r}: Allocate acknowledged {sorted(ack.addresses)} ({ack}) and no Release "
                     f"followed, but the final state holds {sorted(final)}" + _lost(final))
+
+
+def _unknown_releases_acted(ops: list[Op], linger: float | None) -> dict[int, float]:
+    """For an unknown Release invoked while the owner held something (the call before it answered
+    addresses), the time by which it must have acted: the completion of the first later call that
+    saw the holding gone (nothing, or other addresses), when no other Release could have freed it
+    meanwhile.
+    A Release acts once: after that it cannot free a later allocation too. (Had the holding been
+    lost instead, that loss is a fault all the same.)"""
+    acted_by: dict[int, float] = {}
+    for i, u in enumerate(ops):
+        if u.kind != RELEASE or u.outcome != UNKNOWN or i == 0:
+            continue
+        prev = ops[i - 1]
+        if prev.outcome != OK or prev.kind == RELEASE or not prev.addresses:
+            continue
+        # An earlier Release still acting after that call's observation may have freed it first.
+        if any(op.kind == RELEASE and op.outcome != FAIL and op.invoke < u.invoke
+               and acted_by.get(op.index, _window_end(op, linger)) >= prev.invoke for op in ops[:i]):
+            continue
+        for op in ops[i + 1:]:
+            if op.outcome == FAIL or op.kind != RELEASE and op.outcome == UNKNOWN:
+                continue  # no effect, or at most an Allocate's: it frees nothing
+            if op.outcome != OK:
+                break  # another unknown Release may have freed it
+            if op.kind == RELEASE and (op.addresses or op.earlier_attempt_may_have_acted):
+                break  # this Release (or its first attempt) may have freed it
+            if op.kind != RELEASE and op.addresses == prev.addresses:
+                continue  # still held: the unknown Release has not acted yet
+            acted_by[u.index] = min(op.complete, _window_end(u, linger))
+            break
+    return acted_by
 
 
 def _lost(seen: frozenset[str]) -> str:
