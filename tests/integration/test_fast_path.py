@@ -164,3 +164,56 @@ def test_set_based_batch_loses_a_race_cleanly(clean_db):
             await store.close()
 
     asyncio.run(main())
+
+
+def test_shared_reads_are_exact_and_coalesced(clean_db):
+    """GetAllocation and GetPool callers share reads under load (FastPath.fetch_shared), yet each gets
+    its own answer, and one that arrives while a read is on its way never gets that read's (older)
+    result: a GetPool after an Allocate always counts it."""
+    async def main():
+        store = await _store(clean_db)
+        try:
+            spec = build_pool_spec("reads", [RangeInput("198.18.1.0/24"), RangeInput("fd00::1:0/120")], {}, 0)
+            await store.create_pool(spec)
+            held = {}
+            for i in range(40):
+                info, _ = await store.allocate(pool="reads", owner=f"r{i}", policy=Policy.REQUIRE_DUAL_STACK,
+                                               families=(), addresses=(), attributes={"i": str(i)})
+                held[f"r{i}"] = [a.ip for a in info.addresses]
+            owners = [f"r{i}" for i in range(40)] + [f"missing{i}" for i in range(10)]
+            got = await asyncio.gather(*(store.get_allocation(pool="reads", owner=o) for o in owners * 4))
+            for owner, info in zip(owners * 4, got, strict=True):
+                if owner.startswith("missing"):
+                    assert info is None
+                else:
+                    assert info.owner == owner and [a.ip for a in info.addresses] == held[owner]
+                    assert info.attributes == {"i": owner[1:]}
+            assert store.fast.read_requests >= 200 and store.fast.read_batches < store.fast.read_requests / 4
+
+            stop = asyncio.Event()
+
+            async def poll():  # keeps a shared GetPool read of the pool on its way most of the time
+                while not stop.is_set():
+                    await store.get_pool("reads")
+
+            pollers = [asyncio.create_task(poll()) for _ in range(8)]
+            try:
+                for i in range(40, 80):
+                    await store.allocate(pool="reads", owner=f"r{i}", policy=Policy.REQUIRE_DUAL_STACK,
+                                         families=(), addresses=(), attributes={})
+                    info = await store.get_pool("reads")
+                    assert [(u.family, u.allocated) for u in info.usage] == [(Family.IPV4, 41), (Family.IPV6, 41)]
+                    released = await store.release(pool="reads", owner=f"r{i - 40}", families=())
+                    assert released
+                    info = await store.get_pool("reads")
+                    assert [u.allocated for u in info.usage] == [40, 40]
+                    alloc = await store.get_allocation(pool="reads", owner=f"r{i - 40}")
+                    assert alloc is None
+            finally:
+                stop.set()
+                await asyncio.gather(*pollers)
+            assert await store.fsck("reads") == []
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -276,7 +276,7 @@ class AdminStore:
         check_pool_name(name, "name")
         # One statement reads the head and the exact usage; the layout is the cached one of that
         # version (a pool's layout changes only with its version).
-        pool, rows = await self._read(SQL_READ_POOL, name, "name")
+        pool, rows = await self._read_shared(SQL_READ_POOL, name, "name")
         return pool_info(pool, usage_of(pool, rows))
 
     async def list_pools(self, size: int, token: str) -> tuple[list[PoolInfo], str]:

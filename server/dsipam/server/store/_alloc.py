@@ -45,6 +45,7 @@ from ..domain._ranges import IPAddress
 from ._base import (
     FAMILY_COLUMN,
     SQL_READ_ALLOCATION,
+    SQL_READ_ALLOCATIONS_OF,
     Reclaim,
     Retry,
     StoreBase,
@@ -815,9 +816,9 @@ class AllocationStore(StoreBase):
     async def get_allocation(self, *, pool: str, owner: str, node_scope: str | None = None) -> AllocationInfo | None:
         check_pool_name(pool, "pool")
         check_owner(owner)
-        stored, rows = await self._read(SQL_READ_ALLOCATION, pool, "pool", owner)
-        row = rows[0]
-        if row["owner"] is None:
+        stored, rows = await self._read_shared(SQL_READ_ALLOCATION, pool, "pool", SQL_READ_ALLOCATIONS_OF, owner)
+        row = next((r for r in rows if r["owner"] == owner), None)  # a shared read: the rows of every caller
+        if row is None:
             return None
         if node_scope is not None and row["allocation_node"] != node_scope:
             raise _not_of_node(pool, owner, node_scope)

@@ -461,6 +461,13 @@ SQL_READ_ALLOCATION = f"""
       FROM ipam_pools p LEFT JOIN ipam_allocations a ON a.pool_id = p.id AND a.owner = $2
      WHERE p.name = $1
 """
+# The same for the owners $2 of the GetAllocation callers that share one read (FastPath.fetch_shared):
+# a row per owner found, or the head alone (owner NULL) when none is.
+SQL_READ_ALLOCATIONS_OF = f"""
+    SELECT {_HEAD}, {_ALLOCATION_COLUMNS}
+      FROM ipam_pools p LEFT JOIN ipam_allocations a ON a.pool_id = p.id AND a.owner = ANY($2::text[])
+     WHERE p.name = $1
+"""
 
 
 def sql_read_allocations(family_filter: str) -> str:
@@ -607,13 +614,28 @@ class StoreBase:
             self._layouts[head["id"]] = cached
         return cached
 
-    async def _read(self, sql: str, name: str, where: str, *args: Any) -> tuple[StoredPool, list[Any]]:
+    async def _read_shared(self, sql: str, name: str, where: str, shared_sql: str | None = None,
+                           item: Any = None) -> tuple[StoredPool, list[Any]]:
+        """:meth:`_read` of a statement that concurrent callers can share (GetPool: ``sql`` with the
+        pool's name alone; GetAllocation: ``shared_sql`` with the array of the callers' ``item``s as
+        ``$2``, else ``sql`` with the item alone) through the fast path's shared reads when it is on:
+        each caller's rows come from a statement started after it arrived (FastPath.fetch_shared)."""
+        if self.fast is None:
+            return await self._read(sql, name, where, *(() if shared_sql is None else (item,)))
+        if shared_sql is None:
+            return await self._read(sql, name, where, fetch=lambda: self.fast.fetch_shared(sql, name))
+        return await self._read(shared_sql, name, where,
+                                fetch=lambda: self.fast.fetch_shared(shared_sql, name, item, items=True))
+
+    async def _read(self, sql: str, name: str, where: str, *args: Any,
+                    fetch: Callable[[], Awaitable[list[Any]]] | None = None) -> tuple[StoredPool, list[Any]]:
         """Runs one of the read statements above (``$1`` the pool's name) and returns the pool's
         layout at the version the statement read, with the rows. A layout not cached at that version
         is loaded (and cached) and the statement runs again; if the pool changes under every try,
-        the rows of the last one come with the newest layout."""
+        the rows of the last one come with the newest layout. ``fetch``, when given, runs the
+        statement instead (a shared read)."""
         for _ in range(3):
-            rows = await self._fetch(sql, name, *args)
+            rows = await (fetch() if fetch is not None else self._fetch(sql, name, *args))
             if not rows:
                 raise PoolNotFound(f"{where}: pool {name!r} not found", field=where, pool=name)
             pool = self._cached_layout(rows[0])

@@ -76,7 +76,8 @@ FAST_PATH_LOCK_RETRIES = Counter(
 _LOST_RACE_SQLSTATES = ("40P01", "40001")
 FAST_PATH_BATCH_SIZE = Histogram(
     "dsipam_fast_path_batch_size",
-    "Requests per fast-path batch that the database answered, by kind (group commit: 1 at low load).",
+    "Requests per fast-path batch that the database answered, by kind (group commit: 1 at low load; "
+    "kind read: the GetPool and GetAllocation callers that one shared read answered).",
     ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=None,
 )
 FAST_PATH_BATCH_SECONDS = Histogram(
@@ -89,6 +90,7 @@ FAST_PATH_BATCH_SECONDS = Histogram(
 for _kind in KINDS:
     FAST_PATH_BATCH_SIZE.labels(_kind)
     FAST_PATH_BATCH_SECONDS.labels(_kind)
+FAST_PATH_BATCH_SIZE.labels("read")  # shared reads (FastPath.fetch_shared): callers per statement
 for _kind in KINDS:
     for _state in _LOST_RACE_SQLSTATES:
         FAST_PATH_LOCK_RETRIES.labels(_kind, _state)
@@ -156,6 +158,12 @@ class _Request:
 
 
 @dataclass
+class _ReadQueue:
+    waiting: list[tuple[Any, asyncio.Future[list[Any]]]] = field(default_factory=list)  # (item, caller)
+    inflight: int = 0
+
+
+@dataclass
 class _PoolQueue:
     waiting: deque[_Request] = field(default_factory=deque)
     inflight: int = 0
@@ -192,6 +200,9 @@ class FastPath:
         self._pool: asyncpg.Pool | None = None
         self._starting: asyncio.Lock | None = None
         self._queues: dict[tuple[str, str, int], _PoolQueue] = {}
+        self._reads: dict[tuple[str, str, bool], _ReadQueue] = {}
+        self.read_batches = 0  # shared reads sent (see fetch_shared)
+        self.read_requests = 0  # callers they answered
         self.batches = 0  # batches the database answered
         self.requests = 0  # requests in those batches
         self.errors: dict[str, int] = {}  # batches that failed unexpectedly, by kind (see the module doc)
@@ -372,6 +383,59 @@ class FastPath:
                 raise
         raise DatabaseUnavailable("database: unreachable, try again later (PostgreSQL ended every session of "
                                   "the fast path's pool while it was idle)")
+
+    async def fetch_shared(self, sql: str, name: str, item: Any = None, *, items: bool = False) -> list[Any]:
+        """One read of pool ``name`` shared by the callers that wait for it: the rows of ``sql`` with
+        ``$1`` the pool's name and, when ``items``, ``$2`` the array of the callers' ``item``s (each
+        caller picks its own rows out of the shared list, which it must not change).
+
+        A read is sent as soon as a caller arrives and fewer than ``max_inflight`` reads of the same
+        statement and pool are in flight; callers that arrive meanwhile wait for the next one, which
+        serves all of them with one statement. Every caller's answer therefore comes from a statement
+        that started after the caller arrived: as exact as a read of its own (never a result that was
+        already on its way), at the cost of one round trip per batch instead of one per caller. At
+        low load a caller reads alone, with no added wait. An exception of the statement is every
+        caller's exception (a read has no other path to fall back to).
+        """
+        key = (sql, name, items)
+        queue = self._reads.get(key)
+        if queue is None:
+            queue = self._reads[key] = _ReadQueue()
+        caller: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        queue.waiting.append((item, caller))
+        if queue.inflight < self.max_inflight:
+            queue.inflight += 1
+            asyncio.get_running_loop().create_task(self._drain_reads(key, queue))
+        return await caller
+
+    async def _drain_reads(self, key: tuple[str, str, bool], queue: _ReadQueue) -> None:
+        sql, name, items = key
+        try:
+            while queue.waiting:
+                batch = queue.waiting[:self.max_batch]
+                del queue.waiting[:self.max_batch]
+                args = (name, list(dict.fromkeys(item for item, _ in batch))) if items else (name,)
+                try:
+                    rows = await self.fetch(sql, *args, what=f"a read of pool {name!r} for {len(batch)} callers")
+                except Exception as exc:  # noqa: BLE001 - every caller's answer, raised where it waits
+                    for _, caller in batch:
+                        if not caller.done():
+                            caller.set_exception(exc)
+                    continue
+                except BaseException:  # cancelled (shutdown): nobody may wait for ever
+                    for _, caller in batch:
+                        caller.cancel()
+                    raise
+                self.read_batches += 1
+                self.read_requests += len(batch)
+                FAST_PATH_BATCH_SIZE.labels("read").observe(len(batch))
+                for _, caller in batch:
+                    if not caller.done():
+                        caller.set_result(rows)
+        finally:
+            queue.inflight -= 1
+            if not queue.waiting and queue.inflight == 0 and self._reads.get(key) is queue:
+                del self._reads[key]
 
     async def _call(self, kind: str, pool_name: str, version: int, batch: list[_Request]) -> list[Any]:
         columns = [list(col) for col in zip(*(r.args for r in batch), strict=True)]
