@@ -34,7 +34,14 @@ COMPONENTS = (
 )
 
 
+def _dsipam_path(path: str) -> str:
+    """py-spy shortens a file of an installed package to its path inside the package's directory:
+    dsipam's ``server/rpc/pipeline.py`` (from .../dsipam/server/rpc/pipeline.py) is ours."""
+    return "dsipam/" + path if path.startswith(("server/", "client/", "cni/", "kube/")) else path
+
+
 def component(path: str) -> str:
+    path = _dsipam_path(path)
     for name, needles in COMPONENTS:
         if any(n in path for n in needles):
             return name
@@ -96,7 +103,7 @@ def summarise(stacks: list[tuple[list[tuple[str, str]], int]], top: int = 25) ->
             inclusive_component[name] += count
         seen = set()
         for f, path in frames:
-            if "dsipam/" in path:
+            if "dsipam/" in _dsipam_path(path):
                 key = f"{f} ({_short(path)})"
                 if key not in seen:
                     inclusive_dsipam[key] += count

@@ -248,6 +248,17 @@ def one_run(a: argparse.Namespace, index: int, ghz: str | None) -> dict[str, Any
                         f"p99 {res['p99'] * 1e3:.2f} ms server {res['server_cpu_us']:.0f} µs/call "
                         f"PostgreSQL {res['pg_cpu_us']:.0f} µs/call errors {res['errors']}")
         if a.status_rate and ghz:
+            # The floor under the figure: the idle server (its background work), and the empty call at the
+            # same rate (gRPC's own cost per call when calls arrive one at a time, nothing amortised).
+            meter.start()
+            t0 = time.monotonic()
+            time.sleep(a.status_seconds)
+            idle_cpu, idle_pg = meter.stop()
+            idle_wall = time.monotonic() - t0
+            results["idle"] = {"server_core": idle_cpu / idle_wall, "pg_core": idle_pg / idle_wall}
+            harness.log(f"  idle server: {results['idle']['server_core']:.3f} of a core, PostgreSQL "
+                        f"{results['idle']['pg_core']:.3f}")
+            results["status_rate_empty"] = status_at_rate(ghz, target, table["health"], a, meter)
             results["status_rate"] = status_at_rate(ghz, target, table["get_pool"], a, meter)
         checks = [harness.check_pool(url, p) for p in (POOL, GC_POOL)]
         for c in checks:
@@ -276,10 +287,11 @@ def status_at_rate(ghz: str, target: str, call: Call, a: argparse.Namespace, met
         server_cpu, pg_cpu = meter.stop()
         rep = json.loads(Path(out.name).read_text())
     codes = rep.get("statusCodeDistribution") or {}
-    res = {"title": f"GetPool at {a.status_rate:g}/s for {a.status_seconds:g} s", "rps": rep["rps"], "wall": wall,
+    name = call.method.rsplit("/", 1)[1]
+    res = {"title": f"{name} at {a.status_rate:g}/s for {a.status_seconds:g} s", "rps": rep["rps"], "wall": wall,
            "server_core": server_cpu / wall, "pg_core": pg_cpu / wall,
            "errors": sum(v for k, v in codes.items() if k != "OK")}
-    harness.log(f"  GetPool at {rep['rps']:.0f}/s: server {res['server_core']:.3f} of a core, PostgreSQL "
+    harness.log(f"  {name} at {rep['rps']:.0f}/s: server {res['server_core']:.3f} of a core, PostgreSQL "
                 f"{res['pg_core']:.3f}, errors {res['errors']}")
     return res
 
@@ -291,11 +303,14 @@ def server_url(url: str, socket_dir: str | None) -> str:
     return f"postgresql://postgres@/{name}?host={socket_dir}"
 
 
+_PROFILE_RATE = 1000  # samples a second: a few seconds of calls give thousands of samples
+
+
 def _start_profiler(pid: int, out: Path, native: bool) -> subprocess.Popen:
     out.parent.mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     proc = subprocess.Popen([spy, "record", "--pid", str(pid), *(["--native"] if native else []), "--idle",
-                             "--format", "raw", "--rate", "100", "--output", str(out)], stdout=subprocess.DEVNULL,
+                             "--format", "raw", "--rate", str(_PROFILE_RATE), "--output", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     return proc
@@ -340,7 +355,18 @@ def status_line(runs: list[dict[str, Any]]) -> str:
     return (f"{per[0]['title']} (the CNI STATUS of 5,000 nodes every 10 s): {rps:,.0f} calls/s sustained cost the "
             f"server **{core:.3f} of a core** (median of {len(per)}; runs "
             f"{', '.join(format(p['server_core'], '.3f') for p in per)}) and PostgreSQL {pg:.3f} of a core; "
-            f"errors {sum(p['errors'] for p in per)}.")
+            f"errors {sum(p['errors'] for p in per)}.{floor_line(runs)}")
+
+
+def floor_line(runs: list[dict[str, Any]]) -> str:
+    """What the GetPool figure stands on: the empty call at the same rate, and the idle server."""
+    empty = [r["calls"]["status_rate_empty"]["server_core"] for r in runs if "status_rate_empty" in r["calls"]]
+    idle = [r["calls"]["idle"]["server_core"] for r in runs if "idle" in r["calls"]]
+    if not empty or not idle:
+        return ""
+    return (f" At the same rate the empty call (Health/Check) costs the server {statistics.median(empty):.3f} of a "
+            f"core (runs {', '.join(format(e, '.3f') for e in empty)}), and the idle server, its background "
+            f"work alone, {statistics.median(idle):.3f}.")
 
 
 def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
