@@ -57,6 +57,7 @@ OPERATIONS = ROOT / "docs" / "operations.md"
 # queries are evaluated at its end, scraped every second.
 INTERVALS = {"__rate_interval": "20s", "__interval": "2s", "__range": "1m", "__range_s": "60"}
 METRIC_NAME = re.compile(r"\b(dsipam_[a-z0-9_]+|up)\b")
+LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def _tool(name: str) -> str:
@@ -293,6 +294,11 @@ def check_dashboard(dashboard: dict[str, Any], prom: Prometheus, at: float) -> l
                 [float(data["result"][1])] if data["resultType"] == "scalar" else [])
             if not any(math.isfinite(v) for v in values):
                 problems.append(f"{where}: no data ({len(values)} series, none with a number)")
+                continue
+            # The legend's labels must be on the series: a renamed label still returns data.
+            carried = {k for r in data["result"] for k in r.get("metric", {})} if data["resultType"] == "vector" else set()
+            for label in sorted(set(LEGEND_LABEL.findall(target.get("legendFormat", ""))) - carried):
+                problems.append(f"{where}: legend label {label} is on none of the {len(values)} series")
     return problems
 
 
@@ -527,3 +533,18 @@ def test_checker_names_the_panel_whose_metric_is_renamed(observed: dict[str, Any
     assert any("dsipam_rpc_request_total is not exported" in p for p in problems), problems
     assert any("Allocations per second by result code" in p and "no data" in p for p in problems), problems
     assert any("Watch streams" in p and "query failed: bad_data" in p for p in problems), problems
+
+
+def test_checker_names_the_panel_whose_legend_label_is_not_exported(observed: dict[str, Any]) -> None:
+    """A label renamed in a panel (``by (grpc_code)``, legend ``{{grpc_code}}``) still returns data
+    (one series without the label): the checker must name the panel all the same."""
+    prom, at = observed["prometheus"], observed["at"]
+    broken = copy.deepcopy(json.loads(DASHBOARD.read_text()))
+    panel = next(p for p in _panels(broken) if p["title"] == "Allocations per second by result code")
+    for target in panel["targets"]:
+        target["expr"] = target["expr"].replace("by (code)", "by (grpc_code)")
+        target["legendFormat"] = target["legendFormat"].replace("{{code}}", "{{grpc_code}}")
+    assert any("grpc_code" in t["expr"] for t in panel["targets"]), panel["targets"]
+    problems = check_dashboard(broken, prom, at)
+    assert problems and all(p.startswith("panel 'Allocations per second by result code'") for p in problems), problems
+    assert any("grpc_code" in p for p in problems), problems
