@@ -371,6 +371,12 @@ def check_database_url(url: str, where: str = "--database-url") -> None:
     host = parts.hostname or ""
     if host and not host.startswith("/") and not re.fullmatch(r"[A-Za-z0-9_.:%-]+", host):
         raise bad(f"the host {host!r} is neither an IP address nor a host name")
+    from .store.db import parse_database_url
+
+    try:
+        parse_database_url(url, field="")
+    except ValueError as exc:  # a libpq parameter the drivers cannot honour
+        raise bad(str(exc).removeprefix(": ")) from None
 
 
 def _database_url(args: argparse.Namespace) -> str:

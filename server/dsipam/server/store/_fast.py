@@ -47,7 +47,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from prometheus_client import Counter, Histogram
@@ -171,11 +170,21 @@ class _PoolQueue:
 
 
 def asyncpg_dsn(url: str) -> str:
-    from .db import normalise_multihost
+    """``url`` as asyncpg's DSN: hosts, user, database and the parameters asyncpg reads (TLS,
+    target_session_attrs); the session's parameters are :func:`session_args`."""
+    from .db import parse_database_url
 
-    parts = urlsplit(normalise_multihost(url))
-    scheme = "postgresql" if parts.scheme.startswith("postgres") else parts.scheme
-    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
+    return parse_database_url(url).asyncpg_dsn()
+
+
+def session_args(url: str, application_name: str, timeout: float) -> dict[str, Any]:
+    """asyncpg's connection arguments from the URL's connect_timeout, application_name and options
+    (``application_name`` and ``timeout`` when the URL has none)."""
+    from .db import parse_database_url
+
+    parsed = parse_database_url(url)
+    return {"timeout": parsed.timeout or timeout,
+            "server_settings": {"application_name": application_name, **parsed.server_settings}}
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -221,8 +230,7 @@ class FastPath:
                     min_size=1,
                     max_size=self.pool_size,
                     statement_cache_size=0 if self.pgbouncer else 100,
-                    timeout=5,
-                    server_settings={"application_name": "dsipam-fast"},
+                    **session_args(self.url, "dsipam-fast", 5),
                     # Every statement this pool runs is one function call in its own implicit
                     # transaction and the session is never changed: nothing to reset on release
                     # (asyncpg's default reset is a round trip of its own).

@@ -466,11 +466,11 @@ class WatchHub:
         self._wake.set()  # the loop notices the closed connection at once
 
     async def _connect(self) -> asyncpg.Connection:
-        from ._fast import asyncpg_dsn
+        from ._fast import asyncpg_dsn, session_args
 
         conn = await asyncpg.connect(
-            asyncpg_dsn(self.url), timeout=10, statement_cache_size=0 if self.pgbouncer else 20,
-            server_settings={"application_name": "dsipam-watch"},
+            asyncpg_dsn(self.url), statement_cache_size=0 if self.pgbouncer else 20,
+            **session_args(self.url, "dsipam-watch", 10),
         )
         await conn.add_listener(CHANNEL, self._on_notify)
         conn.add_termination_listener(self._on_lost)

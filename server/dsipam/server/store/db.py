@@ -7,7 +7,8 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import sqlalchemy.exc
 from prometheus_client import Counter
@@ -88,7 +89,7 @@ def normalise_multihost(url: str) -> str:
 
     libpq accepts ``postgresql://u@h1:p1,h2:p2/db`` and ``?host=h1&host=h2``-style lists; SQLAlchemy and
     asyncpg agree only on the comma-separated query form, which libpq (psql, pg_dump) also reads."""
-    from urllib.parse import parse_qsl, urlencode
+    from urllib.parse import urlencode
 
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -123,15 +124,100 @@ def normalise_multihost(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(rest, safe=","), parts.fragment))
 
 
-def to_sqlalchemy_url(url: str) -> str:
-    """Turns a libpq-style ``postgresql://`` URL into SQLAlchemy's asyncpg form."""
+# libpq's URL parameters (as psql and pg_dump read them) that dsipam accepts, and what becomes of them:
+# asyncpg's own DSN parser reads these (TLS, which server of a multi-host list, Kerberos) ...
+DSN_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "sslpassword", "sslnegotiation",
+                  "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs", "passfile",
+                  "krbsrvname", "gsslib")
+# ... these become arguments of the connection (connect_timeout: seconds; application_name and
+# options: sent to the server at start-up, options as libpq's "-c name=value" list) ...
+SESSION_PARAMETERS = ("connect_timeout", "application_name", "options")
+# ... and these are the multi-host list itself (normalise_multihost).
+_ADDRESS_PARAMETERS = ("host", "port")
+
+
+@dataclass(frozen=True)
+class DatabaseURL:
+    """A database URL taken apart for the drivers: ``base`` (scheme, user, password, hosts,
+    database), the parameters asyncpg's DSN parser reads (``dsn_query``), and the connection's
+    ``timeout`` and start-up ``server_settings``."""
+
+    base: str
+    dsn_query: tuple[tuple[str, str], ...]
+    timeout: float | None
+    server_settings: dict[str, str]
+
+    def asyncpg_dsn(self) -> str:
+        from urllib.parse import urlencode
+
+        parts = urlsplit(self.base)
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)] + list(self.dsn_query)
+        return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query, safe=","), parts.fragment))
+
+
+def parse_database_url(url: str, *, field: str = "database URL") -> DatabaseURL:
+    """Reads the URL's libpq parameters. One that dsipam cannot honour is refused here, with its
+    name, rather than by the driver at the first connection (asyncpg's ``TypeError`` for
+    ``sslmode=``, or PostgreSQL's "unrecognized configuration parameter")."""
+    from urllib.parse import urlencode
+
     parts = urlsplit(normalise_multihost(url))
-    scheme = parts.scheme
-    if scheme in ("postgresql", "postgres"):
-        scheme = "postgresql+asyncpg"
-    elif scheme != "postgresql+asyncpg":
-        raise ValueError(f"database URL: unsupported scheme {parts.scheme!r} (expected postgresql://)")
-    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
+    if parts.scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
+        raise ValueError(f"{field}: unsupported scheme {parts.scheme!r} (expected postgresql://)")
+    address: list[tuple[str, str]] = []
+    dsn: list[tuple[str, str]] = []
+    timeout: float | None = None
+    settings: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _ADDRESS_PARAMETERS:
+            address.append((key, value))
+        elif key in DSN_PARAMETERS:
+            dsn.append((key, value))
+        elif key == "connect_timeout":
+            try:
+                timeout = float(value)
+            except ValueError:
+                raise ValueError(f"{field}: connect_timeout={value!r} is not a number of seconds") from None
+            if not 0 < timeout <= 3600:
+                raise ValueError(f"{field}: connect_timeout={value!r} must be above 0 and at most 3600 seconds")
+        elif key == "application_name":
+            settings["application_name"] = value
+        elif key == "options":
+            settings.update(_libpq_options(value, field))
+        else:
+            allowed = ", ".join((*DSN_PARAMETERS, *SESSION_PARAMETERS, *_ADDRESS_PARAMETERS))
+            raise ValueError(f"{field}: parameter {key!r} is not supported (supported: {allowed})")
+    base = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(address, safe=","), parts.fragment))
+    return DatabaseURL(base, tuple(dsn), timeout, settings)
+
+
+def _libpq_options(value: str, field: str) -> dict[str, str]:
+    """libpq's ``options`` (``-c name=value`` or ``--name=value``, space-separated) as settings."""
+    out: dict[str, str] = {}
+    words = value.split()
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            item, i = words[i + 1], i + 2
+        elif word.startswith("-c") and len(word) > 2:
+            item, i = word[2:], i + 1
+        elif word.startswith("--"):
+            item, i = word[2:], i + 1
+        else:
+            raise ValueError(f"{field}: options={value!r}: only '-c name=value' settings are supported")
+        name, eq, setting = item.partition("=")
+        if not eq or not name:
+            raise ValueError(f"{field}: options={value!r}: {item!r} is not name=value")
+        out[name.replace("-", "_")] = setting
+    return out
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    """Turns a libpq-style ``postgresql://`` URL into SQLAlchemy's asyncpg form (hosts, user,
+    database; the libpq parameters go to the driver through :func:`create_engine`'s arguments)."""
+    parts = urlsplit(parse_database_url(url).base)
+    return urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, parts.query, parts.fragment))
 
 
 def pgbouncer_from_env() -> bool:
@@ -168,7 +254,15 @@ def create_engine(
     pgbouncer: bool | None = None,
 ) -> AsyncEngine:
     """The engine for ``url``; ``pgbouncer`` (default: ``DSIPAM_DB_PGBOUNCER``) turns off prepared statements."""
-    connect_args: dict[str, object] = {"timeout": 5, "server_settings": {"application_name": "dsipam"}}
+    parsed = parse_database_url(url)
+    connect_args: dict[str, object] = {
+        "timeout": parsed.timeout or 5, "server_settings": {"application_name": "dsipam", **parsed.server_settings}}
+    if parsed.dsn_query:
+        # TLS and the other parameters asyncpg reads from a DSN: a DSN of only those (the hosts,
+        # user and database that SQLAlchemy passes as arguments take precedence over its empty ones).
+        from urllib.parse import urlencode
+
+        connect_args["dsn"] = "postgresql:///?" + urlencode(parsed.dsn_query)
     if pgbouncer is None:
         pgbouncer = pgbouncer_from_env()
     if pgbouncer:
