@@ -43,3 +43,25 @@ def test_json_used_percent_is_never_100_or_0_unless_exactly_so(used: int, size: 
     (fam,) = usage_report_doc([Pool("p", [], usage=[u])])["pools"][0]["families"]
     assert 0 < fam["used_percent"] < 100, fam
     assert (fam["size"], fam["used"], fam["free"]) == (size, used, size - used)
+
+
+def test_saturated_counts_are_not_shown_as_a_full_family() -> None:
+    # A /48 with a /64 reserved: the server's counters saturate at 2^64-1, so size, reserved and
+    # free all read 2^64-1. The family is nearly empty; "100% used" (and used_percent 100.0 in
+    # JSON) would send an operator to add ranges. The share is unknown: say so.
+    from dsipam.client._output import usage_text
+    from dsipam.client._types import Family, FamilyUsage, Pool
+
+    u = FamilyUsage(Family("ipv6"), size=CAP, allocated=3, free=CAP, reserved=CAP)
+    pool = Pool("big", [], usage=[u])
+    (fam,) = usage_report_doc([pool])["pools"][0]["families"]
+    assert fam["used_percent"] is None and fam["saturated"] is True, fam
+    line = next(line for line in usage_text([pool], unicode=False).splitlines() if "IPv6" in line)
+    assert "100%" not in line and "saturated" in line, line
+    # Only the size at the cap: what is used is known, the share is at most what is shown.
+    small = FamilyUsage(Family("ipv6"), size=CAP, allocated=20, free=CAP - 20)
+    (fam,) = usage_report_doc([Pool("web", [], usage=[small])])["pools"][0]["families"]
+    assert fam["used_percent"] == 1.084e-16 and fam["saturated"] is True, fam
+    (fam,) = usage_report_doc([Pool("web", [], usage=[FamilyUsage(Family("ipv4"), 254, 1, 253)])])["pools"][0][
+        "families"]
+    assert fam["saturated"] is False

@@ -494,7 +494,10 @@ def usage_text(pools: Sequence[Pool], *, unicode: bool) -> str:
         for u in pool.usage:
             used = u.allocated + u.cooldown + u.reserved
             bar = usage_bar(u, unicode=unicode)
-            out.append(f"  {u.family.label}  {bar}  {used_percent(used, u.size)} used")
+            if _share_unknown(u):
+                out.append(f"  {u.family.label}  {bar}  share unknown: counts saturated at 2^64-1")
+            else:
+                out.append(f"  {u.family.label}  {bar}  {used_percent(used, u.size)} used")
             out += _wrap([f"{u.allocated} allocated", f"{u.cooldown} cooldown", f"{u.reserved} reserved",
                           f"{u.free} free", f"{u.size} in all"], indent=8)
         if not pool.usage:
@@ -504,9 +507,20 @@ def usage_text(pools: Sequence[Pool], *, unicode: bool) -> str:
     return "\n".join(out)
 
 
+COUNT_CAP = 2**64 - 1  # the API's counters saturate there (an IPv6 /48 holds 2^80 addresses)
+
+
+def _share_unknown(u: FamilyUsage) -> bool:
+    """The family's size and what is used both read the cap: the share in use cannot be told (a
+    /64 reserved in a /48 reads as 2^64-1 of 2^64-1)."""
+    return u.size >= COUNT_CAP and u.allocated + u.cooldown + u.reserved >= COUNT_CAP
+
+
 def usage_report_doc(pools: Sequence[Pool]) -> Document:
     """``{pools: [{name, network, families: [{family, size, allocated, cooldown, reserved, free, used,
-    used_percent}]}]}``: exact integer counts; ``used_percent`` to 4 significant digits, never 100 unless full."""
+    used_percent, saturated}]}]}``: exact integer counts, except that ``saturated`` says a count
+    reads the API's cap of 2^64-1 (an at-least value); ``used_percent`` to 4 significant digits,
+    never 100 unless full, null when the share cannot be told (size and use both at the cap)."""
     docs = []
     for pool in pools:
         families = []
@@ -515,8 +529,11 @@ def usage_report_doc(pools: Sequence[Pool]) -> Document:
             pct = float(f"{used * 100 / u.size:.4g}") if u.size else None
             if pct is not None and pct >= 100 and used < u.size:  # as the text: never 100 unless full
                 pct = float(used_percent(used, u.size).rstrip("%"))
+            if _share_unknown(u):
+                pct = None
+            saturated = COUNT_CAP in (u.size, u.allocated, u.cooldown, u.reserved, u.free)
             families.append({"family": u.family.value, "size": u.size, "allocated": u.allocated,
                              "cooldown": u.cooldown, "reserved": u.reserved, "free": u.free, "used": used,
-                             "used_percent": pct})
+                             "used_percent": pct, "saturated": saturated})
         docs.append({"name": pool.name, "network": pool.network, "families": families})
     return {"pools": docs}
