@@ -128,7 +128,11 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
             selector=dict(request.attribute_selector),
             family=convert.family_from_pb(request.ip_family, "ip_family"),
         )
-        return pb.ListAllocationsResponse(allocations=[convert.allocation_to_pb(a) for a in items], next_page_token=token)
+        response = pb.ListAllocationsResponse(next_page_token=token)
+        add = response.allocations.add
+        for a in items:
+            convert.fill_allocation(add(), a)
+        return response
 
     @_guarded
     async def GarbageCollect(
