@@ -18,6 +18,7 @@ from ..domain import (
     AddressAllocated,
     BlockInfo,
     FailedPrecondition,
+    Family,
     InvalidArgument,
     IpamError,
     Policy,
@@ -188,8 +189,9 @@ def _plan_reservations(
     blocks to rewrite: (id, bitmap, free, avail). Pure CPU (may run in a thread).
 
     A bit newly never-available is set unless held (an allocation keeps it; its release retires
-    it) and leaves the free and available counts; a bit available again is cleared unless held
-    (it then only counts as available again)."""
+    it) and leaves the free and available counts; a bit available again is cleared unless held.
+    A held address counts as available whether reserved or not (domain/_fsck.py: the release of a
+    reserved one retires it), so lifting the reservation of a held address changes no count."""
     index = ReservationIndex(updated)
     after = tuple(StoredRange(r.id, warm(r.spec.with_reserved(index)), r.static_size) for r in pool.ranges)
     before_of = {r.id: r.spec for r in pool.ranges}
@@ -216,7 +218,6 @@ def _plan_reservations(
         n = take.bit_count()
         bits, free, avail = bits | take, free - n, avail - n
         lifted = never_before & ~never_now
-        avail += (lifted & h).bit_count()
         clear = lifted & ~h & bits
         n = clear.bit_count()
         bits, free, avail = bits & ~clear, free + n, avail + n
@@ -638,7 +639,8 @@ class AdminStore:
         after = decode_page_token(token, "blocks", scope)
         _, rows = await self._read(SQL_READ_BLOCKS, name, "pool", node, int(after or 0), limit + 1)
         rows = [r for r in rows if r["block_id"] is not None]
-        blocks = [_block({**dict(r), "id": r["block_id"], "node": r["block_node"]}) for r in rows[:limit]]
+        blocks = [BlockInfo(id=r["block_id"], cidr=r["cidr"], family=Family(r["family"]), node=r["block_node"] or "",
+                            used=r["used"], free=r["free"]) for r in rows[:limit]]
         return blocks, (encode_page_token(str(rows[limit - 1]["block_id"]), "blocks", scope) if len(rows) > limit else "")
 
     async def release_node(self, name: str, node: str) -> tuple[list[BlockInfo], list[BlockInfo]]:
