@@ -164,6 +164,17 @@ def block_to_pb(b: domain.BlockInfo) -> pb.Block:
     return pb.Block(cidr=b.cidr, family=_FAMILY_TO_PB[b.family], node=b.node, used=b.used, free=b.free)
 
 
+def fill_block(m: pb.Block, b: domain.BlockInfo) -> pb.Block:
+    """block_to_pb into the empty message ``m`` (a ListBlocks page's ``add()``: no copy)."""
+    m.cidr = b.cidr
+    m.family = _FAMILY_TO_PB[b.family]
+    if b.node:
+        m.node = b.node
+    m.used = b.used
+    m.free = b.free
+    return m
+
+
 def event_to_pb(e) -> pb.WatchAllocationsResponse:  # type: ignore[no-untyped-def]
     return pb.WatchAllocationsResponse(
         type=e.type,

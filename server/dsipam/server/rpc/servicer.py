@@ -239,7 +239,11 @@ class IpamServicer(pb_grpc.IpamServiceServicer):
     @_guarded
     async def ListBlocks(self, request: pb.ListBlocksRequest, context: grpc.aio.ServicerContext) -> pb.ListBlocksResponse:
         blocks, token = await self.store.list_blocks(request.pool, request.node, request.page_size, request.page_token)
-        return pb.ListBlocksResponse(blocks=[convert.block_to_pb(b) for b in blocks], next_page_token=token)
+        response = pb.ListBlocksResponse(next_page_token=token)
+        add = response.blocks.add
+        for b in blocks:
+            convert.fill_block(add(), b)
+        return response
 
     @_guarded
     async def ReleaseNode(self, request: pb.ReleaseNodeRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseNodeResponse:
