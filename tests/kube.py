@@ -492,3 +492,20 @@ async def delete_all_ippools(api: ApiServer) -> None:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+
+
+CLUSTER_LABEL = "ipam.dsipam.io/cluster"
+
+
+async def cluster_id(api: ApiServer) -> str:
+    """The controller's default cluster id on this API server: the kube-system Namespace's UID."""
+    from kubernetes_asyncio import client
+
+    async with api.api_client() as c:
+        return (await client.CoreV1Api(c).read_namespace("kube-system")).metadata.uid
+
+
+async def cluster_labels(api: ApiServer) -> dict[str, str]:
+    """The label that makes a pool made in dsipam directly this cluster's (its pods' and nodes'
+    addresses are then reclaimed by the controller)."""
+    return {CLUSTER_LABEL: await cluster_id(api)}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kube import ApiServer, ControllerProcess, load_yaml_files, wait_for
+from kube import ApiServer, ControllerProcess, cluster_labels, load_yaml_files, wait_for
 from kube_controller import GRACE, held, make_node, make_pod
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
@@ -28,11 +28,11 @@ def attrs(ns: str, pod: str, uid: str, node: str) -> dict[str, str]:
 
 
 async def test_node_deleted_and_recreated_within_the_grace_keeps_its_live_pods(
-        start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient) -> None:
+        start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient, kube_api: ApiServer) -> None:
     """The kubelet re-registers a Node object that was deleted while it runs (``kubectl delete node``):
     its pods keep running with their addresses. A release of the node's allocations after the grace
     would hand a running pod's address to the next pod (a duplicate IP)."""
-    await ipam.create_pool("rn", ["198.18.10.0/24"], cooldown=1)
+    await ipam.create_pool("rn", ["198.18.10.0/24"], cooldown=1, labels=await cluster_labels(kube_api))
     await make_node(core, "node-r")
     uid = await make_pod(core, ns, "live", "node-r")
     await ipam.allocate("rn", "live/eth0", node="node-r", attributes=attrs(ns, "live", uid, "node-r"))
@@ -97,12 +97,12 @@ async def test_a_flood_of_forged_tokens_does_not_lock_out_a_shim_already_verifie
 
 
 async def test_a_static_pods_allocation_is_kept_while_its_mirror_pod_lives(
-        start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient) -> None:
+        start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient, kube_api: ApiServer) -> None:
     """A static pod (a manifest on the node) runs under the UID the kubelet gives it, the hash of its
     manifest; that is the K8S_POD_UID the CNI plugin records. The API server only holds its mirror
     pod, whose metadata.uid is another one and whose annotation kubernetes.io/config.mirror names
     the static UID. A resync that knows only metadata.uid releases the running static pod's address."""
-    await ipam.create_pool("sp", ["198.18.11.0/24"], cooldown=1)
+    await ipam.create_pool("sp", ["198.18.11.0/24"], cooldown=1, labels=await cluster_labels(kube_api))
     await make_node(core, "node-s")
     static_uid = uuid.uuid4().hex  # what the kubelet derives from the manifest
     mirror_uid = await make_pod(core, ns, "static-web-node-s", "node-s", annotations={

@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from kube import ApiServer, ControllerProcess, delete_all_ippools, install_controller_manifests, wait_for
+from kube import (
+    ApiServer,
+    ControllerProcess,
+    cluster_labels,
+    delete_all_ippools,
+    install_controller_manifests,
+    wait_for,
+)
 from kubernetes_asyncio import client
 
 from dsipam.client import AllocationNotFound, AsyncIpamClient, PoolNotFound
@@ -131,7 +138,7 @@ async def test_watch_cut_by_api_server_restart_misses_nothing(start: Callable[..
     """The API server is killed (every watch connection is cut mid-stream) and started again on the
     same port and etcd; a pod is deleted while the controller's watches are still down. No periodic
     resync runs meanwhile (interval 1 h), so only the resumed watch (or its relist) can see it."""
-    await ipam.create_pool("cut", ["198.18.30.0/24"])
+    await ipam.create_pool("cut", ["198.18.30.0/24"], labels=await cluster_labels(kube_api))
     ns = f"cut-{uuid.uuid4().hex[:6]}"
     async with kube_api.api_client() as api:
         core = client.CoreV1Api(api)
@@ -185,7 +192,7 @@ async def test_watch_resumed_after_410_gone_relists_and_misses_nothing(
     it lists afresh, and the deletion it never saw as an event is still reconciled."""
     import signal
 
-    await ipam.create_pool("gone410", ["198.18.31.0/24"])
+    await ipam.create_pool("gone410", ["198.18.31.0/24"], labels=await cluster_labels(kube_api))
     ns = f"g410-{uuid.uuid4().hex[:6]}"
     async with kube_api.api_client() as api:
         core = client.CoreV1Api(api)

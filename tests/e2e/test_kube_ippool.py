@@ -13,7 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from kube import ApiServer, ControllerProcess, delete_all_ippools, install_controller_manifests, wait_for
+from kube import (
+    ApiServer,
+    ControllerProcess,
+    cluster_labels,
+    delete_all_ippools,
+    install_controller_manifests,
+    wait_for,
+)
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
@@ -65,7 +72,7 @@ def cond(obj: dict, ctype: str) -> dict | None:
 
 
 async def test_apply_edit_status_and_delete(ctl: ControllerProcess, custom: client.CustomObjectsApi,
-                                            ipam: AsyncIpamClient) -> None:
+                                            ipam: AsyncIpamClient, kube_api: ApiServer) -> None:
     await custom.create_cluster_custom_object(G, V, P, ippool(
         "pods-a", [{"cidr": "198.18.0.0/24", "gateway": "198.18.0.1", "exclude": ["198.18.0.128/25"]},
                    {"cidr": "fd00:a::/120", "blockSize": 16}],
@@ -79,7 +86,8 @@ async def test_apply_edit_status_and_delete(ctl: ControllerProcess, custom: clie
     obj = await wait_for(ready, 20, what="IPPool Ready")
     pool = await ipam.get_pool("pods-a")
     assert {str(r.cidr) for r in pool.ranges} == {"198.18.0.0/24", "fd00:a::/120"}
-    assert pool.labels == {"team": "net", "ipam.dsipam.io/managed-by": "dsipam-controller"}
+    assert pool.labels == {"team": "net", "ipam.dsipam.io/managed-by": "dsipam-controller",
+                           **await cluster_labels(kube_api)}
     assert pool.cooldown.total_seconds() == 5 and str(pool.node_affinity) == "strict"
     v6 = next(r for r in pool.ranges if r.cidr.version == 6)
     assert v6.block_size == 16

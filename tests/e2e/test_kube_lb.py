@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from kube import ApiServer, ControllerProcess, delete_all_ippools, wait_for
+from kube import ApiServer, ControllerProcess, cluster_id, delete_all_ippools, wait_for
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
@@ -117,7 +117,8 @@ def family(ip: str) -> str:
 
 
 async def test_policies_and_family_orders(start: Callable[..., ControllerProcess], core: client.CoreV1Api,
-                                          lb_ns: str, ipam: AsyncIpamClient, target: str) -> None:
+                                          lb_ns: str, ipam: AsyncIpamClient, target: str,
+                                          kube_api: ApiServer) -> None:
     """Must-show 1: each policy x family order gets the right families in ipFamilies order, dsipam
     holds exactly those; PreferDualStack against a one-family pool gets the primary; Services of
     another class, of no class, and ClusterIP ones are never touched."""
@@ -125,6 +126,7 @@ async def test_policies_and_family_orders(start: Callable[..., ControllerProcess
     await ipam.create_pool("lb4", ["198.18.21.0/24"], labels=SERVICES_LABEL, cooldown=0)
     ctl = start(*FAST)
     await wait_for(ctl.is_leader, 30, what="leader")
+    cluster = await cluster_id(kube_api)  # the default: the kube-system Namespace's UID
     cases = {  # name: (policy, families asked, pool, families expected in ingress order)
         "single-v4": ("SingleStack", ["IPv4"], "lb1", ["IPv4"]),
         "single-v6": ("SingleStack", ["IPv6"], "lb1", ["IPv6"]),
@@ -161,7 +163,7 @@ async def test_policies_and_family_orders(start: Callable[..., ControllerProcess
         assert c["status"] == "True" and pool in c["message"], c
         a = await ipam.get_allocation(pool, owner(svc))
         assert a.attributes == {"k8s.kind": "Service", "k8s.namespace": lb_ns, "k8s.service": name,
-                                "k8s.serviceUID": svc["metadata"]["uid"]}
+                                "k8s.serviceUID": svc["metadata"]["uid"], "k8s.cluster": cluster}
         assert not seen & set(ips)
         seen |= set(ips)
     assert condition(await raw(core, lb_ns, "prefer-46-v4pool"))["reason"] == "SingleFamilyPool"

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from kube import ControllerProcess, wait_for
+from kube import ApiServer, ControllerProcess, cluster_labels, wait_for
 from kube_controller import GRACE, held, make_node, make_pod
 from kubernetes_asyncio import client
 
@@ -39,8 +39,8 @@ def attrs(ns: str, pod: str, uid: str, node: str, container: str) -> dict[str, s
 
 async def test_deleted_and_finished_pods_are_released_after_the_grace(
         start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient,
-        target: str) -> None:
-    await ipam.create_pool("leak", ["198.18.0.0/24", "fd00:1::/120"])
+        target: str, kube_api: ApiServer) -> None:
+    await ipam.create_pool("leak", ["198.18.0.0/24", "fd00:1::/120"], labels=await cluster_labels(kube_api))
     await make_node(core, "node-a")
     pods = {}
     for i in range(4):
@@ -83,12 +83,12 @@ async def _released(ipam: AsyncIpamClient, pool: str, owners: list[str]) -> bool
 
 
 async def test_pod_created_during_resync_is_never_collected(
-        start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient) -> None:
+        start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient, kube_api: ApiServer) -> None:
     """Resyncs run back to back with NO grace (0 s), so only the order (allocations listed before
     pods) protects a pod that is being created: each round creates a pod and at once allocates for
     it, as the CNI plugin does after the API server has the pod. Meanwhile pods deleted in the same
     rounds must be collected (the test can fail both ways)."""
-    await ipam.create_pool("race", ["198.18.4.0/22", "fd00:4::/118"])
+    await ipam.create_pool("race", ["198.18.4.0/22", "fd00:4::/118"], labels=await cluster_labels(kube_api))
     await make_node(core, "node-r")
     ctl = start("--grace", "0", "--resync-interval", "0.05")
     await wait_for(ctl.is_leader, 30, what="leader")
@@ -118,9 +118,9 @@ async def test_pod_created_during_resync_is_never_collected(
 
 async def test_deleted_node_releases_its_allocations_and_blocks_in_every_pool(
         start: Callable[..., ControllerProcess], core: client.CoreV1Api, ns: str, ipam: AsyncIpamClient,
-        target: str) -> None:
-    await ipam.create_pool("na", ["198.18.8.0/24", "fd00:8::/120"], cooldown=1)
-    await ipam.create_pool("nb", ["198.18.9.0/24"], cooldown=1)
+        target: str, kube_api: ApiServer) -> None:
+    await ipam.create_pool("na", ["198.18.8.0/24", "fd00:8::/120"], cooldown=1, labels=await cluster_labels(kube_api))
+    await ipam.create_pool("nb", ["198.18.9.0/24"], cooldown=1, labels=await cluster_labels(kube_api))
     for node in ("node-x", "node-y"):
         await make_node(core, node)
     for i, (pool, node) in enumerate([("na", "node-x"), ("na", "node-x"), ("nb", "node-x"), ("na", "node-y"),

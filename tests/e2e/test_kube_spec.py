@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
 FLAGS = ["--grace", "--resync-interval", "--status-interval", "--lease-duration", "--renew-deadline",
          "--retry-period", "--watch-timeout", "--log-format", "--listen", "--release-timeout", "--lb-class",
-         "--lb-default-implementation", "--lb-default-pool", "--lb-concurrency"]
+         "--lb-default-implementation", "--lb-default-pool", "--lb-concurrency", "--cluster-id"]
 
 
 @settings(max_examples=200, deadline=None)

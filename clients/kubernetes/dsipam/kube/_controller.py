@@ -53,6 +53,7 @@ class Settings:
     lb_default_implementation: bool = False
     lb_default_pool: str = ""
     lb_concurrency: int = 16
+    cluster_id: str = ""  # empty: the UID of the kube-system Namespace, read at the start of lead()
 
     def __post_init__(self) -> None:
         if not self.identity:
@@ -84,6 +85,7 @@ class Controller:
         self.reconciler: Reconciler | None = None
         self.services: ServiceReconciler | None = None
         self.informers: list[Informer] = []
+        self.cluster: str | None = None  # the cluster id in use (Settings.cluster_id or kube-system's UID)
         self.pool_queue: asyncio.Queue[str] = asyncio.Queue()
         self.queued: set[str] = set()
 
@@ -172,11 +174,42 @@ class Controller:
             await api.close()
             await runner.cleanup()
 
+    async def cluster_id(self, core: client.CoreV1Api) -> str:
+        """--cluster-id, else the UID of the kube-system Namespace (stable for the cluster's life). A
+        refusal (403) or no such Namespace ends the controller with the reason; any other failure is
+        logged, counted and tried again: no allocation is touched before the id is known."""
+        if self.s.cluster_id:
+            return self.s.cluster_id
+        delay = 1.0
+        while True:
+            try:
+                ns = await core.read_namespace("kube-system")
+            except ApiException as exc:
+                if exc.status in (401, 403, 404):
+                    raise RuntimeError(
+                        f"cannot read the kube-system Namespace for the cluster id (HTTP {exc.status} "
+                        f"{(exc.reason or '').strip()}): give --cluster-id (DSIPAM_CONTROLLER_CLUSTER_ID) or allow "
+                        "get on namespaces") from None
+                failure: Exception = exc
+            except Exception as exc:  # noqa: BLE001 - counted, logged, tried again
+                failure = exc
+            else:
+                return str(ns.metadata.uid)
+            self.metrics.errors.labels(where="cluster-id").inc()
+            log.error("reading the kube-system Namespace for the cluster id failed: %s: %s; again in %gs",
+                      type(failure).__name__, str(failure).strip().splitlines()[0][:300] if str(failure).strip()
+                      else "", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
     async def lead(self, api: client.ApiClient) -> None:
         core = client.CoreV1Api(api)
         custom = client.CustomObjectsApi(api)
-        self.pools = PoolReconciler(self.ipam, custom, self.metrics)
-        self.reconciler = Reconciler(self.ipam, core, self.metrics, grace=self.s.grace)
+        cluster = await self.cluster_id(core)
+        self.cluster = cluster
+        print(f"dsipam controller: cluster id {cluster}", flush=True)
+        self.pools = PoolReconciler(self.ipam, custom, self.metrics, cluster=cluster)
+        self.reconciler = Reconciler(self.ipam, core, self.metrics, grace=self.s.grace, cluster=cluster)
 
         def list_ippools(**kw: Any) -> Any:
             return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw)
@@ -194,7 +227,7 @@ class Controller:
             self.ipam, core, self.metrics,
             LbSettings(lb_class=self.s.lb_class, default_implementation=self.s.lb_default_implementation,
                        default_pool=self.s.lb_default_pool, concurrency=self.s.lb_concurrency,
-                       resync_interval=self.s.resync_interval),
+                       resync_interval=self.s.resync_interval, cluster=cluster),
             services=lambda: services.cache, ippools=lambda: pools.cache)
         self.informers = [pools, pods, nodes, namespaces, services]
         self.reconciler.node_exists = lambda name: name in nodes.cache

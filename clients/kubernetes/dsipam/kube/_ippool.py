@@ -33,6 +33,9 @@ FORCE_DELETE = "ipam.dsipam.io/force-delete"  # annotation "true": delete even w
 MANAGED_LABEL = "ipam.dsipam.io/managed-by"  # on the dsipam pool
 MANAGED_VALUE = "dsipam-controller"
 SERVICES_LABEL = "ipam.dsipam.io/services"  # on the dsipam pool: spec.services, lowercased
+# on the dsipam pool: the id of the cluster whose controller manages it and reclaims its pods' and
+# nodes' addresses (several clusters may share one dsipam server; docs/kubernetes.md)
+CLUSTER_LABEL = "ipam.dsipam.io/cluster"
 INT64_MAX = 2**63 - 1
 MERGE = "application/merge-patch+json"
 
@@ -86,7 +89,8 @@ def _usage(pool: Pool) -> tuple[list[dict], dict[str, str]]:
 
 
 class PoolReconciler:
-    def __init__(self, ipam: AsyncIpamClient, custom: Any, metrics: Metrics) -> None:
+    def __init__(self, ipam: AsyncIpamClient, custom: Any, metrics: Metrics, *, cluster: str) -> None:
+        self.cluster = cluster
         self.ipam = ipam
         self.custom = custom  # kubernetes_asyncio CustomObjectsApi
         self.metrics = metrics
@@ -106,8 +110,8 @@ class PoolReconciler:
         try:
             pool, problems = await self._sync(name, spec)
         except _NotManaged as exc:
-            conds["Synced"] = ("False", "PoolNotManaged", str(exc))
-            conds["Ready"] = ("False", "PoolNotManaged", str(exc))
+            conds["Synced"] = ("False", exc.reason, str(exc))
+            conds["Ready"] = ("False", exc.reason, str(exc))
             await self._write_status(obj, conds, None)
             return
         except IpamError as exc:
@@ -135,7 +139,7 @@ class PoolReconciler:
 
     async def _sync(self, name: str, spec: dict) -> tuple[Pool, list[tuple[str, str]]]:
         ranges = desired_ranges(spec)
-        labels = {**(spec.get("labels") or {}), MANAGED_LABEL: MANAGED_VALUE}
+        labels = {**(spec.get("labels") or {}), MANAGED_LABEL: MANAGED_VALUE, CLUSTER_LABEL: self.cluster}
         if spec.get("services") in ("Allowed", "Default"):  # LoadBalancer Services may use it (_services.py)
             labels[SERVICES_LABEL] = spec["services"].lower()
         cooldown = parse_duration(spec["cooldown"]) if spec.get("cooldown") else None
@@ -152,6 +156,12 @@ class PoolReconciler:
         if pool.labels.get(MANAGED_LABEL) != MANAGED_VALUE:
             raise _NotManaged(f"pool {name} exists and was not created by the controller (no label "
                               f"{MANAGED_LABEL}={MANAGED_VALUE}): it is left alone")
+        other = self._other_cluster(pool)
+        if other is not None:
+            raise _NotManaged(f"pool {name} belongs to the controller of cluster {other} (label {CLUSTER_LABEL}; this "
+                              f"cluster is {self.cluster}): it is left alone", reason="PoolOfAnotherCluster")
+        # A managed pool without the label (made before clusters were told apart) is adopted: the
+        # label is written below with the others.
         problems: list[tuple[str, str]] = []
         if pool.network != network:
             problems.append(("NetworkMismatch", f"spec.network {network!r} but the pool is in network "
@@ -206,7 +216,7 @@ class PoolReconciler:
             pool = await self.ipam.get_pool(name)
         except PoolNotFound:
             pool = None
-        if pool is not None and pool.labels.get(MANAGED_LABEL) == MANAGED_VALUE:
+        if pool is not None and pool.labels.get(MANAGED_LABEL) == MANAGED_VALUE and self._other_cluster(pool) is None:
             allocated = sum(u.allocated for u in pool.usage)
             if allocated and not force:
                 msg = (f"pool {name} still holds {allocated} allocated address(es): the IPPool is deleted once they "
@@ -225,6 +235,11 @@ class PoolReconciler:
             self.metrics.pool_writes.labels(op="delete").inc()
             log.info("deleted pool %s%s", name, " (forced)" if force else "")
         await self._patch_meta(obj, finalizers=[f for f in meta.get("finalizers") or () if f != FINALIZER])
+
+    def _other_cluster(self, pool: Pool) -> str | None:
+        """The other cluster whose label the pool carries, or None (this cluster's, or no label)."""
+        owner = pool.labels.get(CLUSTER_LABEL)
+        return owner if owner and owner != self.cluster else None
 
     async def _patch_meta(self, obj: dict, *, finalizers: list[str]) -> None:
         meta = obj["metadata"]
@@ -263,7 +278,9 @@ class PoolReconciler:
 
 
 class _NotManaged(Exception):
-    pass
+    def __init__(self, message: str, *, reason: str = "PoolNotManaged") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _reason(exc: IpamError) -> str:

@@ -24,6 +24,7 @@ POOL_SERVICES_LABEL = "ipam.dsipam.io/services"  # on a dsipam pool: "allowed" o
 OWNER_PREFIX = "svc/"
 KIND_ATTRIBUTE = "k8s.kind"
 KIND_SERVICE = "Service"
+CLUSTER_ATTRIBUTE = "k8s.cluster"  # the id of the cluster whose controller made the allocation
 ANNOTATIONS = (POOL_ANNOTATION, IPS_ANNOTATION, MOVE_ANNOTATION)
 MAX_ANNOTATION = 256  # longer values are refused without being parsed
 

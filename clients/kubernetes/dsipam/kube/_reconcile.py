@@ -13,6 +13,11 @@ that the server re-checks the grace against each allocation's create_time at the
   before the pod list began (the CNI plugin runs for a pod that the API server already holds), so
   a pod missing from the second list is gone, never "not created yet"; and an allocation younger
   than the grace is kept in any case.
+
+Only this cluster's pools are looked at: those labelled ``ipam.dsipam.io/cluster=<cluster id>`` (an
+IPPool's pool gets the label from the controller; a pool made in dsipam directly is given it by
+its operator). The CNI plugin does not record the cluster on an allocation, so a pool is the unit:
+another cluster's pods and nodes, in its own pools or in unlabelled ones, are never taken for gone.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsipam.client import AsyncIpamClient
+from dsipam.client import AsyncIpamClient, Pool
 
+from ._ippool import CLUSTER_LABEL
 from ._metrics import Metrics
 from ._watch import MIRROR_ANNOTATION, list_all, slim_meta, slim_pod
 
@@ -43,6 +49,7 @@ class ResyncReport:
     pods: int = 0
     nodes: int = 0
     leaked: int = 0
+    unlabelled: list[str] = field(default_factory=list)  # pools without a cluster label: not looked at
     released: int = 0
     nodes_gone: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -67,8 +74,10 @@ def pod_uids(pod: dict) -> list[str]:
 class Reconciler:
     """Releases what pods and nodes that are gone left behind."""
 
-    def __init__(self, ipam: AsyncIpamClient, core: Any, metrics: Metrics, *, grace: float,
+    def __init__(self, ipam: AsyncIpamClient, core: Any, metrics: Metrics, *, grace: float, cluster: str,
                  concurrency: int = 16) -> None:
+        self.cluster = cluster
+        self._told_unlabelled: set[str] = set()
         self.ipam = ipam
         self.core = core  # kubernetes_asyncio CoreV1Api
         self.metrics = metrics
@@ -148,8 +157,20 @@ class Reconciler:
             except TimeoutError:
                 pass
 
+    async def _cluster_pools(self, report: ResyncReport | None = None) -> list[Pool]:
+        """The pools labelled with this cluster's id: the only ones whose pod and node allocations
+        it may release."""
+        ours = []
+        async for p in self.ipam.iter_pools(page_size=1000):
+            owner = p.labels.get(CLUSTER_LABEL)
+            if owner == self.cluster:
+                ours.append(p)
+            elif not owner and report is not None:
+                report.unlabelled.append(p.name)
+        return ours
+
     async def _pool_names(self) -> list[str]:
-        return [p.name async for p in self.ipam.iter_pools(page_size=1000)]
+        return [p.name for p in await self._cluster_pools()]
 
     async def _release_pod(self, pool: str, uid: str, grace: float | None = None) -> int:
         async with self.sem:
@@ -177,7 +198,7 @@ class Reconciler:
         grace = max(age, self.grace)
         again: float | None = None
         try:
-            pools = [p async for p in self.ipam.iter_pools(page_size=1000)]
+            pools = await self._cluster_pools()
         except Exception:  # noqa: BLE001 - counted, logged, tried again
             self.metrics.errors.labels(where="release-node").inc()
             log.exception("releasing node %s: listing pools failed", name)
@@ -226,8 +247,14 @@ class Reconciler:
     async def resync(self) -> ResyncReport:
         start = time.monotonic()
         report = ResyncReport()
-        pools = await self._pool_names()
+        pools = [p.name for p in await self._cluster_pools(report)]
         report.pools = len(pools)
+        new = sorted(set(report.unlabelled) - self._told_unlabelled)
+        if new:  # once per pool and process: a pool of this cluster made in dsipam directly needs the label
+            self._told_unlabelled.update(new)
+            log.warning("pool(s) %s carry no %s label: their pods' and nodes' addresses are not reclaimed by "
+                        "any cluster's controller; label this cluster's with %s=%s", ", ".join(new[:20]),
+                        CLUSTER_LABEL, CLUSTER_LABEL, self.cluster)
         # 1. allocations first (all pools) ...
         by_pool: dict[str, list[tuple[str, str | None, dt.datetime | None]]] = {}
         for pool in pools:

@@ -4,7 +4,8 @@ A Service is dsipam's when it is ``type: LoadBalancer`` with ``spec.loadBalancer
 the controller's class (``--lb-class``), or without a class when the controller is the cluster's
 default implementation (``--lb-default-implementation``). Its owner key in dsipam is
 ``svc/<namespace>/<name>/<uid>``; the allocation's attributes carry ``k8s.kind=Service``, the
-namespace, name and UID.
+cluster id (``k8s.cluster``: several clusters may share one dsipam server), the namespace, name and
+UID.
 
 Level-triggered and idempotent, as the other reconcilers: each pass reads the Service as the API
 server stored it, works out what it should hold (``_lbplan``: pure functions), asks dsipam for the
@@ -14,7 +15,9 @@ kept in an index (owner -> pools), built from dsipam (ListAllocations with the `
 selector) before any Service is reconciled and widened before every Allocate, so that a release
 never misses a pool. A finalizer, added before the first Allocate, holds a deleted Service until
 its addresses are released, also when the controller was down at the time; the full resync
-releases what Services that are gone without it (finalizer removed by hand) left behind.
+releases what Services of this cluster that are gone without it (finalizer removed by hand) left
+behind: only allocations whose ``k8s.cluster`` is this cluster's id, and those without the attribute
+(made before it existed) whose Service this cluster was seen to have.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from dsipam.client import (
 
 from ._lbplan import (
     ANNOTATIONS,
+    CLUSTER_ATTRIBUTE,
     CONDITION,
     IPS_ANNOTATION,
     KIND_ATTRIBUTE,
@@ -90,6 +94,7 @@ class LbSettings:
     default_pool: str = ""  # a dsipam pool's name; empty: the IPPool marked spec.services: Default
     concurrency: int = 16
     resync_interval: float = 300.0
+    cluster: str = ""  # this cluster's id: the k8s.cluster attribute of every allocation made here
 
 
 def _now() -> str:
@@ -273,6 +278,8 @@ class ServiceReconciler:
         self.watches: dict[str, asyncio.Task] = {}
         self._default_seen: object = _UNSET
         self.last_sweep: dict[str, int] = {}
+        self.adopted: set[str] = set()  # owners without k8s.cluster whose Service was seen in this cluster
+        self.told_untagged: set[str] = set()  # owners without k8s.cluster logged as kept
 
     # -- events -------------------------------------------------------------------------------
 
@@ -376,19 +383,43 @@ class ServiceReconciler:
         Service is reconciled again."""
         start = time.monotonic()
         listed: dict[str, set[str]] = {}
+        untagged: dict[str, set[str]] = {}  # made before k8s.cluster existed: whose, the Services tell
+        others = 0
         pools = [p.name async for p in self.ipam.iter_pools(page_size=1000)]
         for pool in pools:
             async for a in self.ipam.iter_allocations(pool, selector={KIND_ATTRIBUTE: KIND_SERVICE}, page_size=1000):
-                if uid_of_owner(a.owner):
+                if not uid_of_owner(a.owner):
+                    continue
+                cluster = a.attributes.get(CLUSTER_ATTRIBUTE)
+                if cluster == self.s.cluster:
                     listed.setdefault(a.owner, set()).add(pool)
-        for owner, where in listed.items():
-            self.index.setdefault(owner, set()).update(where)
+                elif cluster is None:
+                    untagged.setdefault(a.owner, set()).add(pool)
+                else:
+                    others += 1  # another cluster's Service: never indexed, never released here
         items, _ = await list_all(self.core.list_service_for_all_namespaces, slim=_uid_only)
         live = {o["metadata"]["uid"] for o in items}
+        # An allocation without the attribute is this cluster's when its Service (a UID: unique
+        # across clusters) is here, or was seen here by an earlier sweep; any other may be another
+        # cluster's: kept, and named once.
+        for owner, where in untagged.items():
+            if uid_of_owner(owner) in live:
+                self.adopted.add(owner)
+            if owner in self.adopted:
+                listed.setdefault(owner, set()).update(where)
+            elif owner not in self.told_untagged:
+                self.told_untagged.add(owner)
+                log.warning("Service allocation %s in pool(s) %s has no %s attribute and its Service is not in this "
+                            "cluster: kept (it may be another cluster's; if it was this cluster's, release it with "
+                            "'dsipam alloc release POOL %s')", owner, ", ".join(sorted(where)), CLUSTER_ATTRIBUTE,
+                            owner)
+        for owner, where in listed.items():
+            self.index.setdefault(owner, set()).update(where)
         released = 0
         for owner, where in listed.items():
             if uid_of_owner(owner) in live:
                 continue
+            self.adopted.discard(owner)
             for pool in sorted(where):
                 got = await self._release(pool, owner, why="its Service is gone")
                 released += len(got)
@@ -401,12 +432,14 @@ class ServiceReconciler:
             if self._relevant(svc):
                 self.queue.add(key)
         report = {"pools": len(pools), "allocations": sum(map(len, listed.values())), "services": len(items),
-                  "released": released}
+                  "released": released, "other_clusters": others,
+                  "untagged_kept": len([o for o in untagged if o not in self.adopted and o not in listed])}
         self.last_sweep = report
         self.metrics.reconciles.labels(kind="service-resync").inc()
-        log.info("LoadBalancer resync: %d pool(s), %d Service allocation(s), %d Service(s); %d address(es) of gone "
-                 "Services released; %.2fs", report["pools"], report["allocations"], report["services"], released,
-                 time.monotonic() - start)
+        log.info("LoadBalancer resync: %d pool(s), %d Service allocation(s) of this cluster, %d of other clusters, "
+                 "%d without a cluster kept; %d Service(s); %d address(es) of gone Services released; %.2fs",
+                 report["pools"], report["allocations"], others, report["untagged_kept"], report["services"],
+                 released, time.monotonic() - start)
         return report
 
     async def _worker(self) -> None:
@@ -665,8 +698,7 @@ class ServiceReconciler:
     async def _allocate(self, pool: str, owner: str, want: Want, held: dict[Family, IPAddress],
                         obj: dict) -> dict[Family, IPAddress]:
         meta = obj["metadata"]
-        attrs = {KIND_ATTRIBUTE: KIND_SERVICE, "k8s.namespace": meta["namespace"], "k8s.service": meta["name"],
-                 "k8s.serviceUID": meta["uid"]}
+        attrs = self._attributes(meta)
         self.index.setdefault(owner, set()).add(pool)  # before the call: a release never misses it
         order = list(want.order)
         policy = "require" if len(order) == 2 else "single"
@@ -717,6 +749,10 @@ class ServiceReconciler:
                      ", ".join(str(got[f]) for f in want.order if f in got), pool)
         return got
 
+    def _attributes(self, meta: dict) -> dict[str, str]:
+        return {KIND_ATTRIBUTE: KIND_SERVICE, CLUSTER_ATTRIBUTE: self.s.cluster, "k8s.namespace": meta["namespace"],
+                "k8s.service": meta["name"], "k8s.serviceUID": meta["uid"]}
+
     async def _take_back(self, pool: str, owner: str, swapped: dict[Family, IPAddress], want: Want,
                          held: dict[Family, IPAddress], obj: dict, problem: Problem) -> dict[Family, IPAddress]:
         """After a changed request failed: the addresses given back for it, taken again; returns what
@@ -724,8 +760,7 @@ class ServiceReconciler:
         the problem's message; any other failure of the call is logged, counted and raised."""
         order = [f for f in want.order if f in swapped]
         meta = obj["metadata"]
-        attrs = {KIND_ATTRIBUTE: KIND_SERVICE, "k8s.namespace": meta["namespace"], "k8s.service": meta["name"],
-                 "k8s.serviceUID": meta["uid"]}
+        attrs = self._attributes(meta)
         old = ", ".join(str(swapped[f]) for f in order)
         self.index.setdefault(owner, set()).add(pool)
         try:

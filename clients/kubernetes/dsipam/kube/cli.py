@@ -44,6 +44,9 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
     ("--listen", "DSIPAM_CONTROLLER_LISTEN", str, "0.0.0.0:8080", "host:port of /metrics, /healthz and /readyz"),
     ("--watch-timeout", "DSIPAM_CONTROLLER_WATCH_TIMEOUT", int, 300,
      "seconds a watch request lasts before it is renewed from its resourceVersion"),
+    ("--cluster-id", "DSIPAM_CONTROLLER_CLUSTER_ID", str, None,
+     "this cluster's name in dsipam: the k8s.cluster attribute of its Service allocations and the "
+     "ipam.dsipam.io/cluster label of its pools (default: the UID of the kube-system Namespace)"),
     ("--lb-class", "DSIPAM_CONTROLLER_LB_CLASS", str, "ipam.dsipam.io/lb",
      "spec.loadBalancerClass of the LoadBalancer Services that get addresses from dsipam"),
     ("--lb-default-implementation", "DSIPAM_CONTROLLER_LB_DEFAULT_IMPLEMENTATION", boolean, False,
@@ -57,6 +60,7 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
 
 _LB_CLASS = re.compile(r"(?=.{1,253}/)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/"
                        r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_CLUSTER_ID = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _POOL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
@@ -129,7 +133,11 @@ def settings_from(args: argparse.Namespace) -> Any:
         watch_timeout=values["--watch-timeout"], release_timeout=values["--release-timeout"],
         lb_class=values["--lb-class"], lb_default_implementation=values["--lb-default-implementation"],
         lb_default_pool=values["--lb-default-pool"] or "", lb_concurrency=values["--lb-concurrency"],
+        cluster_id=values["--cluster-id"] or "",
     )
+    if s.cluster_id and not _CLUSTER_ID.fullmatch(s.cluster_id):
+        raise SystemExit(f"dsipam controller: --cluster-id: {s.cluster_id[:80]!r} is not 1-63 letters, digits, "
+                         "'-', '_' or '.' starting and ending with a letter or digit (a label value)")
     if not _LB_CLASS.fullmatch(s.lb_class) or len(s.lb_class.rsplit("/", 1)[-1]) > 63:
         raise SystemExit(f"dsipam controller: --lb-class: {s.lb_class[:80]!r} is not a qualified name such as "
                          "ipam.dsipam.io/lb (a DNS subdomain, '/', a name of 1-63 characters)")
