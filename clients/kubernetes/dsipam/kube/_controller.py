@@ -234,7 +234,9 @@ class Controller:
         async with asyncio.TaskGroup() as tg:
             for inf in self.informers:
                 tg.create_task(inf.run())
-            tg.create_task(self.services.run(services.synced))
+            # a Service's pool depends on its namespace's annotation and on the IPPools (the default
+            # pool, a pool's families): none is reconciled before those lists are in the caches too
+            tg.create_task(self.services.run((services.synced, namespaces.synced, pools.synced)))
             tg.create_task(self._pool_worker(pools))
             tg.create_task(self.reconciler.run_pending())
             tg.create_task(self._resync_loop())

@@ -27,7 +27,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,21 +347,23 @@ class ServiceReconciler:
 
     # -- the loops ------------------------------------------------------------------------------
 
-    async def run(self, services_synced: asyncio.Event) -> None:
+    async def run(self, synced: Sequence[asyncio.Event]) -> None:
+        """``synced``: the informers whose caches a Service's reconcile reads (the Services, the
+        namespaces' pool annotations, the IPPools); no Service is reconciled before all are set."""
         try:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(max(1, self.s.concurrency)):
                     tg.create_task(self._worker())
-                tg.create_task(self._resync_loop(services_synced))
+                tg.create_task(self._resync_loop(synced))
         finally:
             await self.close()
 
-    async def _resync_loop(self, services_synced: asyncio.Event) -> None:
+    async def _resync_loop(self, synced: Sequence[asyncio.Event]) -> None:
         retry = 2.0
         last_error: str | None = None
         while True:
             try:
-                await self.sweep(services_synced)
+                await self.sweep(synced)
             except Exception as exc:  # noqa: BLE001 - counted, logged, tried again with a backoff
                 self.metrics.errors.labels(where="service-resync").inc()
                 text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
@@ -376,7 +378,7 @@ class ServiceReconciler:
             retry, last_error = 2.0, None
             await asyncio.sleep(self.s.resync_interval)
 
-    async def sweep(self, services_synced: asyncio.Event) -> dict[str, int]:
+    async def sweep(self, synced: Sequence[asyncio.Event]) -> dict[str, int]:
         """Lists every pool's Service allocations (into the index), THEN the Services, and releases
         the allocations of Services that are gone: every allocation listed was made for a Service
         that existed before the Service list began, so one missing from it is gone. Then every
@@ -424,7 +426,8 @@ class ServiceReconciler:
                 got = await self._release(pool, owner, why="its Service is gone")
                 released += len(got)
             self.index.pop(owner, None)
-        await services_synced.wait()
+        for event in synced:
+            await event.wait()
         self.memo.clear()
         if not self.ready.is_set():
             self.ready.set()

@@ -26,11 +26,17 @@ PAGE = 500
 
 
 async def read_json(resp: Any) -> dict:
-    """The body of a response asked for with ``_preload_content=False``."""
+    """The body of a response asked for with ``_preload_content=False``; a failed call (403, 500, ...)
+    raises the ApiException that the client raises in the other mode (it does not in this one: the
+    Status object was read as a list, and a refused list was reported as a KeyError)."""
     try:
         data = await resp.read()
     finally:
         resp.release()
+    if not 200 <= resp.status < 300:
+        exc = ApiException(status=resp.status, reason=resp.reason)
+        exc.body = data.decode(errors="replace")[:2000]
+        raise exc
     return json.loads(data)
 
 
