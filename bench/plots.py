@@ -224,6 +224,46 @@ def fill_curve(doc: dict[str, Any], path: Path) -> Path:
     return _save(fig, path, caption)
 
 
+# -- cost per call (bench/rpc_cost.py) ----------------------------------------------------------
+
+RPC_SHORT = {"health": "Health/Check (empty call)", "allocate_pair": "Allocate pair, new owners",
+             "allocate_single": "Allocate single-stack, new owners", "reallocate": "Allocate again (idempotent)",
+             "get_allocation": "GetAllocation", "get_pool": "GetPool", "list_allocations": "ListAllocations (100)",
+             "list_blocks": "ListBlocks (100)", "release_family": "Release, one family", "release": "Release",
+             "gc": "GarbageCollect (10,000 owners)"}
+
+
+def rpc_cost(doc: dict[str, Any], path: Path) -> Path | None:
+    """Server and PostgreSQL CPU per call of every RPC (medians), with the ratio to the empty call."""
+    summary = doc["summary"]
+    keys = [k for k in RPC_SHORT if k in summary and "server_cpu_us" in summary[k] and k != "gc"]
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SIZE)
+    ys = list(range(len(keys)))[::-1]
+    server = [summary[k]["server_cpu_us"] for k in keys]
+    pg = [summary[k]["pg_cpu_us"] for k in keys]
+    ax.barh(ys, server, color="tab:blue", label="dsipam server CPU per call (µs)")
+    ax.barh(ys, pg, left=server, color="tab:orange", label="PostgreSQL CPU per call (µs)")
+    for y, k, s_, p_ in zip(ys, keys, server, pg, strict=True):
+        ratio = summary[k].get("ratio")
+        ax.annotate(f"{ratio:.2f}× empty" if ratio else "", (s_ + p_, y), textcoords="offset points",
+                    xytext=(4, -3), fontsize=8)
+    ax.set_yticks(ys, [RPC_SHORT[k] for k in keys], fontsize=8)
+    ax.set_xlabel("CPU time per call (µs; median of the runs); the label: server CPU ÷ the empty call's")
+    ax.set_xlim(0, max(s_ + p_ for s_, p_ in zip(server, pg, strict=True)) * 1.2)
+    ax.grid(True, axis="x", alpha=0.3)
+    meta = doc["meta"]
+    ax.set_title(f"Cost per call, {meta['generator']}, {meta['concurrency']} in flight; server on CPU "
+                 f"{meta['server_cpu']}, load generator on CPU {meta['load_cpu']}")
+    ax.legend(fontsize=8, loc="lower right")
+    caption = _caption({"machine": {**meta, "date": meta.get("date", "?")}, "command": meta.get("command", "")},
+                       f"median of {meta['runs']} run(s), {meta['n']:,} calls per RPC")
+    fig.subplots_adjust(left=0.27, right=0.97, top=0.92, bottom=_bottom_margin(caption) + 0.05)
+    return _save(fig, path, caption)
+
+
 # -- the CNI plugin ----------------------------------------------------------------------------
 
 CNI_SERIES = (
@@ -283,6 +323,9 @@ def render(result: Path, out_dir: Path, only: set[str] | None = None) -> list[Pa
     doc = json.loads(result.read_text())
     if doc.get("kind") == "fill-curve":
         return [fill_curve(doc, out_dir / "fill-curve.png")]
+    if doc.get("kind") == "rpc-cost":
+        made = rpc_cost(doc, out_dir / "rpc-cost.png")
+        return [made] if made is not None else []
     if "samples" in doc and "ratios" in doc:
         made = cni_add(doc, out_dir / "cni-add.png")
         if made is None:

@@ -451,9 +451,16 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     ok = all(r["checks_ok"] for r in runs) and not any(r["errors"] for r in runs)
     ok = ok and not any(r["calls"].get("status_rate", {}).get("errors") for r in runs)
+    meta["command"] = "python bench/rpc_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    doc = {"kind": "rpc-cost", "meta": meta, "runs": runs, "summary": summary}
     if a.json:
-        Path(a.json).write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=1))
+        Path(a.json).write_text(json.dumps(doc, indent=1))
     if a.write_docs:
+        import plots
+
+        made = plots.rpc_cost(doc, plots.DOC_FIGURES / "rpc-cost.png")
+        if made is not None:
+            harness.log(f"figure: {made.relative_to(ROOT)}")
         note = (f"Median of {a.runs} run(s); load generator {meta['generator']}, {a.concurrency} calls in flight"
                 f"{' over ' + str(a.connections) + ' connections' if ghz else ''}; {a.n:,} calls per RPC "
                 f"({a.gc_n} for GarbageCollect); server pinned to CPU {a.server_cpu}, load generator to CPU "
