@@ -3,7 +3,6 @@ each test, and one real server process on a free loopback port."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kube import ApiServer, find_assets  # noqa: E402
+from kube import ApiServer, running_api_server  # noqa: E402
 from support import ServerProcess, psql, scratch_database, spawn_server  # noqa: E402
 
 from dsipam.v1 import ipam_pb2_grpc  # noqa: E402
@@ -71,14 +70,4 @@ def stub(target: str) -> Iterator[ipam_pb2_grpc.IpamServiceStub]:
 @pytest.fixture(scope="session")
 def kube_api() -> Iterator[ApiServer]:
     """A real kube-apiserver + etcd (tests/kube.py), found through KUBEBUILDER_ASSETS; stopped afterwards."""
-    found = find_assets()
-    if isinstance(found, str):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but no Kubernetes API server for the tests: {found}")
-        pytest.skip(found)
-    server = ApiServer(*found)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from running_api_server()

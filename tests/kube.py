@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,24 @@ from support import free_port
 
 ADMIN_USER = "admin"
 VIEWER_USER = "viewer"  # a non-admin identity (group "testers"), no RBAC bindings of its own
+
+
+def running_api_server() -> Iterator[ApiServer]:
+    """For a pytest fixture: a started API server (found through KUBEBUILDER_ASSETS), stopped after;
+    skips the test where there is none, and fails it under CI=true."""
+    import pytest
+
+    found = find_assets()
+    if isinstance(found, str):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no Kubernetes API server for the tests: {found}")
+        pytest.skip(found)
+    server = ApiServer(*found)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 def find_assets() -> tuple[Path, Path] | str:

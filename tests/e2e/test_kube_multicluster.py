@@ -12,7 +12,6 @@ allocations, made the way the controller and the CNI plugin make them."""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,8 +22,8 @@ from kube import (
     ApiServer,
     ControllerProcess,
     cluster_id,
-    find_assets,
     install_controller_manifests,
+    running_api_server,
     wait_for,
 )
 from kube_controller import LEASE, held, make_node, make_pod
@@ -38,17 +37,7 @@ CLASS = "ipam.dsipam.io/lb"
 
 @pytest.fixture(scope="module")
 def kube_b() -> Iterator[ApiServer]:
-    found = find_assets()
-    if isinstance(found, str):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but no Kubernetes API server for the tests: {found}")
-        pytest.skip(found)
-    server = ApiServer(*found)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from running_api_server()
 
 
 def lb_service(name: str, pool: str) -> dict:

@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from kube import ApiServer, ControllerProcess, install_controller_manifests
+from kube import ApiServer, ControllerProcess, cluster_labels, install_controller_manifests
 from kube_controller import LEASE
 from support import ServerProcess, free_port, scratch_database, spawn_server
 
@@ -444,7 +444,9 @@ async def _drive_load(server: ServerProcess, api: ApiServer, node: str) -> float
     from dsipam.client import AsyncIpamClient, PoolExhausted
 
     async with AsyncIpamClient(server.target) as ipam:
-        await ipam.create_pool("obs", ["198.18.0.0/22", "fd00:16::/118"], cooldown=60)
+        # This cluster's pool (the label), so that the controller reclaims the ghost pod's address in it.
+        await ipam.create_pool("obs", ["198.18.0.0/22", "fd00:16::/118"], cooldown=60,
+                               labels=await cluster_labels(api))
         await ipam.create_pool("tiny", ["198.18.8.0/30", "fd00:17::/124"])
         await ipam.allocate("obs", "ghost/eth0", attributes={
             "k8s.podUID": str(uuid.uuid4()), "k8s.namespace": "default", "k8s.pod": "ghost", "cni.node": node})
