@@ -625,7 +625,8 @@ class StoreBase:
         if shared_sql is None:
             return await self._read(sql, name, where, fetch=lambda: self.fast.fetch_shared(sql, name))
         return await self._read(shared_sql, name, where,
-                                fetch=lambda: self.fast.fetch_shared(shared_sql, name, item, items=True))
+                                fetch=lambda: self.fast.fetch_shared(shared_sql, name, item, items=True,
+                                                                     single_sql=sql))
 
     async def _read(self, sql: str, name: str, where: str, *args: Any,
                     fetch: Callable[[], Awaitable[list[Any]]] | None = None) -> tuple[StoredPool, list[Any]]:

@@ -210,6 +210,7 @@ class FastPath:
         self._starting: asyncio.Lock | None = None
         self._queues: dict[tuple[str, str, int], _PoolQueue] = {}
         self._reads: dict[tuple[str, str, bool], _ReadQueue] = {}
+        self._single: dict[tuple[str, str, bool], str] = {}  # a read's statement for a batch of one item
         self.read_batches = 0  # shared reads sent (see fetch_shared)
         self.read_requests = 0  # callers they answered
         self.batches = 0  # batches the database answered
@@ -392,10 +393,14 @@ class FastPath:
         raise DatabaseUnavailable("database: unreachable, try again later (PostgreSQL ended every session of "
                                   "the fast path's pool while it was idle)")
 
-    async def fetch_shared(self, sql: str, name: str, item: Any = None, *, items: bool = False) -> list[Any]:
+    async def fetch_shared(self, sql: str, name: str, item: Any = None, *, items: bool = False,
+                           single_sql: str | None = None) -> list[Any]:
         """One read of pool ``name`` shared by the callers that wait for it: the rows of ``sql`` with
         ``$1`` the pool's name and, when ``items``, ``$2`` the array of the callers' ``item``s (each
-        caller picks its own rows out of the shared list, which it must not change).
+        caller picks its own rows out of the shared list, which it must not change). A batch of one
+        item runs ``single_sql`` (``$2`` the item itself) when given: PostgreSQL plans ``= ANY($2)``
+        of a short array anew at every execution (a custom plan is cheaper than the generic one's
+        ten-element guess), 0.15 ms against 0.05 ms for ``= $2``.
 
         A read is sent as soon as a caller arrives and fewer than ``max_inflight`` reads of the same
         statement and pool are in flight; callers that arrive meanwhile wait for the next one, which
@@ -409,6 +414,8 @@ class FastPath:
         queue = self._reads.get(key)
         if queue is None:
             queue = self._reads[key] = _ReadQueue()
+            if single_sql is not None:
+                self._single[key] = single_sql
         caller: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         queue.waiting.append((item, caller))
         if queue.inflight < self.max_inflight:
@@ -422,9 +429,14 @@ class FastPath:
             while queue.waiting:
                 batch = queue.waiting[:self.max_batch]
                 del queue.waiting[:self.max_batch]
-                args = (name, list(dict.fromkeys(item for item, _ in batch))) if items else (name,)
+                statement, args = sql, (name,)
+                if items:
+                    unique = list(dict.fromkeys(item for item, _ in batch))
+                    single = self._single.get(key)
+                    statement, args = (single, (name, unique[0])) if len(unique) == 1 and single else (sql, (name, unique))
                 try:
-                    rows = await self.fetch(sql, *args, what=f"a read of pool {name!r} for {len(batch)} callers")
+                    rows = await self.fetch(statement, *args,
+                                            what=f"a read of pool {name!r} for {len(batch)} callers")
                 except Exception as exc:  # noqa: BLE001 - every caller's answer, raised where it waits
                     for _, caller in batch:
                         if not caller.done():
@@ -444,6 +456,7 @@ class FastPath:
             queue.inflight -= 1
             if not queue.waiting and queue.inflight == 0 and self._reads.get(key) is queue:
                 del self._reads[key]
+                self._single.pop(key, None)
 
     async def _call(self, kind: str, pool_name: str, version: int, batch: list[_Request]) -> list[Any]:
         columns = [list(col) for col in zip(*(r.args for r in batch), strict=True)]
