@@ -225,17 +225,26 @@ def _prepare_schema(url: str, migrate: bool) -> None:
 
 
 def _shown(url: str) -> str:
-    """The URL without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
+    """The URL without its secrets, for messages: the password of the authority and the values of
+    the ``password`` and ``sslpassword`` parameters (store.db.SECRET_PARAMETERS)."""
+    from urllib.parse import unquote, urlsplit
+
+    from .store.db import SECRET_PARAMETERS
 
     try:
         parts = urlsplit(url)
     except ValueError:
         return repr(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    rest, hash_, fragment = url.partition("#")  # split as urlsplit splits
+    head, question, query = rest.partition("?")
+    if parts.password is not None:
+        head = head.replace(f":{parts.password}@", ":***@", 1)
+    words = query.split("&")
+    for i, word in enumerate(words):
+        key, eq, _ = word.partition("=")
+        if eq and unquote(key.replace("+", " ")) in SECRET_PARAMETERS:
+            words[i] = f"{key}=***"
+    return head + question + "&".join(words) + hash_ + fragment
 
 
 def _run_workers(settings: Settings) -> int:

@@ -128,7 +128,22 @@ def normalise_multihost(url: str) -> str:
 # asyncpg's own DSN parser reads these (TLS, which server of a multi-host list, Kerberos) ...
 DSN_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "sslpassword", "sslnegotiation",
                   "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs", "passfile",
-                  "krbsrvname", "gsslib")
+                  "krbsrvname", "gsslib", "user", "password", "dbname")
+# The values asyncpg checks only when it connects (a ClientConfigurationError at the first
+# connection, after ``dsipam serve`` started): checked here, as libpq checks them, so that a typo
+# such as ``sslmode=requir`` (or an empty ``sslmode=``, which asyncpg reads as no parameter, so
+# ``prefer``) is refused up front naming the parameter and its allowed values.
+_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+DSN_CHOICES: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+    "sslnegotiation": ("postgres", "direct"),
+    "gsslib": ("gssapi", "sspi"),
+    "ssl_min_protocol_version": _TLS_VERSIONS,
+    "ssl_max_protocol_version": _TLS_VERSIONS,
+}
+# Parameters whose value is a secret: never shown in a message (cli._shown).
+SECRET_PARAMETERS = ("password", "sslpassword")
 # ... these become arguments of the connection (connect_timeout: seconds; application_name and
 # options: sent to the server at start-up, options as libpq's "-c name=value" list) ...
 SESSION_PARAMETERS = ("connect_timeout", "application_name", "options")
@@ -152,7 +167,7 @@ class DatabaseURL:
 
         parts = urlsplit(self.base)
         query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)] + list(self.dsn_query)
-        return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query, safe=","), parts.fragment))
+        return _unsplit("postgresql", parts.netloc, parts.path, urlencode(query, safe=","), parts.fragment)
 
 
 def parse_database_url(url: str, *, field: str = "database URL") -> DatabaseURL:
@@ -172,6 +187,9 @@ def parse_database_url(url: str, *, field: str = "database URL") -> DatabaseURL:
         if key in _ADDRESS_PARAMETERS:
             address.append((key, value))
         elif key in DSN_PARAMETERS:
+            choices = DSN_CHOICES.get(key)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{field}: {key}={value!r} is not one of {', '.join(choices)}")
             dsn.append((key, value))
         elif key == "connect_timeout":
             try:
@@ -187,8 +205,20 @@ def parse_database_url(url: str, *, field: str = "database URL") -> DatabaseURL:
         else:
             allowed = ", ".join((*DSN_PARAMETERS, *SESSION_PARAMETERS, *_ADDRESS_PARAMETERS))
             raise ValueError(f"{field}: parameter {key!r} is not supported (supported: {allowed})")
-    base = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(address, safe=","), parts.fragment))
+    chosen = dict(dsn)
+    if chosen.get("sslnegotiation") == "direct" and chosen.get("sslmode", "prefer") not in (
+            "require", "verify-ca", "verify-full"):
+        raise ValueError(f"{field}: sslnegotiation=direct needs sslmode=require, verify-ca or verify-full "
+                         f"(libpq's rule; got sslmode={chosen.get('sslmode', 'prefer')!r})")
+    base = _unsplit("postgresql", parts.netloc, parts.path, urlencode(address, safe=","), parts.fragment)
     return DatabaseURL(base, tuple(dsn), timeout, settings)
+
+
+def _unsplit(scheme: str, netloc: str, path: str, query: str, fragment: str) -> str:
+    """urlunsplit that keeps the ``//`` of an empty authority: ``postgresql:///db?host=/run/pg`` (libpq's
+    form for a Unix socket or the default host), which urlunsplit turns into ``postgresql:/db``, a URL
+    SQLAlchemy cannot parse."""
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "") + (f"#{fragment}" if fragment else "")
 
 
 def _libpq_options(value: str, field: str) -> dict[str, str]:
@@ -217,7 +247,7 @@ def to_sqlalchemy_url(url: str) -> str:
     """Turns a libpq-style ``postgresql://`` URL into SQLAlchemy's asyncpg form (hosts, user,
     database; the libpq parameters go to the driver through :func:`create_engine`'s arguments)."""
     parts = urlsplit(parse_database_url(url).base)
-    return urlunsplit(("postgresql+asyncpg", parts.netloc, parts.path, parts.query, parts.fragment))
+    return _unsplit("postgresql+asyncpg", parts.netloc, parts.path, parts.query, parts.fragment)
 
 
 def pgbouncer_from_env() -> bool:
