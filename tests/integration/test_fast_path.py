@@ -217,3 +217,32 @@ def test_shared_reads_are_exact_and_coalesced(clean_db):
             await store.close()
 
     asyncio.run(main())
+
+
+def test_shared_read_callers_are_never_left_waiting(clean_db):
+    """A shared read's drain task that ends by cancellation (the loop's teardown, a bug) answers every
+    caller it was to serve, the ones queued for its next read included, and leaves no entry behind.
+    Found by review: the callers queued behind the cancelled read waited for ever (and their
+    pool's entry stayed in FastPath._reads) unless another caller of the same pool came."""
+    async def main():
+        fast = FastPath(clean_db, pool_size=2, max_inflight=1)
+        sql = "SELECT $1::text AS name, pg_sleep(0.3) AS slept"
+        try:
+            first = asyncio.create_task(fast.fetch_shared(sql, "p"))
+            await asyncio.sleep(0.1)  # its read is on its way
+            queued = [asyncio.create_task(fast.fetch_shared(sql, "p")) for _ in range(3)]
+            await asyncio.sleep(0)
+            drains = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "FastPath._drain_reads"]
+            assert len(drains) == 1
+            drains[0].cancel()
+            done, pending = await asyncio.wait([first, *queued], timeout=5)
+            assert not pending, f"{len(pending)} of 4 callers still wait"
+            assert all(t.cancelled() for t in done)
+            assert fast._reads == {} and fast._single == {}
+            # The next caller of the pool reads as usual.
+            rows = await asyncio.wait_for(fast.fetch_shared(sql, "p"), 5)
+            assert rows[0]["name"] == "p"
+        finally:
+            await fast.close()
+
+    asyncio.run(main())

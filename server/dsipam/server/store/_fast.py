@@ -454,6 +454,13 @@ class FastPath:
                         caller.set_result(rows)
         finally:
             queue.inflight -= 1
+            if queue.inflight == 0 and queue.waiting:
+                # Only when this task ends by an exception (cancelled: the loop's teardown) with callers
+                # queued for its next read and no other read of the pool on its way to serve them:
+                # they are cancelled as its batch was, never left waiting for a caller to come.
+                for _, caller in queue.waiting:
+                    caller.cancel()
+                queue.waiting.clear()
             if not queue.waiting and queue.inflight == 0 and self._reads.get(key) is queue:
                 del self._reads[key]
                 self._single.pop(key, None)
