@@ -721,6 +721,15 @@ class AllocationStore(StoreBase):
                     {"pool": pool_id, "family": int(family) if family else None, "limit": limit},
                 )
             ).mappings().all()
+            # The blocks are locked before the layouts are read: a reservation of one of these addresses
+            # locks them before it reads what is held, so it either commits first (and the layout read
+            # next has it: the address is retired) or runs after this commits (and finds it free). Read
+            # before the lock, a layout could miss a reservation that saw the cooldown (deleted here,
+            # not yet committed) and left the bit alone: the reserved address was then freed.
+            if rows:
+                await conn.execute(text("SELECT 1 FROM ipam_blocks WHERE id = ANY(CAST(:ids AS bigint[])) "
+                                        "ORDER BY id FOR UPDATE"),
+                                   {"ids": sorted({r["block_id"] for r in rows})})
             pools: dict[int, StoredPool | None] = {}
             for row in sorted(rows, key=lambda r: r["block_id"]):  # one lock order over blocks
                 if row["pool_id"] not in pools:
