@@ -151,3 +151,105 @@ def test_an_address_reserved_while_its_cooldown_is_reclaimed_stays_reserved(clea
             await store.close()
 
     asyncio.run(main())
+
+
+class _PausingRelease(Store):
+    """Store whose full-path release pauses before it gives an address back (``hold`` set): the
+    window in which a concurrent ReserveAddresses with force commits."""
+
+    hold: asyncio.Event | None = None
+    paused: asyncio.Event | None = None
+
+    async def _give_back(self, conn, pool, owner, ip):
+        if self.hold is not None:
+            self.paused.set()
+            await self.hold.wait()
+        return await super()._give_back(conn, pool, owner, ip)
+
+
+def test_an_address_reserved_with_force_while_its_release_runs_stays_reserved(clean_db):
+    """Found by review: the full path's release decided from the layout it read when it started
+    (free the bit, or retire a reserved address), so a reservation with force that committed in
+    between (it saw the allocation, not yet deleted, and left the bit alone) was undone: the
+    reserved address was freed (fsck: held but not marked taken) and handed out again."""
+    async def main():
+        store = _PausingRelease(create_engine(clean_db, pool_size=3, max_overflow=2))
+        try:
+            await store.create_pool(build_pool_spec("race2", [RangeInput("198.18.5.0/29")], {}, 0))
+            info, _ = await store.allocate(pool="race2", owner="x", policy=Policy.SINGLE_STACK, families=(),
+                                           addresses=(), attributes={})
+            x = info.addresses[0].ip
+            store.hold, store.paused = asyncio.Event(), asyncio.Event()
+            release = asyncio.create_task(store.release(pool="race2", owner="x", families=()))
+            await asyncio.wait_for(store.paused.wait(), 5)
+            reserve = asyncio.create_task(store.reserve_addresses("race2", [x], True))
+            await asyncio.wait([reserve], timeout=1.0)  # commits here unless the release holds the block
+            store.hold.set()
+            assert [a.ip for a in await release] == [x]
+            await reserve
+            store.hold = None
+            assert await store.fsck("race2") == []
+            handed = []
+            for i in range(10):
+                try:
+                    info, _ = await store.allocate(pool="race2", owner=f"y{i}", policy=Policy.SINGLE_STACK,
+                                                   families=(), addresses=(), attributes={})
+                except Exception as exc:  # noqa: BLE001 - exhausted: checked below
+                    assert type(exc).__name__ == "PoolExhausted", exc
+                    break
+                handed.append(info.addresses[0].ip)
+            assert x not in handed
+            assert await store.fsck("race2") == []
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+class _PausingReservation(Store):
+    """Store whose ReserveAddresses pauses once it holds the blocks' locks (``hold`` set)."""
+
+    hold: asyncio.Event | None = None
+    paused: asyncio.Event | None = None
+
+    async def _held_in_all(self, conn, pool_id, nets):
+        if self.hold is not None:
+            self.paused.set()
+            await self.hold.wait()
+        return await super()._held_in_all(conn, pool_id, nets)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["full", "fast"])
+def test_a_release_that_waits_for_a_reservation_with_force_retires_the_address(clean_db, fast):
+    """The other order: the release reaches the block while the reservation holds it; when it gets
+    the lock, it must see the reservation's new pool version (read by a statement of its own: a
+    row joined to the locked block is the one of the statement's snapshot, from before the wait)."""
+    async def main():
+        store = _PausingReservation(create_engine(clean_db, pool_size=3, max_overflow=2))
+        if fast:
+            store.fast = FastPath(clean_db, pool_size=2)
+        try:
+            await store.create_pool(build_pool_spec("race3", [RangeInput("198.18.6.0/29")], {}, 0))
+            info, _ = await store.allocate(pool="race3", owner="x", policy=Policy.SINGLE_STACK, families=(),
+                                           addresses=(), attributes={})
+            x = info.addresses[0].ip
+            await store.get_pool("race3")  # the layout of this version is cached
+            store.hold, store.paused = asyncio.Event(), asyncio.Event()
+            reserve = asyncio.create_task(store.reserve_addresses("race3", [x], True))
+            await asyncio.wait_for(store.paused.wait(), 5)
+            release = asyncio.create_task(store.release(pool="race3", owner="x", families=()))
+            await asyncio.wait([release], timeout=1.0)  # waits for the block
+            store.hold.set()
+            await reserve
+            assert [a.ip for a in await release] == [x]
+            store.hold = None
+            assert await store.fsck("race3") == []
+            usage = (await store.get_pool("race3")).usage[0]
+            assert x not in [a.ip for i in range(usage.free) for a in (await store.allocate(
+                pool="race3", owner=f"y{i}", policy=Policy.SINGLE_STACK, families=(), addresses=(),
+                attributes={}))[0].addresses]
+            assert await store.fsck("race3") == []
+        finally:
+            await store.close()
+
+    asyncio.run(main())

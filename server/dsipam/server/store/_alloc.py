@@ -153,6 +153,10 @@ _SQL_FREE_BIT = text(
      WHERE range_id = :range AND base = CAST(:base AS cidr) AND get_bit(bitmap, :bit) = 1
     """
 )
+# The block of an address given back, locked; then its pool's version, by a statement of its own
+# (see _give_back: a row joined to the locked one would be the one of the snapshot before the wait).
+_SQL_LOCK_BLOCK = text("SELECT 1 FROM ipam_blocks WHERE range_id = :range AND base = CAST(:base AS cidr) FOR UPDATE")
+_SQL_POOL_VERSION = text("SELECT version FROM ipam_pools WHERE id = :pool")
 # A released address that is now reserved: its bit stays set and it stops counting as usable.
 _SQL_RETIRE_BIT = text(
     "UPDATE ipam_blocks SET avail_count = avail_count - 1 WHERE range_id = :range AND base = CAST(:base AS cidr)"
@@ -645,7 +649,20 @@ class AllocationStore(StoreBase):
                 {**params, "pool": pool.id, "ip": ip, "family": int(rng.spec.family), "owner": owner,
                  "seconds": pool.cooldown_ms / 1000},
             )
-        elif rng.spec.is_available(value):
+            return
+        # Freed or retired: decided under the block's lock from the layout of the pool's version
+        # then. A reservation locks the block before it reads what is held: one that committed since
+        # ``pool`` was read (it saw this allocation and left the bit alone) is in the newer layout.
+        await conn.execute(_SQL_LOCK_BLOCK, params)
+        version = (await conn.execute(_SQL_POOL_VERSION, {"pool": pool.id})).scalar()
+        if version is not None and version != pool.version:
+            pool = await self._load_pool(conn, pool.name)
+            rng = pool.range_holding(addr)
+            if rng is None:
+                return
+            base = rng.spec.block_base(value)
+            params = {"range": rng.id, "base": rng.spec.block_cidr(base)}
+        if rng.spec.is_available(value):
             await conn.execute(_SQL_FREE_BIT, {**params, "bit": value - base})
         else:  # reserved with force while allocated: never handed out again
             await conn.execute(_SQL_RETIRE_BIT, params)
