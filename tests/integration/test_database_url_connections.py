@@ -38,3 +38,44 @@ def test_url_parameters_reach_every_connection(clean_db: str) -> None:
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_sslmode_require_fails_on_every_connection_and_says_why(clean_db, caplog):
+    """This PostgreSQL has SSL off: sslmode=require must reach, and fail, every connection (not
+    fall back to plain TCP), and `dsipam serve`'s start-up line must say why (it said only
+    'unreachable at start-up', the cause of a misconfiguration nowhere on that line)."""
+    import logging
+
+    import asyncpg
+    import pytest
+
+    from dsipam.server.cli import _prepare_schema
+    from dsipam.server.domain import DatabaseUnavailable
+
+    url = clean_db + "?sslmode=require&connect_timeout=3"
+
+    async def main() -> None:
+        engine = create_engine(url, pool_size=1, max_overflow=0)
+        fast = FastPath(url, pool_size=1)
+        try:
+            from dsipam.server.store.db import unavailable_on_disconnect
+
+            with pytest.raises(DatabaseUnavailable) as caught:
+                with unavailable_on_disconnect():
+                    async with engine.connect():
+                        pass
+            assert "rejected SSL upgrade" in str(caught.value.__cause__)
+            with pytest.raises(DatabaseUnavailable) as caught:
+                await fast.fetch("SELECT 1")
+            assert "rejected SSL upgrade" in str(caught.value.__cause__)
+            with pytest.raises(ConnectionError, match="rejected SSL upgrade"):
+                await asyncpg.connect(asyncpg_dsn(url), **session_args(url, "dsipam-watch", 10))
+        finally:
+            await fast.close()
+            await engine.dispose()
+
+    asyncio.run(main())
+    with caplog.at_level(logging.ERROR, logger="dsipam.server"):
+        _prepare_schema(url, migrate=False)
+    assert any("unreachable at start-up" in r.getMessage() and "rejected SSL upgrade" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -209,7 +209,8 @@ def _prepare_schema(url: str, migrate: bool) -> None:
         if migrate or "does not exist" in str(exc.__cause__):  # a missing database will not come up by itself
             raise
         # It may come up later: serve NOT_SERVING / UNAVAILABLE until then (one log line per change).
-        log.error("database %s unreachable at start-up: its schema is not checked", _shown(url))
+        cause = str(exc.__cause__ or exc).splitlines()[0] if str(exc.__cause__ or exc) else repr(exc.__cause__)
+        log.error("database %s unreachable at start-up (%s): its schema is not checked", _shown(url), cause)
         return
     if migrate and not state.up_to_date and state.known:
         upgrade(url)
