@@ -97,6 +97,20 @@ def test_held_reservation_orders_keep_fsck_clean(clean_db, fast):
     asyncio.run(main())
 
 
+
+async def _handed_out(store, pool: str) -> list[str]:
+    """Allocates single addresses of pool until it is exhausted (at most 10): what it hands out."""
+    handed = []
+    for i in range(10):
+        try:
+            info, _ = await store.allocate(pool=pool, owner=f"y{i}", policy=Policy.SINGLE_STACK,
+                                           families=(), addresses=(), attributes={})
+        except Exception as exc:  # noqa: BLE001 - exhausted: checked here
+            assert type(exc).__name__ == "PoolExhausted", exc
+            break
+        handed.append(info.addresses[0].ip)
+    return handed
+
 class _PausingStore(Store):
     """Store whose cooldown reclaim pauses right after it read a pool's layout (``hold`` set): the
     window in which a concurrent ReserveAddresses commits."""
@@ -136,16 +150,7 @@ def test_an_address_reserved_while_its_cooldown_is_reclaimed_stays_reserved(clea
             await reserve
             store.hold = None
             assert await store.fsck("race") == []
-            handed = []
-            for i in range(10):
-                try:
-                    info, _ = await store.allocate(pool="race", owner=f"y{i}", policy=Policy.SINGLE_STACK,
-                                                   families=(), addresses=(), attributes={})
-                except Exception as exc:  # noqa: BLE001 - exhausted: checked below
-                    assert type(exc).__name__ == "PoolExhausted", exc
-                    break
-                handed.append(info.addresses[0].ip)
-            assert x not in handed
+            assert x not in await _handed_out(store, "race")
             assert await store.fsck("race") == []
         finally:
             await store.close()
@@ -189,16 +194,7 @@ def test_an_address_reserved_with_force_while_its_release_runs_stays_reserved(cl
             await reserve
             store.hold = None
             assert await store.fsck("race2") == []
-            handed = []
-            for i in range(10):
-                try:
-                    info, _ = await store.allocate(pool="race2", owner=f"y{i}", policy=Policy.SINGLE_STACK,
-                                                   families=(), addresses=(), attributes={})
-                except Exception as exc:  # noqa: BLE001 - exhausted: checked below
-                    assert type(exc).__name__ == "PoolExhausted", exc
-                    break
-                handed.append(info.addresses[0].ip)
-            assert x not in handed
+            assert x not in await _handed_out(store, "race2")
             assert await store.fsck("race2") == []
         finally:
             await store.close()
