@@ -160,6 +160,7 @@ class _Request:
 class _ReadQueue:
     waiting: list[tuple[Any, asyncio.Future[list[Any]]]] = field(default_factory=list)  # (item, caller)
     inflight: int = 0
+    single_sql: str | None = None  # the statement for a batch of one item (fetch_shared)
 
 
 @dataclass
@@ -210,7 +211,6 @@ class FastPath:
         self._starting: asyncio.Lock | None = None
         self._queues: dict[tuple[str, str, int], _PoolQueue] = {}
         self._reads: dict[tuple[str, str, bool], _ReadQueue] = {}
-        self._single: dict[tuple[str, str, bool], str] = {}  # a read's statement for a batch of one item
         self.read_batches = 0  # shared reads sent (see fetch_shared)
         self.read_requests = 0  # callers they answered
         self.batches = 0  # batches the database answered
@@ -413,9 +413,7 @@ class FastPath:
         key = (sql, name, items)
         queue = self._reads.get(key)
         if queue is None:
-            queue = self._reads[key] = _ReadQueue()
-            if single_sql is not None:
-                self._single[key] = single_sql
+            queue = self._reads[key] = _ReadQueue(single_sql=single_sql)
         caller: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         queue.waiting.append((item, caller))
         if queue.inflight < self.max_inflight:
@@ -432,7 +430,7 @@ class FastPath:
                 statement, args = sql, (name,)
                 if items:
                     unique = list(dict.fromkeys(item for item, _ in batch))
-                    single = self._single.get(key)
+                    single = queue.single_sql
                     statement, args = (single, (name, unique[0])) if len(unique) == 1 and single else (sql, (name, unique))
                 try:
                     rows = await self.fetch(statement, *args,
@@ -463,7 +461,6 @@ class FastPath:
                 queue.waiting.clear()
             if not queue.waiting and queue.inflight == 0 and self._reads.get(key) is queue:
                 del self._reads[key]
-                self._single.pop(key, None)
 
     async def _call(self, kind: str, pool_name: str, version: int, batch: list[_Request]) -> list[Any]:
         columns = [list(col) for col in zip(*(r.args for r in batch), strict=True)]
