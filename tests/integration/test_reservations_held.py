@@ -32,8 +32,8 @@ def test_held_reservation_orders_keep_fsck_clean(clean_db, fast):
                 assert await store.fsck("held") == [], step
 
             async def cool_off():
-                await asyncio.sleep(COOLDOWN_MS / 1000 + 0.1)
-                await store.reclaim_cooldowns()
+                await _cooldowns_over(store)
+                assert await store.reclaim_cooldowns() == 3  # a, b and d
 
             # a: reserved with force while allocated, released (cooling), unreserved while cooling, reclaimed.
             await store.reserve_addresses("held", [ip["a"]], True)
@@ -111,6 +111,20 @@ async def _handed_out(store, pool: str) -> list[str]:
         handed.append(info.addresses[0].ip)
     return handed
 
+
+async def _cooldowns_over(store) -> None:
+    """Waits until every cooldown has passed by the database's clock (the one the reclaim reads;
+    a step of the machine's clock can put it behind a sleep of the test), at most 10 s."""
+    from sqlalchemy import text
+
+    for _ in range(200):
+        async with store.engine.connect() as conn:
+            if not (await conn.execute(text("SELECT 1 FROM ipam_cooldowns WHERE until > now()"))).first():
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("a cooldown of at most 150 ms was not over after 10 s")
+
+
 class _PausingStore(Store):
     """Store whose cooldown reclaim pauses right after it read a pool's layout (``hold`` set): the
     window in which a concurrent ReserveAddresses commits."""
@@ -139,10 +153,12 @@ def test_an_address_reserved_while_its_cooldown_is_reclaimed_stays_reserved(clea
                                            addresses=(), attributes={})
             x = info.addresses[0].ip
             await store.release(pool="race", owner="x", families=())
-            await asyncio.sleep(0.2)  # its cooldown is over
+            await _cooldowns_over(store)
             store.hold, store.paused = asyncio.Event(), asyncio.Event()
             reclaim = asyncio.create_task(store.reclaim_cooldowns())
-            await asyncio.wait_for(store.paused.wait(), 5)
+            paused = asyncio.create_task(store.paused.wait())
+            await asyncio.wait([reclaim, paused], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert paused.done(), f"the reclaim never read the layout: {reclaim}"
             reserve = asyncio.create_task(store.reserve_addresses("race", [x], False))
             await asyncio.wait([reserve], timeout=1.0)  # commits here unless the reclaim holds the block
             store.hold.set()
