@@ -33,7 +33,7 @@ def test_held_reservation_orders_keep_fsck_clean(clean_db, fast):
 
             async def cool_off():
                 await _cooldowns_over(store)
-                assert await store.reclaim_cooldowns() == 3  # a, b and d
+                assert await store.reclaim_cooldowns() == 4  # a, b, c and d
 
             # a: reserved with force while allocated, released (cooling), unreserved while cooling, reclaimed.
             await store.reserve_addresses("held", [ip["a"]], True)
