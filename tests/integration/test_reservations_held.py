@@ -112,6 +112,21 @@ async def _handed_out(store, pool: str) -> list[str]:
     return handed
 
 
+async def _until_paused(store, task: asyncio.Task) -> None:
+    """Waits (at most 30 s) until ``task`` pauses in the store's hook; fails, with what the task
+    did, when it ends without reaching the hook."""
+    paused = asyncio.create_task(store.paused.wait())
+    await asyncio.wait([task, paused], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    assert paused.done(), f"the call ended without reaching the pause: {task}"
+
+
+async def _kept_reserved(store, pool: str, ip: str) -> None:
+    """fsck is clean, and the pool hands out every address it has but ``ip``."""
+    assert await store.fsck(pool) == []
+    assert ip not in await _handed_out(store, pool)
+    assert await store.fsck(pool) == []
+
+
 async def _cooldowns_over(store) -> None:
     """Waits until every cooldown has passed by the database's clock (the one the reclaim reads;
     a step of the machine's clock can put it behind a sleep of the test), at most 10 s."""
@@ -156,18 +171,14 @@ def test_an_address_reserved_while_its_cooldown_is_reclaimed_stays_reserved(clea
             await _cooldowns_over(store)
             store.hold, store.paused = asyncio.Event(), asyncio.Event()
             reclaim = asyncio.create_task(store.reclaim_cooldowns())
-            paused = asyncio.create_task(store.paused.wait())
-            await asyncio.wait([reclaim, paused], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-            assert paused.done(), f"the reclaim never read the layout: {reclaim}"
+            await _until_paused(store, reclaim)
             reserve = asyncio.create_task(store.reserve_addresses("race", [x], False))
             await asyncio.wait([reserve], timeout=1.0)  # commits here unless the reclaim holds the block
             store.hold.set()
             assert await reclaim == 1
             await reserve
             store.hold = None
-            assert await store.fsck("race") == []
-            assert x not in await _handed_out(store, "race")
-            assert await store.fsck("race") == []
+            await _kept_reserved(store, "race", x)
         finally:
             await store.close()
 
@@ -202,16 +213,14 @@ def test_an_address_reserved_with_force_while_its_release_runs_stays_reserved(cl
             x = info.addresses[0].ip
             store.hold, store.paused = asyncio.Event(), asyncio.Event()
             release = asyncio.create_task(store.release(pool="race2", owner="x", families=()))
-            await asyncio.wait_for(store.paused.wait(), 5)
+            await _until_paused(store, release)
             reserve = asyncio.create_task(store.reserve_addresses("race2", [x], True))
             await asyncio.wait([reserve], timeout=1.0)  # commits here unless the release holds the block
             store.hold.set()
             assert [a.ip for a in await release] == [x]
             await reserve
             store.hold = None
-            assert await store.fsck("race2") == []
-            assert x not in await _handed_out(store, "race2")
-            assert await store.fsck("race2") == []
+            await _kept_reserved(store, "race2", x)
         finally:
             await store.close()
 
@@ -248,19 +257,14 @@ def test_a_release_that_waits_for_a_reservation_with_force_retires_the_address(c
             await store.get_pool("race3")  # the layout of this version is cached
             store.hold, store.paused = asyncio.Event(), asyncio.Event()
             reserve = asyncio.create_task(store.reserve_addresses("race3", [x], True))
-            await asyncio.wait_for(store.paused.wait(), 5)
+            await _until_paused(store, reserve)
             release = asyncio.create_task(store.release(pool="race3", owner="x", families=()))
             await asyncio.wait([release], timeout=1.0)  # waits for the block
             store.hold.set()
             await reserve
             assert [a.ip for a in await release] == [x]
             store.hold = None
-            assert await store.fsck("race3") == []
-            usage = (await store.get_pool("race3")).usage[0]
-            assert x not in [a.ip for i in range(usage.free) for a in (await store.allocate(
-                pool="race3", owner=f"y{i}", policy=Policy.SINGLE_STACK, families=(), addresses=(),
-                attributes={}))[0].addresses]
-            assert await store.fsck("race3") == []
+            await _kept_reserved(store, "race3", x)
         finally:
             await store.close()
 
