@@ -406,7 +406,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=4, help="ghz's HTTP/2 connections")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
-    p.add_argument("--status-rate", type=float, default=500,
+    p.add_argument("--status-rate", type=int, default=500,
                    help="then GetPool at this rate with ghz (CNI STATUS of 5,000 nodes every 10 s: 500/s; 0: skip)")
     p.add_argument("--status-seconds", type=float, default=20)
     p.add_argument("--db-socket", metavar="DIR", help="servers reach PostgreSQL over the Unix socket in DIR")
