@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from dsipam.v1 import ipam_pb2 as pb
 
@@ -94,9 +94,20 @@ def _timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
-def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:
-    spec = info.spec
-    return pb.Pool(
+# The part of a Pool message that comes from its spec alone (name, ranges, labels, network), built
+# once per spec object and copied into each answer: the store hands out one PoolSpec per cached
+# layout (StoredPool.spec), so GetPool of an unchanged pool converts no range again (the ranges'
+# text forms cost ~0.15 ms a call; docs/performance.md, "Cost per call"). Keyed by id() with the
+# spec itself kept, so a reused id of a dead spec never matches; cleared when it grows past the bound.
+_SPEC_PARTS: dict[int, tuple[domain.PoolSpec, pb.Pool]] = {}
+_SPEC_PARTS_MAX = 1024
+
+
+def _spec_part(spec: domain.PoolSpec) -> pb.Pool:
+    entry = _SPEC_PARTS.get(id(spec))
+    if entry is not None and entry[0] is spec:
+        return entry[1]
+    part = pb.Pool(
         name=spec.name,
         ranges=[
             pb.IpRange(
@@ -110,23 +121,33 @@ def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:
             for r in spec.ranges
         ],
         labels=dict(spec.labels),
-        usage=[
-            pb.FamilyUsage(
-                family=_FAMILY_TO_PB[u.family],
-                size=min(u.size, UINT64_MAX),
-                allocated=min(u.allocated, UINT64_MAX),
-                free=min(u.free, UINT64_MAX),
-                cooldown=min(u.cooldown, UINT64_MAX),
-                reserved=min(u.reserved, UINT64_MAX),
-            )
-            for u in info.usage
-        ],
-        create_time=_timestamp(info.create_time),
-        cooldown=duration_pb2.Duration(seconds=info.cooldown_ms // 1000, nanos=(info.cooldown_ms % 1000) * 1_000_000),
-        reservations=list(info.reservations),
-        node_affinity=pb.NODE_AFFINITY_STRICT if info.strict_affinity else pb.NODE_AFFINITY_BORROW,
         network=spec.network,
     )
+    if len(_SPEC_PARTS) >= _SPEC_PARTS_MAX:
+        _SPEC_PARTS.clear()
+    _SPEC_PARTS[id(spec)] = (spec, part)
+    return part
+
+
+def pool_to_pb(info: domain.PoolInfo) -> pb.Pool:
+    out = pb.Pool()
+    out.CopyFrom(_spec_part(info.spec))
+    usage = out.usage
+    for u in info.usage:
+        usage.add(
+            family=_FAMILY_TO_PB[u.family],
+            size=min(u.size, UINT64_MAX),
+            allocated=min(u.allocated, UINT64_MAX),
+            free=min(u.free, UINT64_MAX),
+            cooldown=min(u.cooldown, UINT64_MAX),
+            reserved=min(u.reserved, UINT64_MAX),
+        )
+    out.create_time.CopyFrom(_timestamp(info.create_time))
+    out.cooldown.SetInParent()  # present when zero, as before
+    out.cooldown.seconds, out.cooldown.nanos = info.cooldown_ms // 1000, (info.cooldown_ms % 1000) * 1_000_000
+    out.reservations.extend(info.reservations)
+    out.node_affinity = pb.NODE_AFFINITY_STRICT if info.strict_affinity else pb.NODE_AFFINITY_BORROW
+    return out
 
 
 def address_to_pb(a: domain.AddressInfo) -> pb.Address:

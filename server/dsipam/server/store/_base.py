@@ -92,8 +92,9 @@ class StoredPool:
     strict_affinity: bool = False
     network: str = ""  # changes only with the version (migration 0012), so a cached layout keeps it
 
-    @property
+    @cached_property
     def spec(self) -> PoolSpec:
+        """One PoolSpec per cached layout (the conversion to protobuf keeps its ranges' part by it)."""
         return PoolSpec(
             name=self.name,
             ranges=tuple(r.spec for r in self.ranges),
@@ -110,6 +111,15 @@ class StoredPool:
 
     def ranges_of(self, family: Family) -> list[StoredRange]:
         return [r for r in self.ranges if r.spec.family is family]
+
+    @cached_property
+    def sizes(self) -> dict[Family, int]:
+        """The addresses the ranges of each family can hand out (excludes and reservations taken out)."""
+        return {f: sum(r.spec.size for r in self.ranges_of(f)) for f in self.families}
+
+    @cached_property
+    def reservation_texts(self) -> tuple[str, ...]:
+        return tuple(str(r) for r in self.reservations)
 
     def range_by_id(self, range_id: int) -> StoredRange | None:
         return next((r for r in self.ranges if r.id == range_id), None)
@@ -718,15 +728,13 @@ def usage_of(pool: StoredPool, rows: Sequence[Any]) -> tuple[FamilyUsage, ...]:
         if row["family"] is None:  # a pool without ranges (the LEFT JOIN of SQL_READ_POOL)
             continue
         fam = Family(row["family"])
-        effective = sum(r.spec.size for r in pool.ranges_of(fam))
         size = int(row["size"])
-        by_family[fam] = FamilyUsage(fam, size, int(row["used"]), int(row["cooling"]), size - effective)
+        by_family[fam] = FamilyUsage(fam, size, int(row["used"]), int(row["cooling"]), size - pool.sizes.get(fam, 0))
     return tuple(by_family[f] for f in pool.families if f in by_family)
 
 
 def pool_info(pool: StoredPool, usage: tuple[FamilyUsage, ...]) -> PoolInfo:
-    return PoolInfo(pool.spec, usage, pool.create_time, pool.cooldown_ms, tuple(str(r) for r in pool.reservations),
-                    pool.strict_affinity)
+    return PoolInfo(pool.spec, usage, pool.create_time, pool.cooldown_ms, pool.reservation_texts, pool.strict_affinity)
 
 
 def allocation_info(
