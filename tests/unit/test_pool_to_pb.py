@@ -43,7 +43,7 @@ def _pool(name: str, third: int, labels: dict[str, str], cooldown_ms: int, stric
     if six:
         ranges.append(build_range(cidr=f"fd00:{third + 1:x}::/120", first=f"fd00:{third + 1:x}::10"))
     stored = tuple(StoredRange(i + 1, r, r.size) for i, r in enumerate(ranges))
-    return StoredPool(1, name, labels, dt.datetime(2026, 12, 5, 14, 0, tzinfo=dt.timezone.utc), cooldown_ms, version,
+    return StoredPool(1, name, labels, dt.datetime(2026, 12, 5, 14, 0, tzinfo=dt.UTC), cooldown_ms, version,
                       stored, (), strict)
 
 
