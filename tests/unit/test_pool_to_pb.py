@@ -5,6 +5,8 @@ anew gives, for any pool, and a new spec (a new layout) must never get an older 
 from __future__ import annotations
 
 import datetime as dt
+import gc
+import weakref
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,29 +76,38 @@ def test_pool_answers_equal_a_conversion_of_every_field(name, third, labels, coo
 def test_a_new_layout_never_answers_with_the_old_layouts_ranges():
     old = _pool("p", 1, {"a": "1"}, 0, False, True, False)
     assert [r.cidr for r in convert.pool_to_pb(pool_info(old, ())).ranges] == ["198.18.1.0/24", "fd00:2::/120"]
-    old_spec = old.spec
+    # Each new layout of the same pool (another version: a range gone, labels changed) is made after
+    # the previous one is dropped, so its spec's id() may be the dead one's: the answer must still be
+    # the new layout's.
     del old
-    # A new layout of the same pool (another version: a range gone, labels changed); the old spec is
-    # dropped first, so its id() may be reused by the new one's.
     for i in range(50):
         new = _pool("p", 1, {"a": str(i)}, 0, False, False, True, version=2 + i)
         answer = convert.pool_to_pb(pool_info(new, ()))
         assert [r.cidr for r in answer.ranges] == ["198.18.1.0/24"]
         assert list(answer.ranges[0].exclude) == ["198.18.1.128/30"]
         assert dict(answer.labels) == {"a": str(i)}
-    assert old_spec.name == "p"
+        del new, answer
 
 
 def test_one_layout_converts_its_ranges_once():
     pool = _pool("p", 3, {}, 0, False, True, False)
     assert pool.spec is pool.spec  # one spec per cached layout: the key of the kept part
     first = convert.pool_to_pb(pool_info(pool, ()))
-    assert convert._SPEC_PARTS[id(pool.spec)][0] is pool.spec  # noqa: SLF001
+    kept = convert._SPEC_PARTS[id(pool.spec)]  # noqa: SLF001
     assert convert.pool_to_pb(pool_info(pool, ())) == first
+    assert convert._SPEC_PARTS[id(pool.spec)] is kept  # noqa: SLF001
 
 
-def test_the_kept_parts_are_bounded():
-    pools = [_pool(f"p{i}", i % 250, {}, 0, False, False, False) for i in range(convert._SPEC_PARTS_MAX + 10)]  # noqa: SLF001
+def test_a_kept_part_never_keeps_its_layout_alive():
+    """A superseded layout (every Reserve, label change or range edit makes one) is freed as soon as
+    nothing else holds it, and its part goes with it: the kept parts are the live specs' only."""
+    before = len(convert._SPEC_PARTS)  # noqa: SLF001
+    pools = [_pool(f"p{i}", i % 250, {}, 0, False, True, False) for i in range(300)]
+    refs = [weakref.ref(p.spec.ranges[0]) for p in pools]
     for p in pools:
         assert convert.pool_to_pb(pool_info(p, ())).name == p.name
-    assert len(convert._SPEC_PARTS) <= convert._SPEC_PARTS_MAX  # noqa: SLF001
+    assert len(convert._SPEC_PARTS) == before + 300  # noqa: SLF001
+    del pools, p
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(convert._SPEC_PARTS) == before  # noqa: SLF001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import weakref
 
 from google.protobuf import timestamp_pb2
 
@@ -97,16 +98,17 @@ def _timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
 # The part of a Pool message that comes from its spec alone (name, ranges, labels, network), built
 # once per spec object and copied into each answer: the store hands out one PoolSpec per cached
 # layout (StoredPool.spec), so GetPool of an unchanged pool converts no range again (the ranges'
-# text forms cost ~0.15 ms a call; docs/performance.md, "Cost per call"). Keyed by id() with the
-# spec itself kept, so a reused id of a dead spec never matches; cleared when it grows past the bound.
-_SPEC_PARTS: dict[int, tuple[domain.PoolSpec, pb.Pool]] = {}
-_SPEC_PARTS_MAX = 1024
+# text forms cost ~0.15 ms a call; docs/performance.md, "Cost per call"). Keyed by id(spec); the
+# entry is removed when the spec is freed (weakref.finalize), so it never outlives its layout nor
+# keeps it alive, and a reused id never finds a dead spec's part. PoolSpec holds a dict (labels),
+# so it is not hashable and a WeakKeyDictionary cannot hold it.
+_SPEC_PARTS: dict[int, pb.Pool] = {}
 
 
 def _spec_part(spec: domain.PoolSpec) -> pb.Pool:
-    entry = _SPEC_PARTS.get(id(spec))
-    if entry is not None and entry[0] is spec:
-        return entry[1]
+    part = _SPEC_PARTS.get(id(spec))
+    if part is not None:
+        return part
     part = pb.Pool(
         name=spec.name,
         ranges=[
@@ -123,9 +125,9 @@ def _spec_part(spec: domain.PoolSpec) -> pb.Pool:
         labels=dict(spec.labels),
         network=spec.network,
     )
-    if len(_SPEC_PARTS) >= _SPEC_PARTS_MAX:
-        _SPEC_PARTS.clear()
-    _SPEC_PARTS[id(spec)] = (spec, part)
+    key = id(spec)
+    _SPEC_PARTS[key] = part
+    weakref.finalize(spec, _SPEC_PARTS.pop, key, None).atexit = False
     return part
 
 
