@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import inspect
+import ipaddress
 
 import pytest
 from hypothesis import given, settings
@@ -97,3 +98,45 @@ def test_fill_allocation_equals_a_conversion_by_constructors(a):
     page = pb.ListAllocationsResponse()
     convert.fill_allocation(page.allocations.add(), a)
     assert page.allocations[0] == want
+
+
+def _two_family_pool():
+    from dsipam.server.domain._ranges import build_range
+    from dsipam.server.store._base import StoredPool, StoredRange
+
+    ranges = [build_range(cidr="198.18.0.0/24", gateway="198.18.0.1"), build_range(cidr="198.19.4.0/26"),
+              build_range(cidr="fd00:1::/120", gateway="fd00:1::1")]
+    stored = tuple(StoredRange(i + 1, r, r.size) for i, r in enumerate(ranges))
+    return StoredPool(1, "p", {}, dt.datetime(2026, 12, 6, tzinfo=dt.UTC), 0, 1, stored, ())
+
+
+_POOL = _two_family_pool()
+near = st.one_of(
+    st.integers(int(ipaddress.ip_address("198.17.255.250")), int(ipaddress.ip_address("198.19.4.70")))
+    .map(ipaddress.IPv4Address),
+    st.integers(int(ipaddress.ip_address("fd00:0:ffff:ffff:ffff:ffff:ffff:fff0")),
+                int(ipaddress.ip_address("fd00:1::200"))).map(ipaddress.IPv6Address),
+    st.ip_addresses(),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(ip=near)
+def test_address_info_of_postgresql_text_equals_that_of_the_address(ip):
+    """A row's address arrives as PostgreSQL's text; its answer must be the one the address object gets
+    (prefix length and gateway of the range holding it, or the family's full length outside every range)."""
+    got = _POOL.address_info(str(ip))
+    assert got == _POOL.address_info(ip)
+    in_range = next((r.spec for r in _POOL.ranges if ip in r.spec.network), None)
+    assert got.prefix_length == (in_range.prefix_length if in_range else ip.max_prefixlen)
+    assert got.gateway == (str(in_range.gateway) if in_range and in_range.gateway else "")
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_address_info_at_each_ranges_edges(offset):
+    for r in _POOL.ranges:
+        for edge in (r.spec.network.network_address, r.spec.network.broadcast_address):
+            ip = edge + offset
+            assert _POOL.address_info(str(ip)) == _POOL.address_info(ip)
+            assert _POOL.address_info(str(ip)).prefix_length == (
+                r.spec.prefix_length if ip in r.spec.network else ip.max_prefixlen)

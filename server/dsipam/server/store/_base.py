@@ -149,16 +149,26 @@ class StoredPool:
     def address_info(self, value: IPAddress | str) -> AddressInfo:
         """What a caller is told of an address: from an address object, or from PostgreSQL's
         text of one (parsed by the C library, not by ``ipaddress``: this runs on every answer)."""
-        if isinstance(value, str):
-            fam = Family.IPV6 if ":" in value else Family.IPV4
-            ip = value
-            n = int.from_bytes(socket.inet_pton(socket.AF_INET6 if fam is Family.IPV6 else socket.AF_INET, value))
-        else:
-            fam, ip, n = Family(value.version), str(value), int(value)
-        bound = self._bound_of(fam, n)
-        if bound is None:  # a range was removed under a live allocation; report what is known
+        if isinstance(value, str):  # the bound search inlined: ~0.3 µs of ~0.8 per address
+            if ":" in value:
+                fam, n = _IPV6, _from_bytes(_inet_pton(_AF_INET6, value))
+            else:
+                fam, n = _IPV4, _from_bytes(_inet_pton(_AF_INET, value))
+            for bound in self._bounds[fam]:
+                if bound[0] <= n <= bound[1]:
+                    return AddressInfo(fam, value, bound[3], bound[4])
+            return AddressInfo(fam, value, fam.bits, "")  # a range was removed under a live allocation
+        fam, ip, n = Family(value.version), str(value), int(value)
+        found = self._bound_of(fam, n)
+        if found is None:  # a range was removed under a live allocation; report what is known
             return AddressInfo(fam, ip, fam.bits, "")
-        return AddressInfo(fam, ip, bound[3], bound[4])
+        return AddressInfo(fam, ip, found[3], found[4])
+
+
+_IPV4, _IPV6 = Family.IPV4, Family.IPV6
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+_inet_pton = socket.inet_pton
+_from_bytes = int.from_bytes
 
 
 # -- tokens -------------------------------------------------------------------------------
