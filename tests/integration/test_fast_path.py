@@ -246,3 +246,54 @@ def test_shared_read_callers_are_never_left_waiting(clean_db):
             await fast.close()
 
     asyncio.run(main())
+
+
+def test_top_up_creates_many_blocks_at_once_skipping_full_and_existing_ones(clean_db):
+    """top_up_blocks writes a range's spare blocks in one statement: blocks with nothing available
+    (excluded) are not made, a block that already exists (made for a specific address) is skipped
+    and not counted, it stops at the spare count and at the range's end, and every address the
+    range can hand out is then handed out exactly once."""
+    import asyncpg
+
+    from dsipam.server.store._fast import asyncpg_dsn
+
+    async def main():
+        store = await _store(clean_db)
+        conn = await asyncpg.connect(asyncpg_dsn(clean_db))
+        try:
+            # Blocks of 16: 198.18.0.0/26 is four blocks, the second wholly excluded; IPv6 the same.
+            await store.create_pool(build_pool_spec("top", [
+                RangeInput("198.18.0.0/26", exclude=["198.18.0.16/28"], block_size=16),
+                RangeInput("fd00::/122", exclude=["fd00::10/124"], block_size=16)], {}, 0))
+            # A specific address in the third block makes that block first, out of order.
+            await store.allocate(pool="top", owner="fixed", policy=Policy.REQUIRE_DUAL_STACK, families=(),
+                                 addresses=["198.18.0.40", "fd00::28"], attributes={})
+            for fam, first in ((Family.IPV4, "198.18.0.0/28"), (Family.IPV6, "fd00::/124")):
+                assert await store.top_up_blocks("top", fam, 2) == 1  # the existing third block counts as spare
+                assert await store.top_up_blocks("top", fam, 10) == 1  # the fourth; the range is then done
+                assert await store.top_up_blocks("top", fam, 10) == 0
+                bases = [str(r["base"]) for r in await conn.fetch(
+                    "SELECT base FROM ipam_blocks WHERE family = $1 ORDER BY base", int(fam))]
+                assert len(bases) == len(set(bases)) == 3 and bases[0] == first
+                assert await conn.fetchval(
+                    "SELECT next_block FROM ipam_ranges WHERE family = $1", int(fam)) is None
+            assert await store.fsck("top") == []
+            owners = [f"o{i}" for i in range(60)]
+            results = await asyncio.gather(*(
+                store.allocate(pool="top", owner=o, policy=Policy.REQUIRE_DUAL_STACK, families=(), addresses=(),
+                               attributes={}) for o in owners), return_exceptions=True)
+            ok = [r for r in results if not isinstance(r, Exception)]
+            assert all(isinstance(r, PoolExhausted) for r in results if isinstance(r, Exception))
+            # IPv4: 64 less the 16 excluded and the network and broadcast addresses (46), less the
+            # fixed pair's: the pairs end with IPv4.
+            assert len(ok) == 45
+            ips = [a.ip for info, _ in ok for a in info.addresses] + ["198.18.0.40", "fd00::28"]
+            assert len(ips) == len(set(ips)) == 92
+            v4 = {ip for ip in ips if "." in ip}
+            assert v4 == {f"198.18.0.{i}" for i in [*range(1, 16), *range(32, 63)]}
+            assert await store.fsck("top") == []
+        finally:
+            await conn.close()
+            await store.close()
+
+    asyncio.run(main())
