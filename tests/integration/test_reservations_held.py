@@ -269,3 +269,56 @@ def test_a_release_that_waits_for_a_reservation_with_force_retires_the_address(c
             await store.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("node", ["", "node-a"])
+def test_an_allocate_that_waits_for_a_reservations_range_lock_never_hands_out_the_reserved_address(
+        clean_db, node):
+    """A ReserveAddresses holds the range's lock while it runs; an Allocate that must make a new block
+    waits for that lock. When it gets it, the reservation has committed: the block must be made from
+    the new layout, without the reserved address (the lock statement's own view of the pool row is
+    from before its wait)."""
+    import asyncpg
+
+    from dsipam.server.store._fast import asyncpg_dsn
+
+    async def main():
+        store = Store(create_engine(clean_db, pool_size=4, max_overflow=4))
+        blocker = await asyncpg.connect(asyncpg_dsn(clean_db))
+        try:
+            await store.create_pool(build_pool_spec("wait", [RangeInput("198.18.4.0/24")], {}, 0))
+            pool_id = await blocker.fetchval("SELECT id FROM ipam_pools WHERE name = 'wait'")
+            # The reservation is made to stall, holding its locks, on a row that another transaction
+            # has inserted and not committed; the Allocate then queues on the range lock behind it.
+            stall = blocker.transaction()
+            await stall.start()
+            await blocker.execute("INSERT INTO ipam_reservations (pool_id, cidr) VALUES ($1, '198.18.4.1/32')",
+                                  pool_id)
+            reserve = asyncio.create_task(store.reserve_addresses("wait", ["198.18.4.1"], False))
+            await _waiting_for_a_lock(blocker, 1)
+            alloc = asyncio.create_task(store.allocate(pool="wait", owner="a", policy=Policy.SINGLE_STACK,
+                                                       families=(), addresses=(), attributes={}, node=node))
+            await _waiting_for_a_lock(blocker, 2)
+            await stall.rollback()
+            info = await reserve
+            got, created = await alloc
+            assert info.reservations == ("198.18.4.1/32",)
+            assert created and got.addresses[0].ip != "198.18.4.1"
+            assert await store.fsck("wait") == []
+        finally:
+            await blocker.close()
+            await store.close()
+
+    asyncio.run(main())
+
+
+async def _waiting_for_a_lock(conn, count: int) -> None:
+    """Until ``count`` other backends of this database wait for a lock."""
+    for _ in range(500):
+        await conn.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees its first snapshot
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"fewer than {count} backends came to wait for a lock")

@@ -116,8 +116,8 @@ _SQL_NODE_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 
 _SQL_LOCK_RANGE_SKIP = text(
     """
-    SELECT r.id, host(r.next_block) AS next_block, p.version
-      FROM ipam_ranges r JOIN ipam_pools p ON p.id = r.pool_id
+    SELECT r.id, host(r.next_block) AS next_block
+      FROM ipam_ranges r
      WHERE r.pool_id = :pool AND r.family = :family AND r.next_block IS NOT NULL
      ORDER BY r.position
      LIMIT 1
@@ -380,7 +380,7 @@ class AllocationStore(StoreBase):
             created = 0
             while have + created < spare:
                 rng = (await conn.execute(_SQL_LOCK_RANGE_SKIP, {"pool": stored.id, "family": int(family)})).first()
-                if rng is None or rng.version != stored.version:
+                if rng is None or not await self._layout_current(conn, stored):
                     break
                 created += await self._new_empty_blocks(conn, stored, rng.id, rng.next_block, spare - have - created)
             return created
@@ -494,6 +494,15 @@ class AllocationStore(StoreBase):
         if version != stored.version:
             raise Retry()
 
+    @staticmethod
+    async def _layout_current(conn: AsyncConnection, pool: StoredPool) -> bool:
+        """After a range row is locked: is ``pool``'s layout still the pool's? Read by a statement of
+        its own, so that it sees what committed while the lock was waited for: the lock statement's
+        join of the pool row is from its snapshot, taken before the wait, so a ReserveAddresses (or a
+        range change) that held the range and committed meanwhile would go unseen, and a new block
+        would be made from the old layout, with a just-reserved address free in it."""
+        return (await conn.execute(_SQL_POOL_VERSION, {"pool": pool.id})).scalar() == pool.version
+
     async def _take_any(self, conn: AsyncConnection, pool: StoredPool, fam: Family) -> IPAddress | None:
         params = {"pool": pool.id, "family": int(fam)}
         ip = (await conn.execute(_SQL_TAKE_SKIP, params)).scalar()
@@ -502,7 +511,7 @@ class AllocationStore(StoreBase):
         for lock_sql in (_SQL_LOCK_RANGE_SKIP, _SQL_LOCK_RANGE_WAIT):
             rng = (await conn.execute(lock_sql, params)).first()
             if rng is not None:
-                if rng.version != pool.version:  # ranges or reservations changed since we read the layout
+                if not await self._layout_current(conn, pool):
                     raise Retry()
                 got = await self._new_block(conn, pool, rng.id, rng.next_block)
                 if got is not None:
@@ -535,7 +544,7 @@ class AllocationStore(StoreBase):
                 rng = (await conn.execute(lock_sql, params)).first()
                 if rng is None:
                     break
-                if rng.version != pool.version:
+                if not await self._layout_current(conn, pool):
                     raise Retry()
                 got = await self._new_block(conn, pool, rng.id, rng.next_block, node)
                 if got is not None:
@@ -619,14 +628,8 @@ class AllocationStore(StoreBase):
         """Creates the block at ``base`` if it does not exist yet (for a specific address)."""
         # Share-lock the range row: a concurrent ReserveAddresses (which updates it) is then
         # either fully before us, and our layout version is stale, or fully after.
-        version = (
-            await conn.execute(
-                text("SELECT p.version FROM ipam_ranges r JOIN ipam_pools p ON p.id = r.pool_id "
-                     "WHERE r.id = :range FOR SHARE OF r"),
-                {"range": rng.id},
-            )
-        ).scalar()
-        if version != pool.version:
+        await conn.execute(text("SELECT 1 FROM ipam_ranges WHERE id = :range FOR SHARE"), {"range": rng.id})
+        if not await self._layout_current(conn, pool):
             raise Retry()
         bitmap, free = rng.spec.block_mask(base)
         await conn.execute(
