@@ -167,7 +167,28 @@ _SQL_SHARED_EVENTS = """
      ORDER BY e.xid, e.id
      LIMIT $4
 """
-_SQL_HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon, now() AS now")
+_SQL_HORIZON = text("SELECT pg_current_snapshot()::text AS snapshot, now() AS now")
+
+
+@dataclass(frozen=True)
+class StartSnapshot:
+    """What had committed when a new watch started, above its position. A new watch starts at the
+    oldest transaction then running (the snapshot's xmin), so that no transaction that commits
+    later is missed; the transactions between xmin and xmax that are not in the running list had
+    already committed, and their events are from before the watch: the stream skips them."""
+
+    xmax: int
+    running: frozenset[int]
+
+    @classmethod
+    def parse(cls, text_: str) -> tuple[int, StartSnapshot]:
+        """PostgreSQL's ``xmin:xmax:xip,...``; returns xmin and the snapshot."""
+        xmin, xmax, xip = text_.split(":")
+        return int(xmin), cls(int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def before(self, xid: int) -> bool:
+        """True for an event (at or above xmin) written by a transaction committed at the start."""
+        return xid < self.xmax and xid not in self.running
 
 
 def _event(pool: StoredPool, row: Any, stamp: float) -> Event:
@@ -176,16 +197,27 @@ def _event(pool: StoredPool, row: Any, stamp: float) -> Event:
     return Event(row["type"], row["owner"], addrs, row["time"], encode_position(pool.id, pos, stamp), pos)
 
 
+async def new_watch_start(store: Any, name: str) -> tuple[StoredPool, Position, float, StartSnapshot]:
+    """A new watch: the pool, the position it starts at, the database's time, and what had committed
+    above that position (StartSnapshot)."""
+    with unavailable_on_disconnect():
+        async with store.engine.connect() as conn:
+            pool = await store._load_pool(conn, name)
+            row = (await conn.execute(_SQL_HORIZON)).mappings().one()
+    xmin, snapshot = StartSnapshot.parse(row["snapshot"])
+    return pool, (xmin, 0), row["now"].timestamp(), snapshot
+
+
 async def read_pool_events(store: Any, name: str, pos: Position | None,
                            limit: int = READ_LIMIT) -> tuple[StoredPool, list[Event], Position, float]:
     """One read of its own: the pool, its events after ``pos`` (none when ``pos`` is None: a
     new watch starts now), the position reached and the database's time."""
+    if pos is None:
+        pool, start, stamp, _ = await new_watch_start(store, name)
+        return pool, [], start, stamp
     with unavailable_on_disconnect():
         async with store.engine.connect() as conn:
             pool = await store._load_pool(conn, name)
-            if pos is None:
-                row = (await conn.execute(_SQL_HORIZON)).mappings().one()
-                return pool, [], (int(row["horizon"]), 0), row["now"].timestamp()
             rows = (
                 await conn.execute(
                     _SQL_POOL_EVENTS, {"pool": pool.id, "xid": str(pos[0]), "id": pos[1], "limit": limit},
@@ -347,9 +379,12 @@ class WatchHub:
         after ``bookmark_every`` seconds without one)."""
         check_pool_name(name, "pool")
         start = check_resume(name, token)
-        pos = None if start is None else start[1]
-        pool, events, pos, stamp = await read_pool_events(self.store, name, pos)
-        if start is not None:
+        started: StartSnapshot | None = None
+        if start is None:
+            pool, pos, stamp, started = await new_watch_start(self.store, name)
+            events: list[Event] = []
+        else:
+            pool, events, pos, stamp = await read_pool_events(self.store, name, start[1])
             check_resume_pool(start, pool)
         yield Bookmark(token or encode_position(pool.id, pos, stamp))
         sub: _Subscriber | None = None
@@ -358,7 +393,8 @@ class WatchHub:
                 # Catch up with reads of our own until at (or past) the shared reader's position.
                 while True:
                     for e in events:
-                        yield e
+                        if started is None or not started.before(e.position[0]):
+                            yield e
                     caught_up = len(events) < READ_LIMIT
                     if caught_up and sub is None:
                         sub = await self._subscribe(pool.id, pos, stamp)
@@ -370,6 +406,8 @@ class WatchHub:
                 async for item in self._live(sub, pool, pos):
                     if isinstance(item, Event):
                         pos = item.position
+                        if started is not None and started.before(pos[0]):
+                            continue
                     yield item
                 # Fell behind: detached; catch up on our own from the last event delivered.
                 self.overflows += 1
