@@ -169,7 +169,7 @@ class PoolInfo:
 # AllocationInfo (timeit, Intel Xeon). These classes write their fields into the instance's __dict__
 # instead (0.28 and 0.45 µs), the same object in every other respect: eq, hash and repr are the
 # dataclass's, and setting a field afterwards still raises FrozenInstanceError.
-# tests/unit/test_domain_model.py checks that each __init__ takes exactly the dataclass's fields.
+# tests/unit/test_allocation_to_pb.py checks that each __init__ takes exactly the dataclass's fields.
 
 
 @dataclass(frozen=True)
