@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from dsipam.server.domain import Family, Policy, PoolExhausted, RangeInput, build_pool_spec
+from dsipam.server.domain import Family, Policy, PoolExhausted, PoolNotFound, RangeInput, build_pool_spec
 from dsipam.server.store import Store, create_engine
 from dsipam.server.store._fast import FastPath
 
@@ -295,5 +295,43 @@ def test_top_up_creates_many_blocks_at_once_skipping_full_and_existing_ones(clea
         finally:
             await conn.close()
             await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_deleted_pools_layout_is_not_kept(clean_db):
+    """Pool ids are never reused, so a deleted pool's cached layout (and what hangs on it: its answer's
+    kept part) must be dropped: when this process deletes it, and when a read finds it deleted by
+    another process."""
+    import gc
+    import weakref
+
+    async def main():
+        store, other = await _store(clean_db), await _store(clean_db)
+        try:
+            layouts = []
+            for i in range(20):
+                name = f"gone{i}"
+                await store.create_pool(build_pool_spec(name, [RangeInput(f"198.18.{i}.0/28")], {}, 0))
+                await store.allocate(pool=name, owner="a", policy=Policy.SINGLE_STACK, families=(), addresses=(),
+                                     attributes={})
+                layouts.append(weakref.ref(store._by_name[name]))  # noqa: SLF001
+                await store.get_pool(name)
+                if i % 2:
+                    await store.delete_pool(name, True)
+                else:  # deleted elsewhere; this process learns it when a read finds the pool gone
+                    await other.delete_pool(name, True)
+                    with pytest.raises(PoolNotFound):
+                        await store.get_pool(name)
+                    with pytest.raises(PoolNotFound):
+                        await store.allocate(pool=name, owner="b", policy=Policy.SINGLE_STACK, families=(),
+                                             addresses=(), attributes={})
+            assert not [n for n in store._by_name if n.startswith("gone")]  # noqa: SLF001
+            assert not store._layouts  # noqa: SLF001
+            gc.collect()
+            assert [r for r in layouts if r() is not None] == []
+        finally:
+            await store.close()
+            await other.close()
 
     asyncio.run(main())

@@ -345,6 +345,7 @@ class AdminStore:
             await conn.execute(text("DELETE FROM ipam_pools WHERE id = :p"), {"p": row.id})
 
         await self._transaction(run)
+        self.forget(name)
 
     async def update_pool(
         self, name: str, *, labels: dict[str, str] | None, cooldown_ms: int | None, strict_affinity: bool | None = None

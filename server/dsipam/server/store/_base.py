@@ -658,6 +658,7 @@ class StoreBase:
         for _ in range(3):
             rows = await (fetch() if fetch is not None else self._fetch(sql, name, *args))
             if not rows:
+                self.forget(name)
                 raise PoolNotFound(f"{where}: pool {name!r} not found", field=where, pool=name)
             pool = self._cached_layout(rows[0])
             if pool is not None:
@@ -670,6 +671,7 @@ class StoreBase:
     async def _load_pool(self, conn: AsyncConnection, name: str, where: str = "pool") -> StoredPool:
         head = (await conn.execute(_SQL_POOL_HEAD, {"name": name})).mappings().first()
         if head is None:
+            self.forget(name)
             raise PoolNotFound(f"{where}: pool {name!r} not found", field=where, pool=name)
         return await self._layout(conn, head)
 
@@ -712,6 +714,14 @@ class StoreBase:
         """Caches a layout (by id, checked against version and create time on use)."""
         self._layouts[pool.id] = pool
         self._by_name[pool.name] = pool
+
+    def forget(self, name: str) -> None:
+        """Drops the cached layout of a pool that is gone (deleted here, or found missing by a read):
+        pool ids are never reused, so nothing else would ever free it."""
+        pool = self._by_name.pop(name, None)
+        if pool is not None:
+            self._layouts.pop(pool.id, None)
+            self._fast_created.pop(pool.id, None)
 
     async def _usage(self, conn: AsyncConnection, pools: Sequence[StoredPool]) -> dict[int, tuple[FamilyUsage, ...]]:
         ids = [p.id for p in pools]
