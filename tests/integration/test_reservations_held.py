@@ -272,20 +272,34 @@ def test_a_release_that_waits_for_a_reservation_with_force_retires_the_address(c
 
 
 @pytest.mark.parametrize("node", ["", "node-a"])
+@pytest.mark.parametrize("default_isolation", ["", "repeatable read"])
 def test_an_allocate_that_waits_for_a_reservations_range_lock_never_hands_out_the_reserved_address(
-        clean_db, node):
+        clean_db, node, default_isolation):
     """A ReserveAddresses holds the range's lock while it runs; an Allocate that must make a new block
     waits for that lock. When it gets it, the reservation has committed: the block must be made from
     the new layout, without the reserved address (the lock statement's own view of the pool row is
-    from before its wait)."""
+    from before its wait). Also when the database's default isolation is REPEATABLE READ, under
+    which a statement would not see what committed during an earlier one's wait: the store's
+    transactions and the fast path's sessions are READ COMMITTED whatever the default."""
     import asyncpg
 
     from dsipam.server.store._fast import asyncpg_dsn
 
     async def main():
-        store = Store(create_engine(clean_db, pool_size=4, max_overflow=4))
         blocker = await asyncpg.connect(asyncpg_dsn(clean_db))
+        database = await blocker.fetchval("SELECT current_database()")
+        if default_isolation:
+            await blocker.execute(f"ALTER DATABASE {database} SET default_transaction_isolation = '{default_isolation}'")
+        store = Store(create_engine(clean_db, pool_size=4, max_overflow=4))
+        store.fast = FastPath(clean_db, pool_size=1)
         try:
+            async with store.engine.connect() as conn:
+                assert (await conn.exec_driver_sql("SHOW transaction_isolation")).scalar() == "read committed"
+            assert [tuple(r) for r in await store.fast.fetch("SHOW transaction_isolation")] == [("read committed",)]
+            if default_isolation:  # the setting took: a connection of the database's defaults has it
+                other = await asyncpg.connect(asyncpg_dsn(clean_db))
+                assert await other.fetchval("SHOW transaction_isolation") == default_isolation
+                await other.close()
             await store.create_pool(build_pool_spec("wait", [RangeInput("198.18.4.0/24")], {}, 0))
             pool_id = await blocker.fetchval("SELECT id FROM ipam_pools WHERE name = 'wait'")
             # The reservation is made to stall, holding its locks, on a row that another transaction
@@ -306,6 +320,8 @@ def test_an_allocate_that_waits_for_a_reservations_range_lock_never_hands_out_th
             assert created and got.addresses[0].ip != "198.18.4.1"
             assert await store.fsck("wait") == []
         finally:
+            if default_isolation:
+                await blocker.execute(f"ALTER DATABASE {database} RESET default_transaction_isolation")
             await blocker.close()
             await store.close()
 

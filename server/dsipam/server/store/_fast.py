@@ -226,17 +226,32 @@ class FastPath:
             self._starting = asyncio.Lock()
         async with self._starting:
             if self._pool is None:
-                self._pool = await asyncpg.create_pool(
+                args = session_args(self.url, "dsipam-fast", 5)
+                if not self.pgbouncer:
+                    # The functions this pool calls run in implicit transactions, whose isolation is
+                    # the session's default: READ COMMITTED whatever the database's or role's (see
+                    # db.create_engine). A pooler refuses this start-up parameter; there it is checked.
+                    args["server_settings"] = {**args["server_settings"],
+                                               "default_transaction_isolation": "read committed"}
+                pool = await asyncpg.create_pool(
                     asyncpg_dsn(self.url),
                     min_size=1,
                     max_size=self.pool_size,
                     statement_cache_size=0 if self.pgbouncer else 100,
-                    **session_args(self.url, "dsipam-fast", 5),
+                    **args,
                     # Every statement this pool runs is one function call in its own implicit
                     # transaction and the session is never changed: nothing to reset on release
                     # (asyncpg's default reset is a round trip of its own).
                     reset=_no_reset,
                 )
+                isolation = await pool.fetchval("SHOW transaction_isolation")
+                if isolation != "read committed":
+                    await pool.close()
+                    raise RuntimeError(
+                        f"database: its transactions default to {isolation!r} isolation "
+                        "(default_transaction_isolation of the database, role or pooler's server "
+                        "connections); dsipam's fast path needs 'read committed'")
+                self._pool = pool
         return self._pool
 
     async def close(self) -> None:

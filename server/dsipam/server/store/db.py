@@ -299,6 +299,12 @@ def create_engine(
         connect_args.update(pgbouncer_connect_args())
     engine = create_async_engine(
         to_sqlalchemy_url(url),
+        # Every transaction BEGINs at READ COMMITTED whatever the database's or role's
+        # default_transaction_isolation: the store relies on each statement seeing what committed
+        # while an earlier one waited for a lock (a range's layout version read after its lock,
+        # _alloc._layout_current); under REPEATABLE READ an Allocate queued behind a ReserveAddresses would
+        # hand out the address just reserved. fsck sets REPEATABLE READ for its own transaction.
+        isolation_level="READ COMMITTED",
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
