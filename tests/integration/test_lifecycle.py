@@ -349,7 +349,8 @@ def test_a_new_watch_skips_what_committed_before_it_behind_an_older_running_tran
         with grpc.insecure_channel(target) as ch:
             watch = ipam_pb2_grpc.IpamServiceStub(ch).WatchAllocations(pb.WatchAllocationsRequest(pool="wo"),
                                                                        timeout=20)
-            assert next(watch).type == pb.EVENT_TYPE_BOOKMARK
+            first = next(watch)
+            assert first.type == pb.EVENT_TYPE_BOOKMARK
             alloc(stub, "wo", "after")
             loop.run_until_complete(older.execute(
                 "INSERT INTO ipam_events (pool_id, type, owner, ipv4, ipv6) "
@@ -361,7 +362,18 @@ def test_a_new_watch_skips_what_committed_before_it_behind_an_older_running_tran
                 if e.type != pb.EVENT_TYPE_BOOKMARK:
                     owners.append(e.owner)
             watch.cancel()
+            # A stream resumed from the watch's first bookmark (taken while "before" was above its
+            # position) sends the same: the token carries what to skip.
+            resumed = ipam_pb2_grpc.IpamServiceStub(ch).WatchAllocations(
+                pb.WatchAllocationsRequest(pool="wo", resume_token=first.resume_token), timeout=20)
+            again = []
+            while len(again) < 2:
+                e = next(resumed)
+                if e.type != pb.EVENT_TYPE_BOOKMARK:
+                    again.append(e.owner)
+            resumed.cancel()
         assert owners == ["older", "after"]  # in commit-order of xids; "before" never
+        assert again == owners
     finally:
         loop.run_until_complete(older.close())
         loop.close()

@@ -29,8 +29,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -115,15 +115,20 @@ class Bookmark:
 # -- resume tokens ------------------------------------------------------------------------
 
 
-def encode_position(pool_id: int, pos: Position, stamp: float) -> str:
-    return encode_token({"k": "watch", "p": pool_id, "x": str(pos[0]), "i": pos[1], "t": stamp})
+def encode_position(pool_id: int, pos: Position, stamp: float, skip: Skip | None = None) -> str:
+    """A resume token; ``skip``, the events of a new watch's start that it must not send, goes in it
+    while the position is below the last of them (and they are few enough: see Skip)."""
+    value: dict[str, Any] = {"k": "watch", "p": pool_id, "x": str(pos[0]), "i": pos[1], "t": stamp}
+    if skip is not None and pos[0] <= skip.until and len(skip.xids) <= MAX_TOKEN_SKIP:
+        value["s"] = sorted(str(x) for x in skip.xids)
+    return encode_token(value)
 
 
-def decode_position(token: str) -> tuple[int, Position, float]:
-    """(pool id, position, time) of an authentic resume token, every field range-checked."""
+def decode_position(token: str) -> tuple[int, Position, float, Skip | None]:
+    """(pool id, position, time, skip) of an authentic resume token, every field range-checked."""
     value = decode_token(token, "resume_token", "watch")
     assert value is not None
-    p, x, i, t = value.get("p"), value.get("x"), value.get("i"), value.get("t")
+    p, x, i, t, sk = value.get("p"), value.get("x"), value.get("i"), value.get("t"), value.get("s")
     if type(p) is not int or not 0 < p <= _MAX_POOL_ID:
         raise bad_token("resume_token", "pool out of range")
     if not isinstance(x, str) or not x.isdigit() or len(x) > 20 or int(x) > _MAX_XID:
@@ -132,7 +137,13 @@ def decode_position(token: str) -> tuple[int, Position, float]:
         raise bad_token("resume_token", "position out of range")
     if type(t) not in (int, float) or not math.isfinite(t) or not 0 < t <= time.time() + _CLOCK_SKEW:
         raise bad_token("resume_token", "time out of range")
-    return p, (int(x), i), float(t)
+    skip = None
+    if sk is not None:
+        if (type(sk) is not list or not 0 < len(sk) <= MAX_TOKEN_SKIP
+                or not all(isinstance(v, str) and v.isdigit() and len(v) <= 20 and int(v) <= _MAX_XID for v in sk)):
+            raise bad_token("resume_token", "skip out of range")
+        skip = Skip.of(int(v) for v in sk)
+    return p, (int(x), i), float(t), skip
 
 
 # -- reads of the outbox --------------------------------------------------------------------
@@ -167,28 +178,42 @@ _SQL_SHARED_EVENTS = """
      ORDER BY e.xid, e.id
      LIMIT $4
 """
-_SQL_HORIZON = text("SELECT pg_current_snapshot()::text AS snapshot, now() AS now")
+# A new watch's start: the horizon (the oldest running transaction) it starts at, and the xids of the
+# pool's events at or above it that this statement sees, committed before the start.
+_SQL_START = text(
+    """
+    WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, now() AS now)
+    SELECT h.horizon::text AS horizon, h.now,
+           ARRAY(SELECT DISTINCT e.xid::text FROM ipam_events e
+                  WHERE e.pool_id = :pool AND e.xid >= h.horizon LIMIT :limit) AS before
+      FROM h
+    """
+)
+MAX_START_SKIP = 1000  # xids a new stream keeps (more: the rest may be sent; logged)
+MAX_TOKEN_SKIP = 24  # xids a resume token carries (more: a resume from it may send them); 24 of 20 digits fit MAX_TOKEN_CHARS
 
 
 @dataclass(frozen=True)
-class StartSnapshot:
-    """What had committed when a new watch started, above its position. A new watch starts at the
-    oldest transaction then running (the snapshot's xmin), so that no transaction that commits
-    later is missed; the transactions between xmin and xmax that are not in the running list had
-    already committed, and their events are from before the watch: the stream skips them."""
+class Skip:
+    """Events after a new watch's position that it must not send. A new watch starts at the oldest
+    transaction then running (so that none that commits later is missed); events of transactions
+    above that which had already committed are from before the watch. They are known by their xids
+    (read with the start), and dropped once the position is past the last of them; resume tokens
+    taken meanwhile carry them."""
 
-    xmax: int
-    running: frozenset[int]
+    xids: frozenset[int]
+    until: int
 
     @classmethod
-    def parse(cls, text_: str) -> tuple[int, StartSnapshot]:
-        """PostgreSQL's ``xmin:xmax:xip,...``; returns xmin and the snapshot."""
-        xmin, xmax, xip = text_.split(":")
-        return int(xmin), cls(int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+    def of(cls, xids: Iterable[int]) -> Skip:
+        kept = frozenset(xids)
+        return cls(kept, max(kept))
 
-    def before(self, xid: int) -> bool:
-        """True for an event (at or above xmin) written by a transaction committed at the start."""
-        return xid < self.xmax and xid not in self.running
+
+def _with_skip(pool_id: int, item: Event | Bookmark, skip: Skip) -> Event | Bookmark:
+    """``item`` with a resume token that carries ``skip`` (the shared item's token does not)."""
+    stamp = decode_position(item.token)[2]
+    return replace(item, token=encode_position(pool_id, item.position, stamp, skip), cache={})
 
 
 def _event(pool: StoredPool, row: Any, stamp: float) -> Event:
@@ -197,15 +222,19 @@ def _event(pool: StoredPool, row: Any, stamp: float) -> Event:
     return Event(row["type"], row["owner"], addrs, row["time"], encode_position(pool.id, pos, stamp), pos)
 
 
-async def new_watch_start(store: Any, name: str) -> tuple[StoredPool, Position, float, StartSnapshot]:
-    """A new watch: the pool, the position it starts at, the database's time, and what had committed
-    above that position (StartSnapshot)."""
+async def new_watch_start(store: Any, name: str) -> tuple[StoredPool, Position, float, Skip | None]:
+    """A new watch: the pool, the position it starts at, the database's time, and the events after
+    that position which had committed before it (Skip; None when there are none)."""
     with unavailable_on_disconnect():
         async with store.engine.connect() as conn:
             pool = await store._load_pool(conn, name)
-            row = (await conn.execute(_SQL_HORIZON)).mappings().one()
-    xmin, snapshot = StartSnapshot.parse(row["snapshot"])
-    return pool, (xmin, 0), row["now"].timestamp(), snapshot
+            row = (await conn.execute(_SQL_START, {"pool": pool.id, "limit": MAX_START_SKIP})).mappings().one()
+    before = [int(x) for x in row["before"]]
+    if len(before) >= MAX_START_SKIP:
+        log.warning("a new watch of pool %s started while %d or more transactions above the oldest running one "
+                    "had written its events; those past the first %d may be sent to it", name, MAX_START_SKIP,
+                    MAX_START_SKIP)
+    return pool, (int(row["horizon"]), 0), row["now"].timestamp(), Skip.of(before) if before else None
 
 
 async def read_pool_events(store: Any, name: str, pos: Position | None,
@@ -237,26 +266,31 @@ async def read_events(store: Any, name: str, token: str, limit: int = READ_LIMIT
     """Events of pool ``name`` after ``token`` (a new watch: none, and the current position)."""
     check_pool_name(name, "pool")
     start = check_resume(name, token)
-    pool, events, reached, stamp = await read_pool_events(store, name, None if start is None else start[1], limit)
-    if start is not None:
-        check_resume_pool(start, pool)
-    return events, encode_position(pool.id, reached, stamp)
+    if start is None:
+        pool, reached, stamp, skip = await new_watch_start(store, name)
+        return [], encode_position(pool.id, reached, stamp, skip)
+    pool, events, reached, stamp = await read_pool_events(store, name, start[1], limit)
+    check_resume_pool(start, pool)
+    skip = start[3]
+    if skip is not None:
+        events = [e for e in events if e.position[0] not in skip.xids]
+    return events, encode_position(pool.id, reached, stamp, skip)
 
 
-def check_resume(name: str, token: str) -> tuple[int, Position, float] | None:
+def check_resume(name: str, token: str) -> tuple[int, Position, float, Skip | None] | None:
     if not token:
         return None
-    pool_id, pos, stamp = decode_position(token)
+    pool_id, pos, stamp, skip = decode_position(token)
     if time.time() - stamp > EVENT_RETENTION_SECONDS:
         raise ResumeTokenExpired(
             f"resume_token: older than the {EVENT_RETENTION_SECONDS:.0f}s event retention; "
             "list allocations and watch again without a token",
             field="resume_token",
         )
-    return pool_id, pos, stamp
+    return pool_id, pos, stamp, skip
 
 
-def check_resume_pool(start: tuple[int, Position, float], pool: StoredPool) -> None:
+def check_resume_pool(start: tuple[int, Position, float, Skip | None], pool: StoredPool) -> None:
     if start[0] != pool.id:
         raise InvalidArgument("resume_token: belongs to another pool", field="resume_token")
 
@@ -379,22 +413,27 @@ class WatchHub:
         after ``bookmark_every`` seconds without one)."""
         check_pool_name(name, "pool")
         start = check_resume(name, token)
-        started: StartSnapshot | None = None
+        skip: Skip | None
         if start is None:
-            pool, pos, stamp, started = await new_watch_start(self.store, name)
+            pool, pos, stamp, skip = await new_watch_start(self.store, name)
             events: list[Event] = []
         else:
             pool, events, pos, stamp = await read_pool_events(self.store, name, start[1])
             check_resume_pool(start, pool)
-        yield Bookmark(token or encode_position(pool.id, pos, stamp))
+            skip = start[3]
+        yield Bookmark(token or encode_position(pool.id, pos, stamp, skip))
         sub: _Subscriber | None = None
         try:
             while True:
                 # Catch up with reads of our own until at (or past) the shared reader's position.
                 while True:
                     for e in events:
-                        if started is None or not started.before(e.position[0]):
+                        if skip is None:
                             yield e
+                        elif e.position[0] not in skip.xids:
+                            yield _with_skip(pool.id, e, skip)
+                    if skip is not None and pos[0] > skip.until:
+                        skip = None
                     caught_up = len(events) < READ_LIMIT
                     if caught_up and sub is None:
                         sub = await self._subscribe(pool.id, pos, stamp)
@@ -406,8 +445,13 @@ class WatchHub:
                 async for item in self._live(sub, pool, pos):
                     if isinstance(item, Event):
                         pos = item.position
-                        if started is not None and started.before(pos[0]):
+                        if skip is not None and pos[0] in skip.xids:
                             continue
+                    if skip is not None:
+                        if item.position[0] > skip.until:
+                            skip = None
+                        else:
+                            item = _with_skip(pool.id, item, skip)
                     yield item
                 # Fell behind: detached; catch up on our own from the last event delivered.
                 self.overflows += 1

@@ -1,0 +1,55 @@
+"""A new watch's resume tokens carry the xids of events it must skip (those that had committed
+before it started, above its position): round trip, size bound, and refusal of a malformed field."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsipam.server import domain
+from dsipam.server.store import _base, _watch
+
+xids = st.integers(1, _watch._MAX_XID - 1)  # noqa: SLF001
+
+
+@pytest.fixture(autouse=True)
+def _keys():
+    saved = (_base.TOKEN_KEYS.__dict__.copy())
+    _base.TOKEN_KEYS.use([b"k" * 32])
+    yield
+    _base.TOKEN_KEYS.__dict__.clear()
+    _base.TOKEN_KEYS.__dict__.update(saved)
+
+
+@settings(max_examples=200, deadline=None)
+@given(skipped=st.sets(xids, min_size=1, max_size=40), below=st.booleans())
+def test_a_token_carries_its_skip_while_below_it_and_within_the_bound(skipped, below):
+    skip = _watch.Skip.of(skipped)
+    pos = (min(skipped) if below else skip.until + 1, 3)
+    token = _watch.encode_position(7, pos, time.time(), skip)
+    assert len(token) <= _base.MAX_TOKEN_CHARS
+    pool_id, got_pos, _, got = _watch.decode_position(token)
+    assert (pool_id, got_pos) == (7, pos)
+    if below and len(skipped) <= _watch.MAX_TOKEN_SKIP:
+        assert got == skip
+    else:
+        assert got is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(bad=st.one_of(st.just([]), st.lists(st.text(max_size=25), min_size=1, max_size=3),
+                     st.lists(st.integers(), min_size=1, max_size=3), st.text(max_size=5), st.integers(),
+                     st.lists(st.just("1"), min_size=_watch.MAX_TOKEN_SKIP + 1, max_size=_watch.MAX_TOKEN_SKIP + 1),
+                     st.just([str(_watch._MAX_XID + 1)])))  # noqa: SLF001
+def test_a_malformed_skip_is_refused_naming_the_field(bad):
+    if isinstance(bad, list) and bad and all(isinstance(v, str) and v.isdigit() and len(v) <= 20
+                                             and int(v) <= _watch._MAX_XID for v in bad) \
+            and len(bad) <= _watch.MAX_TOKEN_SKIP:  # noqa: SLF001
+        return  # a well-formed list (hypothesis may draw one)
+    token = _base.encode_token({"k": "watch", "p": 7, "x": "10", "i": 0, "t": time.time(), "s": bad})
+    with pytest.raises(domain.InvalidArgument) as err:
+        _watch.decode_position(token)
+    assert "resume_token" in str(err.value)
