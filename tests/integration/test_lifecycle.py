@@ -345,7 +345,8 @@ def test_a_new_watch_skips_what_committed_before_it_behind_an_older_running_tran
     try:
         loop.run_until_complete(older.execute("BEGIN"))
         loop.run_until_complete(older.fetchval("SELECT pg_current_xact_id()"))  # its xid is now the oldest
-        alloc(stub, "wo", "before")
+        for i in range(30):  # more transactions above the start than a token could name one by one
+            alloc(stub, "wo", f"before{i}")
         with grpc.insecure_channel(target) as ch:
             watch = ipam_pb2_grpc.IpamServiceStub(ch).WatchAllocations(pb.WatchAllocationsRequest(pool="wo"),
                                                                        timeout=20)
@@ -372,7 +373,7 @@ def test_a_new_watch_skips_what_committed_before_it_behind_an_older_running_tran
                 if e.type != pb.EVENT_TYPE_BOOKMARK:
                     again.append(e.owner)
             resumed.cancel()
-        assert owners == ["older", "after"]  # in commit-order of xids; "before" never
+        assert owners == ["older", "after"]  # in the order of their xids; no "before" ever
         assert again == owners
     finally:
         loop.run_until_complete(older.close())

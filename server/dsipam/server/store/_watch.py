@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -119,8 +119,10 @@ def encode_position(pool_id: int, pos: Position, stamp: float, skip: Skip | None
     """A resume token; ``skip``, the events of a new watch's start that it must not send, goes in it
     while the position is below the last of them (and they are few enough: see Skip)."""
     value: dict[str, Any] = {"k": "watch", "p": pool_id, "x": str(pos[0]), "i": pos[1], "t": stamp}
-    if skip is not None and pos[0] <= skip.until and len(skip.xids) <= MAX_TOKEN_SKIP:
-        value["s"] = sorted(str(x) for x in skip.xids)
+    if skip is not None and pos[0] < skip.xmax:
+        running = [x for x in skip.running if x >= pos[0]]  # below the position they no longer matter
+        if len(running) <= MAX_TOKEN_SKIP:
+            value["s"] = [str(skip.xmax), *sorted(str(x) for x in running)]
     return encode_token(value)
 
 
@@ -139,10 +141,10 @@ def decode_position(token: str) -> tuple[int, Position, float, Skip | None]:
         raise bad_token("resume_token", "time out of range")
     skip = None
     if sk is not None:
-        if (type(sk) is not list or not 0 < len(sk) <= MAX_TOKEN_SKIP
+        if (type(sk) is not list or not 0 < len(sk) <= MAX_TOKEN_SKIP + 1
                 or not all(isinstance(v, str) and v.isdigit() and len(v) <= 20 and int(v) <= _MAX_XID for v in sk)):
             raise bad_token("resume_token", "skip out of range")
-        skip = Skip.of(int(v) for v in sk)
+        skip = Skip(int(sk[0]), frozenset(int(v) for v in sk[1:]))
     return p, (int(x), i), float(t), skip
 
 
@@ -178,41 +180,30 @@ _SQL_SHARED_EVENTS = """
      ORDER BY e.xid, e.id
      LIMIT $4
 """
-# A new watch's start: the horizon (the oldest running transaction) it starts at, and the xids of the
-# pool's events at or above it that this statement sees, committed before the start.
-_SQL_START = text(
-    """
-    WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon, now() AS now)
-    SELECT h.horizon::text AS horizon, h.now,
-           ARRAY(SELECT DISTINCT e.xid::text FROM ipam_events e
-                  WHERE e.pool_id = :pool AND e.xid >= h.horizon LIMIT :limit) AS before
-      FROM h
-    """
-)
-MAX_START_SKIP = 1000  # xids a new stream keeps (more: the rest may be sent; logged)
-MAX_TOKEN_SKIP = 24  # xids a resume token carries (more: a resume from it may send them); 24 of 20 digits fit MAX_TOKEN_CHARS
+# A new watch's start: its snapshot (``xmin:xmax:xip``), taken by this one statement.
+_SQL_START = text("SELECT pg_current_snapshot()::text AS snapshot, pg_is_in_recovery() AS recovery, now() AS now")
+MAX_TOKEN_SKIP = 24  # running xids a resume token carries (more: a resume from it may send earlier events)
 
 
 @dataclass(frozen=True)
 class Skip:
-    """Events after a new watch's position that it must not send. A new watch starts at the oldest
-    transaction then running (so that none that commits later is missed); events of transactions
-    above that which had already committed are from before the watch. They are known by their xids
-    (read with the start), and dropped once the position is past the last of them; resume tokens
-    taken meanwhile carry them."""
+    """What a new watch must not send although it is after its position. A new watch starts at the
+    oldest transaction then running (its snapshot's xmin), so that none that commits later is
+    missed; the transactions between xmin and xmax that were not running had already committed, and
+    their events are from before the watch. Kept as xmax and the running xids: bounded by the
+    connections, not by how much committed. Dropped once the position reaches xmax; resume tokens
+    taken before that carry it."""
 
-    xids: frozenset[int]
-    until: int
+    xmax: int
+    running: frozenset[int]
 
-    @classmethod
-    def of(cls, xids: Iterable[int]) -> Skip:
-        kept = frozenset(xids)
-        return cls(kept, max(kept))
+    def skips(self, xid: int) -> bool:
+        """True for an event (at or above the start) of a transaction committed before the start."""
+        return xid < self.xmax and xid not in self.running
 
 
-def _with_skip(pool_id: int, item: Event | Bookmark, skip: Skip) -> Event | Bookmark:
+def _with_skip(pool_id: int, item: Event | Bookmark, skip: Skip, stamp: float) -> Event | Bookmark:
     """``item`` with a resume token that carries ``skip`` (the shared item's token does not)."""
-    stamp = decode_position(item.token)[2]
     return replace(item, token=encode_position(pool_id, item.position, stamp, skip), cache={})
 
 
@@ -223,18 +214,23 @@ def _event(pool: StoredPool, row: Any, stamp: float) -> Event:
 
 
 async def new_watch_start(store: Any, name: str) -> tuple[StoredPool, Position, float, Skip | None]:
-    """A new watch: the pool, the position it starts at, the database's time, and the events after
-    that position which had committed before it (Skip; None when there are none)."""
+    """A new watch: the pool, the position it starts at, the database's time, and what after that
+    position had committed before it (Skip; None when nothing had)."""
     with unavailable_on_disconnect():
         async with store.engine.connect() as conn:
             pool = await store._load_pool(conn, name)
-            row = (await conn.execute(_SQL_START, {"pool": pool.id, "limit": MAX_START_SKIP})).mappings().one()
-    before = [int(x) for x in row["before"]]
-    if len(before) >= MAX_START_SKIP:
-        log.warning("a new watch of pool %s started while %d or more transactions above the oldest running one "
-                    "had written its events; those past the first %d may be sent to it", name, MAX_START_SKIP,
-                    MAX_START_SKIP)
-    return pool, (int(row["horizon"]), 0), row["now"].timestamp(), Skip.of(before) if before else None
+            row = (await conn.execute(_SQL_START)).mappings().one()
+    xmin, xmax, xip = row["snapshot"].split(":")
+    skip = None
+    if row["recovery"]:
+        # A standby's snapshot lists no running xids (they are in its subxip): skipping by it could
+        # drop events of transactions that commit later. Nothing is skipped there: earlier events
+        # may be sent, none is lost.
+        log.warning("a new watch of pool %s started on a server in recovery: events that committed just before "
+                    "it may be sent to it", name)
+    elif int(xmax) > int(xmin):
+        skip = Skip(int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+    return pool, (int(xmin), 0), row["now"].timestamp(), skip
 
 
 async def read_pool_events(store: Any, name: str, pos: Position | None,
@@ -273,7 +269,8 @@ async def read_events(store: Any, name: str, token: str, limit: int = READ_LIMIT
     check_resume_pool(start, pool)
     skip = start[3]
     if skip is not None:
-        events = [e for e in events if e.position[0] not in skip.xids]
+        events = [e for e in events if not skip.skips(e.position[0])]
+        events = [e if e.position[0] >= skip.xmax else _with_skip(pool.id, e, skip, stamp) for e in events]
     return events, encode_position(pool.id, reached, stamp, skip)
 
 
@@ -428,11 +425,11 @@ class WatchHub:
                 # Catch up with reads of our own until at (or past) the shared reader's position.
                 while True:
                     for e in events:
-                        if skip is None:
+                        if skip is None or e.position[0] >= skip.xmax:
                             yield e
-                        elif e.position[0] not in skip.xids:
-                            yield _with_skip(pool.id, e, skip)
-                    if skip is not None and pos[0] > skip.until:
+                        elif not skip.skips(e.position[0]):
+                            yield _with_skip(pool.id, e, skip, stamp)
+                    if skip is not None and pos[0] >= skip.xmax:
                         skip = None
                     caught_up = len(events) < READ_LIMIT
                     if caught_up and sub is None:
@@ -445,13 +442,13 @@ class WatchHub:
                 async for item in self._live(sub, pool, pos):
                     if isinstance(item, Event):
                         pos = item.position
-                        if skip is not None and pos[0] in skip.xids:
+                        if skip is not None and skip.skips(pos[0]):
                             continue
                     if skip is not None:
-                        if item.position[0] > skip.until:
+                        if item.position[0] >= skip.xmax:
                             skip = None
                         else:
-                            item = _with_skip(pool.id, item, skip)
+                            item = _with_skip(pool.id, item, skip, self._stamp or stamp)
                     yield item
                 # Fell behind: detached; catch up on our own from the last event delivered.
                 self.overflows += 1
