@@ -14,12 +14,24 @@ from dsipam.server.store._fast import FastPath
 COOLDOWN_MS = 150
 
 
+@pytest.fixture
+def own_db():
+    """A database of each test's own: the session's shared server reclaims the cooldowns of the
+    shared database every 2 s (its maintenance loop), which would change these scenarios' steps
+    (an address reclaimed before it is reserved "while cooling"), their reclaim counts, and the
+    races that wait for this store's reclaim to find an expired cooldown (a CI run timed out so)."""
+    from support import scratch_database
+
+    with scratch_database("dsipam_test_held") as url:
+        yield url
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "full"])
-def test_held_reservation_orders_keep_fsck_clean(clean_db, fast):
+def test_held_reservation_orders_keep_fsck_clean(own_db, fast):
     async def main():
-        store = Store(create_engine(clean_db, pool_size=2, max_overflow=2))
+        store = Store(create_engine(own_db, pool_size=2, max_overflow=2))
         if fast:
-            store.fast = FastPath(clean_db, pool_size=2)
+            store.fast = FastPath(own_db, pool_size=2)
         try:
             await store.create_pool(build_pool_spec("held", [RangeInput("198.18.3.0/28")], {}, COOLDOWN_MS))
             ip = {}
@@ -155,13 +167,13 @@ class _PausingStore(Store):
         return pool
 
 
-def test_an_address_reserved_while_its_cooldown_is_reclaimed_stays_reserved(clean_db):
+def test_an_address_reserved_while_its_cooldown_is_reclaimed_stays_reserved(own_db):
     """Found by review: the reclaim read the pool's layout before it locked the block, so a
     reservation of the cooling address that committed in between (it saw the cooldown, which the
     reclaim had deleted but not committed, and left the bit alone) was undone: the reclaim freed the
     bit of a reserved address (fsck: held but not marked taken; the address handed out again)."""
     async def main():
-        store = _PausingStore(create_engine(clean_db, pool_size=3, max_overflow=2))
+        store = _PausingStore(create_engine(own_db, pool_size=3, max_overflow=2))
         try:
             await store.create_pool(build_pool_spec("race", [RangeInput("198.18.4.0/29")], {}, 50))
             info, _ = await store.allocate(pool="race", owner="x", policy=Policy.SINGLE_STACK, families=(),
@@ -199,13 +211,13 @@ class _PausingRelease(Store):
         return await super()._give_back(conn, pool, owner, ip)
 
 
-def test_an_address_reserved_with_force_while_its_release_runs_stays_reserved(clean_db):
+def test_an_address_reserved_with_force_while_its_release_runs_stays_reserved(own_db):
     """Found by review: the full path's release decided from the layout it read when it started
     (free the bit, or retire a reserved address), so a reservation with force that committed in
     between (it saw the allocation, not yet deleted, and left the bit alone) was undone: the
     reserved address was freed (fsck: held but not marked taken) and handed out again."""
     async def main():
-        store = _PausingRelease(create_engine(clean_db, pool_size=3, max_overflow=2))
+        store = _PausingRelease(create_engine(own_db, pool_size=3, max_overflow=2))
         try:
             await store.create_pool(build_pool_spec("race2", [RangeInput("198.18.5.0/29")], {}, 0))
             info, _ = await store.allocate(pool="race2", owner="x", policy=Policy.SINGLE_STACK, families=(),
@@ -241,14 +253,14 @@ class _PausingReservation(Store):
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["full", "fast"])
-def test_a_release_that_waits_for_a_reservation_with_force_retires_the_address(clean_db, fast):
+def test_a_release_that_waits_for_a_reservation_with_force_retires_the_address(own_db, fast):
     """The other order: the release reaches the block while the reservation holds it; when it gets
     the lock, it must see the reservation's new pool version (read by a statement of its own: a
     row joined to the locked block is the one of the statement's snapshot, from before the wait)."""
     async def main():
-        store = _PausingReservation(create_engine(clean_db, pool_size=3, max_overflow=2))
+        store = _PausingReservation(create_engine(own_db, pool_size=3, max_overflow=2))
         if fast:
-            store.fast = FastPath(clean_db, pool_size=2)
+            store.fast = FastPath(own_db, pool_size=2)
         try:
             await store.create_pool(build_pool_spec("race3", [RangeInput("198.18.6.0/29")], {}, 0))
             info, _ = await store.allocate(pool="race3", owner="x", policy=Policy.SINGLE_STACK, families=(),
@@ -274,7 +286,7 @@ def test_a_release_that_waits_for_a_reservation_with_force_retires_the_address(c
 @pytest.mark.parametrize("node", ["", "node-a"])
 @pytest.mark.parametrize("default_isolation", ["", "repeatable read"])
 def test_an_allocate_that_waits_for_a_reservations_range_lock_never_hands_out_the_reserved_address(
-        clean_db, node, default_isolation):
+        own_db, node, default_isolation):
     """A ReserveAddresses holds the range's lock while it runs; an Allocate that must make a new block
     waits for that lock. When it gets it, the reservation has committed: the block must be made from
     the new layout, without the reserved address (the lock statement's own view of the pool row is
@@ -286,18 +298,18 @@ def test_an_allocate_that_waits_for_a_reservations_range_lock_never_hands_out_th
     from dsipam.server.store._fast import asyncpg_dsn
 
     async def main():
-        blocker = await asyncpg.connect(asyncpg_dsn(clean_db))
+        blocker = await asyncpg.connect(asyncpg_dsn(own_db))
         database = await blocker.fetchval("SELECT current_database()")
         if default_isolation:
             await blocker.execute(f"ALTER DATABASE {database} SET default_transaction_isolation = '{default_isolation}'")
-        store = Store(create_engine(clean_db, pool_size=4, max_overflow=4))
-        store.fast = FastPath(clean_db, pool_size=1)
+        store = Store(create_engine(own_db, pool_size=4, max_overflow=4))
+        store.fast = FastPath(own_db, pool_size=1)
         try:
             async with store.engine.connect() as conn:
                 assert (await conn.exec_driver_sql("SHOW transaction_isolation")).scalar() == "read committed"
             assert [tuple(r) for r in await store.fast.fetch("SHOW transaction_isolation")] == [("read committed",)]
             if default_isolation:  # the setting took: a connection of the database's defaults has it
-                other = await asyncpg.connect(asyncpg_dsn(clean_db))
+                other = await asyncpg.connect(asyncpg_dsn(own_db))
                 assert await other.fetchval("SHOW transaction_isolation") == default_isolation
                 await other.close()
             await store.create_pool(build_pool_spec("wait", [RangeInput("198.18.4.0/24")], {}, 0))
