@@ -26,7 +26,7 @@ def _keys():
 
 
 @settings(max_examples=300, deadline=None)
-@given(xmax=st.integers(2, _watch._MAX_XID - 1), running=st.sets(st.integers(1, 10**6), max_size=40),  # noqa: SLF001
+@given(xmax=st.integers(2, _watch._MAX_XID - 1), running=st.sets(st.integers(1, 10**6), max_size=60),  # noqa: SLF001
        offset=st.integers(-5, 5), seed=st.randoms())
 def test_a_token_carries_its_skip_while_below_it_and_within_the_bound(xmax, running, offset, seed):
     running = {x for x in running if x < xmax}
@@ -37,15 +37,21 @@ def test_a_token_carries_its_skip_while_below_it_and_within_the_bound(xmax, runn
     assert len(token) <= _base.MAX_TOKEN_CHARS
     pool_id, got_pos, _, got = _watch.decode_position(token)
     assert (pool_id, got_pos) == (7, pos)
-    relevant = {x for x in running if x >= xid}
-    if xid < xmax and len(relevant) <= _watch.MAX_TOKEN_SKIP:
+    relevant = sorted(x for x in running if x >= xid)
+    if xid >= xmax:
+        assert got is None
+        return
+    laters = [x for x in [*relevant, xid, xid + 1, xmax - 1, xmax, xmax + 1, *range(xid, xid + 60)] if x >= xid]
+    if len(relevant) <= _watch.MAX_TOKEN_SKIP:
         assert got == _watch.Skip(xmax, frozenset(relevant))
         # every event after the position is judged as the stream judged it
-        for later in [*relevant, xid, xid + 1, xmax - 1, xmax, xmax + 1]:
-            if later >= xid:
-                assert got.skips(later) == skip.skips(later)
+        assert all(got.skips(later) == skip.skips(later) for later in laters)
     else:
-        assert got is None
+        # cut short at the first running xid left out: it skips less, never what the stream sends
+        cut = relevant[_watch.MAX_TOKEN_SKIP]
+        assert got == _watch.Skip(cut, frozenset(relevant[:_watch.MAX_TOKEN_SKIP]))
+        assert all(skip.skips(later) for later in laters if got.skips(later))
+        assert all(got.skips(later) == skip.skips(later) for later in laters if later < cut)
 
 
 def test_the_largest_token_fits():
@@ -54,6 +60,9 @@ def test_the_largest_token_fits():
     assert len(token) <= _base.MAX_TOKEN_CHARS
     assert _watch.decode_position(token)[3] == _watch.Skip(_watch._MAX_XID, frozenset(  # noqa: SLF001
         range(_watch._MAX_XID - 24, _watch._MAX_XID)))  # noqa: SLF001
+    many = _watch.Skip(_watch._MAX_XID, frozenset(range(_watch._MAX_XID - 100, _watch._MAX_XID)))  # noqa: SLF001
+    token = _watch.encode_position(2**31 - 1, (_watch._MAX_XID - 100, 2**62), time.time(), many)  # noqa: SLF001
+    assert len(token) <= _base.MAX_TOKEN_CHARS
 
 
 @settings(max_examples=200, deadline=None)

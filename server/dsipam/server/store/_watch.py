@@ -102,6 +102,7 @@ class Event:
     position: Position = (0, 0)
     # Whatever the RPC layer derives once per event (its protobuf message), shared by all streams.
     cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    stamp: float = field(default=0.0, compare=False, repr=False)  # the database's time of the read (its token's)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Bookmark:
     position: Position = (0, 0)
     # As Event.cache: the idle bookmark of a pool is one object for all its streams.
     cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    stamp: float = field(default=0.0, compare=False, repr=False)  # as Event.stamp
 
 
 # -- resume tokens ------------------------------------------------------------------------
@@ -120,9 +122,13 @@ def encode_position(pool_id: int, pos: Position, stamp: float, skip: Skip | None
     while the position is below the last of them (and they are few enough: see Skip)."""
     value: dict[str, Any] = {"k": "watch", "p": pool_id, "x": str(pos[0]), "i": pos[1], "t": stamp}
     if skip is not None and pos[0] < skip.xmax:
-        running = [x for x in skip.running if x >= pos[0]]  # below the position they no longer matter
-        if len(running) <= MAX_TOKEN_SKIP:
-            value["s"] = [str(skip.xmax), *sorted(str(x) for x in running)]
+        running = sorted(x for x in skip.running if x >= pos[0])  # below the position they no longer matter
+        xmax = skip.xmax
+        if len(running) > MAX_TOKEN_SKIP:
+            # Too many to carry: the skip is cut short at the first one left out. Below it, every xid
+            # not named was still not running at the start: it skips less, never what it must send.
+            xmax, running = running[MAX_TOKEN_SKIP], running[:MAX_TOKEN_SKIP]
+        value["s"] = [str(xmax), *(str(x) for x in running)]
     return encode_token(value)
 
 
@@ -182,7 +188,7 @@ _SQL_SHARED_EVENTS = """
 """
 # A new watch's start: its snapshot (``xmin:xmax:xip``), taken by this one statement.
 _SQL_START = text("SELECT pg_current_snapshot()::text AS snapshot, pg_is_in_recovery() AS recovery, now() AS now")
-MAX_TOKEN_SKIP = 24  # running xids a resume token carries (more: a resume from it may send earlier events)
+MAX_TOKEN_SKIP = 24  # running xids a resume token carries (more: its skip is cut short, and a resume may resend)
 
 
 @dataclass(frozen=True)
@@ -203,14 +209,17 @@ class Skip:
 
 
 def _with_skip(pool_id: int, item: Event | Bookmark, skip: Skip, stamp: float) -> Event | Bookmark:
-    """``item`` with a resume token that carries ``skip`` (the shared item's token does not)."""
-    return replace(item, token=encode_position(pool_id, item.position, stamp, skip), cache={})
+    """``item`` with a resume token that carries ``skip`` (the shared item's token does not), of the
+    item's own time (``stamp`` for an item made without one)."""
+    when = item.stamp or stamp
+    return replace(item, token=encode_position(pool_id, item.position, when, skip), cache={}, stamp=when)
 
 
 def _event(pool: StoredPool, row: Any, stamp: float) -> Event:
     pos = (int(row["xid"]), int(row["id"]))
     addrs = tuple(pool.address_info(ipaddress.ip_address(row[c])) for c in ("ipv4", "ipv6") if row[c])
-    return Event(row["type"], row["owner"], addrs, row["time"], encode_position(pool.id, pos, stamp), pos)
+    return Event(row["type"], row["owner"], addrs, row["time"], encode_position(pool.id, pos, stamp), pos,
+                 stamp=stamp)
 
 
 async def new_watch_start(store: Any, name: str) -> tuple[StoredPool, Position, float, Skip | None]:
@@ -483,7 +492,8 @@ class WatchHub:
                     # Everything pushed before the tick has been sent (the ticker only marks
                     # streams with nothing queued), so the shared position holds for this one.
                     if mark.position < pos:
-                        mark = Bookmark(encode_position(pool.id, pos, self._stamp or time.time()), pos)
+                        now = self._stamp or time.time()
+                        mark = Bookmark(encode_position(pool.id, pos, now), pos, stamp=now)
                     sub.last_sent = time.monotonic()
                     yield mark
                     continue
@@ -505,7 +515,8 @@ class WatchHub:
                     if sub.live and sub.last_sent <= due and sub.bookmark is None and not sub.items:
                         if mark is None:
                             assert self._position is not None
-                            mark = Bookmark(encode_position(pool_id, self._position, self._stamp), self._position)
+                            mark = Bookmark(encode_position(pool_id, self._position, self._stamp), self._position,
+                                            stamp=self._stamp)
                         sub.bookmark = mark
                         sub.wake.set()
 
