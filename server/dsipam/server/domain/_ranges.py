@@ -472,7 +472,9 @@ class RangeSpec:
         bits = bytearray(b"1" * size)
         free = 0
         i = max(bisect.bisect_right(self._starts, base) - 1, 0)
-        for a, b in self.available[i:]:
+        available = self.available
+        for j in range(i, len(available)):  # by index: a slice would copy the rest of the list per block
+            a, b = available[j]
             if a > end:
                 break
             lo, hi = max(a, base), min(b, end)
