@@ -326,6 +326,21 @@ def test_a_deleted_pools_layout_is_not_kept(clean_db):
                     with pytest.raises(PoolNotFound):
                         await store.allocate(pool=name, owner="b", policy=Policy.SINGLE_STACK, families=(),
                                              addresses=(), attributes={})
+            # Deleted elsewhere, and the first call after it here an Allocate or a Release: the fast
+            # path finds the layout stale, the full path finds the pool gone.
+            for i, call in enumerate(("allocate", "release")):
+                name = f"gone-{call}"
+                await store.create_pool(build_pool_spec(name, [RangeInput(f"198.18.{100 + i}.0/28")], {}, 0))
+                await store.allocate(pool=name, owner="a", policy=Policy.SINGLE_STACK, families=(), addresses=(),
+                                     attributes={})
+                layouts.append(weakref.ref(store._by_name[name]))  # noqa: SLF001
+                await other.delete_pool(name, True)
+                with pytest.raises(PoolNotFound):
+                    if call == "allocate":
+                        await store.allocate(pool=name, owner="b", policy=Policy.SINGLE_STACK, families=(),
+                                             addresses=(), attributes={})
+                    else:
+                        await store.release(pool=name, owner="a", families=())
             assert not [n for n in store._by_name if n.startswith("gone")]  # noqa: SLF001
             assert not store._layouts  # noqa: SLF001
             gc.collect()

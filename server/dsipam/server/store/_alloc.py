@@ -318,7 +318,7 @@ class AllocationStore(StoreBase):
             row = await self.fast.allocate(pool, stored.version, owner, want4, want6, attrs_json, node)
         if row is None or row["status"] not in ("created", "exists"):
             if row is not None and row["status"] == "stale":
-                self._by_name.pop(pool, None)
+                self.forget_stale(stored)
             return None
         if row["status"] == "created":
             n = self._fast_created.get(stored.id, 0) + 1
@@ -723,7 +723,7 @@ class AllocationStore(StoreBase):
             if row is not None and row["status"] != "stale":
                 return [stored.address_info(ipaddress.ip_address(row[c])) for c in ("ipv4", "ipv6") if row[c]]
             if row is not None:
-                self._by_name.pop(pool, None)
+                self.forget_stale(stored)
 
         async def run(conn: AsyncConnection) -> list[AddressInfo]:
             stored = await self._load_pool(conn, pool)

@@ -715,6 +715,18 @@ class StoreBase:
         self._layouts[pool.id] = pool
         self._by_name[pool.name] = pool
 
+    def forget_stale(self, stored: StoredPool) -> None:
+        """Drops a layout the fast path found out of date (the pool changed, or is gone): by name, and
+        by id while the cached one is still that version (a gone pool's would otherwise stay, as
+        the full path's read then finds no name to forget)."""
+        named = self._by_name.get(stored.name)
+        if named is not None and named.id == stored.id and named.version == stored.version:
+            del self._by_name[stored.name]
+        cached = self._layouts.get(stored.id)
+        if cached is not None and cached.version == stored.version:
+            del self._layouts[stored.id]
+            self._fast_created.pop(stored.id, None)
+
     def forget(self, name: str) -> None:
         """Drops the cached layout of a pool that is gone (deleted here, or found missing by a read):
         pool ids are never reused, so nothing else would ever free it."""
