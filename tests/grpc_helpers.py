@@ -55,3 +55,13 @@ def ips(alloc: pb.Allocation) -> list[str]:
 
 def families(alloc: pb.Allocation) -> list[int]:
     return [a.family for a in alloc.addresses]
+
+
+def next_owners(stream, count: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """The owners of the next ``count`` events of a WatchAllocations stream (bookmarks passed over)."""
+    owners: list[str] = []
+    while len(owners) < count:
+        message = next(stream)
+        if message.type != pb.EVENT_TYPE_BOOKMARK:
+            owners.append(message.owner)
+    return owners

@@ -5,7 +5,7 @@ import time
 
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
-from grpc_helpers import PREFER, REQUIRE, SINGLE, V4, V6, expect_error, families, ips, pool
+from grpc_helpers import PREFER, REQUIRE, SINGLE, V4, V6, expect_error, families, ips, next_owners, pool
 from support import running_server
 
 from dsipam.v1 import ipam_pb2 as pb
@@ -357,21 +357,13 @@ def test_a_new_watch_skips_what_committed_before_it_behind_an_older_running_tran
                 "INSERT INTO ipam_events (pool_id, type, owner, ipv4, ipv6) "
                 "SELECT pool_id, type, 'older', ipv4, ipv6 FROM ipam_events WHERE owner = 'after'"))
             loop.run_until_complete(older.execute("COMMIT"))
-            owners = []
-            while len(owners) < 2:
-                e = next(watch)
-                if e.type != pb.EVENT_TYPE_BOOKMARK:
-                    owners.append(e.owner)
+            owners = next_owners(watch, 2)
             watch.cancel()
             # A stream resumed from the watch's first bookmark (taken while "before" was above its
             # position) sends the same: the token carries what to skip.
             resumed = ipam_pb2_grpc.IpamServiceStub(ch).WatchAllocations(
                 pb.WatchAllocationsRequest(pool="wo", resume_token=first.resume_token), timeout=20)
-            again = []
-            while len(again) < 2:
-                e = next(resumed)
-                if e.type != pb.EVENT_TYPE_BOOKMARK:
-                    again.append(e.owner)
+            again = next_owners(resumed, 2)
             resumed.cancel()
         assert owners == ["older", "after"]  # in the order of their xids; no "before" ever
         assert again == owners

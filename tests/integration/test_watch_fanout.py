@@ -9,7 +9,7 @@ import time
 
 import grpc
 import pytest
-from grpc_helpers import REQUIRE, error_info, pool
+from grpc_helpers import REQUIRE, error_info, next_owners, pool
 from support import psql, running_server, scratch_database
 
 from dsipam.v1 import ipam_pb2 as pb
@@ -169,11 +169,7 @@ def test_a_slow_stream_catches_up_without_gaps(own_db, tmp_path):
         for t in threads:
             t.join()
         wait_for(lambda: len(fast.events) >= 300, 60.0, "the fast stream")
-        got = []
-        while len(got) < 300:
-            message = next(slow)
-            if message.type != pb.EVENT_TYPE_BOOKMARK:
-                got.append(message.owner)
+        got = next_owners(slow, 300)
         slow.cancel()
         assert got == fast.owners() and sorted(got) == owners
         fast.close()

@@ -561,10 +561,9 @@ class AllocationStore(StoreBase):
 
     async def _new_block(
         self, conn: AsyncConnection, pool: StoredPool, range_id: int, next_block: str, node: str | None = None,
-        take: bool = True,
     ) -> IPAddress | None:
-        """Creates the next block of a locked range and takes its first free address (with
-        ``take=False``, creates it empty and returns its first free address, untaken)."""
+        """Creates the next block of a locked range and takes its first free address (the top-up's
+        empty blocks: _new_empty_blocks)."""
         rng = pool.range_by_id(range_id)
         if rng is None:
             raise Retry()
@@ -575,13 +574,12 @@ class AllocationStore(StoreBase):
             bitmap, free = spec.block_mask(base)
             if free:
                 bit = bitmap.index("0")
-                if take:
-                    bitmap = bitmap[:bit] + "1" + bitmap[bit + 1 :]
+                bitmap = bitmap[:bit] + "1" + bitmap[bit + 1 :]
                 created = (
                     await conn.execute(
                         _SQL_INSERT_BLOCK,
                         {"pool": pool.id, "range": range_id, "family": int(spec.family), "base": spec.block_cidr(base),
-                         "bitmap": bitmap, "free": free - 1 if take else free, "avail": free, "node": node},
+                         "bitmap": bitmap, "free": free - 1, "avail": free, "node": node},
                     )
                 ).first()
                 if created is not None:

@@ -242,13 +242,10 @@ async def new_watch_start(store: Any, name: str) -> tuple[StoredPool, Position, 
     return pool, (int(xmin), 0), row["now"].timestamp(), skip
 
 
-async def read_pool_events(store: Any, name: str, pos: Position | None,
+async def read_pool_events(store: Any, name: str, pos: Position,
                            limit: int = READ_LIMIT) -> tuple[StoredPool, list[Event], Position, float]:
-    """One read of its own: the pool, its events after ``pos`` (none when ``pos`` is None: a
-    new watch starts now), the position reached and the database's time."""
-    if pos is None:
-        pool, start, stamp, _ = await new_watch_start(store, name)
-        return pool, [], start, stamp
+    """One read of its own: the pool, its events after ``pos``, the position reached and the
+    database's time (a new watch starts with new_watch_start instead)."""
     with unavailable_on_disconnect():
         async with store.engine.connect() as conn:
             pool = await store._load_pool(conn, name)
