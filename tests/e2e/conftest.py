@@ -1,9 +1,12 @@
 """Fixtures of the controller's reconcile tests (test_kube_reconcile.py, test_kube_attack.py): a
 controller process factory under the controller's own RBAC, a core API client, a throwaway
-namespace and an SDK client. Helpers they share are in tests/kube_controller.py."""
+namespace and an SDK client. Helpers they share are in tests/kube_controller.py. Also the
+compiled CNI plugin, built once per session, for the CNI plugin's tests."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,6 +17,8 @@ from kube_controller import LEASE
 from kubernetes_asyncio import client
 
 from dsipam.client import AsyncIpamClient
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -58,3 +63,20 @@ async def ns(core: client.CoreV1Api) -> AsyncIterator[str]:
 async def ipam(target: str) -> AsyncIterator[AsyncIpamClient]:
     async with AsyncIpamClient(target) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def compiled_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The compiled plugin (clients/cni/go), built by scripts/build-cni with Debian's Go packages.
+
+    Without them the compiled plugin's tests are skipped, with the reason; under CI (which
+    installs them) they fail instead.
+    """
+    out = tmp_path_factory.mktemp("cni-compiled") / "dsipam-cni"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "build-cni"), str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = f"scripts/build-cni failed: {proc.stderr.strip()[-2000:]}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return out

@@ -38,10 +38,15 @@ def cni_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     server.terminate()
 
 
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bin_dir = tmp_path_factory.mktemp("cni-bin")
-    subprocess.run([sys.executable, "-m", "dsipam.cni", "install", str(bin_dir)], check=True, capture_output=True)
+# Every test that runs the installed plugin runs twice: with the Python plugin's launcher and with
+# the compiled plugin. They must behave alike: configuration, results, error codes and messages.
+@pytest.fixture(scope="module", params=["python", "compiled"])
+def plugin_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bin_dir = tmp_path_factory.mktemp(f"cni-bin-{request.param}")
+    command = [sys.executable, "-m", "dsipam.cni", "install", str(bin_dir)]
+    if request.param == "compiled":
+        command += ["--compiled", str(request.getfixturevalue("compiled_plugin"))]
+    subprocess.run(command, check=True, capture_output=True)
     return bin_dir
 
 
@@ -138,17 +143,27 @@ def allocation(stub: ipam_pb2_grpc.IpamServiceStub, pool: str, owner: str) -> pb
 # -- install and VERSION --------------------------------------------------------------------
 
 
-def test_install_writes_a_fast_launcher_and_the_dsipam_link(plugin_dir: Path) -> None:
+def is_compiled(plugin_dir: Path) -> bool:
+    """Whether ``plugin_dir`` holds the compiled plugin (else the Python plugin's launcher)."""
+    return plugin_dir.name.startswith("cni-bin-compiled")
+
+
+def test_install_writes_a_fast_launcher_and_the_dsipam_link(plugin_dir: Path, request: pytest.FixtureRequest) -> None:
     launcher = plugin_dir / "dsipam-cni"
     assert os.access(launcher, os.X_OK)
-    assert launcher.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
+    if is_compiled(plugin_dir):
+        assert launcher.read_bytes() == request.getfixturevalue("compiled_plugin").read_bytes()
+    else:
+        assert launcher.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
     assert (plugin_dir / "dsipam").resolve() == launcher.resolve()
+    assert [p.name for p in plugin_dir.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
 def test_launcher_output_reaches_a_file_whole(plugin_dir: Path, tmp_path: Path) -> None:
     """The launcher ends the process without the interpreter's finalization (docs/cni.md): what
     the plugin printed must still be all there when stdout is a block-buffered file."""
-    assert "exit_now(main([]))" in (plugin_dir / "dsipam-cni").read_text()
+    if not is_compiled(plugin_dir):
+        assert "exit_now(main([]))" in (plugin_dir / "dsipam-cni").read_text()
     out = tmp_path / "out.json"
     env = {"PATH": os.environ.get("PATH", ""), "CNI_COMMAND": "VERSION"}
     with open(out, "wb") as f:

@@ -37,17 +37,29 @@ def launcher_text(python: str | None = None) -> str:
     return LAUNCHER.format(python=python, paths=[package_root()])
 
 
-def install(directory: str | os.PathLike[str], python: str | None = None) -> list[Path]:
-    """Writes the launcher and the ``dsipam`` link into ``directory``; returns both paths.
+def compiled_plugin(path: str) -> bytes:
+    """The contents of a compiled plugin (``scripts/build-cni``); raises ValueError when ``path``
+    is not an executable ELF file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(b"\x7fELF") or not os.access(path, os.X_OK):
+        raise ValueError(f"--compiled: {path!r} is not an executable ELF file (build one with scripts/build-cni)")
+    return data
+
+
+def install(directory: str | os.PathLike[str], python: str | None = None, compiled: str | None = None) -> list[Path]:
+    """Writes the launcher (or a copy of the ``compiled`` plugin) and the ``dsipam`` link into
+    ``directory``; returns both paths.
 
     Each file is replaced atomically, so a runtime never runs a half-written plugin.
     """
-    text = launcher_text(python)  # a bad --python fails before anything is created
+    # A bad --python or --compiled fails before anything is created.
+    data = compiled_plugin(compiled) if compiled else launcher_text(python).encode()
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     launcher = target / NAMES[0]
     tmp = target / f".{NAMES[0]}.{os.getpid()}.tmp"
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.chmod(0o755)
     os.replace(tmp, launcher)
     link = target / NAMES[1]
@@ -62,7 +74,8 @@ def install(directory: str | os.PathLike[str], python: str | None = None) -> lis
 DESCRIPTION = """\
 Without arguments, and with CNI_COMMAND set, dsipam-cni is the CNI IPAM plugin that a
 container runtime runs. "dsipam-cni install DIR" writes DIR/dsipam-cni (the plugin's
-launcher) and DIR/dsipam (a link to it); put DIR on the runtime's CNI_PATH.
+launcher) and DIR/dsipam (a link to it); put DIR on the runtime's CNI_PATH. With
+--compiled BINARY, DIR/dsipam-cni is a copy of the compiled plugin (scripts/build-cni).
 """
 
 
@@ -79,6 +92,8 @@ def _parser():  # type: ignore[no-untyped-def]
     install_parser.add_argument("--python", metavar="PATH",
                                 help="the interpreter the launcher runs (default: this one, %(default)s)",
                                 default=sys.executable)
+    install_parser.add_argument("--compiled", metavar="BINARY",
+                                help="install this compiled plugin (scripts/build-cni) instead of the launcher")
     parser.set_defaults(install_parser=install_parser)
     return parser
 
@@ -93,7 +108,7 @@ def cli(args: list[str]) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        paths = install(ns.directory, ns.python)
+        paths = install(ns.directory, ns.python, ns.compiled)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"dsipam-cni install: {exc}\n")
         return 1
