@@ -2,6 +2,7 @@
 """CNI plugin benchmark: ADD+DEL cycles through the real bridge plugin, dsipam vs host-local.
 
     .venv/bin/python bench/cni_bench.py [--repeat 3] [--cycles 50] [--runs 30] [--json out.json]
+    .venv/bin/python bench/cni_bench.py --compiled "$(scripts/build-cni)"   # the compiled plugin
 
 Needs root, iproute2 and containernetworking-plugins (/usr/lib/cni). It makes a scratch
 database, a dsipam server on loopback and a unix socket, a parent network namespace with two
@@ -321,6 +322,8 @@ def main() -> int:
                         help="also draw the ADD-time figure into docs/img/performance/cni-add.png (bench/plots.py)")
     parser.add_argument("--plugin-python", help="interpreter for the installed plugin (default: this one); "
                         "the built-in transport needs only the standard library")
+    parser.add_argument("--compiled", metavar="BINARY",
+                        help="install this compiled plugin (scripts/build-cni) instead of the Python plugin")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -353,6 +356,8 @@ def main() -> int:
             install = [sys.executable, "-m", "dsipam.cni", "install", str(tmp / "bin")]
             if args.plugin_python:
                 install[4:4] = ["--python", args.plugin_python]
+            if args.compiled:
+                install[4:4] = ["--compiled", args.compiled]
             subprocess.run(install, check=True, capture_output=True)
             for ns in (parent, *pods):
                 sh("ip", "netns", "add", ns)
@@ -367,7 +372,7 @@ def main() -> int:
                     "repeat": args.repeat, "stand_ins": args.stand_ins,
                     "pause": args.pause,
                     "python": args.plugin_python or sys.executable, "venv_python": sys.executable,
-                    "grpc": not args.plugin_python, "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
+                    "grpc": not (args.plugin_python or args.compiled), "cni_root": str(Path(dsipam.cni.__file__).resolve().parents[2])}
             # bench/cni_trace.py: the worker marks its timed runs in the kernel's trace (through an
             # inherited descriptor: `ip netns exec` mounts another /sys for the worker).
             marks = os.environ.get("DSIPAM_BENCH_TRACE_MARKS")
@@ -386,6 +391,8 @@ def main() -> int:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
     machine["plugin_python"] = args.plugin_python or sys.executable
+    if args.compiled:
+        machine["plugin_python"] = f"none: the compiled plugin {args.compiled}"
     per_run = run_ratios(measured["per_run"])
     results = {"machine": machine, "command": " ".join(sys.argv), "cycles": args.cycles, "repeat": args.repeat,
                "runs": args.runs, "pause": args.pause, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
