@@ -3,6 +3,7 @@
 # IpamService on [::]:50051 (set DSIPAM_DATABASE_URL). One image holds every command:
 #   dsipam serve | dsipam migrate | dsipam fsck POOL   the server, the migrations, the checker
 #   dsipam-cni-install                                 the CNI DaemonSet's node installer
+# (its bundle holds the compiled CNI plugin, built in the cni-plugin stage, and the Python one).
 # Layout and probes are described in docs/operations.md; tests/e2e/test_deploy.py checks
 # this file's structure (base images, non-root USER, entry point, health check).
 
@@ -19,6 +20,19 @@ COPY . .
 RUN /opt/dsipam/venv/bin/pip install --no-compile . \
  && /opt/dsipam/venv/bin/python -m compileall -q /opt/dsipam/venv/lib \
  && /opt/dsipam/venv/bin/dsipam --help >/dev/null
+
+# ---- cni-plugin: the compiled CNI plugin (clients/cni/go), what nodes run by default ---------
+# Built offline from Debian's Go toolchain and its grpc and protobuf packages, as
+# scripts/build-cni does; a static binary (no cgo) that runs on any node.
+FROM debian:bookworm-slim AS cni-plugin
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY clients/cni/go clients/cni/go
+RUN cd clients/cni/go \
+ && GO111MODULE=off GOPATH=/usr/share/gocode CGO_ENABLED=0 go build -trimpath -ldflags=-s -o /out/dsipam-cni . \
+ && CNI_COMMAND=VERSION /out/dsipam-cni </dev/null
 
 # ---- cni-bundle: a self-contained runtime that the DaemonSet copies onto each node -------
 # Nodes have no Python of the right version, so the plugin travels with its interpreter:
@@ -44,6 +58,9 @@ RUN set -eux; \
         "$b/python/bin/python3.11" -s -c "import grpc, dsipam.v1.ipam_pb2, dsipam.cni"; \
     echo '{"cniVersion":"1.0.0"}' | CNI_COMMAND=VERSION LD_LIBRARY_PATH="$b/python/lib" PYTHONHOME="$b/python" \
         PYTHONPATH="$b/site-packages" "$b/python/bin/python3.11" -s -m dsipam.cni
+# bin/dsipam-cni: the compiled plugin, which dsipam-cni-install puts on the node unless
+# DSIPAM_CNI_PLUGIN=python asks for the Python plugin above.
+COPY --from=cni-plugin /out/dsipam-cni /opt/dsipam/cni-bundle/bin/dsipam-cni
 
 # ---- runtime: the image that runs -------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -5,9 +5,11 @@
 #
 #   1. copies the Python runtime and packages to <bundle dir>/<version>/ and points
 #      <bundle dir>/current at it (a symlink swapped with one rename);
-#   2. writes <bin dir>/dsipam-cni, a shell wrapper that runs `python -m dsipam.cni`
-#      with that runtime (written to a temporary name, then renamed: never half a file),
-#      and the link <bin dir>/dsipam -> dsipam-cni (the IPAM type in the conflist);
+#   2. writes <bin dir>/dsipam-cni: the compiled plugin (the bundle's bin/dsipam-cni, built
+#      from clients/cni/go), or with DSIPAM_CNI_PLUGIN=python a shell wrapper that runs
+#      `python -m dsipam.cni` with that runtime (written to a temporary name, then renamed:
+#      never half a file), and the link <bin dir>/dsipam -> dsipam-cni (the IPAM type in the
+#      conflist);
 #   3. renders the conflist template (@SERVER@, @POOL@, @NODE_NAME@, @CNI_VERSION@),
 #      checks that it is JSON and writes <conf dir>/<name> the same way; with credentials
 #      (a directory holding `ca.crt` and this node's token, `token.<NODE_NAME>`, from the
@@ -34,6 +36,7 @@
 #   DSIPAM_CNI_POOL [pods]  DSIPAM_CNI_VERSION [1.0.0]  NODE_NAME [hostname]  DSIPAM_CNI_VERIFY [1]
 #   DSIPAM_CNI_BUNDLE_SRC [/opt/dsipam/cni-bundle]  DSIPAM_CNI_WRAPPER_SRC [/opt/dsipam/dsipam-cni.sh]
 #   DSIPAM_CNI_SA_TOKEN [/var/run/secrets/dsipam/token]  DSIPAM_CNI_TOKEN_REFRESH [60]
+#   DSIPAM_CNI_PLUGIN [compiled when the bundle has bin/dsipam-cni, else python]
 set -eu
 
 log() { echo "dsipam-cni-install: $*" >&2; }
@@ -43,7 +46,7 @@ once=0
 for arg in "$@"; do
   case "$arg" in
     --once) once=1 ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) die "unknown argument $arg (expected --once)" ;;
   esac
 done
@@ -79,7 +82,15 @@ fi
 [ -n "$server" ] || die "DSIPAM_CNI_SERVER is not set and there is no DSIPAM_SERVICE_HOST (is the Service dsipam there? then restart this pod)"
 case "$server" in *:*) ;; *) die "DSIPAM_CNI_SERVER: '$server' is not host:port" ;; esac
 [ -d "$bundle_src/python" ] && [ -d "$bundle_src/site-packages" ] || die "DSIPAM_CNI_BUNDLE_SRC: $bundle_src has no python/ and site-packages/"
-[ -f "$wrapper_src" ] || die "DSIPAM_CNI_WRAPPER_SRC: $wrapper_src not found"
+plugin_kind="${DSIPAM_CNI_PLUGIN:-}"
+if [ -z "$plugin_kind" ]; then
+  if [ -f "$bundle_src/bin/dsipam-cni" ]; then plugin_kind=compiled; else plugin_kind=python; fi
+fi
+case "$plugin_kind" in
+  compiled) [ -x "$bundle_src/bin/dsipam-cni" ] || die "DSIPAM_CNI_PLUGIN=compiled: $bundle_src/bin/dsipam-cni is not an executable" ;;
+  python) [ -f "$wrapper_src" ] || die "DSIPAM_CNI_WRAPPER_SRC: $wrapper_src not found" ;;
+  *) die "DSIPAM_CNI_PLUGIN: '$plugin_kind' is not compiled or python" ;;
+esac
 [ -f "$template" ] || die "DSIPAM_CNI_TEMPLATE: $template not found"
 case "$conflist_name" in *.conflist) ;; *) die "DSIPAM_CNI_CONFLIST_NAME: '$conflist_name' must end in .conflist" ;; esac
 
@@ -102,15 +113,19 @@ log "runtime in $bundle_dir/$version (current)"
 # Keep the newest two versions: a plugin started just before the swap may still read the previous one.
 ls -1d "$root$bundle_dir"/v* 2>/dev/null | sort -r | tail -n +3 | while read -r old; do rm -rf "$old"; done
 
-# 2. the plugin wrapper.
-sed "s|@BUNDLE@|$(sed_value "$bundle_dir/current")|g" "$wrapper_src" > "$root$bin_dir/.dsipam-cni.tmp"
+# 2. the plugin: the compiled one from the installed bundle, or the wrapper of the Python one.
+if [ "$plugin_kind" = compiled ]; then
+  cp "$root$bundle_dir/$version/bin/dsipam-cni" "$root$bin_dir/.dsipam-cni.tmp"
+else
+  sed "s|@BUNDLE@|$(sed_value "$bundle_dir/current")|g" "$wrapper_src" > "$root$bin_dir/.dsipam-cni.tmp"
+fi
 chmod 0755 "$root$bin_dir/.dsipam-cni.tmp"
 mv -f "$root$bin_dir/.dsipam-cni.tmp" "$root$bin_dir/dsipam-cni"
 # "type": "dsipam" in a network configuration finds the same plugin.
 ln -sf dsipam-cni "$root$bin_dir/.dsipam.tmp"
 mv -fT "$root$bin_dir/.dsipam.tmp" "$root$bin_dir/dsipam" 2>/dev/null \
   || { rm -f "$root$bin_dir/dsipam"; mv "$root$bin_dir/.dsipam.tmp" "$root$bin_dir/dsipam"; }
-log "plugin $bin_dir/dsipam-cni (and the link $bin_dir/dsipam)"
+log "plugin $bin_dir/dsipam-cni, $plugin_kind (and the link $bin_dir/dsipam)"
 
 # 3. the conflist.
 tmp_conf="$root$conf_dir/.$conflist_name.tmp"
@@ -194,15 +209,21 @@ chmod 0644 "$tmp_conf"
 mv -f "$tmp_conf" "$root$conf_dir/$conflist_name"
 log "conflist $conf_dir/$conflist_name (server $server, pool $pool, node $node, auth: $auth)"
 
-# 4. the installed runtime answers VERSION (run through the container's view of the bundle).
+# 4. the installed plugin answers VERSION (the Python one run through the container's view of the bundle).
 if [ "$verify" = 1 ]; then
-  check="$root$bundle_dir/.verify-$$.sh"
-  sed "s|@BUNDLE@|$(sed_value "$root$bundle_dir/current")|g" "$wrapper_src" > "$check"
-  if ! out=$(printf '{"cniVersion":"%s"}' "$cni_version" | CNI_COMMAND=VERSION sh "$check" 2>&1); then
-    rm -f "$check"
+  if [ "$plugin_kind" = compiled ]; then
+    check="$root$bin_dir/dsipam-cni"
+    run_check() { CNI_COMMAND=VERSION "$check"; }
+  else
+    check="$root$bundle_dir/.verify-$$.sh"
+    sed "s|@BUNDLE@|$(sed_value "$root$bundle_dir/current")|g" "$wrapper_src" > "$check"
+    run_check() { CNI_COMMAND=VERSION sh "$check"; }
+  fi
+  if ! out=$(printf '{"cniVersion":"%s"}' "$cni_version" | run_check 2>&1); then
+    [ "$plugin_kind" = compiled ] || rm -f "$check"
     die "the installed plugin failed its VERSION command: $out"
   fi
-  rm -f "$check"
+  [ "$plugin_kind" = compiled ] || rm -f "$check"
   log "VERSION: $out"
 fi
 

@@ -80,18 +80,27 @@ def _last(stage: dict, instruction: str) -> str | None:
 
 def test_dockerfile_is_multistage_on_the_project_python() -> None:
     stages = _stages()
-    assert [s["name"] for s in stages] == ["build", "cni-bundle", "runtime"]
+    assert [s["name"] for s in stages] == ["build", "cni-plugin", "cni-bundle", "runtime"]
     base = _args()["PYTHON_IMAGE"]
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     minor = re.search(r"3\.(\d+)", requires).group(0)
     assert re.fullmatch(rf"python:{re.escape(minor)}-slim(-\w+)?", base), (base, requires)
-    assert stages[0]["from"] == "${PYTHON_IMAGE}" and stages[2]["from"] == "${PYTHON_IMAGE}"
-    assert stages[1]["from"] == "build"
+    assert stages[0]["from"] == "${PYTHON_IMAGE}" and stages[3]["from"] == "${PYTHON_IMAGE}"
+    assert stages[2]["from"] == "build"
+    # The compiled plugin is built from its sources alone, on the same Debian release as the base
+    # image, and put into the bundle.
+    codename = re.fullmatch(r"python:[\d.]+-slim-(\w+)", base).group(1)
+    assert stages[1]["from"] == f"debian:{codename}-slim"
+    plugin_run = " ".join(v for i, v in stages[1]["instructions"] if i == "RUN")
+    assert "golang-google-grpc-dev" in plugin_run and "go build" in plugin_run and "-o /out/dsipam-cni" in plugin_run
+    assert [v for i, v in stages[1]["instructions"] if i == "COPY"] == ["clients/cni/go clients/cni/go"]
+    assert ("--from=cni-plugin /out/dsipam-cni /opt/dsipam/cni-bundle/bin/dsipam-cni"
+            in [v for i, v in stages[2]["instructions"] if i == "COPY"])
     # The bundle copies the interpreter of that same minor version.
-    bundle_run = " ".join(v for i, v in stages[1]["instructions"] if i == "RUN")
+    bundle_run = " ".join(v for i, v in stages[2]["instructions"] if i == "RUN")
     assert f"python{minor}" in bundle_run
     # The runtime gets the built virtualenv and the bundle from the earlier stages, not the sources.
-    copies = [v for i, v in stages[2]["instructions"] if i == "COPY"]
+    copies = [v for i, v in stages[3]["instructions"] if i == "COPY"]
     assert "--from=build /opt/dsipam/venv /opt/dsipam/venv" in copies
     assert "--from=cni-bundle /opt/dsipam/cni-bundle /opt/dsipam/cni-bundle" in copies
     assert not any(c.split()[0] == "." for c in copies), "the runtime stage copies the whole source tree"
@@ -102,7 +111,7 @@ def test_cni_bundle_copies_every_package_the_plugin_imports(tmp_path: Path) -> N
     TLS transport included, with nothing but the standard library besides (python -S)."""
     import grpc
 
-    bundle_run = " ".join(v for i, v in _stages()[1]["instructions"] if i == "RUN")
+    bundle_run = " ".join(v for i, v in _stages()[2]["instructions"] if i == "RUN")
     copied = re.findall(r'"\$sp/([A-Za-z0-9_./]+)"', bundle_run)
     assert {"dsipam/cni", "dsipam/v1", "grpc", "google"} <= set(copied)
     venv_site = Path(grpc.__file__).resolve().parent.parent

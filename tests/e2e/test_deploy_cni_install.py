@@ -157,6 +157,57 @@ def test_broken_runtime_fails_the_install(tmp_path: Path) -> None:
     assert done.returncode != 0 and "failed its VERSION command" in done.stderr and "plugin is broken" in done.stderr
 
 
+def _with_compiled(bundle: Path, compiled_plugin: Path) -> Path:
+    """The bundle with the compiled plugin in bin/, as the image's cni-bundle stage copies it."""
+    (bundle / "bin").mkdir()
+    shutil.copy2(compiled_plugin, bundle / "bin" / "dsipam-cni")
+    return bundle
+
+
+def test_the_compiled_plugin_is_installed_when_the_bundle_has_it(tmp_path: Path, compiled_plugin: Path) -> None:
+    bundle = _with_compiled(_bundle(tmp_path), compiled_plugin)
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+    assert done.returncode == 0, done.stderr
+    assert "dsipam-cni, compiled" in done.stderr and "VERSION:" in done.stderr
+    bin_dir = tmp_path / "node/opt/cni/bin"
+    assert (bin_dir / "dsipam-cni").read_bytes() == compiled_plugin.read_bytes()
+    assert os.access(bin_dir / "dsipam-cni", os.X_OK) and os.readlink(bin_dir / "dsipam") == "dsipam-cni"
+    assert not [p.name for p in bin_dir.iterdir() if p.name.startswith(".")]  # no temporary files
+    # It runs as the runtime runs it, and takes the rendered conflist's ipam section.
+    conflist = json.loads((tmp_path / "node/etc/cni/net.d/90-dsipam.conflist").read_text())
+    netconf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **conflist["plugins"][0]}
+    env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "VERSION"}
+    ran = subprocess.run([str(bin_dir / "dsipam")], input=json.dumps(netconf), env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode == 0 and "1.0.0" in json.loads(ran.stdout)["supportedVersions"], ran
+
+
+def test_the_python_plugin_can_still_be_chosen(tmp_path: Path, compiled_plugin: Path) -> None:
+    bundle = _with_compiled(_bundle(tmp_path), compiled_plugin)
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051", DSIPAM_CNI_PLUGIN="python")
+    assert done.returncode == 0, done.stderr
+    assert "dsipam-cni, python" in done.stderr
+    assert "'/opt/dsipam-cni/current'" in (tmp_path / "node/opt/cni/bin/dsipam-cni").read_text()
+
+
+@pytest.mark.parametrize(("plugin", "message"), [("go", "'go' is not compiled or python"),
+                                                 ("compiled", "bin/dsipam-cni is not an executable")])
+def test_a_plugin_that_cannot_be_installed_fails_before_anything_is_written(tmp_path: Path, plugin: str,
+                                                                            message: str) -> None:
+    done = _install(tmp_path, _bundle(tmp_path), DSIPAM_CNI_SERVER="198.18.0.10:50051", DSIPAM_CNI_PLUGIN=plugin)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
+    assert not (tmp_path / "node").exists() or not list((tmp_path / "node").rglob("*dsipam*"))
+
+
+def test_a_broken_compiled_plugin_fails_the_install(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    (bundle / "bin").mkdir()
+    (bundle / "bin" / "dsipam-cni").write_text("#!/bin/sh\necho 'exec format trouble' >&2\nexit 3\n")
+    (bundle / "bin" / "dsipam-cni").chmod(0o755)
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+    assert done.returncode != 0 and "failed its VERSION command" in done.stderr and "exec format trouble" in done.stderr
+
+
 def _real_plugin_site_packages(tmp: Path) -> Path:
     """site-packages with only the dsipam.cni package, as the image's cni-bundle stage copies it."""
     spec = importlib.util.find_spec("dsipam.cni.__main__")
