@@ -155,10 +155,12 @@ class AdminStub:
         return lambda request: method(request, metadata=self._metadata, timeout=10)
 
 
-@pytest.fixture
-def cni_bin(tmp_path: Path) -> Path:
+@pytest.fixture(params=["python", "compiled"])
+def cni_bin(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """The installed plugin: the Python plugin's launcher, or the compiled plugin."""
     bin_dir = tmp_path / "cni-bin"
-    sh(sys.executable, "-m", "dsipam.cni", "install", str(bin_dir))
+    extra = ("--compiled", str(request.getfixturevalue("compiled_plugin"))) if request.param == "compiled" else ()
+    sh(sys.executable, "-m", "dsipam.cni", "install", *extra, str(bin_dir))
     return bin_dir
 
 
