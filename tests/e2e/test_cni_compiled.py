@@ -210,3 +210,19 @@ def test_the_compiled_plugin_answers_as_the_python_plugin(plugins: dict[str, Pat
                                                          data: st.DataObject) -> None:
     env, stdin = data.draw(invocations(dead_socket))
     event(check_alike(plugins, env, stdin))
+
+
+def test_the_compiled_plugin_reads_the_same_ipam_keys() -> None:
+    """Every ipam key the Python plugin reads (as test_cni_docs.py finds them), the compiled one
+    reads too, and no other: a key added to one plugin only fails here."""
+    import inspect
+    import re
+
+    from dsipam.cni import _config
+
+    source = inspect.getsource(_config)
+    python = set(re.findall(r'"([A-Za-z]+)", "ipam\.\1"', source)) | set(re.findall(r'ipam\.get\("([A-Za-z]+)"', source))
+    go_source = (Path(__file__).resolve().parents[2] / "clients" / "cni" / "go" / "config.go").read_text()
+    compiled = set(re.findall(r'"([A-Za-z]+)", "ipam\.\1"', go_source)) | set(re.findall(r'ipam\["([A-Za-z]+)"\]',
+                                                                                            go_source))
+    assert python - {"type"} == compiled, (python, compiled)
