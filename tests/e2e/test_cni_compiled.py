@@ -162,10 +162,141 @@ def invocations(draw: st.DrawFn, sock: str) -> tuple[dict[str, str], bytes]:
 
 
 def _canonical(doc: dict) -> dict:
-    """What must agree: everything, but the library-worded message of codes 6 and 11."""
-    if doc.get("code") in LIBRARY_WORDED:
+    """What must agree: everything, but the library-worded message of codes 6 and 11 (and of
+    STATUS's 50 that stands for an 11: the connection's error)."""
+    if doc.get("code") in LIBRARY_WORDED or "(would be CNI error 11)" in str(doc.get("details", "")):
         return {"cniVersion": doc.get("cniVersion"), "code": doc["code"]}
     return doc
+
+
+# -- one fault at a time ------------------------------------------------------------------------
+# A runtime's valid invocation with exactly one thing changed, anywhere: so that every check is
+# reached, the deep ones (CHECK's prevResult, GC's attachments, CNI_ARGS, route extras) included.
+
+_SPECIAL_VALUES = (86400, 86401, 0, -0.0, 0.5, 1e-7, 1e22, 1e16, 123456789012345678, -1, 2.5e-9, 1e-400,
+                     "\t", "a'b", 'a"b', "a'b\"c", "\ufffd", "\x7f", "\u0130Pv4", "S\u0130ngleStack",
+                     "\u212aIPv4", "0fd00::/64", "fd00::00000000001", "::198.18.0.1", "198.18.0.1/00032",
+                     "fd00::1/0129", "\u0665", "c1\u00e9", "-c1", "c1 ", "a" * 16, "e:1", "..", ".",
+                     ["198.18.0.5", "198.18.0.5"], [{"a": 1}], [["x"]], [1000.0], {"b": 1, "a": [True, None]},
+                     True, False, None, [], {}, "")
+_specials = st.one_of(st.sampled_from(_SPECIAL_VALUES), _junk)
+_env_specials = st.sampled_from([v for v in _SPECIAL_VALUES if isinstance(v, str)] + [
+    "IP=198.18.0.5,198.18.0.5", "IP=bogus", "K8S_POD_NAME", "=v", "IP=fd00::1;IP=198.18.0.9"])
+
+# Values near each variable's rules.
+_ENV_SPECIALS = {
+    "CNI_CONTAINERID": ["-c1", "_c1", ".c1", "c1-", "c_1.2-3", "c 1", "c1\t", "c/1", "é", "c1é", "a" * 300, "0"],
+    "CNI_IFNAME": ["a" * 15, "a" * 16, "é" * 15, "é" * 16, ".", "..", "...", "e:1", "e/1", "e 1", "e\u00a0",
+                   "e\u2028", "e\x1c", "-"],
+    "CNI_ARGS": ["IP=198.18.0.5,198.18.0.5", "IP=bogus", "IP=", "IP= , ", "K8S_POD_NAME", "=v", ";;",
+                 "IP=fd00::1;IP=198.18.0.9", "IP=198.18.0.9/24", "IP=198.18.0.9/33", "K8S_POD_UID=u;IgnoreUnknown=1"],
+    "CNI_COMMAND": ["ADD", "VERSION", "add", "FROBNICATE", ""],
+}
+
+# Values near each field's rules, by the field's name (the last key of its path; list items by
+# their list's name).
+_ADDRESSES = ["198.18.0.9", "198.18.0.9/24", "198.18.0.09", "198.18.0.9/33", "198.18.0.9/024", "1.2.3", "fd00::9",
+              "fd00::9/120", "fd00::9/129", "fd00::9/0129", "0fd00::9", "fd00::00009", "fd00:0::9", "fe80::1%eth0",
+              "::ffff:198.18.0.1", "::198.18.0.1", "198.18.0.0/\u0661\u0665", "198.18.0.0/\u00b2", "x", ""]
+_SECONDS = [86400, 86401, 86400.5, 0, -0.0, 0.5, 1e-7, 2.5e-9, 1e-400, 1e22, -1, True, "1", None]
+_PATH_SPECIALS: dict[str, list[object]] = {
+    "timeout": _SECONDS, "gcGrace": _SECONDS,
+    "ipFamilyPolicy": ["SingleStack", "single_stack", "PREFER-DUAL-STACK", "S\u0130ngleStack", "\u212aingleStack",
+                       "\t", "a'b", 'a"b', "a'\"b", "\x7f", "\ufffd", "\u00ad", "\u3000", "\U0001f600", ""],
+    "ipFamilies": [["IPv4"], ["IPv6", "IPv4"], ["ipv4", "4"], ["\u0130Pv4"], ["IPv5"], [], ["IPv4", "IPv6", "IPv4"]],
+    "addresses": _ADDRESSES, "ips": _ADDRESSES, "address": _ADDRESSES, "dst": _ADDRESSES, "gw": _ADDRESSES,
+    "nameservers": _ADDRESSES,
+    "endpoint": ["unix:relative", "unix:", "unix://", "/", "h:0", "h:65536", "h:65535", "h:\u0665", "h:\u00b2",
+                 "fd00::1:1", "[fd00::1]:1", ":1", "h", "h:"],
+    "transport": ["native", "grpc", "GRPC", ""], "gcScope": ["node", "pool", "Node", ""],
+    "token": ["t", "with space", "t\u00f8", "\x7f", "~" * 100], "tokenFile": ["/", "/nonexistent", "\x00", ""],
+    "cniVersion": ["0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "1.2.0", "1.0", ""],
+    "containerID": ["-c1", "_c", "c.1", "c 1", "é", "a" * 300], "ifname": ["a" * 15, "a" * 16, ".", "..", "e:1", "e 1"],
+    "mtu": [1400, 1e3, -0.0, 1e22, 0.1, None], "scope": [0, 1.5, {"b": 1}, ["x"]],
+    "domain": ["a.test", "", 5], "search": [["a.test"], [5], "a.test"],
+}
+
+_FAULT_PATHS = [
+    ("env", "CNI_CONTAINERID"), ("env", "CNI_IFNAME"), ("env", "CNI_ARGS"), ("env", "CNI_NETNS"),
+    ("env", "K8S_NODE_NAME"), ("env", "CNI_COMMAND"),
+    ("conf", "cniVersion"), ("conf", "name"), ("conf", "ipam"),
+    *[("conf", "ipam", key) for key in ("endpoint", "pool", "ipFamilyPolicy", "ipFamilies", "addresses", "routes",
+                                        "defaultRoutes", "dns", "timeout", "transport", "tls", "token", "tokenFile",
+                                        "gcScope", "gcGrace", "node")],
+    ("conf", "ipam", "ipFamilies", 0), ("conf", "ipam", "addresses", 0),
+    ("conf", "ipam", "routes", 0), ("conf", "ipam", "routes", 0, "dst"), ("conf", "ipam", "routes", 0, "gw"),
+    ("conf", "ipam", "routes", 0, "mtu"), ("conf", "ipam", "routes", 0, "scope"),
+    ("conf", "ipam", "dns", "nameservers"), ("conf", "ipam", "dns", "nameservers", 0), ("conf", "ipam", "dns", "domain"),
+    ("conf", "ipam", "dns", "search"), ("conf", "ipam", "tls", "ca"), ("conf", "ipam", "tls", "cert"),
+]
+
+
+# What only one command reads: half the faults go there when that command runs.
+_COMMAND_PATHS = {
+    "ADD": [("env", "CNI_ARGS"), ("conf", "runtimeConfig", "ips"), ("conf", "runtimeConfig", "ips", 0),
+            ("conf", "args", "cni", "ips"), ("conf", "args", "cni", "ips", 0), ("conf", "ipam", "addresses", 0)],
+    "CHECK": [("conf", "prevResult"), ("conf", "prevResult", "ips"), ("conf", "prevResult", "ips", 0),
+              ("conf", "prevResult", "ips", 0, "address"), ("conf", "prevResult", "ips", 1, "address")],
+    "GC": [("conf", "cni.dev/valid-attachments"), ("conf", "cni.dev/valid-attachments", 0),
+           ("conf", "cni.dev/valid-attachments", 0, "containerID"), ("conf", "cni.dev/valid-attachments", 0, "ifname"),
+           ("conf", "cni.dev/attachments"), ("conf", "cni.dev/attachments", 0, "ifname"), ("conf", "ipam", "gcScope"),
+           ("conf", "ipam", "gcGrace")],
+    "STATUS": [("conf", "ipam", "ipFamilyPolicy"), ("conf", "ipam", "ipFamilies")],
+    "DEL": [("env", "CNI_CONTAINERID"), ("env", "CNI_IFNAME")],
+}
+
+
+def _base(sock: str, command: str) -> tuple[dict[str, str], dict]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command, "CNI_CONTAINERID": "c1",
+           "CNI_IFNAME": "eth0", "CNI_NETNS": "/var/run/netns/x", "CNI_ARGS": "K8S_POD_NAME=p;IP=198.18.0.7"}
+    conf = {"cniVersion": "1.1.0", "name": "net",
+            "ipam": {"type": "dsipam", "endpoint": f"unix://{sock}", "pool": "pods",
+                     "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
+                     "addresses": ["fd00::7"], "routes": [{"dst": "198.19.0.0/16", "gw": "198.18.0.1", "mtu": 1400}],
+                     "dns": {"nameservers": ["198.18.0.53"], "domain": "a.test"}, "defaultRoutes": True,
+                     "timeout": 2, "gcGrace": 1.5},
+            "prevResult": {"ips": [{"address": "198.18.0.7/24"}, {"address": "fd00::7/120"}]},
+            "cni.dev/valid-attachments": [{"containerID": "c2", "ifname": "eth0"}]}
+    return env, conf
+
+
+def _set(target: object, path: tuple, value: object) -> None:
+    for i, key in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(key, int):
+            assert isinstance(target, list)
+            while len(target) <= key:
+                target.append({} if not isinstance(nxt, int) else [])
+            if not isinstance(target[key], (dict, list)):
+                target[key] = {} if not isinstance(nxt, int) else []
+            target = target[key]
+        else:
+            assert isinstance(target, dict)
+            if not isinstance(target.get(key), (dict, list)) or isinstance(nxt, int) != isinstance(target[key], list):
+                target[key] = [] if isinstance(nxt, int) else {}
+            target = target[key]
+    last = path[-1]
+    if isinstance(last, int):
+        assert isinstance(target, list)
+        while len(target) <= last:
+            target.append(None)
+    target[last] = value  # type: ignore[index]
+
+
+@st.composite
+def one_fault(draw: st.DrawFn, sock: str) -> tuple[dict[str, str], bytes]:
+    command = draw(st.sampled_from(["ADD", "DEL", "CHECK", "GC", "STATUS"]))
+    env, conf = _base(sock, command)
+    where, *path = draw(st.sampled_from(_COMMAND_PATHS[command]) if draw(st.booleans())
+                        else st.sampled_from(_FAULT_PATHS))
+    if where == "env":
+        value = draw(st.one_of(_env_text, _env_specials, st.sampled_from(_ENV_SPECIALS.get(path[0], [""]))))
+        env[path[0]] = value  # type: ignore[assignment]
+    else:
+        name = next((key for key in reversed(path) if isinstance(key, str)), "")
+        near = _PATH_SPECIALS.get(name)
+        _set(conf, tuple(path), draw(st.sampled_from(near) | _specials if near else _specials))
+    return env, json.dumps(conf).encode()
 
 
 def check_alike(plugins: dict[str, Path], env: dict[str, str], stdin: bytes) -> str:
@@ -203,12 +334,21 @@ def test_known_cases_answer_alike(plugins: dict[str, Path], env: dict[str, str],
                 b"" if conf is None else json.dumps(conf).encode())
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_the_compiled_plugin_answers_as_the_python_plugin(plugins: dict[str, Path], dead_socket: str,
                                                          data: st.DataObject) -> None:
     env, stdin = data.draw(invocations(dead_socket))
+    event(check_alike(plugins, env, stdin))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_one_fault_anywhere_gets_the_same_answer(plugins: dict[str, Path], dead_socket: str,
+                                                 data: st.DataObject) -> None:
+    env, stdin = data.draw(one_fault(dead_socket))
     event(check_alike(plugins, env, stdin))
 
 
@@ -226,3 +366,48 @@ def test_the_compiled_plugin_reads_the_same_ipam_keys() -> None:
     compiled = set(re.findall(r'"([A-Za-z]+)", "ipam\.\1"', go_source)) | set(re.findall(r'ipam\["([A-Za-z]+)"\]',
                                                                                             go_source))
     assert python - {"type"} == compiled, (python, compiled)
+
+
+_GENERIC: list[object] = [None, True, 5, -0.0, 0.5, "", "x", [], {}, [None], {"a": 1}]
+
+
+def _every_fault() -> list[tuple[str, tuple, object]]:
+    """(command, path, value): every value near a field's rules, and every generic one, at every path."""
+    out = []
+    commands = ["ADD", "DEL", "CHECK", "GC", "STATUS"]
+    paths = [(c, p) for c, ps in _COMMAND_PATHS.items() for p in ps]
+    paths += [(commands[i % len(commands)], p) for i, p in enumerate(_FAULT_PATHS)]
+    for command, (where, *path) in paths:
+        if where == "env":
+            values: list[object] = [*_ENV_SPECIALS.get(path[0], []), "", "x", "-", "\u00e9", "a" * 300]
+        else:
+            name = next((key for key in reversed(path) if isinstance(key, str)), "")
+            values = [*_PATH_SPECIALS.get(name, []), *_GENERIC]
+        out += [(command, (where, *path), value) for value in values]
+    return out
+
+
+def test_every_value_near_a_rule_at_every_field_gets_the_same_answer(plugins: dict[str, Path],
+                                                                    dead_socket: str) -> None:
+    """Deterministic and exhaustive where hypothesis samples: each boundary value of each field
+    (a timeout of 86401, an IPv6 group with five digits, a dotted capital I) at each field, with
+    the command that reads it, once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(case: tuple[str, tuple, object]) -> str:
+        command, (where, *path), value = case
+        env, conf = _base(dead_socket, command)
+        if where == "env":
+            env[path[0]] = value  # type: ignore[assignment]
+        else:
+            _set(conf, tuple(path), value)
+        try:
+            check_alike(plugins, env, json.dumps(conf).encode())
+        except AssertionError as exc:
+            return f"{command} {'.'.join(map(str, path))} = {value!r}: {str(exc)[:300]}"
+        return ""
+
+    cases = _every_fault()
+    with ThreadPoolExecutor(4) as pool:
+        failures = [f for f in pool.map(one, cases) if f]
+    assert len(cases) > 500 and not failures, f"{len(failures)} of {len(cases)} differ:\n" + "\n".join(failures[:8])

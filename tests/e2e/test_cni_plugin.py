@@ -268,7 +268,7 @@ def test_add_single_stack_and_routes_only_for_families_held(plugin: Plugin, cni_
     assert out["routes"] == [{"dst": "fd00:99::/64"}, {"dst": "::/0"}]
 
 
-@pytest.mark.parametrize("where", ["CNI_ARGS", "runtimeConfig", "args", "ipam.addresses"])
+@pytest.mark.parametrize("where", ["CNI_ARGS", "runtimeConfig", "args", "ipam.addresses", "everywhere"])
 def test_add_takes_the_addresses_asked_for(plugin: Plugin, cni_server: tuple[ServerProcess, Path], pool: str,
                                            where: str) -> None:
     wanted = ["198.18.0.77", "fd00:1::77"]
@@ -280,7 +280,12 @@ def test_add_takes_the_addresses_asked_for(plugin: Plugin, cni_server: tuple[Ser
         conf["runtimeConfig"] = {"ips": ["198.18.0.77/24", "fd00:1::77/120"]}
     elif where == "args":
         conf["args"] = {"cni": {"ips": wanted}}
-    else:
+    elif where == "ipam.addresses":
+        conf["ipam"]["addresses"] = wanted
+    else:  # the same addresses from every source, spelt differently: asked for once
+        args = "IP=198.18.0.77, fd00:1:0::77"
+        conf["runtimeConfig"] = {"ips": ["198.18.0.77/24", "fd00:1::77/120"]}
+        conf["args"] = {"cni": {"ips": ["fd00:1::0077", "198.18.0.77"]}}
         conf["ipam"]["addresses"] = wanted
     rc, out, _ = plugin("ADD", conf, container="static", args=args)
     assert rc == 0, out
@@ -426,6 +431,12 @@ def test_status(plugin: Plugin, cni_server: tuple[ServerProcess, Path], ipam: ip
         # an IPv6-only network still has room
         v6 = netconf(sock, tiny, version="1.1.0", ipFamilyPolicy="SingleStack", ipFamilies=["IPv6"])
         assert plugin("STATUS", v6, container=None)[:2] == (0, None)
+        # PreferDualStack: one family with room is enough
+        prefer = netconf(sock, tiny, version="1.1.0", ipFamilyPolicy="PreferDualStack")
+        assert plugin("STATUS", prefer, container=None)[:2] == (0, None)
+        prefer_v4 = netconf(sock, tiny, version="1.1.0", ipFamilyPolicy="PreferDualStack", ipFamilies=["IPv4"])
+        err = assert_cni_error(*plugin("STATUS", prefer_v4, container=None)[:2], 50)
+        assert "IPv4" in err["msg"]
     finally:
         ipam.DeletePool(pb.DeletePoolRequest(name=tiny, force=True))
     assert_cni_error(*plugin("STATUS", netconf(tmp_path / "absent.sock", "pods", version="1.1.0"))[:2], 50)

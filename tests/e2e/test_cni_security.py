@@ -88,10 +88,13 @@ def secure_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def plugin(tmp_path_factory: pytest.TempPathFactory) -> Plugin:
-    bin_dir = tmp_path_factory.mktemp("cni-secure-bin")
-    subprocess.run([sys.executable, "-m", "dsipam.cni", "install", str(bin_dir)], check=True, capture_output=True)
+@pytest.fixture(scope="module", params=["python", "compiled"])
+def plugin(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Plugin:
+    """The Python plugin's launcher, or the compiled plugin (TLS through grpc-go)."""
+    bin_dir = tmp_path_factory.mktemp(f"cni-secure-bin-{request.param}")
+    extra = ["--compiled", str(request.getfixturevalue("compiled_plugin"))] if request.param == "compiled" else []
+    subprocess.run([sys.executable, "-m", "dsipam.cni", "install", *extra, str(bin_dir)], check=True,
+                   capture_output=True)
     return Plugin(bin_dir / "dsipam")
 
 

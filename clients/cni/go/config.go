@@ -88,6 +88,12 @@ func parseAddr(text string) (netip.Addr, int) {
 		return netip.Addr{}, 0
 	}
 	if strings.Contains(text, ":") {
+		// inet_pton takes at most 4 hex digits a group; Go 1.19's parser takes leading zeros beyond.
+		for _, group := range strings.Split(text, ":") {
+			if len(group) > 4 && !strings.Contains(group, ".") {
+				return netip.Addr{}, 0
+			}
+		}
 		return addr, 6
 	}
 	return addr, 4
@@ -165,7 +171,15 @@ func pyRepr(s string) string {
 	}
 	var b strings.Builder
 	b.WriteByte(q)
-	for _, r := range s {
+	for i := 0; i < len(s); {
+		r, width := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && width == 1 {
+			// A byte that is not UTF-8 (from the environment): Python's surrogateescape, \udcXX.
+			fmt.Fprintf(&b, `\udc%02x`, s[i])
+			i++
+			continue
+		}
+		i += width
 		switch {
 		case r == rune(q) || r == '\\':
 			b.WriteByte('\\')
@@ -176,8 +190,6 @@ func pyRepr(s string) string {
 			b.WriteString(`\r`)
 		case r == '\t':
 			b.WriteString(`\t`)
-		case r == utf8.RuneError:
-			b.WriteString(`\ufffd`)
 		case r < 0x20 || r == 0x7f:
 			fmt.Fprintf(&b, `\x%02x`, r)
 		case r > 0x7f && !unicode.IsPrint(r):
@@ -270,7 +282,7 @@ func getSeconds(section map[string]interface{}, key, where string, allowZero boo
 		return nil, bad(where, "must be a number of seconds, not "+kind(value))
 	}
 	if f < 0 || (f == 0 && !allowZero) || f > 86400 {
-		return nil, bad(where, number.String()+" is out of range")
+		return nil, bad(where, pyNumber(number)+" is out of range")
 	}
 	return &f, nil
 }
@@ -490,9 +502,10 @@ func parseConfig(decoded interface{}, environ map[string]string) (*ipamConfig, *
 	return cfg, nil
 }
 
-// pyLower is str.lower() for the names compared here (ASCII is what can match).
+// pyLower is str.lower(): Unicode lower case, where U+0130 (dotted capital I) becomes "i̇" (two
+// characters), not Go's "i".
 func pyLower(s string) string {
-	return strings.ToLower(s)
+	return strings.ToLower(strings.ReplaceAll(s, "\u0130", "i\u0307"))
 }
 
 // pyStrip is str.strip(): Unicode white space at both ends.

@@ -40,6 +40,9 @@ func decodeJSON(data []byte) (interface{}, error) {
 	if err := dec.Decode(&value); err != nil {
 		return nil, err
 	}
+	if err := checkNumbers(value); err != nil {
+		return nil, err
+	}
 	var extra interface{}
 	if err := dec.Decode(&extra); err == nil {
 		return nil, fmt.Errorf("extra data after the JSON document")
@@ -66,7 +69,7 @@ func encodeJSON(buf *bytes.Buffer, value interface{}) {
 	case uint64:
 		buf.WriteString(strconv.FormatUint(v, 10))
 	case json.Number:
-		buf.WriteString(v.String())
+		buf.WriteString(pyNumber(v)) // as the Python plugin prints what it decoded
 	case object:
 		buf.WriteByte('{')
 		for i, item := range v {

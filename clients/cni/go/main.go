@@ -11,6 +11,7 @@ import (
 	"os"
 	"strings"
 	"unicode"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
 )
@@ -118,7 +119,15 @@ func run(environ map[string]string, stdin []byte) (code int, out string) {
 	return 0, dumps(result)
 }
 
+// envChecked are the variables the plugin reads; each must be UTF-8 (a name, an address, an ID).
+var envChecked = []string{"CNI_COMMAND", "CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS", "CNI_ARGS", "K8S_NODE_NAME"}
+
 func dispatch(environ map[string]string, stdin []byte, version *string) (interface{}, *cniError) {
+	for _, name := range envChecked {
+		if !utf8.ValidString(environ[name]) {
+			return nil, &cniError{code: invalidEnvironment, msg: name + ": not valid UTF-8"}
+		}
+	}
 	command := environ["CNI_COMMAND"]
 	if command == "" {
 		return nil, &cniError{code: invalidEnvironment, msg: "CNI_COMMAND: required"}
@@ -236,22 +245,6 @@ func parseCNIArgs(text string) (map[string]string, *cniError) {
 	return out, nil
 }
 
-// pyStr is Python's str() of a decoded JSON value, for messages.
-func pyStr(value interface{}) string {
-	switch v := value.(type) {
-	case string:
-		return v
-	case nil:
-		return "None"
-	case bool:
-		if v {
-			return "True"
-		}
-		return "False"
-	}
-	return dumps(value)
-}
-
 // requestedAddresses are the static addresses: ipam.addresses, runtimeConfig.ips, args.cni.ips
 // and CNI_ARGS IP=.
 func requestedAddresses(cfg *ipamConfig, netconf map[string]interface{}, cniArgs map[string]string) ([]string, *cniError) {
@@ -288,14 +281,17 @@ func requestedAddresses(cfg *ipamConfig, netconf map[string]interface{}, cniArgs
 	}
 	var out []string
 	for _, item := range all {
-		text, _ := item.value.(string)
+		text, isString := item.value.(string)
+		if !isString {
+			return nil, bad(item.where, "must be a string, not "+kind(item.value))
+		}
 		address := requestedAddress(text)
 		if address == "" {
 			code := invalidConfig
 			if item.where == "CNI_ARGS IP" {
 				code = invalidEnvironment
 			}
-			return nil, &cniError{code: code, msg: item.where + ": " + pyRepr(cut(pyStr(item.value), 80)) + " is not an IP address"}
+			return nil, &cniError{code: code, msg: item.where + ": " + pyRepr(cut(text, 80)) + " is not an IP address"}
 		}
 		dup := false
 		for _, have := range out {
@@ -475,19 +471,21 @@ func cmdCheck(cfg *ipamConfig, netconf map[string]interface{}, environ map[strin
 	}
 	expected := map[string]bool{}
 	for i, ip := range prevIPs {
-		var address interface{}
-		if item, ok := ip.(map[string]interface{}); ok {
-			address = item["address"]
+		where := fmt.Sprintf("prevResult.ips[%d]", i)
+		item, ok := ip.(map[string]interface{})
+		if !ok {
+			return bad(where, "must be an object, not "+kind(ip))
 		}
+		address := item["address"]
 		text, ok := address.(string)
-		if !ok || cidrVersion(text) == 0 {
-			shown := "None"
-			if ok {
-				shown = pyRepr(text)
-			} else if address != nil {
-				shown = dumps(address)
+		if !ok {
+			if address == nil {
+				return bad(where+".address", "required")
 			}
-			return bad(fmt.Sprintf("prevResult.ips[%d].address", i), shown+" is not a CIDR")
+			return bad(where+".address", "must be a string, not "+kind(address))
+		}
+		if cidrVersion(text) == 0 {
+			return bad(where+".address", pyRepr(cut(text, 80))+" is not a CIDR")
 		}
 		parts := strings.SplitN(text, "/", 2)
 		prefix := strings.TrimLeft(parts[1], "0")

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -188,13 +189,18 @@ func readLimited(path string) ([]byte, error) {
 		}
 	}
 	if n > 1<<20 {
-		return nil, fmt.Errorf("larger than 1 MiB")
+		return nil, errTooLarge
 	}
 	return buf[:n], nil
 }
 
+var errTooLarge = errors.New("larger than 1 MiB")
+
 // strerror is the C library's wording of an error, as Python's OSError.strerror gives it.
 func strerror(err error) string {
+	if err == errTooLarge {
+		return err.Error()
+	}
 	if pe, ok := err.(*os.PathError); ok {
 		err = pe.Err
 	}

@@ -91,7 +91,7 @@ func garbageCollectRequest(pool string, validOwners []string, grace *float64, no
 	}
 	if grace != nil {
 		seconds := math.Trunc(*grace)
-		nanos := math.Round((*grace - seconds) * 1e9)
+		nanos := math.RoundToEven((*grace - seconds) * 1e9) // Python's round()
 		duration := appendUint(nil, 1, uint64(seconds))
 		duration = appendUint(duration, 2, uint64(nanos))
 		b = appendBytes(b, 3, duration) // google.protobuf.Duration

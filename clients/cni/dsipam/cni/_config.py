@@ -34,7 +34,7 @@ def ip_version(text: str) -> int:
         try:
             _socket.inet_pton(family, text)
             return version
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the text
             continue
     return 0
 
@@ -54,9 +54,14 @@ def cidr_version(text: str) -> int:
         return 0
     address, prefix = text.split("/")
     version = ip_version(address)
-    if not version or not prefix.isdigit() or int(prefix) > (32 if version == 4 else 128):
+    if not version or not _ascii_digits(prefix) or int(prefix) > (32 if version == 4 else 128):
         return 0
     return version
+
+
+def _ascii_digits(text: str) -> bool:
+    """0-9 only (str.isdigit also takes '²' and other scripts' digits)."""
+    return text.isascii() and text.isdigit()
 
 
 def _string(section: dict, key: str, where: str, required: bool = False) -> str:
@@ -110,7 +115,7 @@ def endpoint_target(value: str) -> str:
         path = value
     else:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not _ascii_digits(port) or not 0 < int(port) < 65536:
             raise ValueError("expected a unix socket path, unix:///path or host:port")
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
             raise ValueError("an IPv6 host needs brackets: [fd00::1]:50051")
@@ -251,11 +256,7 @@ def _token(ipam: dict, cfg: IpamConfig) -> str:
         if token:
             raise _bad("ipam.tokenFile", "give token or tokenFile, not both")
         where = "ipam.tokenFile"
-        try:
-            with open(path, "rb") as f:
-                token = f.read().decode("utf-8", "replace").strip()
-        except OSError as exc:
-            raise _bad(where, f"cannot read {path!r}: {exc.strerror}") from None
+        token = read_limited(path, where).decode("utf-8", "replace").strip()
     if not token:
         return ""
     if not all(0x21 <= ord(c) <= 0x7E for c in token):
@@ -263,6 +264,23 @@ def _token(ipam: dict, cfg: IpamConfig) -> str:
     if cfg.tls is None and not cfg.target.startswith("unix:"):
         raise _bad(where, "a bearer token is sent only over a unix socket or TLS, not cleartext TCP")
     return token
+
+
+MAX_FILE = 1 << 20
+
+
+def read_limited(path: str, field: str) -> bytes:
+    """A file the configuration names (a token, a certificate): at most 1 MiB."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise _bad(field, f"cannot read {path!r}: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path: no such file can exist (EINVAL)
+        raise _bad(field, f"cannot read {path!r}: Invalid argument") from None
+    if len(data) > MAX_FILE:
+        raise _bad(field, f"cannot read {path!r}: larger than 1 MiB")
+    return data
 
 
 def requested_address(text: str) -> str:

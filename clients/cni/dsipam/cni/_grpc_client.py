@@ -9,7 +9,6 @@ import sys
 import time
 
 from . import _h2, _wire
-from ._errors import INVALID_CONFIG, CniError
 
 
 def _enable_site() -> None:
@@ -23,11 +22,9 @@ def _enable_site() -> None:
 def _read(path: str, field: str) -> bytes | None:
     if not path:
         return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise CniError(INVALID_CONFIG, f"{field}: cannot read {path!r}: {exc.strerror}") from None
+    from ._config import read_limited
+
+    return read_limited(path, field)
 
 
 class GrpcClient:

@@ -14,11 +14,18 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 class _Context:
     strict = True
     object_hook = None
     object_pairs_hook = None
-    parse_float = float
+    parse_float = staticmethod(_finite_float)
     parse_int = int
     parse_constant = staticmethod(_reject_constant)
     memo: dict = {}
@@ -40,7 +47,10 @@ def loads(text: str) -> object:
     # Invalid input (or no accelerator): let json say exactly what is wrong.
     import json
 
-    return json.loads(text, parse_constant=_reject_constant)
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def dumps(value: object) -> str:

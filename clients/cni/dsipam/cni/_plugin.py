@@ -14,6 +14,8 @@ _REQUIRED_ENV = {
     "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
     "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
 }
+# The variables the plugin reads; each must be UTF-8 (a name, an address, an ID).
+ENV_CHECKED = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS", "CNI_ARGS", "K8S_NODE_NAME")
 # The first spec version that has each command.
 _SINCE = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
 ABORTED_RETRIES = 3
@@ -31,6 +33,11 @@ def run(environ, stdin: bytes) -> tuple[int, str]:  # type: ignore[no-untyped-de
     """Runs one plugin invocation: (exit code, stdout text)."""
     version = _config.LATEST_VERSION
     try:
+        for name in ENV_CHECKED:
+            try:
+                environ.get(name, "").encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are not UTF-8, kept by surrogateescape
+                raise CniError(_errors.INVALID_ENVIRONMENT, f"{name}: not valid UTF-8") from None
         command = environ.get("CNI_COMMAND", "")
         if not command:
             raise CniError(_errors.INVALID_ENVIRONMENT, "CNI_COMMAND: required")
@@ -131,10 +138,12 @@ def requested_addresses(cfg, netconf: dict, cni_args: dict[str, str]) -> list[st
         found += [("CNI_ARGS IP", a.strip()) for a in cni_args["IP"].split(",") if a.strip()]
     out: list[str] = []
     for where, text in found:
+        if not isinstance(text, str):
+            raise CniError(_errors.INVALID_CONFIG, f"{where}: must be a string, not {_config.kind(text)}")
         address = _config.requested_address(text)
         if not address:
             code = _errors.INVALID_ENVIRONMENT if where == "CNI_ARGS IP" else _errors.INVALID_CONFIG
-            raise CniError(code, f"{where}: {str(text)[:80]!r} is not an IP address")
+            raise CniError(code, f"{where}: {text[:80]!r} is not an IP address")
         if address not in out:
             out.append(address)
     return out
@@ -239,9 +248,15 @@ def cmd_check(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-d
         raise CniError(_errors.INVALID_CONFIG, "prevResult.ips: must be a list")
     expected = set()
     for i, ip in enumerate(prev_ips):
-        address = ip.get("address") if isinstance(ip, dict) else None
-        if not isinstance(address, str) or not _config.cidr_version(address):
-            raise CniError(_errors.INVALID_CONFIG, f"prevResult.ips[{i}].address: {address!r} is not a CIDR")
+        where = f"prevResult.ips[{i}]"
+        if not isinstance(ip, dict):
+            raise CniError(_errors.INVALID_CONFIG, f"{where}: must be an object, not {_config.kind(ip)}")
+        address = ip.get("address")
+        if not isinstance(address, str):
+            raise CniError(_errors.INVALID_CONFIG, f"{where}.address: " + (
+                "required" if address is None else f"must be a string, not {_config.kind(address)}"))
+        if not _config.cidr_version(address):
+            raise CniError(_errors.INVALID_CONFIG, f"{where}.address: {address[:80]!r} is not a CIDR")
         host, prefix = address.split("/")
         expected.add(f"{_config.canonical_ip(host)}/{int(prefix)}")
     owner = owner_of(environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])
