@@ -320,6 +320,20 @@ def check_alike(plugins: dict[str, Path], env: dict[str, str], stdin: bytes) -> 
 ADD_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/x"}
 
 
+@pytest.mark.parametrize("size", [4 << 20, (4 << 20) + 1])
+def test_a_configuration_over_4_mib_is_refused_by_both(plugins: dict[str, Path], size: int) -> None:
+    """Both plugins read at most 4 MiB of stdin (docs/cni.md): exactly 4 MiB is decoded (and fails
+    later, on a missing field), a byte more is error 6 before any decoding."""
+    stdin = b'{"pad": "' + b"x" * (size - 11) + b'"}'
+    assert len(stdin) == size
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV}
+    answers = [json.loads(run(plugins[kind], env, stdin)[1]) for kind in ("python", "compiled")]
+    want = 6 if len(stdin) > 4 << 20 else 7
+    assert [a["code"] for a in answers] == [want, want], answers
+    if want == 6:
+        assert all("larger than 4 MiB" in a["msg"] for a in answers), answers
+
+
 @pytest.mark.parametrize(("env", "conf"), [
     ({"CNI_COMMAND": "VERSION"}, None),
     (ADD_ENV, {"ipam": {"endpoint": "/x.sock", "pool": "p"}}),  # no cniVersion

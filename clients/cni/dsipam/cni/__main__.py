@@ -15,10 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._install import cli
 
         return cli(args)
-    from ._plugin import run
+    from ._plugin import MAX_CONFIG, run
 
-    try:
-        stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
+    try:  # one byte more than the plugin takes, so that it can tell the configuration is too large
+        stdin = sys.stdin.buffer.read(MAX_CONFIG + 1) if sys.stdin is not None else b""
     except OSError:
         stdin = b""
     code, out = run(environment(), stdin)

@@ -70,7 +70,14 @@ def run(environ, stdin: bytes) -> tuple[int, str]:  # type: ignore[no-untyped-de
         return 1, _jsonio.dumps(err.to_json(version))
 
 
+# The network configuration read from stdin: a runtime's is a few KiB, and a GC list of the
+# largest request the server takes (512 KiB) is far below this.
+MAX_CONFIG = 4 << 20
+
+
 def _decode(stdin: bytes) -> object:
+    if len(stdin) > MAX_CONFIG:
+        raise CniError(_errors.DECODE_FAILURE, "network configuration on stdin: larger than 4 MiB")
     try:
         return _jsonio.loads(stdin.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
