@@ -215,9 +215,12 @@ def worker(spec: dict) -> dict:
     for i in range(runs):
         env = _env("ADD", f"direct-{i}", spec["pods"][0], cni_bin)
         samples.setdefault("python -IS -c pass", []).append(_run([python, "-IS", "-c", "pass"], env, b""))
-        samples.setdefault("venv python -c 'import grpc, dsipam.v1 stubs'", []).append(_run(
-            [spec["venv_python"], "-c", "import grpc; from dsipam.v1 import ipam_pb2_grpc"], env, b""))
+        if with_grpc:  # what "transport": "grpc" costs the Python plugin
+            samples.setdefault("venv python -c 'import grpc, dsipam.v1 stubs'", []).append(_run(
+                [spec["venv_python"], "-c", "import grpc; from dsipam.v1 import ipam_pb2_grpc"], env, b""))
         samples.setdefault("dsipam VERSION (no RPC)", []).append(_run([plugin], {**env, "CNI_COMMAND": "VERSION"}, b""))
+        samples.setdefault("host-local VERSION", []).append(_run([str(Path(HOST_LOCAL_DIR) / "host-local")],
+                                                                 {**env, "CNI_COMMAND": "VERSION"}, b""))
         samples.setdefault("dsipam ADD alone", []).append(_run([plugin], env, dsipam_conf))
         samples.setdefault("dsipam DEL alone", []).append(_run([plugin], {**env, "CNI_COMMAND": "DEL"}, dsipam_conf))
         hl = [str(Path(HOST_LOCAL_DIR) / "host-local")]

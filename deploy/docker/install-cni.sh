@@ -3,8 +3,9 @@
 # The DaemonSet in deploy/kubernetes/cni.yaml runs it with the node's root (or
 # just /opt/cni/bin, /opt/dsipam-cni and /etc/cni/net.d) mounted under $DSIPAM_CNI_HOST_ROOT.
 #
-#   1. copies the Python runtime and packages to <bundle dir>/<version>/ and points
-#      <bundle dir>/current at it (a symlink swapped with one rename);
+#   1. copies the compiled plugin (bin/), or with DSIPAM_CNI_PLUGIN=python the Python runtime
+#      and packages, to <bundle dir>/<version>/ and points <bundle dir>/current at it (a
+#      symlink swapped with one rename);
 #   2. writes <bin dir>/dsipam-cni: the compiled plugin (the bundle's bin/dsipam-cni, built
 #      from clients/cni/go), or with DSIPAM_CNI_PLUGIN=python a shell wrapper that runs
 #      `python -m dsipam.cni` with that runtime (written to a temporary name, then renamed:
@@ -46,7 +47,7 @@ once=0
 for arg in "$@"; do
   case "$arg" in
     --once) once=1 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) die "unknown argument $arg (expected --once)" ;;
   esac
 done
@@ -104,7 +105,13 @@ mkdir -p "$root$bin_dir" "$root$conf_dir" "$root$bundle_dir"
 version="v$(date +%Y%m%d%H%M%S)-$$"
 staging="$root$bundle_dir/.$version.tmp"
 rm -rf "$staging"
-cp -R "$bundle_src" "$staging"
+if [ "$plugin_kind" = compiled ]; then
+  # The compiled plugin needs nothing else on the node: not the 74 MB Python runtime.
+  mkdir -p "$staging"
+  cp -R "$bundle_src/bin" "$staging/bin"
+else
+  cp -R "$bundle_src" "$staging"
+fi
 mv "$staging" "$root$bundle_dir/$version"
 ln -s "$version" "$root$bundle_dir/.current.tmp"
 mv -T "$root$bundle_dir/.current.tmp" "$root$bundle_dir/current" 2>/dev/null \

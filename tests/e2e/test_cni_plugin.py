@@ -454,6 +454,8 @@ def test_server_down_is_try_again_later(plugin: Plugin, tmp_path: Path, command:
         conf["prevResult"] = {"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.2/24"}]}
         err = assert_cni_error(*plugin(command, conf)[:2], 11)
         assert "UNAVAILABLE" in err["details"]
+        if transport == "native" or "compiled" in str(plugin.path):  # grpcio says it in its own words
+            assert err["msg"].startswith("cannot connect to "), err
 
 
 def test_deadline_exceeded_is_try_again_later(plugin: Plugin, tmp_path: Path, transport: str) -> None:

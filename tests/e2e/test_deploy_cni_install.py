@@ -173,6 +173,9 @@ def test_the_compiled_plugin_is_installed_when_the_bundle_has_it(tmp_path: Path,
     assert (bin_dir / "dsipam-cni").read_bytes() == compiled_plugin.read_bytes()
     assert os.access(bin_dir / "dsipam-cni", os.X_OK) and os.readlink(bin_dir / "dsipam") == "dsipam-cni"
     assert not [p.name for p in bin_dir.iterdir() if p.name.startswith(".")]  # no temporary files
+    # Only the binary goes to the node, not the Python runtime.
+    current = tmp_path / "node/opt/dsipam-cni/current"
+    assert sorted(p.name for p in current.iterdir()) == ["bin"]
     # It runs as the runtime runs it, and takes the rendered conflist's ipam section.
     conflist = json.loads((tmp_path / "node/etc/cni/net.d/90-dsipam.conflist").read_text())
     netconf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **conflist["plugins"][0]}
@@ -188,6 +191,11 @@ def test_the_python_plugin_can_still_be_chosen(tmp_path: Path, compiled_plugin: 
     assert done.returncode == 0, done.stderr
     assert "dsipam-cni, python" in done.stderr
     assert "'/opt/dsipam-cni/current'" in (tmp_path / "node/opt/cni/bin/dsipam-cni").read_text()
+    assert (tmp_path / "node/opt/dsipam-cni/current/python").is_dir()
+    # Switching back to the compiled plugin replaces the wrapper with the binary.
+    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "node/opt/cni/bin/dsipam-cni").read_bytes() == compiled_plugin.read_bytes()
 
 
 @pytest.mark.parametrize(("plugin", "message"), [("go", "'go' is not compiled or python"),

@@ -23,6 +23,7 @@ import (
 )
 
 const service = "/dsipam.v1.IpamService/"
+const dialing = "Error while dialing "
 const abortedRetries = 3
 const maxResponse = 64 << 20
 
@@ -156,6 +157,15 @@ func (c *client) call(method string, request []byte) ([]byte, *rpcError) {
 		rerr := &rpcError{code: st.Code(), message: st.Message()}
 		if st.Code() == codes.DeadlineExceeded && c.ctx.Err() != nil {
 			rerr.message = "deadline exceeded talking to " + c.target
+		}
+		if i := strings.Index(rerr.message, dialing); st.Code() == codes.Unavailable && i >= 0 {
+			// grpc-go's `connection error: desc = "transport: Error while dialing dial unix /x.sock:
+			// connect: no such file or directory"`, said as the Python plugin says it.
+			cause := strings.TrimSuffix(rerr.message[i+len(dialing):], `"`)
+			if j := strings.Index(cause, ": "); strings.HasPrefix(cause, "dial ") && j >= 0 {
+				cause = cause[j+2:]
+			}
+			rerr.message = "cannot connect to " + c.target + ": " + cause
 		}
 		for _, detail := range st.Proto().GetDetails() {
 			if reason := errorInfoReason(detail.GetTypeUrl(), detail.GetValue()); reason != "" {
