@@ -88,7 +88,7 @@ if [ -z "$plugin_kind" ]; then
   if [ -f "$bundle_src/bin/dsipam-cni" ]; then plugin_kind=compiled; else plugin_kind=python; fi
 fi
 case "$plugin_kind" in
-  compiled) [ -x "$bundle_src/bin/dsipam-cni" ] || die "DSIPAM_CNI_PLUGIN=compiled: $bundle_src/bin/dsipam-cni is not an executable" ;;
+  compiled) [ -x "$bundle_src/bin/dsipam-cni" ] || die "the compiled plugin $bundle_src/bin/dsipam-cni is not an executable" ;;
   python) [ -f "$wrapper_src" ] || die "DSIPAM_CNI_WRAPPER_SRC: $wrapper_src not found" ;;
   *) die "DSIPAM_CNI_PLUGIN: '$plugin_kind' is not compiled or python" ;;
 esac
@@ -120,9 +120,16 @@ log "runtime in $bundle_dir/$version (current)"
 # Keep the newest two versions: a plugin started just before the swap may still read the previous one.
 ls -1d "$root$bundle_dir"/v* 2>/dev/null | sort -r | tail -n +3 | while read -r old; do rm -rf "$old"; done
 
-# 2. the plugin: the compiled one from the installed bundle, or the wrapper of the Python one.
+# 2. the plugin: the compiled one from the installed bundle (it must answer VERSION before it
+#    replaces the node's plugin), or the wrapper of the Python one.
 if [ "$plugin_kind" = compiled ]; then
   cp "$root$bundle_dir/$version/bin/dsipam-cni" "$root$bin_dir/.dsipam-cni.tmp"
+  chmod 0755 "$root$bin_dir/.dsipam-cni.tmp"
+  if [ "$verify" = 1 ] && ! out=$(printf '{"cniVersion":"%s"}' "$cni_version" \
+      | CNI_COMMAND=VERSION "$root$bin_dir/.dsipam-cni.tmp" 2>&1); then
+    rm -f "$root$bin_dir/.dsipam-cni.tmp"
+    die "the installed plugin failed its VERSION command (the node's plugin is left as it was): $out"
+  fi
 else
   sed "s|@BUNDLE@|$(sed_value "$bundle_dir/current")|g" "$wrapper_src" > "$root$bin_dir/.dsipam-cni.tmp"
 fi

@@ -334,6 +334,64 @@ def test_a_configuration_over_4_mib_is_refused_by_both(plugins: dict[str, Path],
         assert all("larger than 4 MiB" in a["msg"] for a in answers), answers
 
 
+@pytest.mark.parametrize("name", ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS", "CNI_ARGS",
+                                  "K8S_NODE_NAME"])
+def test_an_environment_value_that_is_not_utf8_is_error_4(plugins: dict[str, Path], name: str) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV, name: "c\udcff"}  # the byte 0xff
+    conf = json.dumps({"cniVersion": "1.0.0", "ipam": {"endpoint": "/x.sock", "pool": "p"}}).encode()
+    for kind in ("python", "compiled"):
+        rc, out, _ = run(plugins[kind], env, conf)
+        assert rc == 1 and json.loads(out)["msg"] == f"{name}: not valid UTF-8", (kind, out)
+    assert check_alike(plugins, env, conf) == "CNI error 4"
+
+
+@pytest.mark.parametrize(("stdin", "code"), [
+    (b'{"cniVersion": "1.0.0"} {}', 6),  # a second document
+    (b'{"cniVersion": "1.0.0", "name": "\xff"}', 6),  # not UTF-8
+    (b'{"cniVersion": "1.0.0", "n": ' + b"1" * 4301 + b"}", 6),  # Python's int limit
+    (b'{"cniVersion": "1.0.0", "n": ' + b"1" * 4300 + b"}", 7),
+    (b'{"cniVersion": "1.0.0", "n": [1e400]}', 6),
+    (b'{"cniVersion": "1.0.0", "n": -1e400}', 6),
+    (b'{"cniVersion": "1.0.0", "n": ' + b"[" * 511 + b"]" * 511 + b"}", 7),  # 512 levels, the object's included
+    (b'{"cniVersion": "1.0.0", "n": ' + b"[" * 512 + b"]" * 512 + b"}", 6),  # nested deeper than 512
+    (b'{"cniVersion": "1.0.0", "n": "' + b"\\" * 2 + b'ud800"}', 7),  # an escaped backslash, then text
+    (rb'{"cniVersion": "1.0.0", "n": "\ud800"}', 6),  # a lone surrogate
+    (rb'{"cniVersion": "1.0.0", "n": "\udc00\ud800"}', 6),
+    (rb'{"cniVersion": "1.0.0", "n": "\ud83d\ude00"}', 7),  # a pair: one character
+])
+def test_what_the_decoders_refuse(plugins: dict[str, Path], stdin: bytes, code: int) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV}
+    assert check_alike(plugins, env, stdin) == f"CNI error {code}"
+
+
+@pytest.mark.parametrize(("ipam", "code"), [
+    ({"addresses": ["198.18.0.1/" + "0" * 5000 + "24"]}, 11),
+    ({"addresses": ["198.18.0.1/" + "0" * 5000 + "33"]}, 7),
+    ({"endpoint": "h:" + "0" * 5000 + "1"}, 11),  # port 1: leading zeros are no harm
+    ({"endpoint": "[]:50051"}, 7),
+    ({"endpoint": "a..b:50051"}, 11),
+    ({"endpoint": "a" * 64 + ".test:50051"}, 11),
+    ({"timeout": int("9" * 309)}, 7),
+    ({"timeout": -int("9" * 309)}, 7),
+    ({"gcGrace": int("9" * 400)}, 7),
+])
+def test_numbers_and_names_at_their_limits(plugins: dict[str, Path], ipam: dict, code: int) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV}
+    section = {"endpoint": "/x.sock", "pool": "p", **ipam}
+    assert check_alike(plugins, env, json.dumps({"cniVersion": "1.1.0", "ipam": section}).encode()) \
+        == f"CNI error {code}"
+
+
+@pytest.mark.parametrize(("size", "code"), [(1 << 20, 11), ((1 << 20) + 1, 7)])
+def test_a_token_file_over_1_mib_is_refused_by_both(plugins: dict[str, Path], tmp_path: Path, size: int,
+                                                    code: int) -> None:
+    token = tmp_path / "token"
+    token.write_bytes(b"t" * size)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV}
+    conf = {"cniVersion": "1.1.0", "ipam": {"endpoint": str(tmp_path / "x.sock"), "pool": "p", "tokenFile": str(token)}}
+    assert check_alike(plugins, env, json.dumps(conf).encode()) == f"CNI error {code}"
+
+
 @pytest.mark.parametrize(("env", "conf"), [
     ({"CNI_COMMAND": "VERSION"}, None),
     (ADD_ENV, {"ipam": {"endpoint": "/x.sock", "pool": "p"}}),  # no cniVersion
@@ -425,3 +483,13 @@ def test_every_value_near_a_rule_at_every_field_gets_the_same_answer(plugins: di
     with ThreadPoolExecutor(4) as pool:
         failures = [f for f in pool.map(one, cases) if f]
     assert len(cases) > 500 and not failures, f"{len(failures)} of {len(cases)} differ:\n" + "\n".join(failures[:8])
+
+
+@pytest.mark.parametrize("field", ["ca", "cert"])
+def test_tls_files_that_are_not_pem_are_error_7_in_both(plugins: dict[str, Path], tmp_path: Path, field: str) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    tls = {"ca": str(not_pem)} if field == "ca" else {"cert": str(not_pem), "key": str(not_pem)}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV}
+    conf = {"cniVersion": "1.1.0", "ipam": {"endpoint": "127.0.0.1:1", "pool": "p", "tls": tls}}
+    assert check_alike(plugins, env, json.dumps(conf).encode()) == "CNI error 7"

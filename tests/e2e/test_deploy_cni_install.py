@@ -207,13 +207,20 @@ def test_a_plugin_that_cannot_be_installed_fails_before_anything_is_written(tmp_
     assert not (tmp_path / "node").exists() or not list((tmp_path / "node").rglob("*dsipam*"))
 
 
-def test_a_broken_compiled_plugin_fails_the_install(tmp_path: Path) -> None:
-    bundle = _bundle(tmp_path)
-    (bundle / "bin").mkdir()
-    (bundle / "bin" / "dsipam-cni").write_text("#!/bin/sh\necho 'exec format trouble' >&2\nexit 3\n")
-    (bundle / "bin" / "dsipam-cni").chmod(0o755)
-    done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+def test_a_broken_compiled_plugin_fails_the_install_and_leaves_the_working_one(tmp_path: Path,
+                                                                              compiled_plugin: Path) -> None:
+    good = _with_compiled(_bundle(tmp_path), compiled_plugin)
+    assert _install(tmp_path, good, DSIPAM_CNI_SERVER="198.18.0.10:50051").returncode == 0
+    broken = tmp_path / "broken-bundle"
+    shutil.copytree(good, broken, symlinks=True)
+    (broken / "bin" / "dsipam-cni").unlink()
+    (broken / "bin" / "dsipam-cni").write_text("#!/bin/sh\necho 'exec format trouble' >&2\nexit 3\n")
+    (broken / "bin" / "dsipam-cni").chmod(0o755)
+    done = _install(tmp_path, broken, DSIPAM_CNI_SERVER="198.18.0.10:50051")
     assert done.returncode != 0 and "failed its VERSION command" in done.stderr and "exec format trouble" in done.stderr
+    bin_dir = tmp_path / "node/opt/cni/bin"
+    assert (bin_dir / "dsipam-cni").read_bytes() == compiled_plugin.read_bytes()  # the node's plugin still works
+    assert not [p.name for p in bin_dir.iterdir() if p.name.startswith(".")]
 
 
 def _real_plugin_site_packages(tmp: Path) -> Path:

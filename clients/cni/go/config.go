@@ -278,6 +278,10 @@ func getSeconds(section map[string]interface{}, key, where string, allowZero boo
 		return nil, bad(where, "must be a number of seconds, not "+kind(value))
 	}
 	f, err := strconv.ParseFloat(number.String(), 64)
+	if err != nil && math.IsInf(f, 0) && isIntegerLiteral(number.String()) {
+		// An int of more than 308 digits: Python compares it exactly, and it is out of range.
+		return nil, bad(where, pyNumber(number)+" is out of range")
+	}
 	if err != nil || math.IsNaN(f) {
 		return nil, bad(where, "must be a number of seconds, not "+kind(value))
 	}
@@ -304,7 +308,8 @@ func endpointTarget(value string) (string, error) {
 		}
 		host, port := value[:i], value[i+1:]
 		n, err := strconv.Atoi(port)
-		if host == "" || !isDigits(port) || err != nil || n <= 0 || n >= 65536 {
+		if host == "" || host == "[]" || !isDigits(port) || len(strings.TrimLeft(port, "0")) > 5 || err != nil ||
+			n <= 0 || n >= 65536 {
 			return "", fmt.Errorf("expected a unix socket path, unix:///path or host:port")
 		}
 		if strings.Contains(host, ":") && !(strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]")) {

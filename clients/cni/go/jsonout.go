@@ -34,13 +34,16 @@ func decodeJSON(data []byte) (interface{}, error) {
 	if !utf8.Valid(data) {
 		return nil, fmt.Errorf("not valid UTF-8")
 	}
+	if loneSurrogate(data) {
+		return nil, fmt.Errorf("a string with a lone surrogate")
+	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber()
 	var value interface{}
 	if err := dec.Decode(&value); err != nil {
 		return nil, err
 	}
-	if err := checkNumbers(value); err != nil {
+	if err := checkDecoded(value, 1); err != nil {
 		return nil, err
 	}
 	var extra interface{}

@@ -346,8 +346,9 @@ func (c *client) rpc(cfg *ipamConfig, method string, request []byte) ([]byte, *c
 	return response, nil
 }
 
+// wireFailure is an answer that does not parse as the expected message: the server's fault.
 func wireFailure(method string, err error) *cniError {
-	return &cniError{code: serverError, msg: fmt.Sprintf("dsipam %s: the answer does not parse: %v", method, err)}
+	return &cniError{code: serverError, msg: fmt.Sprintf("dsipam %s: the answer does not parse (%v)", method, err)}
 }
 
 // buildResult is the IPAM result for an allocation in the configuration's CNI version.
@@ -445,9 +446,14 @@ func cmdDel(cfg *ipamConfig, environ map[string]string) *cniError {
 		return err
 	}
 	defer c.close()
-	_, err = c.rpc(cfg, "Release", poolOwnerRequest(cfg.pool, ownerOf(environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])))
+	response, err := c.rpc(cfg, "Release", poolOwnerRequest(cfg.pool, ownerOf(environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])))
 	if err != nil && err.code != poolNotFound {
 		return err
+	}
+	if err == nil {
+		if werr := decodeReleaseResponse(response); werr != nil {
+			return wireFailure("Release", werr)
+		}
 	}
 	return nil
 }
@@ -626,8 +632,14 @@ func cmdGC(cfg *ipamConfig, netconf map[string]interface{}) *cniError {
 		request = garbageCollectRequest(cfg.pool, valid, cfg.gcGrace, cfg.node,
 			map[string]string{attrNode: cfg.node, attrNetwork: cfg.network})
 	}
-	_, err = c.rpc(cfg, "GarbageCollect", request)
-	return err
+	response, err := c.rpc(cfg, "GarbageCollect", request)
+	if err != nil {
+		return err
+	}
+	if werr := decodeGarbageCollectResponse(response); werr != nil {
+		return wireFailure("GarbageCollect", werr)
+	}
+	return nil
 }
 
 // cmdStatus: the service answers and the pool has free addresses for what ADD would ask; else 50.

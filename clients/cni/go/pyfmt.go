@@ -75,9 +75,12 @@ func pyFloat(f float64) string {
 	return out
 }
 
-// checkNumbers refuses what Python's decoder refuses or turns into infinity: an int of more
-// than 4300 digits, a float out of range. depth bounds the walk as the decoder bounds nesting.
-func checkNumbers(value interface{}) error {
+// maxDepth bounds the nesting of the network configuration (the Python plugin's too).
+const maxDepth = 512
+
+// checkDecoded refuses what Python's decoder refuses or turns into infinity (an int of more than
+// 4300 digits, a float out of range) and nesting deeper than maxDepth.
+func checkDecoded(value interface{}, depth int) error {
 	switch v := value.(type) {
 	case json.Number:
 		text := v.String()
@@ -87,21 +90,72 @@ func checkNumbers(value interface{}) error {
 			}
 			return nil
 		}
-		if f, err := strconv.ParseFloat(text, 64); err != nil && (math.IsInf(f, 0)) {
+		if f, err := strconv.ParseFloat(text, 64); err != nil && math.IsInf(f, 0) {
 			return fmt.Errorf("number %s is out of range", cut(text, 20))
 		}
 	case []interface{}:
+		if depth > maxDepth {
+			return fmt.Errorf("nested deeper than %d", maxDepth)
+		}
 		for _, item := range v {
-			if err := checkNumbers(item); err != nil {
+			if err := checkDecoded(item, depth+1); err != nil {
 				return err
 			}
 		}
 	case map[string]interface{}:
+		if depth > maxDepth {
+			return fmt.Errorf("nested deeper than %d", maxDepth)
+		}
 		for _, item := range v {
-			if err := checkNumbers(item); err != nil {
+			if err := checkDecoded(item, depth+1); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// loneSurrogate says whether a JSON text escapes a lone UTF-16 surrogate ("\ud800"), which Go's
+// decoder would quietly turn into U+FFFD and Python's keeps (both plugins refuse it: not text).
+func loneSurrogate(data []byte) bool {
+	inString := false
+	for i := 0; i < len(data); i++ {
+		c := data[i]
+		if !inString {
+			inString = c == '"'
+			continue
+		}
+		switch c {
+		case '"':
+			inString = false
+		case '\\':
+			if i+5 >= len(data) || data[i+1] != 'u' {
+				i++ // an escaped character
+				continue
+			}
+			r := hex4(data[i+2 : i+6])
+			switch {
+			case r >= 0xd800 && r < 0xdc00:
+				if i+11 < len(data) && data[i+6] == '\\' && data[i+7] == 'u' {
+					if low := hex4(data[i+8 : i+12]); low >= 0xdc00 && low < 0xe000 {
+						i += 11
+						continue
+					}
+				}
+				return true
+			case r >= 0xdc00 && r < 0xe000:
+				return true
+			}
+			i += 5
+		}
+	}
+	return false
+}
+
+func hex4(b []byte) int {
+	n, err := strconv.ParseUint(string(b), 16, 32)
+	if err != nil {
+		return -1
+	}
+	return int(n)
 }

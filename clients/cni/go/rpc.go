@@ -123,7 +123,8 @@ func connect(cfg *ipamConfig) (*client, *cniError) {
 			pair, perr := tls.X509KeyPair(certPEM, keyPEM)
 			if perr != nil {
 				cancel()
-				return nil, bad("ipam.tls.cert", "with ipam.tls.key: "+perr.Error())
+				return nil, bad("ipam.tls.cert", pyRepr(cfg.tls.Cert)+" and ipam.tls.key "+pyRepr(cfg.tls.Key)+
+					" are not a PEM certificate and its key")
 			}
 			conf.Certificates = []tls.Certificate{pair}
 		}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"math"
 	"sort"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -92,6 +93,9 @@ func garbageCollectRequest(pool string, validOwners []string, grace *float64, no
 	if grace != nil {
 		seconds := math.Trunc(*grace)
 		nanos := math.RoundToEven((*grace - seconds) * 1e9) // Python's round()
+		if nanos == 1e9 {                                   // 0.9999999996 rounds up: a Duration's nanos stay below 1e9
+			seconds, nanos = seconds+1, 0
+		}
 		duration := appendUint(nil, 1, uint64(seconds))
 		duration = appendUint(duration, 2, uint64(nanos))
 		b = appendBytes(b, 3, duration) // google.protobuf.Duration
@@ -139,6 +143,28 @@ func parseMessage(data []byte) (fields, error) {
 	}
 	return out, nil
 }
+
+// typed says whether the fields that are strings or messages came as bytes and the numbers as
+// varints: a field of the wrong wire type is an answer that does not parse (as in _wire.py).
+func (f fields) typed(bytesFields, varintFields []protowire.Number) bool {
+	for _, number := range bytesFields {
+		for _, v := range f[number] {
+			if _, ok := v.([]byte); !ok {
+				return false
+			}
+		}
+	}
+	for _, number := range varintFields {
+		for _, v := range f[number] {
+			if _, ok := v.(uint64); !ok {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+var errWireType = errors.New("a field of the wrong wire type")
 
 func (f fields) text(number protowire.Number) string {
 	values := f[number]
@@ -195,12 +221,93 @@ func decodeAddress(data []byte) (address, error) {
 	if err != nil {
 		return address{}, err
 	}
-	return address{familyVersion[f.uint(1)], f.text(2), f.uint(3), f.text(4)}, nil
+	if !f.typed([]protowire.Number{2, 4}, []protowire.Number{1, 3}) {
+		return address{}, errWireType
+	}
+	a := address{familyVersion[f.uint(1)], f.text(2), f.uint(3), f.text(4)}
+	if !utf8.ValidString(a.ip) || !utf8.ValidString(a.gateway) {
+		return address{}, errNotText
+	}
+	return a, nil
+}
+
+var errNotText = errors.New("a string field that is not UTF-8")
+
+// checkAllocation parses what the plugin does not use of an Allocation (its map of
+// attributes, its node): an answer is refused whole when any of it does not parse.
+func checkAllocation(f fields) error {
+	if !f.typed([]protowire.Number{1, 2, 3, 4, 5, 6}, nil) {
+		return errWireType
+	}
+	for _, number := range []protowire.Number{1, 2, 6} {
+		if !utf8.ValidString(f.text(number)) {
+			return errNotText
+		}
+	}
+	for _, entry := range f.messages(4) {
+		e, err := parseMessage(entry)
+		if err != nil {
+			return err
+		}
+		if !e.typed([]protowire.Number{1, 2}, nil) {
+			return errWireType
+		}
+		if !utf8.ValidString(e.text(1)) || !utf8.ValidString(e.text(2)) {
+			return errNotText
+		}
+	}
+	if ts := f.messages(5); len(ts) > 0 {
+		t, err := parseMessage(ts[len(ts)-1])
+		if err != nil {
+			return err
+		}
+		if !t.typed(nil, []protowire.Number{1, 2}) {
+			return errWireType
+		}
+	}
+	return nil
+}
+
+// decodeReleaseResponse checks a dsipam.v1.ReleaseResponse (the released addresses).
+func decodeReleaseResponse(data []byte) error {
+	f, err := parseMessage(data)
+	if err != nil {
+		return err
+	}
+	if !f.typed([]protowire.Number{1}, nil) {
+		return errWireType
+	}
+	for _, raw := range f.messages(1) {
+		if _, err := decodeAddress(raw); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// decodeGarbageCollectResponse checks a dsipam.v1.GarbageCollectResponse (the released allocations).
+func decodeGarbageCollectResponse(data []byte) error {
+	f, err := parseMessage(data)
+	if err != nil {
+		return err
+	}
+	if !f.typed([]protowire.Number{1}, nil) {
+		return errWireType
+	}
+	for _, raw := range f.messages(1) {
+		if _, err := decodeAllocation(raw); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func decodeAllocation(data []byte) (allocation, error) {
 	f, err := parseMessage(data)
 	if err != nil {
+		return allocation{}, err
+	}
+	if err := checkAllocation(f); err != nil {
 		return allocation{}, err
 	}
 	out := allocation{pool: f.text(1), owner: f.text(2)}
@@ -219,6 +326,9 @@ func decodeAllocateResponse(data []byte) (allocation, error) {
 	if err != nil {
 		return allocation{}, err
 	}
+	if !f.typed([]protowire.Number{1}, []protowire.Number{2}) {
+		return allocation{}, errWireType
+	}
 	var inner []byte
 	if m := f.messages(1); len(m) > 0 {
 		inner = m[len(m)-1]
@@ -231,11 +341,17 @@ func decodePoolUsage(data []byte) ([]familyUsage, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !f.typed([]protowire.Number{4}, nil) {
+		return nil, errWireType
+	}
 	var out []familyUsage
 	for _, raw := range f.messages(4) {
 		u, err := parseMessage(raw)
 		if err != nil {
 			return nil, err
+		}
+		if !u.typed(nil, []protowire.Number{1, 2, 3, 4}) {
+			return nil, errWireType
 		}
 		out = append(out, familyUsage{familyVersion[u.uint(1)], u.uint(2), u.uint(4)})
 	}

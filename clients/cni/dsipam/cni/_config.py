@@ -54,9 +54,15 @@ def cidr_version(text: str) -> int:
         return 0
     address, prefix = text.split("/")
     version = ip_version(address)
-    if not version or not _ascii_digits(prefix) or int(prefix) > (32 if version == 4 else 128):
+    if not version or not _ascii_digits(prefix) or len(prefix.lstrip("0")) > 3 \
+            or int(prefix.lstrip("0") or "0") > (32 if version == 4 else 128):
         return 0
     return version
+
+
+def prefix_length(cidr: str) -> int:
+    """The prefix length of a CIDR that cidr_version accepts (``/0024`` is 24)."""
+    return int(cidr.split("/")[1].lstrip("0") or "0")
 
 
 def _ascii_digits(text: str) -> bool:
@@ -115,7 +121,8 @@ def endpoint_target(value: str) -> str:
         path = value
     else:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not _ascii_digits(port) or not 0 < int(port) < 65536:
+        if not sep or host in ("", "[]") or not _ascii_digits(port) or len(port.lstrip("0")) > 5 \
+                or not 0 < int(port.lstrip("0") or "0") < 65536:
             raise ValueError("expected a unix socket path, unix:///path or host:port")
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
             raise ValueError("an IPv6 host needs brackets: [fd00::1]:50051")

@@ -27,6 +27,19 @@ def _read(path: str, field: str) -> bytes | None:
     return read_limited(path, field)
 
 
+def check_pem(tls: dict[str, str], ca: bytes | None, cert: bytes | None, key: bytes | None) -> None:
+    """Files that are not PEM are the configuration's fault (7), as in the compiled plugin, not a
+    failed handshake later."""
+    from ._config import _bad
+
+    if ca is not None and b"-----BEGIN CERTIFICATE-----" not in ca:
+        raise _bad("ipam.tls.ca", f"{tls['ca']!r} holds no PEM certificate")
+    if cert is not None and (b"-----BEGIN CERTIFICATE-----" not in cert or key is None
+                             or b"PRIVATE KEY-----" not in key):
+        raise _bad("ipam.tls.cert", f"{tls['cert']!r} and ipam.tls.key {tls['key']!r} are not a PEM certificate "
+                   "and its key")
+
+
 class GrpcClient:
     """The same calls as :class:`._client.NativeClient`, through ``grpc`` and ``dsipam.v1`` stubs."""
 
@@ -42,11 +55,11 @@ class GrpcClient:
         self.deadline = time.monotonic() + timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if tls is not None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls.get("ca", ""), "ipam.tls.ca"),
-                private_key=_read(tls.get("key", ""), "ipam.tls.key"),
-                certificate_chain=_read(tls.get("cert", ""), "ipam.tls.cert"),
-            )
+            ca = _read(tls.get("ca", ""), "ipam.tls.ca")
+            key = _read(tls.get("key", ""), "ipam.tls.key")
+            cert = _read(tls.get("cert", ""), "ipam.tls.cert")
+            check_pem(tls, ca, cert, key)
+            creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
             options = [("grpc.ssl_target_name_override", tls["serverName"])] if tls.get("serverName") else []
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:

@@ -170,7 +170,7 @@ class Channel:
             try:
                 host, port = address  # type: ignore[misc,str-unpack]
                 candidates = [(info[0], info[4]) for info in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)]
-            except OSError as exc:
+            except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA refuses (an empty label)
                 raise RpcError(UNAVAILABLE, f"cannot resolve {self.target}: {exc}") from None
         for fam, addr in candidates:
             remaining = self._remaining()

@@ -34,8 +34,34 @@ class _Context:
 _WHITESPACE = " \t\n\r"
 
 
+MAX_DEPTH = 512
+
+
+def _check(value: object) -> object:
+    """Refuses what the compiled plugin's decoder cannot keep (clients/cni/go): nesting deeper
+    than MAX_DEPTH, and a string with a lone surrogate (``"\\ud800"``), which is not text."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a string with a lone surrogate") from None
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH}")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return value
+
+
 def loads(text: str) -> object:
     """Parses one JSON document (surrounding whitespace allowed); raises ValueError otherwise."""
+    return _check(_loads(text))
+
+
+def _loads(text: str) -> object:
     if _json is not None:
         start = len(text) - len(text.lstrip(_WHITESPACE))
         try:

@@ -175,6 +175,13 @@ def _rpc(cfg, method: str, call):  # type: ignore[no-untyped-def]
         return _with_retries(call)
     except _h2.RpcError as exc:
         raise _errors.from_rpc(exc, method, cfg.endpoint) from None
+    except ValueError as exc:  # the answer's bytes (_wire.WireError, or a string that is not UTF-8)
+        raise unparsable(method, exc) from None
+
+
+def unparsable(method: str, exc: Exception) -> CniError:
+    """An answer that does not parse as the expected message: the server's fault (110)."""
+    return CniError(_errors.SERVER_ERROR, f"dsipam {method}: the answer does not parse ({exc})")
 
 
 def build_result(cfg, allocation) -> dict:  # type: ignore[no-untyped-def]
@@ -264,8 +271,8 @@ def cmd_check(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-d
                 "required" if address is None else f"must be a string, not {_config.kind(address)}"))
         if not _config.cidr_version(address):
             raise CniError(_errors.INVALID_CONFIG, f"{where}.address: {address[:80]!r} is not a CIDR")
-        host, prefix = address.split("/")
-        expected.add(f"{_config.canonical_ip(host)}/{int(prefix)}")
+        host = address.split("/")[0]
+        expected.add(f"{_config.canonical_ip(host)}/{_config.prefix_length(address)}")
     owner = owner_of(environ["CNI_CONTAINERID"], environ["CNI_IFNAME"])
     client = _client.connect(cfg)
     try:
@@ -360,6 +367,8 @@ def cmd_status(cfg, netconf: dict, environ) -> None:  # type: ignore[no-untyped-
     client = _client.connect(cfg)
     try:
         usage = _with_retries(lambda: client.pool_usage(cfg.pool))
+    except ValueError as exc:
+        raise unparsable("GetPool", exc) from None
     except _h2.RpcError as exc:
         if exc.code == _h2.PERMISSION_DENIED:
             # The service answered and knows us, but our role may not read pools (GetPool needs

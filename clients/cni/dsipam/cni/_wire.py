@@ -81,6 +81,8 @@ def garbage_collect_request(pool: str, valid_owners: list[str], grace: float | N
     if grace is not None:
         seconds = int(grace)
         nanos = int(round((grace - seconds) * 1e9))
+        if nanos == 1_000_000_000:  # 0.9999999996 rounds up: a Duration's nanos stay below 1e9
+            seconds, nanos = seconds + 1, 0
         out += _bytes_field(3, _uint(1, seconds) + _uint(2, nanos))  # google.protobuf.Duration
     return out + _string(4, node) + _map(5, attribute_selector or {})
 
@@ -90,6 +92,8 @@ def garbage_collect_request(pool: str, valid_owners: list[str], grace: float | N
 
 def parse(data: bytes) -> dict[int, list]:
     """Splits a message into {field number: [values]}: ints for varints, bytes otherwise."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("a varint where a message belongs")
     fields: dict[int, list] = {}
     i = 0
     end = len(data)
@@ -143,13 +147,22 @@ def parse(data: bytes) -> dict[int, list]:
     return fields
 
 
+def _values(fields: dict[int, list], number: int, kind: type | tuple[type, ...]) -> list:
+    """A field's values, each of the wire type the message has there (else the answer does not parse)."""
+    values = fields.get(number, [])
+    for value in values:
+        if not isinstance(value, kind):
+            raise WireError(f"field {number} of the wrong wire type")
+    return values
+
+
 def _text(fields: dict[int, list], number: int) -> str:
-    values = fields.get(number)
+    values = _values(fields, number, (bytes, memoryview))
     return bytes(values[-1]).decode("utf-8") if values else ""
 
 
 def _int(fields: dict[int, list], number: int) -> int:
-    values = fields.get(number)
+    values = _values(fields, number, int)
     return values[-1] if values else 0
 
 
@@ -217,7 +230,7 @@ def allocation(data: bytes) -> Allocation:
     f = parse(data)
     created = 0.0
     if 5 in f:
-        ts = parse(f[5][-1])
+        ts = parse(_values(f, 5, (bytes, memoryview))[-1])
         created = _int(ts, 1) + _int(ts, 2) / 1e9
     return Allocation(_text(f, 1), _text(f, 2), [address(a) for a in f.get(3, ())], _decode_map(f, 4), created,
                       _text(f, 6))
@@ -226,7 +239,7 @@ def allocation(data: bytes) -> Allocation:
 def allocate_response(data: bytes) -> tuple[Allocation, bool]:
     """Decodes dsipam.v1.AllocateResponse into (allocation, created)."""
     f = parse(data)
-    return allocation(f[1][-1] if 1 in f else b""), bool(_int(f, 2))
+    return allocation(_values(f, 1, (bytes, memoryview))[-1] if 1 in f else b""), bool(_int(f, 2))
 
 
 def release_response(data: bytes) -> list[Address]:
