@@ -106,9 +106,15 @@ version="v$(date +%Y%m%d%H%M%S)-$$"
 staging="$root$bundle_dir/.$version.tmp"
 rm -rf "$staging"
 if [ "$plugin_kind" = compiled ]; then
-  # The compiled plugin needs nothing else on the node: not the 74 MB Python runtime.
+  # The compiled plugin needs nothing else on the node: not the 74 MB Python runtime. It must
+  # answer VERSION before anything the node runs changes (the current link, the plugin).
   mkdir -p "$staging"
   cp -R "$bundle_src/bin" "$staging/bin"
+  if [ "$verify" = 1 ] && ! out=$(printf '{"cniVersion":"%s"}' "$cni_version" \
+      | CNI_COMMAND=VERSION "$staging/bin/dsipam-cni" 2>&1); then
+    rm -rf "$staging"
+    die "the installed plugin failed its VERSION command (the node's plugin is left as it was): $out"
+  fi
 else
   cp -R "$bundle_src" "$staging"
 fi
@@ -120,16 +126,10 @@ log "runtime in $bundle_dir/$version (current)"
 # Keep the newest two versions: a plugin started just before the swap may still read the previous one.
 ls -1d "$root$bundle_dir"/v* 2>/dev/null | sort -r | tail -n +3 | while read -r old; do rm -rf "$old"; done
 
-# 2. the plugin: the compiled one from the installed bundle (it must answer VERSION before it
-#    replaces the node's plugin), or the wrapper of the Python one.
+# 2. the plugin: the compiled one from the installed bundle (checked in step 1), or the wrapper
+#    of the Python one.
 if [ "$plugin_kind" = compiled ]; then
   cp "$root$bundle_dir/$version/bin/dsipam-cni" "$root$bin_dir/.dsipam-cni.tmp"
-  chmod 0755 "$root$bin_dir/.dsipam-cni.tmp"
-  if [ "$verify" = 1 ] && ! out=$(printf '{"cniVersion":"%s"}' "$cni_version" \
-      | CNI_COMMAND=VERSION "$root$bin_dir/.dsipam-cni.tmp" 2>&1); then
-    rm -f "$root$bin_dir/.dsipam-cni.tmp"
-    die "the installed plugin failed its VERSION command (the node's plugin is left as it was): $out"
-  fi
 else
   sed "s|@BUNDLE@|$(sed_value "$bundle_dir/current")|g" "$wrapper_src" > "$root$bin_dir/.dsipam-cni.tmp"
 fi

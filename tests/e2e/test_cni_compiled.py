@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -493,3 +494,27 @@ def test_tls_files_that_are_not_pem_are_error_7_in_both(plugins: dict[str, Path]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV}
     conf = {"cniVersion": "1.1.0", "ipam": {"endpoint": "127.0.0.1:1", "pool": "p", "tls": tls}}
     assert check_alike(plugins, env, json.dumps(conf).encode()) == "CNI error 7"
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for test certificates")
+def test_a_certificate_with_another_certificates_key_is_error_7_in_both(plugins: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """A certificate rotated without its key: a configuration error, not 'try again later'."""
+    cert1, key1 = _self_signed(tmp_path, "one")
+    _, key2 = _self_signed(tmp_path, "two")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV}
+
+    def conf(key: Path) -> bytes:
+        return json.dumps({"cniVersion": "1.1.0", "ipam": {"endpoint": "127.0.0.1:1", "pool": "p", "tls": {
+            "ca": str(cert1), "cert": str(cert1), "key": str(key)}}}).encode()
+
+    assert check_alike(plugins, env, conf(key2)) == "CNI error 7"
+    assert check_alike(plugins, env, conf(key1)) == "CNI error 11"  # the pair is good: nobody listens

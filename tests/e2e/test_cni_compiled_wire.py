@@ -221,6 +221,30 @@ METHOD_OF = {"ADD": "Allocate", "DEL": "Release", "CHECK": "GetAllocation", "GC"
              "STATUS": "GetPool"}
 
 
+@pytest.mark.parametrize("extra", [b"\x00\x00", b"\x7b\x7c", b"\x80\x80\x80\x80\x80\x01\x00",
+                                   b"\x78" + b"\xff" * 10 + b"\x01", b"\x78" + b"\xff" * 9 + b"\x7f",
+                                   b"\x0b\x0c"])
+def test_a_well_formed_answer_with_a_bad_field_after_it_is_refused_by_both(
+        plugins: dict[str, Path], scripted: tuple[Scripted, str], extra: bytes) -> None:
+    """Field 0, a group, a field number past 2^31, varints of 11 bytes or past 64 bits."""
+    script, sock = scripted
+    env, stdin = invocation(sock, "ADD")
+    got = both(plugins, script, env, stdin, answer=ANSWERS["Allocate"] + extra)
+    for kind, (rc, printed, _) in got.items():
+        assert rc == 1 and isinstance(printed, dict) and printed["code"] == 110, (kind, printed)
+
+
+@pytest.mark.parametrize("extra", [b"\x80\x80\x80\x80\x10\x00", b"\x7d\x01\x02\x03\x04",
+                                   b"\x79" + b"\x00" * 8])
+def test_unknown_fields_are_skipped_by_both(plugins: dict[str, Path], scripted: tuple[Scripted, str],
+                                            extra: bytes) -> None:
+    """A field number below 2^31, fixed32 and fixed64 fields: unknown, skipped."""
+    script, sock = scripted
+    env, stdin = invocation(sock, "ADD")
+    got = both(plugins, script, env, stdin, answer=ANSWERS["Allocate"] + extra)
+    assert got["compiled"][:2] == got["python"][:2] and got["python"][0] == 0, got
+
+
 @pytest.mark.parametrize(("command", "kind"), [(c, k) for c, m in METHOD_OF.items()
                                                for k in ("truncated", *GARBAGE_BY_METHOD[m])])
 def test_an_answer_that_does_not_parse_is_error_110(plugins: dict[str, Path], scripted: tuple[Scripted, str],

@@ -127,8 +127,12 @@ def test_responses_decode_from_the_generated_messages() -> None:
 
 def test_unknown_fields_are_skipped_and_garbage_is_refused() -> None:
     data = pb.Address(family=pb.IP_FAMILY_IPV4, ip="198.18.0.1", prefix_length=24).SerializeToString()
-    extra = bytes([0x78, 0x05]) + bytes([0x81, 0x01, 0x03]) + b"abc" + bytes([0x8D, 0x01]) + b"\x00" * 4  # 15, 16, 17
+    extra = bytes([0x78, 0x05]) + bytes([0x82, 0x01, 0x03]) + b"abc" + bytes([0x8D, 0x01]) + b"\x00" * 4  # 15, 16, 17
+    assert pb.Address.FromString(data + extra).ip == "198.18.0.1"  # protobuf's own decoder agrees
     assert _wire.address(data + extra).ip == "198.18.0.1"
+    for bad in (b"\x00\x00", b"\x78" + b"\xff" * 10 + b"\x01", b"\x0b\x0c"):  # field 0, 11-byte varint, group
+        with pytest.raises(_wire.WireError):
+            _wire.address(data + bad)
     with pytest.raises(_wire.WireError):
         _wire.address(data[:-3])
     with pytest.raises(_wire.WireError):

@@ -223,6 +223,24 @@ def test_a_broken_compiled_plugin_fails_the_install_and_leaves_the_working_one(t
     assert not [p.name for p in bin_dir.iterdir() if p.name.startswith(".")]
 
 
+def test_a_broken_compiled_plugin_leaves_a_node_on_the_python_plugin_working(tmp_path: Path) -> None:
+    """The check comes before the current link moves: the Python wrapper runs current/python."""
+    bundle = _bundle(tmp_path)
+    assert _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051").returncode == 0  # python
+    runtime = tmp_path / "node/opt/dsipam-cni"
+    before = os.readlink(runtime / "current")
+    (bundle / "bin").mkdir()
+    (bundle / "bin" / "dsipam-cni").write_text("#!/bin/sh\necho broken >&2\nexit 1\n")
+    (bundle / "bin" / "dsipam-cni").chmod(0o755)
+    for _ in range(3):  # a crash-looping DaemonSet pod
+        done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+        assert done.returncode != 0 and "failed its VERSION command" in done.stderr
+    assert os.readlink(runtime / "current") == before and (runtime / before / "python").is_dir()
+    ran = _run_plugin(tmp_path / "node", "VERSION", '{"cniVersion":"1.0.0"}')
+    assert ran.returncode == 0 and json.loads(ran.stdout)["command"] == "VERSION", ran
+    assert not [p.name for p in runtime.iterdir() if p.name.startswith(".")]
+
+
 def _real_plugin_site_packages(tmp: Path) -> Path:
     """site-packages with only the dsipam.cni package, as the image's cni-bundle stage copies it."""
     spec = importlib.util.find_spec("dsipam.cni.__main__")

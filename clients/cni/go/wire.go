@@ -131,6 +131,8 @@ func parseMessage(data []byte) (fields, error) {
 				return nil, errWire
 			}
 			value, n = v, m
+		case protowire.StartGroupType, protowire.EndGroupType:
+			return nil, errWire // groups: no dsipam.v1 message has one (nor does _wire.py take them)
 		default:
 			m := protowire.ConsumeFieldValue(number, typ, data)
 			if m < 0 {

@@ -28,16 +28,25 @@ def _read(path: str, field: str) -> bytes | None:
 
 
 def check_pem(tls: dict[str, str], ca: bytes | None, cert: bytes | None, key: bytes | None) -> None:
-    """Files that are not PEM are the configuration's fault (7), as in the compiled plugin, not a
-    failed handshake later."""
+    """A CA file without a certificate, or a certificate and key that are not a pair, are the
+    configuration's fault (7), as in the compiled plugin (Go's x509 and tls.X509KeyPair), not a
+    failed handshake (11) later. OpenSSL, through the ssl module, does the parsing."""
+    import ssl
+
     from ._config import _bad
 
-    if ca is not None and b"-----BEGIN CERTIFICATE-----" not in ca:
-        raise _bad("ipam.tls.ca", f"{tls['ca']!r} holds no PEM certificate")
-    if cert is not None and (b"-----BEGIN CERTIFICATE-----" not in cert or key is None
-                             or b"PRIVATE KEY-----" not in key):
-        raise _bad("ipam.tls.cert", f"{tls['cert']!r} and ipam.tls.key {tls['key']!r} are not a PEM certificate "
-                   "and its key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is not None:
+        try:
+            context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError):
+            raise _bad("ipam.tls.ca", f"{tls['ca']!r} holds no PEM certificate") from None
+    if cert is not None:
+        try:
+            context.load_cert_chain(certfile=tls["cert"], keyfile=tls["key"])
+        except (ssl.SSLError, OSError, ValueError):
+            raise _bad("ipam.tls.cert", f"{tls['cert']!r} and ipam.tls.key {tls['key']!r} are not a PEM "
+                       "certificate and its key") from None
 
 
 class GrpcClient:
@@ -121,7 +130,7 @@ class GrpcClient:
         request = self.pb.GarbageCollectRequest(pool=pool, valid_owners=valid_owners, node=node,
                                                 attribute_selector=selector or {})
         if grace is not None:
-            request.grace.FromNanoseconds(int(round(grace * 1e9)))
+            request.grace.seconds, request.grace.nanos = _wire.duration(grace)
         return [self._allocation(a) for a in self._call("GarbageCollect", request).released]
 
     def close(self) -> None:

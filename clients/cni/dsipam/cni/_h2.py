@@ -114,7 +114,7 @@ def split_target(target: str) -> tuple[int, str | tuple[str, int], str]:
         host = host[1:-1]
     if not host or not port.isdigit():
         raise ValueError(f"{target!r} is not host:port or unix:///path")
-    return -1, (host, int(port)), target
+    return -1, (host, int(port.lstrip("0") or "0")), target  # leading zeros: no int() digit limit
 
 
 class _Stream:

@@ -14,6 +14,9 @@ PREFER_DUAL_STACK = 2
 REQUIRE_DUAL_STACK = 3
 
 
+_MAX_FIELD = (1 << 31) - 1  # the largest field number protobuf's Go decoder takes (MessageSet's)
+
+
 class WireError(ValueError):
     """Bytes that do not parse as the expected message."""
 
@@ -74,15 +77,22 @@ def get_pool_request(name: str) -> bytes:
     return _string(1, name)
 
 
+def duration(seconds_float: float) -> tuple[int, int]:
+    """(seconds, nanos) of a google.protobuf.Duration: the fraction rounded half to even, and a
+    rounding up to 1e9 ns carried into the seconds (0.9999999996 is 1 s)."""
+    seconds = int(seconds_float)
+    nanos = int(round((seconds_float - seconds) * 1e9))
+    if nanos == 1_000_000_000:
+        seconds, nanos = seconds + 1, 0
+    return seconds, nanos
+
+
 def garbage_collect_request(pool: str, valid_owners: list[str], grace: float | None, node: str = "",
                             attribute_selector: dict[str, str] | None = None) -> bytes:
     """dsipam.v1.GarbageCollectRequest; ``grace`` None leaves the server's default."""
     out = _string(1, pool) + b"".join(_bytes_field(2, o.encode()) for o in valid_owners)
     if grace is not None:
-        seconds = int(grace)
-        nanos = int(round((grace - seconds) * 1e9))
-        if nanos == 1_000_000_000:  # 0.9999999996 rounds up: a Duration's nanos stay below 1e9
-            seconds, nanos = seconds + 1, 0
+        seconds, nanos = duration(grace)
         out += _bytes_field(3, _uint(1, seconds) + _uint(2, nanos))  # google.protobuf.Duration
     return out + _string(4, node) + _map(5, attribute_selector or {})
 
@@ -108,6 +118,8 @@ def parse(data: bytes) -> dict[int, list]:
                 if not byte & 0x80:
                     break
             kind = key & 7
+            if not 1 <= key >> 3 <= _MAX_FIELD or key >= 1 << 64 or shift > 70:
+                raise WireError(f"field number {key >> 3} out of range")
             value: int | bytes
             if kind == 0:
                 value = shift = 0
@@ -118,6 +130,8 @@ def parse(data: bytes) -> dict[int, list]:
                     shift += 7
                     if not byte & 0x80:
                         break
+                if value >= 1 << 64 or shift > 70:  # more than 10 bytes, or past 64 bits
+                    raise WireError("varint out of range")
             elif kind == 2:
                 n = shift = 0
                 while True:
