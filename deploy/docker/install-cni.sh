@@ -115,8 +115,21 @@ if [ "$plugin_kind" = compiled ]; then
     rm -rf "$staging"
     die "the installed plugin failed its VERSION command (the node's plugin is left as it was): $out"
   fi
+  # The node's plugin is replaced before the current link moves: the Python wrapper it may
+  # replace runs current/python, which a compiled-only version does not have.
+  cp "$staging/bin/dsipam-cni" "$root$bin_dir/.dsipam-cni.tmp"
+  chmod 0755 "$root$bin_dir/.dsipam-cni.tmp"
+  mv -f "$root$bin_dir/.dsipam-cni.tmp" "$root$bin_dir/dsipam-cni"
 else
   cp -R "$bundle_src" "$staging"
+  # The staged runtime must answer VERSION before the current link moves to it.
+  check="$root$bundle_dir/.verify-$$.sh"
+  sed "s|@BUNDLE@|$(sed_value "$staging")|g" "$wrapper_src" > "$check"
+  if [ "$verify" = 1 ] && ! out=$(printf '{"cniVersion":"%s"}' "$cni_version" | CNI_COMMAND=VERSION sh "$check" 2>&1); then
+    rm -rf "$staging" "$check"
+    die "the installed plugin failed its VERSION command (the node's plugin is left as it was): $out"
+  fi
+  rm -f "$check"
 fi
 mv "$staging" "$root$bundle_dir/$version"
 ln -s "$version" "$root$bundle_dir/.current.tmp"
@@ -126,15 +139,12 @@ log "runtime in $bundle_dir/$version (current)"
 # Keep the newest two versions: a plugin started just before the swap may still read the previous one.
 ls -1d "$root$bundle_dir"/v* 2>/dev/null | sort -r | tail -n +3 | while read -r old; do rm -rf "$old"; done
 
-# 2. the plugin: the compiled one from the installed bundle (checked in step 1), or the wrapper
-#    of the Python one.
-if [ "$plugin_kind" = compiled ]; then
-  cp "$root$bundle_dir/$version/bin/dsipam-cni" "$root$bin_dir/.dsipam-cni.tmp"
-else
+# 2. the plugin: the compiled one was put in place in step 1; the wrapper of the Python one here.
+if [ "$plugin_kind" = python ]; then
   sed "s|@BUNDLE@|$(sed_value "$bundle_dir/current")|g" "$wrapper_src" > "$root$bin_dir/.dsipam-cni.tmp"
+  chmod 0755 "$root$bin_dir/.dsipam-cni.tmp"
+  mv -f "$root$bin_dir/.dsipam-cni.tmp" "$root$bin_dir/dsipam-cni"
 fi
-chmod 0755 "$root$bin_dir/.dsipam-cni.tmp"
-mv -f "$root$bin_dir/.dsipam-cni.tmp" "$root$bin_dir/dsipam-cni"
 # "type": "dsipam" in a network configuration finds the same plugin.
 ln -sf dsipam-cni "$root$bin_dir/.dsipam.tmp"
 mv -fT "$root$bin_dir/.dsipam.tmp" "$root$bin_dir/dsipam" 2>/dev/null \

@@ -407,7 +407,7 @@ def test_known_cases_answer_alike(plugins: dict[str, Path], env: dict[str, str],
                 b"" if conf is None else json.dumps(conf).encode())
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_the_compiled_plugin_answers_as_the_python_plugin(plugins: dict[str, Path], dead_socket: str,
@@ -416,7 +416,7 @@ def test_the_compiled_plugin_answers_as_the_python_plugin(plugins: dict[str, Pat
     event(check_alike(plugins, env, stdin))
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_one_fault_anywhere_gets_the_same_answer(plugins: dict[str, Path], dead_socket: str,
@@ -518,3 +518,21 @@ def test_a_certificate_with_another_certificates_key_is_error_7_in_both(plugins:
 
     assert check_alike(plugins, env, conf(key2)) == "CNI error 7"
     assert check_alike(plugins, env, conf(key1)) == "CNI error 11"  # the pair is good: nobody listens
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for test certificates")
+def test_ca_files_as_go_reads_them(plugins: dict[str, Path], tmp_path: Path) -> None:
+    """Any one good PEM certificate makes a CA file (Go's AppendCertsFromPEM), whatever is around it;
+    a DER file or only broken blocks is error 7."""
+    cert, _ = _self_signed(tmp_path, "ca")
+    pem = cert.read_bytes()
+    broken = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+    der = subprocess.run(["openssl", "x509", "-in", str(cert), "-outform", "DER"], capture_output=True,
+                         check=True).stdout
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **ADD_ENV}
+    for content, code in ((b"# Gr\xc3\xb6\xc3\x9fe CA \xe2\x80\x94\n" + pem, 11), (broken + pem, 11), (pem + broken, 11),
+                          (broken, 7), (der, 7)):
+        ca = tmp_path / "ca.pem"
+        ca.write_bytes(content)
+        conf = {"cniVersion": "1.1.0", "ipam": {"endpoint": "127.0.0.1:1", "pool": "p", "tls": {"ca": str(ca)}}}
+        assert check_alike(plugins, env, json.dumps(conf).encode()) == f"CNI error {code}", content[:40]

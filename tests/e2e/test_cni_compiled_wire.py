@@ -223,10 +223,11 @@ METHOD_OF = {"ADD": "Allocate", "DEL": "Release", "CHECK": "GetAllocation", "GC"
 
 @pytest.mark.parametrize("extra", [b"\x00\x00", b"\x7b\x7c", b"\x80\x80\x80\x80\x80\x01\x00",
                                    b"\x78" + b"\xff" * 10 + b"\x01", b"\x78" + b"\xff" * 9 + b"\x7f",
-                                   b"\x0b\x0c"])
+                                   b"\x0b\x0c", b"\x7a" + b"\x80" * 10 + b"\x00", b"\x78" + b"\xff" * 200_000])
 def test_a_well_formed_answer_with_a_bad_field_after_it_is_refused_by_both(
         plugins: dict[str, Path], scripted: tuple[Scripted, str], extra: bytes) -> None:
-    """Field 0, a group, a field number past 2^31, varints of 11 bytes or past 64 bits."""
+    """Field 0, a group, a field number past 2^31, varints of 11 bytes or past 64 bits (a length's
+    too), and a run of 200,000 0xff bytes (refused at the 11th, not after building a huge int)."""
     script, sock = scripted
     env, stdin = invocation(sock, "ADD")
     got = both(plugins, script, env, stdin, answer=ANSWERS["Allocate"] + extra)

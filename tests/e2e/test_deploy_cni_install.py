@@ -347,3 +347,20 @@ def test_a_token_without_a_ca_is_refused(tmp_path: Path) -> None:
     conf_dir = tmp_path / "node/etc/cni/net.d"
     assert not conf_dir.exists() or not list(conf_dir.iterdir())
     assert not (tmp_path / "node/etc/dsipam-cni/token").exists()
+
+
+def test_a_broken_python_runtime_leaves_the_working_one(tmp_path: Path) -> None:
+    """DSIPAM_CNI_PLUGIN=python: the staged runtime answers VERSION before the current link moves,
+    so a crash-looping pod with a broken image neither breaks the node nor prunes the good version."""
+    bundle = _bundle(tmp_path)
+    assert _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051").returncode == 0
+    runtime = tmp_path / "node/opt/dsipam-cni"
+    before = os.readlink(runtime / "current")
+    (bundle / "site-packages/dsipam/cni/__main__.py").write_text("raise SystemExit('plugin is broken')\n")
+    for _ in range(3):
+        done = _install(tmp_path, bundle, DSIPAM_CNI_SERVER="198.18.0.10:50051")
+        assert done.returncode != 0 and "plugin is broken" in done.stderr, done.stderr
+    assert os.readlink(runtime / "current") == before
+    ran = _run_plugin(tmp_path / "node", "VERSION", '{"cniVersion":"1.0.0"}')
+    assert ran.returncode == 0 and json.loads(ran.stdout)["command"] == "VERSION", ran
+    assert not [p.name for p in runtime.iterdir() if p.name.startswith(".")]

@@ -149,9 +149,20 @@ def test_probes_pass_and_the_probe_socket_opens_no_api(deployed: Deployed) -> No
             ipam_pb2_grpc.IpamServiceStub(channel).ListPools(pb.ListPoolsRequest(), timeout=5)
 
 
-def _bundle(tmp: Path) -> Path:
-    """The image's cni-bundle layout, from this interpreter and the packages the plugin imports."""
+@pytest.fixture(params=["compiled", "python"])
+def compiled(request: pytest.FixtureRequest) -> Path | None:
+    """The plugin the installer puts on the node: the ConfigMap's default, the compiled plugin
+    (this value), or the Python plugin (None: DSIPAM_CNI_PLUGIN=python)."""
+    return request.getfixturevalue("compiled_plugin") if request.param == "compiled" else None
+
+
+def _bundle(tmp: Path, compiled: Path | None = None) -> Path:
+    """The image's cni-bundle layout, from this interpreter and the packages the plugin imports
+    (and bin/dsipam-cni, the compiled plugin, when given)."""
     bundle = tmp / "bundle"
+    if compiled is not None:
+        (bundle / "bin").mkdir(parents=True)
+        shutil.copy2(compiled, bundle / "bin" / "dsipam-cni")
     (bundle / "python" / "bin").mkdir(parents=True)
     (bundle / "python" / "bin" / "python3.11").symlink_to(Path(sys.executable).resolve())
     (bundle / "python" / "lib").symlink_to(Path(sysconfig.get_config_var("LIBDIR")), target_is_directory=True)
@@ -170,7 +181,7 @@ def _bundle(tmp: Path) -> Path:
     return bundle
 
 
-def _install(deployed: Deployed, tmp: Path, token: str, node: str = "node-1") -> Path:
+def _install(deployed: Deployed, tmp: Path, token: str, node: str = "node-1", compiled: Path | None = None) -> Path:
     """Runs the installer for ``node`` with a Secret holding that node's token (key token.<node>)
     and another node's, as the DaemonSet mounts dsipam-cni-credentials."""
     creds = tmp / "credentials"
@@ -187,13 +198,16 @@ def _install(deployed: Deployed, tmp: Path, token: str, node: str = "node-1") ->
         **{k: v for k, v in cni.items() if k.startswith("DSIPAM_")},
         "DSIPAM_CNI_TLS_SERVER_NAME": ds_env["DSIPAM_CNI_TLS_SERVER_NAME"],
         "DSIPAM_CNI_HOST_ROOT": str(tmp / "node"),
-        "DSIPAM_CNI_BUNDLE_SRC": str(_bundle(tmp)),
+        "DSIPAM_CNI_BUNDLE_SRC": str(_bundle(tmp, compiled)),
         "DSIPAM_CNI_WRAPPER_SRC": str(ROOT / "deploy" / "docker" / "dsipam-cni.sh"),
         "DSIPAM_CNI_TEMPLATE": str(tmp / "conflist.template"),
         "DSIPAM_CNI_CREDENTIALS": str(creds),
         "DSIPAM_CNI_SERVER": deployed.tcp,
         "NODE_NAME": node,
     }
+    assert cni["DSIPAM_CNI_PLUGIN"] == "compiled"  # the ConfigMap's default
+    if compiled is None:
+        env["DSIPAM_CNI_PLUGIN"] = "python"
     done = subprocess.run(
         ["sh", str(ROOT / "deploy" / "docker" / "install-cni.sh"), "--once"],
         env=env, capture_output=True, text=True, timeout=120,
@@ -205,8 +219,13 @@ def _install(deployed: Deployed, tmp: Path, token: str, node: str = "node-1") ->
 
 def _plugin(node: Path, command: str, container: str) -> tuple[int, dict]:
     """Runs the installed plugin as the runtime would, with node paths mapped into the fake root."""
-    wrapper = (node / "opt/cni/bin/dsipam-cni").read_text().replace("'/opt/dsipam-cni/", f"'{node}/opt/dsipam-cni/")
-    (node / "dsipam-cni.local").write_text(wrapper)
+    installed = node / "opt/cni/bin/dsipam-cni"
+    if installed.read_bytes()[:4] == b"\x7fELF":  # the compiled plugin
+        argv = [str(installed)]
+    else:
+        wrapper = installed.read_text().replace("'/opt/dsipam-cni/", f"'{node}/opt/dsipam-cni/")
+        (node / "dsipam-cni.local").write_text(wrapper)
+        argv = ["sh", str(node / "dsipam-cni.local")]
     conflist = json.loads((node / "etc/cni/net.d" / "90-dsipam.conflist").read_text())
     conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **conflist["plugins"][0]}
     ipam = conf["ipam"]
@@ -221,21 +240,21 @@ def _plugin(node: Path, command: str, container: str) -> tuple[int, dict]:
         "CNI_PATH": str(node / "opt/cni/bin"),
     }
     done = subprocess.run(
-        ["sh", str(node / "dsipam-cni.local")], input=json.dumps(conf), env=env, capture_output=True, text=True,
+        argv, input=json.dumps(conf), env=env, capture_output=True, text=True,
         timeout=60,
     )  # fmt: skip
     return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {"stderr": done.stderr}
 
 
 def test_installed_plugin_allocates_over_tls_with_the_node_token(
-    deployed: Deployed, tmp_path: Path, clean_db: str
+    deployed: Deployed, tmp_path: Path, clean_db: str, compiled: Path | None
 ) -> None:
     for admin in deployed.stub(ADMIN_TOKEN):
         admin.CreatePool(
             pb.CreatePoolRequest(pool=pb.Pool(name="pods", ranges=[pb.IpRange(cidr="198.18.6.0/24"),
                                                                     pb.IpRange(cidr="fd00:6::/120")]))
         )  # fmt: skip
-        node = _install(deployed, tmp_path, SHIM_TOKENS["node-1"])
+        node = _install(deployed, tmp_path, SHIM_TOKENS["node-1"], compiled=compiled)
         rc, result = _plugin(node, "ADD", "c-secure-1")
         assert rc == 0, result
         got = sorted(ip["address"].split("/")[0] for ip in result["ips"])
@@ -249,13 +268,14 @@ def test_installed_plugin_allocates_over_tls_with_the_node_token(
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_another_nodes_plugin_cannot_release_a_pod(deployed: Deployed, tmp_path: Path, clean_db: str) -> None:
+def test_another_nodes_plugin_cannot_release_a_pod(deployed: Deployed, tmp_path: Path, clean_db: str,
+                                                   compiled: Path | None) -> None:
     """node-2's installed plugin, with node-2's token, cannot DEL (release) node-1's pod."""
     for admin in deployed.stub(ADMIN_TOKEN):
         admin.CreatePool(pb.CreatePoolRequest(pool=pb.Pool(name="pods", ranges=[pb.IpRange(cidr="198.18.7.0/24"),
                                                                                  pb.IpRange(cidr="fd00:7::/120")])))
-        node1 = _install(deployed, tmp_path / "n1", SHIM_TOKENS["node-1"], "node-1")
-        node2 = _install(deployed, tmp_path / "n2", SHIM_TOKENS["node-2"], "node-2")
+        node1 = _install(deployed, tmp_path / "n1", SHIM_TOKENS["node-1"], "node-1", compiled)
+        node2 = _install(deployed, tmp_path / "n2", SHIM_TOKENS["node-2"], "node-2", compiled)
         rc, result = _plugin(node1, "ADD", "c-node1")
         assert rc == 0, result
         rc, result = _plugin(node2, "DEL", "c-node1")
@@ -273,7 +293,7 @@ def result_ips(node: Path) -> list[dict]:
     return result["ips"]
 
 
-def test_a_wrong_node_token_is_refused(deployed: Deployed, tmp_path: Path) -> None:
-    node = _install(deployed, tmp_path, "dsipam_not-a-known-token")
+def test_a_wrong_node_token_is_refused(deployed: Deployed, tmp_path: Path, compiled: Path | None) -> None:
+    node = _install(deployed, tmp_path, "dsipam_not-a-known-token", compiled=compiled)
     rc, result = _plugin(node, "ADD", "c-secure-2")
     assert rc != 0 and result.get("code") == 106, result  # the plugin's code for authentication failures

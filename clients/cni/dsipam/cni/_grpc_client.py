@@ -27,24 +27,47 @@ def _read(path: str, field: str) -> bytes | None:
     return read_limited(path, field)
 
 
+_BEGIN, _END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+
+
+def _certificate_blocks(data: bytes) -> list[str]:
+    """The PEM CERTIFICATE blocks of a file, as Go's pem.Decode finds them (what is around them
+    is skipped, whatever its bytes)."""
+    blocks = []
+    start = data.find(_BEGIN)
+    while start >= 0:
+        stop = data.find(_END, start)
+        if stop < 0:
+            break
+        blocks.append(data[start:stop + len(_END)].decode("ascii", "replace"))
+        start = data.find(_BEGIN, stop)
+    return blocks
+
+
 def check_pem(tls: dict[str, str], ca: bytes | None, cert: bytes | None, key: bytes | None) -> None:
     """A CA file without a certificate, or a certificate and key that are not a pair, are the
-    configuration's fault (7), as in the compiled plugin (Go's x509 and tls.X509KeyPair), not a
-    failed handshake (11) later. OpenSSL, through the ssl module, does the parsing."""
+    configuration's fault (7), as in the compiled plugin (Go's CertPool.AppendCertsFromPEM: any
+    one good certificate will do; tls.X509KeyPair), not a failed handshake (11) later. OpenSSL,
+    through the ssl module, does the parsing; an encrypted key is refused, never prompted for."""
     import ssl
 
     from ._config import _bad
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca is not None:
-        try:
-            context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-        except (ssl.SSLError, ValueError):
-            raise _bad("ipam.tls.ca", f"{tls['ca']!r} holds no PEM certificate") from None
+        good = 0
+        for block in _certificate_blocks(ca):
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=block)
+                good += 1
+            except (ssl.SSLError, ValueError, TypeError):
+                continue
+        if not good:
+            raise _bad("ipam.tls.ca", f"{tls['ca']!r} holds no PEM certificate")
     if cert is not None:
         try:
-            context.load_cert_chain(certfile=tls["cert"], keyfile=tls["key"])
-        except (ssl.SSLError, OSError, ValueError):
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile=tls["cert"], keyfile=tls["key"],
+                                                                     password=b"")
+        except (ssl.SSLError, OSError, ValueError, TypeError):
             raise _bad("ipam.tls.cert", f"{tls['cert']!r} and ipam.tls.key {tls['key']!r} are not a PEM "
                        "certificate and its key") from None
 

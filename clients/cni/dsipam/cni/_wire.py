@@ -100,6 +100,24 @@ def garbage_collect_request(pool: str, valid_owners: list[str], grace: float | N
 # -- decoding ----------------------------------------------------------------------------
 
 
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    """The varint at ``i`` and the index after it: at most 10 bytes and below 2^64, as protobuf's
+    Go decoder takes them (checked as it goes: a long run of 0xff costs no more than 10 bytes)."""
+    value = shift = 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift >= 70:
+            raise WireError("varint longer than 10 bytes")
+    if value >= 1 << 64:
+        raise WireError("varint past 64 bits")
+    return value, i
+
+
 def parse(data: bytes) -> dict[int, list]:
     """Splits a message into {field number: [values]}: ints for varints, bytes otherwise."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -109,38 +127,15 @@ def parse(data: bytes) -> dict[int, list]:
     end = len(data)
     try:
         while i < end:
-            key = shift = 0
-            while True:
-                byte = data[i]
-                i += 1
-                key |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
+            key, i = _read_varint(data, i)
             kind = key & 7
-            if not 1 <= key >> 3 <= _MAX_FIELD or key >= 1 << 64 or shift > 70:
+            if not 1 <= key >> 3 <= _MAX_FIELD:
                 raise WireError(f"field number {key >> 3} out of range")
             value: int | bytes
             if kind == 0:
-                value = shift = 0
-                while True:
-                    byte = data[i]
-                    i += 1
-                    value |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                if value >= 1 << 64 or shift > 70:  # more than 10 bytes, or past 64 bits
-                    raise WireError("varint out of range")
+                value, i = _read_varint(data, i)
             elif kind == 2:
-                n = shift = 0
-                while True:
-                    byte = data[i]
-                    i += 1
-                    n |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
+                n, i = _read_varint(data, i)
                 if i + n > end:
                     raise WireError("truncated length-delimited field")
                 value = data[i : i + n]
