@@ -22,6 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("DSIPAM_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def install_plugin(bin_dir: Path, compiled: Path | None = None) -> Path:
+    """``dsipam-cni install [--compiled BINARY] DIR``: the Python plugin's launcher, or the compiled
+    plugin; returns ``DIR/dsipam``, what a runtime runs for ``"type": "dsipam"``."""
+    extra = ["--compiled", str(compiled)] if compiled is not None else []
+    subprocess.run([sys.executable, "-m", "dsipam.cni", "install", *extra, str(bin_dir)], check=True,
+                   capture_output=True)
+    return bin_dir / "dsipam"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,6 +15,7 @@ import pytest
 from kube import ApiServer, ControllerProcess, install_controller_manifests
 from kube_controller import LEASE
 from kubernetes_asyncio import client
+from support import install_plugin
 
 from dsipam.client import AsyncIpamClient
 
@@ -80,3 +81,10 @@ def compiled_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return out
+
+
+@pytest.fixture(scope="module")
+def both_plugins(compiled_plugin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both plugins installed, each in its own directory: {"python": …/dsipam, "compiled": …/dsipam}."""
+    return {kind: install_plugin(tmp_path_factory.mktemp(f"cni-{kind}"), compiled_plugin if kind == "compiled" else None)
+            for kind in ("python", "compiled")}

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import spawn_server
+from support import install_plugin, spawn_server
 
 from dsipam.server import security
 from dsipam.v1 import ipam_pb2 as pb
@@ -158,10 +157,8 @@ class AdminStub:
 @pytest.fixture(params=["python", "compiled"])
 def cni_bin(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     """The installed plugin: the Python plugin's launcher, or the compiled plugin."""
-    bin_dir = tmp_path / "cni-bin"
-    extra = ("--compiled", str(request.getfixturevalue("compiled_plugin"))) if request.param == "compiled" else ()
-    sh(sys.executable, "-m", "dsipam.cni", "install", *extra, str(bin_dir))
-    return bin_dir
+    compiled = request.getfixturevalue("compiled_plugin") if request.param == "compiled" else None
+    return install_plugin(tmp_path / "cni-bin", compiled).parent
 
 
 def run_bridge(topo: Topology, cni_bin: Path, command: str, pod: str, conf: dict) -> tuple[int, dict | None, str]:

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,16 +31,8 @@ LIBRARY_WORDED = {6, 11}
 
 
 @pytest.fixture(scope="module")
-def plugins(compiled_plugin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = {}
-    for kind in ("python", "compiled"):
-        bin_dir = tmp_path_factory.mktemp(f"cni-diff-{kind}")
-        command = [sys.executable, "-m", "dsipam.cni", "install", str(bin_dir)]
-        if kind == "compiled":
-            command += ["--compiled", str(compiled_plugin)]
-        subprocess.run(command, check=True, capture_output=True)
-        out[kind] = bin_dir / "dsipam"
-    return out
+def plugins(both_plugins: dict[str, Path]) -> dict[str, Path]:
+    return both_plugins
 
 
 @pytest.fixture(scope="module")
@@ -407,8 +398,12 @@ def test_known_cases_answer_alike(plugins: dict[str, Path], env: dict[str, str],
                 b"" if conf is None else json.dumps(conf).encode())
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
+# Each example runs two processes (~20 ms); data_too_large: some configurations are big on purpose.
+DIFFERENTIAL = settings(max_examples=150, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@DIFFERENTIAL
 @given(data=st.data())
 def test_the_compiled_plugin_answers_as_the_python_plugin(plugins: dict[str, Path], dead_socket: str,
                                                          data: st.DataObject) -> None:
@@ -416,8 +411,7 @@ def test_the_compiled_plugin_answers_as_the_python_plugin(plugins: dict[str, Pat
     event(check_alike(plugins, env, stdin))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
+@DIFFERENTIAL
 @given(data=st.data())
 def test_one_fault_anywhere_gets_the_same_answer(plugins: dict[str, Path], dead_socket: str,
                                                  data: st.DataObject) -> None:
@@ -436,8 +430,8 @@ def test_the_compiled_plugin_reads_the_same_ipam_keys() -> None:
     source = inspect.getsource(_config)
     python = set(re.findall(r'"([A-Za-z]+)", "ipam\.\1"', source)) | set(re.findall(r'ipam\.get\("([A-Za-z]+)"', source))
     go_source = (Path(__file__).resolve().parents[2] / "clients" / "cni" / "go" / "config.go").read_text()
-    compiled = set(re.findall(r'"([A-Za-z]+)", "ipam\.\1"', go_source)) | set(re.findall(r'ipam\["([A-Za-z]+)"\]',
-                                                                                            go_source))
+    compiled = (set(re.findall(r'"([A-Za-z]+)", "ipam\.\1"', go_source)) | set(re.findall(r'ipam\["([A-Za-z]+)"\]', go_source))
+                | set(re.findall(r'getChoice\(ipam, "([A-Za-z]+)"', go_source)))
     assert python - {"type"} == compiled, (python, compiled)
 
 

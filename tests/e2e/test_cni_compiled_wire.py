@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,15 +114,8 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Scripte
 
 
 @pytest.fixture(scope="module")
-def plugins(compiled_plugin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = {}
-    for kind in ("python", "compiled"):
-        bin_dir = tmp_path_factory.mktemp(f"cni-wire-{kind}")
-        extra = ["--compiled", str(compiled_plugin)] if kind == "compiled" else []
-        subprocess.run([sys.executable, "-m", "dsipam.cni", "install", *extra, str(bin_dir)], check=True,
-                       capture_output=True)
-        out[kind] = bin_dir / "dsipam"
-    return out
+def plugins(both_plugins: dict[str, Path]) -> dict[str, Path]:
+    return both_plugins
 
 
 def invocation(sock: str, command: str, **ipam: object) -> tuple[dict[str, str], bytes]:

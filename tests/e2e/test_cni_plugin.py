@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import ServerProcess, free_port, spawn_server
+from support import ServerProcess, free_port, install_plugin, spawn_server
 
 from dsipam.v1 import ipam_pb2 as pb
 from dsipam.v1 import ipam_pb2_grpc
@@ -42,12 +42,8 @@ def cni_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 # the compiled plugin. They must behave alike: configuration, results, error codes and messages.
 @pytest.fixture(scope="module", params=["python", "compiled"])
 def plugin_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bin_dir = tmp_path_factory.mktemp(f"cni-bin-{request.param}")
-    command = [sys.executable, "-m", "dsipam.cni", "install", str(bin_dir)]
-    if request.param == "compiled":
-        command += ["--compiled", str(request.getfixturevalue("compiled_plugin"))]
-    subprocess.run(command, check=True, capture_output=True)
-    return bin_dir
+    compiled = request.getfixturevalue("compiled_plugin") if request.param == "compiled" else None
+    return install_plugin(tmp_path_factory.mktemp(f"cni-bin-{request.param}"), compiled).parent
 
 
 @pytest.fixture(scope="module")

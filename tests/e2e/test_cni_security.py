@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import free_port
+from support import free_port, install_plugin
 from test_cni_plugin import Plugin, allocation, assert_cni_error, netconf
 
 from dsipam.server.security import hash_token
@@ -91,11 +91,8 @@ def secure_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="module", params=["python", "compiled"])
 def plugin(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Plugin:
     """The Python plugin's launcher, or the compiled plugin (TLS through grpc-go)."""
-    bin_dir = tmp_path_factory.mktemp(f"cni-secure-bin-{request.param}")
-    extra = ["--compiled", str(request.getfixturevalue("compiled_plugin"))] if request.param == "compiled" else []
-    subprocess.run([sys.executable, "-m", "dsipam.cni", "install", *extra, str(bin_dir)], check=True,
-                   capture_output=True)
-    return Plugin(bin_dir / "dsipam")
+    compiled = request.getfixturevalue("compiled_plugin") if request.param == "compiled" else None
+    return Plugin(install_plugin(tmp_path_factory.mktemp(f"cni-secure-bin-{request.param}"), compiled))
 
 
 @pytest.fixture

@@ -247,6 +247,21 @@ func getString(section map[string]interface{}, key, where string, required bool)
 	return s, nil
 }
 
+// getChoice reads ipam.<key>, one of two words: the first when absent or "".
+func getChoice(ipam map[string]interface{}, key, first, second string) (string, *cniError) {
+	value, err := getString(ipam, key, "ipam."+key, false)
+	if err != nil {
+		return "", err
+	}
+	if value == "" {
+		return first, nil
+	}
+	if value != first && value != second {
+		return "", bad("ipam."+key, pyRepr(value)+" is not "+first+" or "+second)
+	}
+	return value, nil
+}
+
 func getStringList(section map[string]interface{}, key, where string) ([]string, *cniError) {
 	value, ok := section[key]
 	if !ok || value == nil {
@@ -442,15 +457,8 @@ func parseConfig(decoded interface{}, environ map[string]string) (*ipamConfig, *
 	if timeout != nil {
 		cfg.timeout = *timeout
 	}
-	transport, err := getString(ipam, "transport", "ipam.transport", false)
-	if err != nil {
+	if cfg.transport, err = getChoice(ipam, "transport", "native", "grpc"); err != nil {
 		return nil, err
-	}
-	if transport != "" {
-		cfg.transport = transport
-	}
-	if cfg.transport != "native" && cfg.transport != "grpc" {
-		return nil, bad("ipam.transport", pyRepr(cfg.transport)+" is not native or grpc")
 	}
 	if raw, present := ipam["tls"]; present && raw != nil {
 		section, isObject := raw.(map[string]interface{})
@@ -482,15 +490,8 @@ func parseConfig(decoded interface{}, environ map[string]string) (*ipamConfig, *
 		return nil, err
 	}
 
-	scope, err := getString(ipam, "gcScope", "ipam.gcScope", false)
-	if err != nil {
+	if cfg.gcScope, err = getChoice(ipam, "gcScope", "node", "pool"); err != nil {
 		return nil, err
-	}
-	if scope != "" {
-		cfg.gcScope = scope
-	}
-	if cfg.gcScope != "node" && cfg.gcScope != "pool" {
-		return nil, bad("ipam.gcScope", pyRepr(cfg.gcScope)+" is not node or pool")
 	}
 	if cfg.gcGrace, err = getSeconds(ipam, "gcGrace", "ipam.gcGrace", true); err != nil {
 		return nil, err
@@ -656,5 +657,3 @@ func parseDNS(value interface{}) (object, *cniError) {
 	}
 	return out, nil
 }
-
-func sortStrings(s []string) { sort.Strings(s) }

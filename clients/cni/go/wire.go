@@ -270,8 +270,9 @@ func checkAllocation(f fields) error {
 	return nil
 }
 
-// decodeReleaseResponse checks a dsipam.v1.ReleaseResponse (the released addresses).
-func decodeReleaseResponse(data []byte) error {
+// checkReleased checks a response whose field 1 lists what was released (ReleaseResponse:
+// addresses; GarbageCollectResponse: allocations), each with decode.
+func checkReleased(data []byte, decode func([]byte) error) error {
 	f, err := parseMessage(data)
 	if err != nil {
 		return err
@@ -280,28 +281,21 @@ func decodeReleaseResponse(data []byte) error {
 		return errWireType
 	}
 	for _, raw := range f.messages(1) {
-		if _, err := decodeAddress(raw); err != nil {
+		if err := decode(raw); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// decodeReleaseResponse checks a dsipam.v1.ReleaseResponse (the released addresses).
+func decodeReleaseResponse(data []byte) error {
+	return checkReleased(data, func(raw []byte) error { _, err := decodeAddress(raw); return err })
+}
+
 // decodeGarbageCollectResponse checks a dsipam.v1.GarbageCollectResponse (the released allocations).
 func decodeGarbageCollectResponse(data []byte) error {
-	f, err := parseMessage(data)
-	if err != nil {
-		return err
-	}
-	if !f.typed([]protowire.Number{1}, nil) {
-		return errWireType
-	}
-	for _, raw := range f.messages(1) {
-		if _, err := decodeAllocation(raw); err != nil {
-			return err
-		}
-	}
-	return nil
+	return checkReleased(data, func(raw []byte) error { _, err := decodeAllocation(raw); return err })
 }
 
 func decodeAllocation(data []byte) (allocation, error) {
