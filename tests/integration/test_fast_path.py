@@ -219,6 +219,37 @@ def test_shared_reads_are_exact_and_coalesced(clean_db):
     asyncio.run(main())
 
 
+def test_shared_reads_linger_under_load_and_never_alone(clean_db):
+    """Under load a shared read lingers as an Allocate batch does, so callers that arrive while another
+    read of the pool is on its way share one statement instead of one each; a lone caller reads at
+    once (its read is never held back by the linger), and a read ends its linger as soon as a
+    quarter of max_batch callers wait."""
+    async def main():
+        fast = FastPath(clean_db, pool_size=3, max_inflight=2, linger=5.0, max_batch=16)
+        sql = "SELECT $1::text AS name, pg_sleep(0.2) AS slept"
+        try:
+            # Alone: no linger of 5 s.
+            rows = await asyncio.wait_for(fast.fetch_shared(sql, "p"), 2)
+            assert rows[0]["name"] == "p" and fast.read_batches == 1
+            # One read on its way; the next caller's read lingers, and the callers that come during
+            # its linger join it: 1 + 1 reads for 1 + 4 callers, where without the linger the second
+            # read leaves at once and the three after it wait for a third.
+            first = asyncio.create_task(fast.fetch_shared(sql, "p"))
+            await asyncio.sleep(0.05)
+            later = []
+            for _ in range(3):
+                later.append(asyncio.create_task(fast.fetch_shared(sql, "p")))
+                await asyncio.sleep(0.01)
+            later.append(asyncio.create_task(fast.fetch_shared(sql, "p")))  # the 4th: a quarter of 16
+            await asyncio.wait_for(asyncio.gather(first, *later), 2)  # long before the 5 s linger ends
+            assert (fast.read_batches, fast.read_requests) == (3, 6)
+            assert fast._reads == {}
+        finally:
+            await fast.close()
+
+    asyncio.run(main())
+
+
 def test_shared_read_callers_are_never_left_waiting(clean_db):
     """A shared read's drain task that ends by cancellation (the loop's teardown, a bug) answers every
     caller it was to serve, the ones queued for its next read included, and leaves no entry behind.
