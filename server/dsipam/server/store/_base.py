@@ -490,32 +490,43 @@ SQL_READ_ALLOCATIONS_OF = f"""
 """
 
 
-def sql_read_allocations(family_filter: str) -> str:
-    """ListAllocations: a page of the pool's allocations after owner $2 (NULL: the first page)
-    whose attributes contain $3, at most $4 rows; ``family_filter`` is a fixed condition on a."""
+def _head_then_page(columns: str, names: tuple[str, ...], page: str, order: str) -> str:
+    """A page read: the pool's head row first (the page's columns NULL), then the page's rows (the
+    head's columns NULL), from one snapshot. The head's eight columns come once, not on each of a
+    page's rows (whose decoding cost asyncpg ~70 µs a page of 100 allocations, 2026-12-06)."""
+    heads = ", ".join(["NULL"] * len(_HEAD.split(", ")))
+    nulls = ", ".join(f"NULL AS {name}" for name in names)
     return f"""
-    SELECT {_HEAD}, {_ALLOCATION_COLUMNS}
-      FROM ipam_pools p
-      LEFT JOIN LATERAL (
+    SELECT 0 AS is_row, {_HEAD}, {nulls} FROM ipam_pools p WHERE p.name = $1
+    UNION ALL
+    SELECT 1, {heads}, {columns}
+      FROM ipam_pools p CROSS JOIN LATERAL ({page}) a
+     WHERE p.name = $1
+     ORDER BY is_row, {order}
+"""
+
+
+_ALLOCATION_NAMES = ("owner", "ipv4", "ipv6", "attributes", "allocation_time", "allocation_node", "borrowed")
+
+
+def sql_read_allocations(family_filter: str) -> str:
+    """ListAllocations: the pool's head row, then a page of the pool's allocations after owner $2
+    (NULL: the first page) whose attributes contain $3, at most $4 rows; ``family_filter`` is a fixed
+    condition on a."""
+    return _head_then_page(_ALLOCATION_COLUMNS, _ALLOCATION_NAMES, f"""
         SELECT * FROM ipam_allocations a
          WHERE a.pool_id = p.id AND ($2::text IS NULL OR a.owner > $2) AND a.attributes @> $3::jsonb{family_filter}
-         ORDER BY a.owner LIMIT $4) a ON true
-     WHERE p.name = $1
-     ORDER BY a.owner
-"""
+         ORDER BY a.owner LIMIT $4""", "owner")
 
 
-SQL_READ_BLOCKS = f"""
-    SELECT {_HEAD}, b.id AS block_id, host(b.base) || '/' || masklen(b.base) AS cidr, b.family, b.node AS block_node,
-           b.avail_count - b.free_count AS used, b.free_count AS free
-      FROM ipam_pools p
-      LEFT JOIN LATERAL (
+# ListBlocks: the pool's head row, then a page of its blocks (of node $2, '' for all) after id $3.
+SQL_READ_BLOCKS = _head_then_page(
+    "a.id AS block_id, host(a.base) || '/' || masklen(a.base) AS cidr, a.family, a.node AS block_node, "
+    "a.avail_count - a.free_count AS used, a.free_count AS free",
+    ("block_id", "cidr", "family", "block_node", "used", "free"), """
         SELECT * FROM ipam_blocks b
          WHERE b.pool_id = p.id AND ($2 = '' OR b.node = $2) AND b.id > $3
-         ORDER BY b.id LIMIT $4) b ON true
-     WHERE p.name = $1
-     ORDER BY b.id
-"""
+         ORDER BY b.id LIMIT $4""", "block_id")
 
 
 # True when the connection cannot write: a standby, or a session whose transactions are read-only
