@@ -63,7 +63,8 @@ async def main() -> None:
     await admin.execute(f"CREATE DATABASE {db}")
     url = admin_url.rsplit("/", 1)[0] + f"/{db}"
     try:
-        subprocess.run([sys.executable, "-m", "dsipam.server.cli", "migrate", "--database-url", url], check=True)
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "dsipam.server.cli", "migrate", "--database-url", url],
+                                check=True)
         store = Store(create_engine(url))
         try:
             spec = build_pool_spec("p", [RangeInput("198.18.0.0/20", block_size=8), RangeInput("fd00::/116", block_size=8)],
