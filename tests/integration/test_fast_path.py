@@ -219,33 +219,32 @@ def test_shared_reads_are_exact_and_coalesced(clean_db):
     asyncio.run(main())
 
 
-def test_shared_reads_linger_under_load_and_never_alone(clean_db):
-    """Under load a shared read lingers as an Allocate batch does, so callers that arrive while another
-    read of the pool is on its way share one statement instead of one each; a lone caller reads at
-    once (its read is never held back by the linger), and a read ends its linger as soon as a
-    quarter of max_batch callers wait."""
+def test_work_that_comes_after_close_opens_no_new_pool(clean_db):
+    """Found by attack: an Allocate batch that lingered while FastPath.close() ran (and so any read or
+    batch that comes after it) opened a new pool afterwards, with a session that nothing closed. It
+    now gets DatabaseUnavailable, and no session of the fast path is left."""
+    import asyncpg
+
+    from dsipam.server.domain import DatabaseUnavailable
+    from dsipam.server.store._fast import asyncpg_dsn
+
     async def main():
-        fast = FastPath(clean_db, pool_size=3, max_inflight=2, linger=5.0, max_batch=16)
-        sql = "SELECT $1::text AS name, pg_sleep(0.2) AS slept"
+        fast = FastPath(clean_db, pool_size=2)
+        sql = "SELECT $1::text AS name"
+        assert (await fast.fetch_shared(sql, "p"))[0]["name"] == "p"
+        await fast.close()
+        with pytest.raises(DatabaseUnavailable, match="shutting down"):
+            await fast.fetch_shared(sql, "p")
+        with pytest.raises(DatabaseUnavailable, match="shutting down"):
+            await fast.fetch(sql, "p")
+        assert fast._pool is None and fast._reads == {}
+        conn = await asyncpg.connect(asyncpg_dsn(clean_db))
         try:
-            # Alone: no linger of 5 s.
-            rows = await asyncio.wait_for(fast.fetch_shared(sql, "p"), 2)
-            assert rows[0]["name"] == "p" and fast.read_batches == 1
-            # One read on its way; the next caller's read lingers, and the callers that come during
-            # its linger join it: 1 + 1 reads for 1 + 4 callers, where without the linger the second
-            # read leaves at once and the three after it wait for a third.
-            first = asyncio.create_task(fast.fetch_shared(sql, "p"))
-            await asyncio.sleep(0.05)
-            later = []
-            for _ in range(3):
-                later.append(asyncio.create_task(fast.fetch_shared(sql, "p")))
-                await asyncio.sleep(0.01)
-            later.append(asyncio.create_task(fast.fetch_shared(sql, "p")))  # the 4th: a quarter of 16
-            await asyncio.wait_for(asyncio.gather(first, *later), 2)  # long before the 5 s linger ends
-            assert (fast.read_batches, fast.read_requests) == (3, 6)
-            assert fast._reads == {}
+            left = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dsipam-fast' "
+                                       "AND datname = current_database()")
         finally:
-            await fast.close()
+            await conn.close()
+        assert left == 0
 
     asyncio.run(main())
 

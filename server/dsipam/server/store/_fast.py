@@ -161,7 +161,6 @@ class _ReadQueue:
     waiting: list[tuple[Any, asyncio.Future[list[Any]]]] = field(default_factory=list)  # (item, caller)
     inflight: int = 0
     single_sql: str | None = None  # the statement for a batch of one item (fetch_shared)
-    lingering: list[asyncio.Future[None]] = field(default_factory=list)  # woken when enough callers wait
 
 
 @dataclass
@@ -210,6 +209,7 @@ class FastPath:
         self.linger_batch = max(1, max_batch // 4)
         self._pool: asyncpg.Pool | None = None
         self._starting: asyncio.Lock | None = None
+        self._closed = False  # close() ran: no new pool
         self._queues: dict[tuple[str, str, int], _PoolQueue] = {}
         self._reads: dict[tuple[str, str, bool], _ReadQueue] = {}
         self.read_batches = 0  # shared reads sent (see fetch_shared)
@@ -223,9 +223,13 @@ class FastPath:
     async def _connect(self) -> asyncpg.Pool:
         if self._pool is not None:
             return self._pool
+        if self._closed:
+            raise DatabaseUnavailable("database: the server is shutting down (its fast path is closed)")
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
+            if self._closed:
+                raise DatabaseUnavailable("database: the server is shutting down (its fast path is closed)")
             if self._pool is None:
                 args = session_args(self.url, "dsipam-fast", 5)
                 if not self.pgbouncer:
@@ -256,6 +260,10 @@ class FastPath:
         return self._pool
 
     async def close(self) -> None:
+        """Closes the pool for good: a batch that was lingering (or queued, or a read that comes)
+        when it closed gets DatabaseUnavailable instead of opening a new pool that nothing would
+        close (found by attack: a session left open after close)."""
+        self._closed = True
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -347,7 +355,7 @@ class FastPath:
                   "the full path serves its requests", kind, len(batch), pool_name, ", ".join(owners), exc,
                   exc_info=exc)
 
-    async def _linger(self, queue: _PoolQueue | _ReadQueue) -> None:
+    async def _linger(self, queue: _PoolQueue) -> None:
         loop = asyncio.get_running_loop()
         filled = loop.create_future()
         queue.lingering.append(filled)
@@ -423,11 +431,8 @@ class FastPath:
         serves all of them with one statement. Every caller's answer therefore comes from a statement
         that started after the caller arrived: as exact as a read of its own (never a result that was
         already on its way), at the cost of one round trip per batch instead of one per caller. At
-        low load a caller reads alone, with no added wait; under load (another read of the statement
-        and pool in flight, or callers queued while this task's last read was) a read lingers as an
-        Allocate batch does, up to ``linger`` seconds or until a quarter of ``max_batch`` callers
-        wait. An exception of the statement is every caller's exception (a read has no other path
-        to fall back to).
+        low load a caller reads alone, with no added wait. An exception of the statement is every
+        caller's exception (a read has no other path to fall back to).
         """
         key = (sql, name, items)
         queue = self._reads.get(key)
@@ -435,10 +440,6 @@ class FastPath:
             queue = self._reads[key] = _ReadQueue(single_sql=single_sql)
         caller: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         queue.waiting.append((item, caller))
-        if queue.lingering and len(queue.waiting) >= self.linger_batch:
-            for filled in queue.lingering:
-                _wake(filled)
-            queue.lingering.clear()
         if queue.inflight < self.max_inflight:
             queue.inflight += 1
             asyncio.get_running_loop().create_task(self._drain_reads(key, queue))
@@ -447,18 +448,7 @@ class FastPath:
     async def _drain_reads(self, key: tuple[str, str, bool], queue: _ReadQueue) -> None:
         sql, name, items = key
         try:
-            first = True
             while queue.waiting:
-                # As the Allocate batches do: under load (another read of this statement and pool in
-                # flight, or callers queued while this task's last read was) wait a little for more;
-                # a lone caller reads at once. Every caller still waits for a statement that starts
-                # after it arrived, so the answer is as exact as before.
-                loaded = queue.inflight > 1 or not first
-                if self.linger > 0 and loaded and len(queue.waiting) < self.linger_batch:
-                    await self._linger(queue)
-                first = False
-                if not queue.waiting:  # another read took the callers while this one lingered
-                    continue
                 batch = queue.waiting[:self.max_batch]
                 del queue.waiting[:self.max_batch]
                 statement, args = sql, (name,)
