@@ -227,10 +227,10 @@ def _prepare_schema(url: str, migrate: bool) -> None:
 
 def _shown(url: str) -> str:
     """The URL without its secrets, for messages: the password of the authority and the values of
-    the ``password`` and ``sslpassword`` parameters (store.db.SECRET_PARAMETERS)."""
+    the ``password`` and ``sslpassword`` parameters (dburl.SECRET_PARAMETERS)."""
     from urllib.parse import unquote, urlsplit
 
-    from .store.db import SECRET_PARAMETERS
+    from .dburl import SECRET_PARAMETERS
 
     try:
         parts = urlsplit(url)
@@ -345,7 +345,7 @@ def check_database_url(url: str, where: str = "--database-url") -> None:
     than postgresql://, a host that is not one, a port that is not a number from 1 to 65535."""
     from urllib.parse import parse_qsl, urlsplit
 
-    from .store.db import normalise_multihost
+    from .dburl import normalise_multihost
 
     shown = _shown(url)
     shown = repr(shown) if shown != repr(url) else shown
@@ -414,12 +414,11 @@ class CommandError(Exception):
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .migrate import check, schema_state, upgrade
-
     _setup_logging("WARNING")
     if args.db_pgbouncer:
         _use_pgbouncer()
-    url = _database_url(args)
+    url = _database_url(args)  # before alembic and SQLAlchemy are imported: a refused URL is refused at once
+    from .migrate import check, schema_state, upgrade
     if args.check:
         _check_schema(url, check, schema_state(url))
         print("dsipam: schema matches the models")
@@ -463,11 +462,10 @@ def _check_schema(url: str, check, state) -> None:  # type: ignore[no-untyped-de
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from .store import Store, create_engine
-
     if args.db_pgbouncer:
         _use_pgbouncer()
-    url = _database_url(args)
+    url = _database_url(args)  # before SQLAlchemy is imported: a refused URL is refused at once
+    from .store import Store, create_engine
 
     async def run() -> list[str]:
         store = Store(create_engine(url, pool_size=1, max_overflow=0))
@@ -486,14 +484,14 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 def describe_failure(exc: BaseException, args: argparse.Namespace) -> tuple[int, str]:
     """One line and an exit code for what a server-side command raised: 2 when the command line
     is wrong (a URL that is not one), 1 for everything that went wrong while running."""
+    if isinstance(exc, CommandError):
+        return exc.code, str(exc)
     import sqlalchemy.exc
 
     from .domain import DatabaseUnavailable, IpamError
 
     url = getattr(args, "database_url", None) or os.environ.get("DSIPAM_DATABASE_URL", "")
     where = f" at {_shown(url)}" if url else ""
-    if isinstance(exc, CommandError):
-        return exc.code, str(exc)
     if isinstance(exc, DatabaseUnavailable) and isinstance(exc.__cause__, sqlalchemy.exc.DBAPIError) \
             and "does not exist" in str(exc.__cause__):
         exc = exc.__cause__  # a missing database: said below

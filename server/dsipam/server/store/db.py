@@ -8,13 +8,14 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import sqlalchemy.exc
 from prometheus_client import Counter
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ..dburl import normalise_multihost
 from ..domain import DatabaseUnavailable
 
 ENV_DATABASE_URL = "DSIPAM_DATABASE_URL"
@@ -84,46 +85,6 @@ def database_url_from_env() -> str:
     return url
 
 
-def normalise_multihost(url: str) -> str:
-    """Gives every multi-host form one shape: ``?host=h1,h2&port=p1,p2`` with an empty netloc host.
-
-    libpq accepts ``postgresql://u@h1:p1,h2:p2/db`` and ``?host=h1&host=h2``-style lists; SQLAlchemy and
-    asyncpg agree only on the comma-separated query form, which libpq (psql, pg_dump) also reads."""
-    from urllib.parse import urlencode
-
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    hosts = [v for k, v in query if k == "host"]
-    ports = [v for k, v in query if k == "port"]
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    if "," in hostport:  # libpq's h1:p1,h2:p2 in the authority
-        for item in hostport.split(","):
-            h, _, p = item.rpartition(":") if ":" in item and not item.endswith("]") else (item, "", "")
-            hosts.append(h or item)
-            ports.append(p or "5432")
-        hostport = ""
-    elif len(hosts) > 1 or any("," in h for h in hosts):
-        flat = [x for h in hosts for x in h.split(",")]
-        hosts, split_ports = [], []
-        for item in flat:
-            if ":" in item and not item.startswith("/"):
-                h, _, p = item.rpartition(":")
-                hosts.append(h)
-                split_ports.append(p)
-            else:
-                hosts.append(item)
-                split_ports.append("")
-        given = [x for p in ports for x in p.split(",")] if ports else []
-        ports = [sp or (given[i] if i < len(given) else (given[0] if given else "5432"))
-                 for i, sp in enumerate(split_ports)]
-    else:
-        return url
-    rest = [(k, v) for k, v in query if k not in ("host", "port")]
-    rest += [("host", ",".join(hosts)), ("port", ",".join(ports))]
-    netloc = (userinfo + "@" if userinfo else "") + hostport
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(rest, safe=","), parts.fragment))
-
-
 # libpq's URL parameters (as psql and pg_dump read them) that dsipam accepts, and what becomes of them:
 # asyncpg's own DSN parser reads these (TLS, which server of a multi-host list, Kerberos) ...
 DSN_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "sslpassword", "sslnegotiation",
@@ -142,8 +103,6 @@ DSN_CHOICES: dict[str, tuple[str, ...]] = {
     "ssl_min_protocol_version": _TLS_VERSIONS,
     "ssl_max_protocol_version": _TLS_VERSIONS,
 }
-# Parameters whose value is a secret: never shown in a message (cli._shown).
-SECRET_PARAMETERS = ("password", "sslpassword")
 # ... these become arguments of the connection (connect_timeout: seconds; application_name and
 # options: sent to the server at start-up, options as libpq's "-c name=value" list) ...
 SESSION_PARAMETERS = ("connect_timeout", "application_name", "options")
