@@ -244,7 +244,7 @@ def test_database_url_is_checked_up_front(command: list[str]) -> None:
 def test_a_refused_database_url_is_refused_before_the_database_layer_is_imported() -> None:
     """The URL checks live in dburl.py, without SQLAlchemy, alembic or asyncpg, and every command
     checks its URL before it imports them: a refused URL costs a user (and this suite's forty refusals
-    above) the interpreter's start, not the database layer's import (0.5 s -> 0.27 s here)."""
+    above) the interpreter's start, not the database layer's import (0.66 s -> 0.09 s a refusal here)."""
     code = (
         "import sys\n"
         "from dsipam.server import cli\n"

@@ -233,13 +233,16 @@ def test_work_that_comes_after_close_opens_no_new_pool(clean_db):
     name = f"dsipam-fast-close-{uuid.uuid4().hex[:8]}"  # the session server's pool shares the database
     url = f"{clean_db}{'&' if '?' in clean_db else '?'}application_name={name}"
 
+    async def sessions(conn: asyncpg.Connection) -> int:
+        return await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
+
     async def main():
         fast = FastPath(url, pool_size=2)
         sql = "SELECT $1::text AS name"
         assert (await fast.fetch_shared(sql, "p"))[0]["name"] == "p"
         conn = await asyncpg.connect(asyncpg_dsn(clean_db))
         try:
-            assert await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name) >= 1
+            assert await sessions(conn) >= 1
         finally:
             await conn.close()
         await fast.close()
@@ -251,7 +254,7 @@ def test_work_that_comes_after_close_opens_no_new_pool(clean_db):
         conn = await asyncpg.connect(asyncpg_dsn(clean_db))
         try:
             for _ in range(50):  # a closed session's backend leaves pg_stat_activity when it has exited
-                left = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
+                left = await sessions(conn)
                 if left == 0:
                     break
                 await asyncio.sleep(0.1)

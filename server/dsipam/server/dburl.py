@@ -1,11 +1,12 @@
 """Database URLs without the database layer: what ``dsipam`` checks before it imports SQLAlchemy,
-so that a URL it refuses is refused at once (store/db.py re-exports it and parses the rest)."""
+so that a URL it refuses is refused at once (store/db.py imports normalise_multihost from here and
+parses the rest)."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-# The URL parameters whose values are secrets (never shown in a message; store.db re-exports it).
+# The URL parameters whose values are secrets: never shown in a message (cli._shown).
 SECRET_PARAMETERS = ("password", "sslpassword")
 
 
@@ -14,8 +15,6 @@ def normalise_multihost(url: str) -> str:
 
     libpq accepts ``postgresql://u@h1:p1,h2:p2/db`` and ``?host=h1&host=h2``-style lists; SQLAlchemy and
     asyncpg agree only on the comma-separated query form, which libpq (psql, pg_dump) also reads."""
-    from urllib.parse import urlencode
-
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     hosts = [v for k, v in query if k == "host"]

@@ -223,8 +223,6 @@ class FastPath:
     async def _connect(self) -> asyncpg.Pool:
         if self._pool is not None:
             return self._pool
-        if self._closed:
-            raise DatabaseUnavailable("database: the server is shutting down (its fast path is closed)")
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
