@@ -52,6 +52,7 @@ import asyncpg
 from prometheus_client import Counter, Histogram
 
 from ..domain import DatabaseUnavailable
+from ._conns import CLOSED_MESSAGE, ConnectionPool
 from .db import READ_ONLY_MESSAGE, READ_ONLY_SQLSTATE, RECONNECTS, LogEvery, is_read_only
 
 log = logging.getLogger("dsipam.store.fast")
@@ -95,7 +96,7 @@ for _kind in KINDS:
         FAST_PATH_LOCK_RETRIES.labels(_kind, _state)
 # asyncpg's InterfaceError also reports client-side bugs (a wrong number of arguments): only
 # these messages mean the connection or the pool went away.
-_CLOSED_MESSAGES = ("connection is closed", "pool is closing", "pool is closed", "underlying connection is closed")
+_CLOSED_MESSAGES = ("connection is closed", CLOSED_MESSAGE, "underlying connection is closed")
 # SQLSTATE classes of an outage, as store.db: 08 connection, 57P shutdown/cannot connect, 53 resources,
 # 25006 a read-only server (no writable primary behind the connection).
 _OUTAGE_SQLSTATES = ("08", "57P", "53", "25006")
@@ -188,10 +189,6 @@ def session_args(url: str, application_name: str, timeout: float) -> dict[str, A
             "server_settings": {"application_name": application_name, **parsed.server_settings}}
 
 
-async def _no_reset(conn: asyncpg.Connection) -> None:
-    return None
-
-
 def _wake(filled: asyncio.Future[None]) -> None:
     if not filled.done():
         filled.set_result(None)
@@ -207,7 +204,7 @@ class FastPath:
         self.max_inflight = max_inflight
         self.linger = linger
         self.linger_batch = max(1, max_batch // 4)
-        self._pool: asyncpg.Pool | None = None
+        self._pool: ConnectionPool | None = None
         self._starting: asyncio.Lock | None = None
         self._closed = False  # close() ran: no new pool
         self._queues: dict[tuple[str, str, int], _PoolQueue] = {}
@@ -220,7 +217,7 @@ class FastPath:
         self.reconnects = 0  # batches sent again because their connection had been ended while idle
         self.lock_retries = 0  # batches rolled back by a deadlock or serialization failure (full path ran)
 
-    async def _connect(self) -> asyncpg.Pool:
+    async def _connect(self) -> ConnectionPool:
         if self._pool is not None:
             return self._pool
         if self._starting is None:
@@ -236,18 +233,16 @@ class FastPath:
                     # db.create_engine). A pooler refuses this start-up parameter; there it is checked.
                     args["server_settings"] = {**args["server_settings"],
                                                "default_transaction_isolation": "read committed"}
-                pool = await asyncpg.create_pool(
-                    asyncpg_dsn(self.url),
-                    min_size=1,
-                    max_size=self.pool_size,
-                    statement_cache_size=0 if self.pgbouncer else 100,
-                    **args,
-                    # Every statement this pool runs is one function call in its own implicit
-                    # transaction and the session is never changed: nothing to reset on release
-                    # (asyncpg's default reset is a round trip of its own).
-                    reset=_no_reset,
-                )
-                isolation = await pool.fetchval("SHOW transaction_isolation")
+                dsn, cache = asyncpg_dsn(self.url), 0 if self.pgbouncer else 100
+                # Every statement this pool runs is one function call in its own implicit
+                # transaction and the session is never changed: nothing to reset on release.
+                pool = ConnectionPool(lambda: asyncpg.connect(dsn, statement_cache_size=cache, **args),
+                                      self.pool_size)
+                conn = await pool.acquire()
+                try:
+                    isolation = await conn.fetchval("SHOW transaction_isolation")
+                finally:
+                    pool.release(conn)
                 if isolation != "read committed":
                     await pool.close()
                     raise RuntimeError(
@@ -378,7 +373,8 @@ class FastPath:
         for attempt in range(self.pool_size + 1):
             try:
                 pool = await self._connect()
-                async with pool.acquire() as conn:
+                conn = await pool.acquire()
+                try:
                     try:
                         return await conn.fetch(sql, *args)
                     except asyncpg.InternalClientError as exc:
@@ -404,8 +400,10 @@ class FastPath:
                                         "pool's connections are dropped and %s runs on a new one (%d such retries "
                                         "since the last line)", conn.get_server_pid(), exc, what, held)
                         conn.terminate()
-                        await pool.expire_connections()
+                        pool.expire()
                         continue
+                finally:
+                    pool.release(conn)
             except Exception as exc:
                 if is_read_only(exc):
                     raise DatabaseUnavailable(READ_ONLY_MESSAGE) from exc

@@ -1,0 +1,170 @@
+"""The fast path's connections: a pool that does only what the fast path needs of one.
+
+asyncpg's ``Pool`` costs about as much client CPU per use as the statement it serves: its
+``acquire`` and ``release`` create a proxy object, a future, an idle-lifetime timer and, on
+release, a task (``asyncio.shield``) and a timeout scope. Measured on the 2-core development
+machine (``python bench/pool_cost.py``; docs/performance.md, "2026-12-06, night"): a one-row
+prepared statement through ``Pool`` cost 41 µs of the process's CPU against 25 µs on a held
+connection. Every fast-path batch and shared read takes one connection for one statement, so that
+difference was paid on every one of them.
+
+:class:`ConnectionPool` keeps at most ``max_size`` connections and hands idle ones out last in,
+first out. A connection that is closed when it comes back (or when it would be handed out) is
+dropped and a new one is opened in its place when needed. What asyncpg's pool did besides, and
+the fast path does not need: resetting a session on release (the fast path never changes one),
+closing connections idle for five minutes (at most ``max_size`` stay open), closing a connection
+after 50,000 statements. A connection whose statement was cancelled part-way comes back as it
+is: asyncpg has sent PostgreSQL a CancelRequest, and its next statement first waits for that
+cancellation to be answered (the protocol's ``_wait_for_cancellation``, as asyncpg's own pool
+waits on release).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+CLOSED_MESSAGE = "pool is closed"  # an asyncpg.InterfaceError message FastPath's is_outage knows
+
+
+class ConnectionPool:
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], max_size: int) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size: {max_size} is not at least 1")
+        self._connect = connect
+        self.max_size = max_size
+        self._idle: list[asyncpg.Connection] = []
+        self._size = 0  # connections open, handed out or being opened
+        self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
+        self._generation = 0
+        self._born: dict[asyncpg.Connection, int] = {}  # each open connection's generation
+        self._closed = False
+        self._emptied: asyncio.Future[None] | None = None  # close() waits for the handed-out ones
+        self._closing: set[asyncio.Task[None]] = set()  # graceful closes under way (_retire)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self) -> asyncpg.Connection:
+        """An open connection: an idle one, else a new one while fewer than ``max_size`` are
+        open, else the next one released. A failed connect raises (the slot is freed)."""
+        while True:
+            if self._closed:
+                raise asyncpg.InterfaceError(CLOSED_MESSAGE)
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.is_closed():
+                    return conn
+                self._drop(conn)
+            if self._size < self.max_size:
+                self._size += 1
+                try:
+                    conn = await self._connect()
+                except BaseException:
+                    self._size -= 1
+                    self._wake_one(None)  # a waiter may open one in its turn
+                    self._maybe_emptied()
+                    raise
+                if self._closed:  # closed while this one was being opened
+                    self._retire(conn)
+                    raise asyncpg.InterfaceError(CLOSED_MESSAGE)
+                self._born[conn] = self._generation
+                return conn
+            waiter: asyncio.Future[asyncpg.Connection | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                handed = await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    # Handed a connection (or a turn) just as this task was cancelled: pass it on.
+                    late = waiter.result()
+                    if late is not None:
+                        self.release(late)
+                    elif not self._closed:
+                        self._wake_one(None)
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+            if handed is None:
+                continue  # a connection was dropped: this waiter may open one in its place
+            if handed.is_closed():  # closed between its release and now
+                self._drop(handed)
+                continue
+            return handed
+
+    def release(self, conn: asyncpg.Connection) -> None:
+        """Gives ``conn`` back: to the first waiter, else to the idle list. A closed connection, or
+        one opened before :meth:`expire` or that comes back after :meth:`close`, is dropped."""
+        if conn.is_closed() or self._closed or self._born.get(conn) != self._generation:
+            self._retire(conn)
+            return
+        if not self._wake_one(conn):
+            self._idle.append(conn)
+
+    def expire(self) -> None:
+        """Every connection opened so far is dropped: the idle ones now, the others when they
+        come back (the server behind them takes no writes any more)."""
+        self._generation += 1
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._retire(conn)
+
+    async def close(self) -> None:
+        """Closes the idle connections and waits until every other one has come back and been
+        closed, and every connect under way has ended. Waiters get InterfaceError."""
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(asyncpg.InterfaceError(CLOSED_MESSAGE))
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._retire(conn)
+        if self._size > 0:
+            self._emptied = asyncio.get_running_loop().create_future()
+            await self._emptied
+
+    def _retire(self, conn: asyncpg.Connection) -> None:
+        """Drops ``conn``; an open one is closed first (a Terminate message, as asyncpg's pool
+        does), its slot held until it is."""
+        if conn.is_closed():
+            self._drop(conn)
+            return
+        task = asyncio.get_running_loop().create_task(self._close_one(conn))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_one(self, conn: asyncpg.Connection) -> None:
+        try:
+            await conn.close(timeout=5)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn.terminate()  # gone already, or too slow to say goodbye: nothing more to do
+        finally:
+            self._drop(conn)
+
+    def _drop(self, conn: asyncpg.Connection) -> None:
+        self._born.pop(conn, None)
+        self._size -= 1
+        if not self._closed:
+            self._wake_one(None)  # a waiter opens a new connection in its place
+        self._maybe_emptied()
+
+    def _wake_one(self, conn: asyncpg.Connection | None) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _maybe_emptied(self) -> None:
+        if self._size == 0 and self._emptied is not None and not self._emptied.done():
+            self._emptied.set_result(None)

@@ -1,0 +1,258 @@
+"""The fast path's own connection pool (store/_conns.py), on real PostgreSQL sessions: a bound on
+open sessions, no connection lost to a cancelled waiter or a failed connect, expired and closed
+connections gone from the server, and a cancelled statement cancelled on the server before its
+connection serves the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsipam.server.store._conns import ConnectionPool
+from dsipam.server.store._fast import FastPath, asyncpg_dsn
+
+
+def _named(url: str) -> tuple[str, str]:
+    """A DSN whose sessions carry an application_name of their own (the session server's pools
+    share the test database)."""
+    name = f"dsipam-pool-test-{uuid.uuid4().hex[:8]}"
+    return f"{asyncpg_dsn(url)}{'&' if '?' in asyncpg_dsn(url) else '?'}application_name={name}", name
+
+
+async def _sessions(admin: asyncpg.Connection, name: str, wait_for: int | None = None) -> int:
+    """Sessions of ``name`` on the server; with ``wait_for``, polls until that many are left (an
+    ended session's backend leaves pg_stat_activity when it has exited)."""
+    for _ in range(50):
+        n = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
+        if wait_for is None or n == wait_for:
+            return int(n)
+        await asyncio.sleep(0.1)
+    return int(n)
+
+
+async def test_never_more_sessions_than_max_size_and_every_caller_served(clean_db):
+    dsn, name = _named(clean_db)
+    pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=3)
+    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    peak = 0
+
+    async def one(i: int) -> int:
+        nonlocal peak
+        conn = await pool.acquire()
+        try:
+            peak = max(peak, pool.size)
+            return int(await conn.fetchval("SELECT $1::int FROM pg_sleep(0.01)", i))
+        finally:
+            pool.release(conn)
+
+    try:
+        assert await asyncio.gather(*(one(i) for i in range(40))) == list(range(40))
+        assert peak == 3 and pool.size == 3 and pool.idle == 3
+        assert await _sessions(admin, name) == 3
+        await pool.close()
+        assert pool.size == 0
+        assert await _sessions(admin, name, wait_for=0) == 0
+    finally:
+        await admin.close()
+
+
+async def test_a_waiter_cancelled_before_or_after_it_was_handed_a_connection_loses_none(clean_db):
+    dsn, _ = _named(clean_db)
+    pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=1)
+    held = await pool.acquire()
+    # Cancelled while it waits: nothing was handed to it.
+    waiting = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # Cancelled after the release handed it the connection, before it ran: it gives it back.
+    handed = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0)
+    pool.release(held)
+    handed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    again = await asyncio.wait_for(pool.acquire(), 2)  # the one connection, not a new one
+    assert again is held and pool.size == 1
+    pool.release(again)
+    await pool.close()
+
+
+async def test_a_failed_connect_frees_its_slot_and_the_next_caller_connects(clean_db):
+    dsn, _ = _named(clean_db)
+    failures = 2
+
+    async def connect() -> asyncpg.Connection:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            return await asyncpg.connect("postgresql://postgres@127.0.0.1:1/postgres", timeout=2)  # nothing listens
+        return await asyncpg.connect(dsn)
+
+    pool = ConnectionPool(connect, max_size=1)
+    with pytest.raises(OSError):
+        await pool.acquire()
+    assert pool.size == 0
+    # A waiter queued behind a connect that fails gets its own turn to connect.
+    first, second = asyncio.ensure_future(pool.acquire()), asyncio.ensure_future(pool.acquire())
+    done = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 10)
+    assert isinstance(done[0], OSError) and isinstance(done[1], asyncpg.Connection), done
+    pool.release(done[1])
+    assert pool.size == 1
+    await pool.close()
+
+
+async def test_a_connection_ended_by_the_server_is_replaced(clean_db):
+    dsn, name = _named(clean_db)
+    pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=1)
+    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    try:
+        conn = await pool.acquire()
+        pid = conn.get_server_pid()
+        pool.release(conn)
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(50):  # asyncpg marks it closed when it reads the end of the stream
+            if conn.is_closed():
+                break
+            await asyncio.sleep(0.05)
+        conn = await pool.acquire()
+        assert not conn.is_closed() and conn.get_server_pid() != pid
+        assert await conn.fetchval("SELECT 1") == 1
+        pool.release(conn)
+        assert pool.size == 1 and await _sessions(admin, name) == 1
+        await pool.close()
+    finally:
+        await admin.close()
+
+
+async def test_expire_ends_the_idle_sessions_now_and_the_handed_out_one_when_it_comes_back(clean_db):
+    dsn, name = _named(clean_db)
+    pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=2)
+    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    try:
+        a, b = await pool.acquire(), await pool.acquire()
+        old = {a.get_server_pid(), b.get_server_pid()}
+        pool.release(a)
+        pool.expire()
+        assert await _sessions(admin, name, wait_for=1) == 1  # b's
+        pool.release(b)
+        assert await _sessions(admin, name, wait_for=0) == 0
+        c = await pool.acquire()
+        assert c.get_server_pid() not in old
+        pool.release(c)
+        await pool.close()
+    finally:
+        await admin.close()
+
+
+async def test_close_waits_for_the_connection_in_use_and_refuses_waiters(clean_db):
+    dsn, name = _named(clean_db)
+    pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=1)
+    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    try:
+        conn = await pool.acquire()
+        waiter = asyncio.ensure_future(pool.acquire())
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(pool.close())
+        with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+            await waiter
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # the connection in use is not pulled from under its statement
+        assert await conn.fetchval("SELECT 2") == 2
+        pool.release(conn)
+        await asyncio.wait_for(closing, 5)
+        assert pool.size == 0 and await _sessions(admin, name, wait_for=0) == 0
+        with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+            await pool.acquire()
+    finally:
+        await admin.close()
+
+
+async def test_a_cancelled_statement_is_cancelled_on_the_server_before_the_connection_serves_again(clean_db):
+    """FastPath gives a connection back as it is when its statement was cancelled (a caller of a
+    page read hung up): PostgreSQL must stop that statement, and the next statement on the same
+    connection must run after it, not fail."""
+    dsn, name = _named(clean_db)
+    fast = FastPath(dsn, pool_size=1)
+    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    try:
+        pid = (await fast.fetch("SELECT pg_backend_pid() AS pid"))[0]["pid"]
+        slow = asyncio.ensure_future(fast.fetch("SELECT pg_sleep(30)"))
+        await asyncio.sleep(0.3)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        started = time.monotonic()
+        again = (await asyncio.wait_for(fast.fetch("SELECT pg_backend_pid() AS pid"), 10))[0]["pid"]
+        assert again == pid and time.monotonic() - started < 5
+        running = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE '%pg_sleep(30)%' "
+            "AND state = 'active'", name)
+        assert running == 0
+        assert fast.errors == {} and fast.reconnects == 0
+    finally:
+        await fast.close()
+        await admin.close()
+
+
+_STEPS = ("acquire", "acquire", "release", "cancel", "expire", "kill", "settle")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.sampled_from(_STEPS), max_size=30), max_size=st.integers(1, 3))
+def test_any_interleaving_keeps_the_bound_and_loses_no_slot(clean_db, steps, max_size):
+    """Acquires, releases, cancelled acquires, expiries and connections killed under the pool, in any
+    order: never more than ``max_size`` open, and afterwards every slot is usable again."""
+    dsn, name = _named(clean_db)
+
+    async def main() -> None:
+        pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=max_size)
+        pending: list[asyncio.Future[asyncpg.Connection]] = []
+        held: list[asyncpg.Connection] = []
+        for step in steps:
+            if step == "acquire":
+                pending.append(asyncio.ensure_future(pool.acquire()))
+            elif step == "release" and held:
+                pool.release(held.pop(0))
+            elif step == "cancel" and pending:
+                pending.pop(0).cancel()
+            elif step == "expire":
+                pool.expire()
+            elif step == "kill" and held:
+                held[0].terminate()  # its session is gone; the pool learns it on release
+            await asyncio.sleep(0.02 if step == "settle" else 0)
+            for fut in [f for f in pending if f.done()]:
+                pending.remove(fut)
+                if not fut.cancelled():
+                    held.append(fut.result())
+            assert pool.size <= max_size
+        for fut in pending:
+            fut.cancel()
+        for fut in pending:
+            try:
+                held.append(await fut)
+            except asyncio.CancelledError:
+                pass
+        for conn in held:
+            pool.release(conn)
+        # Every slot usable: max_size callers at once each get a working connection.
+        conns = await asyncio.wait_for(asyncio.gather(*(pool.acquire() for _ in range(max_size))), 10)
+        assert [await c.fetchval("SELECT 1") for c in conns] == [1] * max_size
+        assert pool.size == max_size
+        for c in conns:
+            pool.release(c)
+        await asyncio.wait_for(pool.close(), 10)
+        admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+        try:
+            assert await _sessions(admin, name, wait_for=0) == 0
+        finally:
+            await admin.close()
+
+    asyncio.run(main())
