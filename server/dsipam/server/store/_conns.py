@@ -3,10 +3,10 @@
 asyncpg's ``Pool`` costs about as much client CPU per use as the statement it serves: its
 ``acquire`` and ``release`` create a proxy object, a future, an idle-lifetime timer and, on
 release, a task (``asyncio.shield``) and a timeout scope. Measured on the 2-core development
-machine (``python bench/pool_cost.py``; docs/performance.md, "2026-12-06, night"): a one-row
-prepared statement through ``Pool`` cost 41 µs of the process's CPU against 25 µs on a held
-connection. Every fast-path batch and shared read takes one connection for one statement, so that
-difference was paid on every one of them.
+machine (``python bench/pool_cost.py``, 2026-12-06; docs/performance.md, "2026-12-06, night"): a
+one-row prepared statement cost 44 µs of the process's CPU through ``Pool``, 25 µs on a held
+connection and 27 µs through this pool. Every fast-path batch and shared read takes one connection
+for one statement, so that difference was paid on every one of them.
 
 :class:`ConnectionPool` keeps at most ``max_size`` connections and hands idle ones out last in,
 first out. A connection that is closed when it comes back (or when it would be handed out) is
