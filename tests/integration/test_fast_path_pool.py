@@ -256,3 +256,122 @@ def test_any_interleaving_keeps_the_bound_and_loses_no_slot(clean_db, steps, max
             await admin.close()
 
     asyncio.run(main())
+
+
+class _StallingProxy:
+    """A TCP proxy in front of PostgreSQL; with ``stall_new`` set, connections opened from then on
+    are accepted and never answered (a server or path that drops new connections), while the ones
+    already open keep working."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.stall_new = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            if self.stall_new:
+                await asyncio.Event().wait()  # until the proxy closes
+            sreader, swriter = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            try:
+                await asyncio.gather(self._pump(creader, swriter), self._pump(sreader, cwriter))
+            finally:
+                swriter.close()
+        finally:
+            cwriter.close()
+            self._tasks.discard(task)
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        writer.close()
+
+
+async def test_a_cancelled_statements_connection_is_not_handed_out_until_it_settles(clean_db):
+    """Found by attack: asyncpg cancels a statement over a new connection, and the next statement on
+    the cancelled one waits for that first. With new connections stalled, the pool handed the
+    cancelled connection (last in, first out) to every later caller, who waited with it, while an
+    idle connection that worked sat unused. It is now held back to settle, and ended when it does
+    not within ``settle_seconds``."""
+    from urllib.parse import urlsplit
+
+    proxy = _StallingProxy(urlsplit(asyncpg_dsn(clean_db)).port or 5432)
+    port = await proxy.start()
+    parts = urlsplit(asyncpg_dsn(clean_db))
+    fast = FastPath(f"postgresql://{parts.username}@127.0.0.1:{port}{parts.path}", pool_size=2)
+    try:
+        await asyncio.gather(*(fast.fetch("SELECT pg_sleep(0.05)") for _ in range(2)))  # two open, idle
+        assert fast._pool is not None and fast._pool.size == 2
+        fast._pool.settle_seconds = 1.0
+        proxy.stall_new = True
+        slow = asyncio.ensure_future(fast.fetch("SELECT pg_sleep(0.5)"))
+        await asyncio.sleep(0.1)
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        for i in range(3):  # served at once by the other connection
+            rows = await asyncio.wait_for(fast.fetch("SELECT $1::int AS v", i), 0.5)
+            assert rows[0]["v"] == i
+        # The cancelled one did not settle (its CancelRequest's connection stalls): ended and dropped.
+        for _ in range(40):
+            if fast._pool.size == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert fast._pool.size == 1
+        assert fast.errors == {}
+    finally:
+        proxy.stall_new = False
+        await asyncio.wait_for(fast.close(), 10)
+        await proxy.close()
+
+
+async def test_close_twice_returns_both_times(clean_db):
+    """Found by attack: a second close() while a connection was in use replaced what the first
+    waited for, and the first never returned."""
+    dsn, _ = _named(clean_db)
+    pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=1)
+    conn = await pool.acquire()
+    first, second = asyncio.ensure_future(pool.close()), asyncio.ensure_future(pool.close())
+    await asyncio.sleep(0.05)
+    pool.release(conn)
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+
+async def test_close_while_the_fast_path_opens_its_pool_leaves_no_session(clean_db):
+    """Found by attack (older than the pool): close() that came while the first statement was
+    opening the pool returned at once, and the pool was kept afterwards with its session open and
+    serving."""
+    from dsipam.server.domain import DatabaseUnavailable
+
+    dsn, name = _named(clean_db)
+    fast = FastPath(dsn, pool_size=2)
+    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    try:
+        first = asyncio.ensure_future(fast.fetch("SELECT 1"))
+        await asyncio.sleep(0)  # it is connecting
+        await fast.close()
+        with pytest.raises(DatabaseUnavailable, match="shutting down"):
+            await first
+        assert fast._pool is None
+        assert await _sessions(admin, name, wait_for=0) == 0
+    finally:
+        await admin.close()

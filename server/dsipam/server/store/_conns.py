@@ -13,17 +13,21 @@ first out. A connection that is closed when it comes back (or when it would be h
 dropped and a new one is opened in its place when needed. What asyncpg's pool did besides, and
 the fast path does not need: resetting a session on release (the fast path never changes one),
 closing connections idle for five minutes (at most ``max_size`` stay open), closing a connection
-after 50,000 statements. A connection whose statement was cancelled part-way comes back as it
-is: asyncpg has sent PostgreSQL a CancelRequest, and its next statement first waits for that
-cancellation to be answered (the protocol's ``_wait_for_cancellation``, as asyncpg's own pool
-waits on release).
+after 50,000 statements. A connection whose statement was cancelled part-way comes back with
+``cancelled=True`` and is held out of circulation until the cancellation is over: asyncpg sends
+PostgreSQL a CancelRequest on a new connection, and the next statement on the cancelled one first
+waits for that, so a caller handed it at once would wait as long as that new connection takes
+(found by attack: with new connections stalled, every later caller waited on it while an idle
+connection sat unused). A statement of its own (``SELECT 1``) waits for the cancellation within
+``settle_seconds``; then the connection is given back, or ended if it did not settle.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import asyncpg
 
@@ -31,11 +35,13 @@ CLOSED_MESSAGE = "pool is closed"  # an asyncpg.InterfaceError message FastPath'
 
 
 class ConnectionPool:
-    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], max_size: int) -> None:
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], max_size: int,
+                 settle_seconds: float = 5.0) -> None:
         if max_size < 1:
             raise ValueError(f"max_size: {max_size} is not at least 1")
         self._connect = connect
         self.max_size = max_size
+        self.settle_seconds = settle_seconds  # how long a cancelled statement's connection may take to settle
         self._idle: list[asyncpg.Connection] = []
         self._size = 0  # connections open, handed out or being opened
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
@@ -43,7 +49,7 @@ class ConnectionPool:
         self._born: dict[asyncpg.Connection, int] = {}  # each open connection's generation
         self._closed = False
         self._emptied: asyncio.Future[None] | None = None  # close() waits for the handed-out ones
-        self._closing: set[asyncio.Task[None]] = set()  # graceful closes under way (_retire)
+        self._background: set[asyncio.Task[None]] = set()  # graceful closes (_retire) and settles under way
 
     @property
     def size(self) -> int:
@@ -100,9 +106,13 @@ class ConnectionPool:
                 continue
             return handed
 
-    def release(self, conn: asyncpg.Connection) -> None:
+    def release(self, conn: asyncpg.Connection, *, cancelled: bool = False) -> None:
         """Gives ``conn`` back: to the first waiter, else to the idle list. A closed connection, or
-        one opened before :meth:`expire` or that comes back after :meth:`close`, is dropped."""
+        one opened before :meth:`expire` or that comes back after :meth:`close`, is dropped. One
+        whose statement was ``cancelled`` is first left to settle (the module's doc)."""
+        if cancelled and not conn.is_closed():
+            self._in_background(self._settle(conn))
+            return
         if conn.is_closed() or self._closed or self._born.get(conn) != self._generation:
             self._retire(conn)
             return
@@ -129,8 +139,9 @@ class ConnectionPool:
         for conn in idle:
             self._retire(conn)
         if self._size > 0:
-            self._emptied = asyncio.get_running_loop().create_future()
-            await self._emptied
+            if self._emptied is None:  # a second close() waits for the same (found by attack: it hung the first)
+                self._emptied = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._emptied)
 
     def _retire(self, conn: asyncpg.Connection) -> None:
         """Drops ``conn``; an open one is closed first (a Terminate message, as asyncpg's pool
@@ -138,9 +149,24 @@ class ConnectionPool:
         if conn.is_closed():
             self._drop(conn)
             return
-        task = asyncio.get_running_loop().create_task(self._close_one(conn))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._in_background(self._close_one(conn))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _settle(self, conn: asyncpg.Connection) -> None:
+        settled = False
+        try:
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), self.settle_seconds)
+            settled = True
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # not settled in time, or the connection failed meanwhile: it is ended
+        finally:
+            if not settled:
+                conn.terminate()
+            self.release(conn)  # its slot was held meanwhile; a terminated one is dropped
 
     async def _close_one(self, conn: asyncpg.Connection) -> None:
         try:
