@@ -307,7 +307,7 @@ class _StallingProxy:
         writer.close()
 
 
-async def test_a_cancelled_statements_connection_is_not_handed_out_until_it_settles(clean_db):
+async def test_a_cancelled_statements_connection_is_not_handed_out_until_it_settles(clean_db, caplog):
     """Found by attack: asyncpg cancels a statement over a new connection, and the next statement on
     the cancelled one waits for that first. With new connections stalled, the pool handed the
     cancelled connection (last in, first out) to every later caller, who waited with it, while an
@@ -338,6 +338,7 @@ async def test_a_cancelled_statements_connection_is_not_handed_out_until_it_sett
             await asyncio.sleep(0.05)
         assert fast._pool.size == 1
         assert fast.errors == {}
+        assert "did not settle within 1 s" in caplog.text  # logged at WARNING, never silent
     finally:
         proxy.stall_new = False
         await asyncio.wait_for(fast.close(), 10)

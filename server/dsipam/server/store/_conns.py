@@ -25,13 +25,18 @@ connection sat unused). A statement of its own (``SELECT 1``) waits for the canc
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
 
+from .db import LogEvery
+
 CLOSED_MESSAGE = "pool is closed"  # an asyncpg.InterfaceError message FastPath's is_outage knows
+log = logging.getLogger("dsipam.store.fast")
+_UNSETTLED_LOG = LogEvery(1.0)
 
 
 class ConnectionPool:
@@ -161,8 +166,11 @@ class ConnectionPool:
         try:
             await asyncio.wait_for(conn.fetchval("SELECT 1"), self.settle_seconds)
             settled = True
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            pass  # not settled in time, or the connection failed meanwhile: it is ended
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if held := _UNSETTLED_LOG.due():  # not settled in time, or failed meanwhile: it is ended
+                log.warning("fast path: the session %s of a cancelled statement did not settle within %g s (%r); "
+                            "it is ended and another opened when needed (%d such since the last line)",
+                            conn.get_server_pid(), self.settle_seconds, exc, held)
         finally:
             if not settled:
                 conn.terminate()
