@@ -189,17 +189,6 @@ def session_args(url: str, application_name: str, timeout: float) -> dict[str, A
             "server_settings": {"application_name": application_name, **parsed.server_settings}}
 
 
-def _shared_statement(key: tuple[str, str, bool], queue: _ReadQueue, items: list[Any]) -> tuple[str, tuple[Any, ...]]:
-    """The statement and arguments of a shared read (FastPath.fetch_shared) for callers' ``items``."""
-    sql, name, with_items = key
-    if not with_items:
-        return sql, (name,)
-    unique = list(dict.fromkeys(items))
-    if len(unique) == 1 and queue.single_sql:
-        return queue.single_sql, (name, unique[0])
-    return sql, (name, unique)
-
-
 def _wake(filled: asyncio.Future[None]) -> None:
     if not filled.done():
         filled.set_result(None)
@@ -452,8 +441,6 @@ class FastPath:
         queue = self._reads.get(key)
         if queue is None:
             queue = self._reads[key] = _ReadQueue(single_sql=single_sql)
-        if queue.inflight == 0:  # no read of it on its way (so nobody waits): read in this task
-            return await self._read_alone(key, queue, item)
         caller: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         queue.waiting.append((item, caller))
         if queue.inflight < self.max_inflight:
@@ -461,35 +448,17 @@ class FastPath:
             asyncio.get_running_loop().create_task(self._drain_reads(key, queue))
         return await caller
 
-    async def _read_alone(self, key: tuple[str, str, bool], queue: _ReadQueue, item: Any) -> list[Any]:
-        """A read for one caller in the caller's own task: a lone caller pays for no drain task and
-        no future (in-process, docs/performance.md "2026-12-06, night"). Callers that come while
-        it is on its way queue as behind any read; when it ends (cancelled too: the caller hung up)
-        and they still wait with fewer than ``max_inflight`` reads on their way, a drain task is
-        started for them, so none is left waiting."""
-        queue.inflight += 1
-        try:
-            statement, args = _shared_statement(key, queue, [item])
-            rows = await self.fetch(statement, *args, what=f"a read of pool {key[1]!r} for 1 caller")
-            self.read_batches += 1
-            self.read_requests += 1
-            FAST_PATH_BATCH_SIZE.labels("read").observe(1)
-            return rows
-        finally:
-            queue.inflight -= 1
-            if queue.waiting and queue.inflight < self.max_inflight:
-                queue.inflight += 1
-                asyncio.get_running_loop().create_task(self._drain_reads(key, queue))
-            elif not queue.waiting and queue.inflight == 0 and self._reads.get(key) is queue:
-                del self._reads[key]
-
     async def _drain_reads(self, key: tuple[str, str, bool], queue: _ReadQueue) -> None:
-        name = key[1]
+        sql, name, items = key
         try:
             while queue.waiting:
                 batch = queue.waiting[:self.max_batch]
                 del queue.waiting[:self.max_batch]
-                statement, args = _shared_statement(key, queue, [item for item, _ in batch])
+                statement, args = sql, (name,)
+                if items:
+                    unique = list(dict.fromkeys(item for item, _ in batch))
+                    single = queue.single_sql
+                    statement, args = (single, (name, unique[0])) if len(unique) == 1 and single else (sql, (name, unique))
                 try:
                     rows = await self.fetch(statement, *args,
                                             what=f"a read of pool {name!r} for {len(batch)} callers")
