@@ -43,11 +43,13 @@ def serve(kind: str, port: int) -> None:
     import uvloop
 
     options: list[tuple[str, int]] = []
-    if kind == "aio-dsipam-options":
+    if kind.startswith("aio-dsipam-options"):
         from dsipam.server.app import server_options
         from dsipam.server.settings import Settings
 
-        options = server_options(Settings())
+        # "aio-dsipam-options-without-grpc.keepalive_time_ms": all of them but the one named
+        dropped = kind.removeprefix("aio-dsipam-options").removeprefix("-without-")
+        options = [(k, v) for k, v in server_options(Settings()) if k != dropped]
 
     async def main() -> None:
         aio = grpc.aio.server(options=options)
@@ -87,7 +89,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=int, default=500)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--servers", default="aio,aio-dsipam-options,sync")
+    p.add_argument("--servers", default="aio,aio-dsipam-options,sync",
+                   help="comma-separated: aio, aio-dsipam-options, aio-dsipam-options-without-OPTION, sync")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
