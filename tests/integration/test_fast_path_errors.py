@@ -24,6 +24,7 @@ import asyncpg
 import grpc
 import pytest
 from grpc_helpers import REQUIRE, SINGLE, V4, V6, pool
+from pgproxy import PgProxy, upstream_port, via
 from prometheus_client.parser import text_string_to_metric_families
 from support import FAST_PATH_ERROR_METRIC, ServerProcess, psql, scratch_database, spawn_server
 
@@ -434,71 +435,6 @@ def test_an_outage_is_not_a_fast_path_error():
 # once in test_faults.py::test_database_restart_under_load).
 
 
-class _HoldingProxy:
-    """A TCP proxy in front of the shared PostgreSQL that forwards everything at once, except
-    that it holds the end of the server's stream back for ``hold_eof`` seconds: the window in
-    which the client has read the server's FATAL message but not yet the close."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.hold_eof = 0.0
-        self.server_closed = asyncio.Event()  # set when a server side ended its stream
-        self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        sreader, swriter = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        try:
-            await asyncio.gather(self._pump(creader, swriter, hold=False), self._pump(sreader, cwriter, hold=True))
-        finally:
-            self._tasks.discard(task)
-            for w in (cwriter, swriter):
-                w.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, hold: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):  # the other side is gone: so is this direction
-            pass
-        if hold:
-            self.server_closed.set()
-            await asyncio.sleep(self.hold_eof)
-        writer.close()
-
-
-def _upstream_port(url: str) -> int:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).port or 5432
-
-
-def _via(url: str, port: int) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    return urlunsplit((parts.scheme, f"{netloc[0]}@{host}" if len(netloc) == 2 else host, parts.path, parts.query,
-                       parts.fragment))
-
-
 def _terminate_fast_path_sessions(url: str) -> int:
     out = psql(url, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND application_name = 'dsipam-fast'")
@@ -512,10 +448,10 @@ def test_a_connection_the_server_terminated_while_idle_is_not_an_error(caplog):
     caplog.set_level(logging.INFO, logger="dsipam.store.fast")
 
     async def main(url: str) -> None:
-        proxy = _HoldingProxy(_upstream_port(url))
+        proxy = PgProxy(upstream_port(url))
         port = await proxy.start()
         store = Store(create_engine(url, pool_size=2, max_overflow=0))
-        store.fast = fast = Watching(_via(url, port))
+        store.fast = fast = Watching(via(url, port))
         fast.pool_size = 1  # one connection: the batch must get the terminated one
         before = FAST_PATH_ERRORS.labels("release")._value.get()
         try:

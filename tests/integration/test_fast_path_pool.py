@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pgproxy import PgProxy, upstream_port, via
 
 from dsipam.server.store._conns import ConnectionPool
 from dsipam.server.store._fast import FastPath, asyncpg_dsn
@@ -258,67 +259,14 @@ def test_any_interleaving_keeps_the_bound_and_loses_no_slot(clean_db, steps, max
     asyncio.run(main())
 
 
-class _StallingProxy:
-    """A TCP proxy in front of PostgreSQL; with ``stall_new`` set, connections opened from then on
-    are accepted and never answered (a server or path that drops new connections), while the ones
-    already open keep working."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.stall_new = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            if self.stall_new:
-                await asyncio.Event().wait()  # until the proxy closes
-            sreader, swriter = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-            try:
-                await asyncio.gather(self._pump(creader, swriter), self._pump(sreader, cwriter))
-            finally:
-                swriter.close()
-        finally:
-            cwriter.close()
-            self._tasks.discard(task)
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        writer.close()
-
-
 async def test_a_cancelled_statements_connection_is_not_handed_out_until_it_settles(clean_db, caplog):
     """Found by attack: asyncpg cancels a statement over a new connection, and the next statement on
     the cancelled one waits for that first. With new connections stalled, the pool handed the
     cancelled connection (last in, first out) to every later caller, who waited with it, while an
     idle connection that worked sat unused. It is now held back to settle, and ended when it does
     not within ``settle_seconds``."""
-    from urllib.parse import urlsplit
-
-    proxy = _StallingProxy(urlsplit(asyncpg_dsn(clean_db)).port or 5432)
-    port = await proxy.start()
-    parts = urlsplit(asyncpg_dsn(clean_db))
-    fast = FastPath(f"postgresql://{parts.username}@127.0.0.1:{port}{parts.path}", pool_size=2)
+    proxy = PgProxy(upstream_port(clean_db))
+    fast = FastPath(via(clean_db, await proxy.start()), pool_size=2)
     try:
         await asyncio.gather(*(fast.fetch("SELECT pg_sleep(0.05)") for _ in range(2)))  # two open, idle
         assert fast._pool is not None and fast._pool.size == 2
