@@ -5,12 +5,18 @@ forwards everything at once, except that
   has read the server's FATAL message but not yet the close (``server_closed`` is set when a
   server side ended its stream);
 - ``stall_new``, while set, makes connections opened from then on be accepted and never answered
-  (a server or path that drops new connections), while the ones already open keep working."""
+  (a server or path that drops new connections), while the ones already open keep working;
+- ``drop_cancels``, while set, closes every connection that carries a CancelRequest without passing
+  it on (a balancer that sends it to another server): PostgreSQL never learns of the cancellation.
+  To see that message the proxy answers a connection's SSLRequest itself ("N": no TLS through it)."""
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from urllib.parse import urlsplit, urlunsplit
+
+_SSL_REQUEST, _CANCEL_REQUEST = 80877103, 80877102  # the codes of PostgreSQL's protocol
 
 
 class PgProxy:
@@ -18,6 +24,8 @@ class PgProxy:
         self.upstream_port = upstream_port
         self.hold_eof = 0.0
         self.stall_new = False
+        self.drop_cancels = False
+        self.cancels_dropped = 0
         self.server_closed = asyncio.Event()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -41,7 +49,20 @@ class PgProxy:
         try:
             if self.stall_new:
                 await asyncio.Event().wait()  # until the proxy closes
+            first = b""
+            if self.drop_cancels:
+                try:
+                    first = await creader.readexactly(8)
+                    if struct.unpack("!ii", first) == (8, _SSL_REQUEST):
+                        cwriter.write(b"N")
+                        first = await creader.readexactly(8)
+                except asyncio.IncompleteReadError:
+                    return  # the client went away first
+                if struct.unpack("!ii", first) == (16, _CANCEL_REQUEST):
+                    self.cancels_dropped += 1
+                    return
             sreader, swriter = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            swriter.write(first)
             try:
                 await asyncio.gather(self._pump(creader, swriter, hold=False), self._pump(sreader, cwriter, hold=True))
             finally:

@@ -263,8 +263,8 @@ async def test_a_cancelled_statements_connection_is_not_handed_out_until_it_sett
     """Found by attack: asyncpg cancels a statement over a new connection, and the next statement on
     the cancelled one waits for that first. With new connections stalled, the pool handed the
     cancelled connection (last in, first out) to every later caller, who waited with it, while an
-    idle connection that worked sat unused. It is now held back to settle, and ended when it does
-    not within ``settle_seconds``."""
+    idle connection that worked sat unused. It is now held back, its slot counted, until it settles;
+    close() ends it if it has not after ``settle_seconds``."""
     proxy = PgProxy(upstream_port(clean_db))
     fast = FastPath(via(clean_db, await proxy.start()), pool_size=2)
     try:
@@ -279,18 +279,60 @@ async def test_a_cancelled_statements_connection_is_not_handed_out_until_it_sett
         for i in range(3):  # served at once by the other connection
             rows = await asyncio.wait_for(fast.fetch("SELECT $1::int AS v", i), 0.5)
             assert rows[0]["v"] == i
-        # The cancelled one did not settle (its CancelRequest's connection stalls): ended and dropped.
-        for _ in range(40):
-            if fast._pool.size == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert fast._pool.size == 1
+        await asyncio.sleep(0.8)  # its statement has ended, but its CancelRequest's connection stalls
+        assert fast._pool.size == 2 and fast._pool.idle == 1  # still held back, still counted
         assert fast.errors == {}
-        assert "did not settle within 1 s" in caplog.text  # logged at WARNING, never silent
+        started = time.monotonic()
+        await asyncio.wait_for(fast.close(), 10)
+        assert time.monotonic() - started < 3  # settle_seconds, then ended
+        assert "has not settled after 1 s" in caplog.text  # logged at WARNING, never silent
     finally:
         proxy.stall_new = False
         await asyncio.wait_for(fast.close(), 10)
         await proxy.close()
+
+
+async def test_cancellations_that_never_reach_postgresql_keep_the_sessions_within_the_bound(clean_db):
+    """Found by a second attack: when a settle gave up after a few seconds and ended the connection,
+    only the client's socket closed; PostgreSQL went on running the cancelled statement, and the
+    pool opened new sessions beside it (4 more every 5 s, unbounded) when the CancelRequests never
+    reached PostgreSQL. A cancelled statement's connection now keeps its slot until its statement
+    has ended."""
+    proxy = PgProxy(upstream_port(clean_db))
+    dsn, name = _named(clean_db)
+    fast = FastPath(via(dsn, await proxy.start()), pool_size=2)
+    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, await _sessions(admin, name))
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        proxy.drop_cancels = True
+        assert fast._closed is False
+        await fast.fetch("SELECT 1")
+        assert fast._pool is not None
+        fast._pool.settle_seconds = 0.3  # close()'s bound; a settle itself has none
+        for _ in range(4):  # callers that hang up on statements that run on: cancels that are lost
+            await asyncio.gather(*(asyncio.wait_for(fast.fetch("SELECT pg_sleep(1.2)"), 0.1) for _ in range(2)),
+                                 return_exceptions=True)
+            await asyncio.sleep(0.2)
+        assert proxy.cancels_dropped >= 2
+        # Once the statements have run out, their connections settle and serve again.
+        rows = await asyncio.wait_for(fast.fetch("SELECT 7 AS v"), 5)
+        assert rows[0]["v"] == 7
+        assert peak <= 2, f"{peak} sessions of a pool of 2"
+        assert fast.errors == {}
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await asyncio.wait_for(fast.close(), 10)
+        await proxy.close()
+        await admin.close()
 
 
 async def test_close_twice_returns_both_times(clean_db):
@@ -323,4 +365,34 @@ async def test_close_while_the_fast_path_opens_its_pool_leaves_no_session(clean_
         assert fast._pool is None
         assert await _sessions(admin, name, wait_for=0) == 0
     finally:
+        await admin.close()
+
+
+async def test_a_read_whose_caller_hangs_up_runs_to_its_end_uncancelled(clean_db):
+    """The reads that run in the gRPC caller's task (ListAllocations and ListBlocks pages,
+    StoreBase._fetch) are shielded: a caller that hangs up sends PostgreSQL no CancelRequest (a new
+    connection each), and the connection goes back to the pool when the statement ends."""
+    from dsipam.server.store import Store, create_engine
+
+    dsn, name = _named(clean_db)
+    store = Store(create_engine(clean_db))
+    store.fast = fast = FastPath(dsn, pool_size=2)
+    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store._fetch("SELECT pg_sleep(1.0) AS slept"), 0.1)
+        await asyncio.sleep(0.3)  # a CancelRequest would have stopped it by now
+        running = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active' "
+            "AND query LIKE '%pg_sleep(1.0)%'", name)
+        assert running == 1  # not cancelled
+        for _ in range(40):
+            if fast._pool is not None and fast._pool.idle == fast._pool.size:
+                break
+            await asyncio.sleep(0.05)
+        assert fast._pool is not None and fast._pool.idle == fast._pool.size == 1
+        assert fast.errors == {}
+    finally:
+        await store.close()
+        await fast.close()
         await admin.close()
