@@ -368,31 +368,32 @@ async def test_close_while_the_fast_path_opens_its_pool_leaves_no_session(clean_
         await admin.close()
 
 
-async def test_a_read_whose_caller_hangs_up_runs_to_its_end_uncancelled(clean_db):
-    """The reads that run in the gRPC caller's task (ListAllocations and ListBlocks pages,
-    StoreBase._fetch) are shielded: a caller that hangs up sends PostgreSQL no CancelRequest (a new
-    connection each), and the connection goes back to the pool when the statement ends."""
-    from dsipam.server.store import Store, create_engine
 
-    dsn, name = _named(clean_db)
-    store = Store(create_engine(clean_db))
-    store.fast = fast = FastPath(dsn, pool_size=2)
+async def test_close_ends_a_statement_blocked_behind_a_lock_after_settle_seconds(clean_db, caplog):
+    """Found by attack: close() waited for every connection in use with no bound, so a server whose
+    batch was blocked behind a lock (DDL, a migration) did not stop until the lock went. It now ends
+    them after ``settle_seconds``; their callers get DatabaseUnavailable."""
+    from dsipam.server.domain import DatabaseUnavailable
+
+    table = f"lock_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(asyncpg_dsn(clean_db))
+    fast = FastPath(clean_db, pool_size=2)
     try:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(store._fetch("SELECT pg_sleep(1.0) AS slept"), 0.1)
-        await asyncio.sleep(0.3)  # a CancelRequest would have stopped it by now
-        running = await admin.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active' "
-            "AND query LIKE '%pg_sleep(1.0)%'", name)
-        assert running == 1  # not cancelled
-        for _ in range(40):
-            if fast._pool is not None and fast._pool.idle == fast._pool.size:
-                break
-            await asyncio.sleep(0.05)
-        assert fast._pool is not None and fast._pool.idle == fast._pool.size == 1
-        assert fast.errors == {}
+        await admin.execute(f"CREATE TABLE {table} (x int)")
+        async with admin.transaction():
+            await admin.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            blocked = asyncio.ensure_future(fast.fetch(f"SELECT count(*) FROM {table}"))
+            await asyncio.sleep(0.3)
+            assert not blocked.done()
+            assert fast._pool is not None
+            fast._pool.settle_seconds = 0.5
+            started = time.monotonic()
+            await asyncio.wait_for(fast.close(), 5)
+            assert time.monotonic() - started < 2
+            with pytest.raises(DatabaseUnavailable):
+                await asyncio.wait_for(blocked, 5)
+        assert "still run a statement after 0.5 s; they are ended" in caplog.text
     finally:
-        await store.close()
         await fast.close()
+        await admin.execute(f"DROP TABLE IF EXISTS {table}")
         await admin.close()

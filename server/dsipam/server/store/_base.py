@@ -618,10 +618,7 @@ class StoreBase:
         on, else on a raw connection of the engine's pool. The reads of GetPool, GetAllocation,
         ListAllocations and ListBlocks take this way (docs/performance.md, "Cost per call")."""
         if self.fast is not None:
-            # Shielded: a caller that hangs up does not cancel the statement (a CancelRequest is a new
-            # PostgreSQL connection, and its session would have to settle, store/_conns.py); the read
-            # finishes and its rows are dropped.
-            return await asyncio.shield(self.fast.fetch(sql, *args))
+            return await self.fast.fetch(sql, *args)
         from ._fast import is_outage
 
         with unavailable_on_disconnect():

@@ -23,9 +23,13 @@ no time limit, as asyncpg's pool waited in ``release``: ending the connection so
 only the client's socket while PostgreSQL went on running the statement, and the pool would open
 sessions beyond its bound (found by a second attack, with CancelRequests that never reached
 PostgreSQL: 4 more sessions every 5 s). Only :meth:`close` ends a connection still settling, after
-``settle_seconds``. The fast path cancels statements only at shutdown: its batches and shared reads
-run in tasks of its own, and the reads that run in a caller's task are shielded from the caller's
-cancellation (``StoreBase._fetch``).
+``settle_seconds``. The fast path's batches and shared reads run in tasks of its own and are
+cancelled only at shutdown; a page read runs in its gRPC caller's task and is cancelled when the
+caller hangs up, which stops it on the server (a third attack showed why it must be: shielded from
+the hang-up, reads blocked behind a lock held every connection, and shutdown waited for them).
+
+:meth:`close` waits ``settle_seconds`` for the connections in use to come back, then ends them (a
+batch blocked behind a lock at shutdown), so that a server stops within its grace and that.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class ConnectionPool:
             raise ValueError(f"max_size: {max_size} is not at least 1")
         self._connect = connect
         self.max_size = max_size
-        self.settle_seconds = settle_seconds  # how long close() waits for connections still settling
+        self.settle_seconds = settle_seconds  # how long close() waits for connections in use or settling
         self._idle: list[asyncpg.Connection] = []
         self._size = 0  # connections open, handed out or being opened
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
@@ -161,7 +165,14 @@ class ConnectionPool:
         if self._size > 0:
             if self._emptied is None:  # a second close() waits for the same (found by attack: it hung the first)
                 self._emptied = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._emptied)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._emptied), self.settle_seconds)
+            except TimeoutError:
+                log.warning("fast path: closing while %d session(s) still run a statement after %g s; they are "
+                            "ended", len(self._born), self.settle_seconds)
+                for conn in list(self._born):
+                    conn.terminate()  # its statement fails as an outage; the connection comes back closed
+                await asyncio.shield(self._emptied)
 
     def _retire(self, conn: asyncpg.Connection) -> None:
         """Drops ``conn``; an open one is closed first (a Terminate message, as asyncpg's pool
