@@ -29,7 +29,7 @@ caller hangs up, which stops it on the server (a third attack showed why it must
 the hang-up, reads blocked behind a lock held every connection, and shutdown waited for them).
 
 :meth:`close` waits ``settle_seconds`` for the connections in use to come back, then ends them (a
-batch blocked behind a lock at shutdown), so that a server stops within its grace and that.
+batch blocked behind a lock at shutdown held the server's stop without bound; found by attack).
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ class ConnectionPool:
             self._retire(conn)
 
     async def close(self) -> None:
-        """Closes the idle connections and waits until every other one has come back and been
-        closed, and every connect under way has ended. Waiters get InterfaceError."""
+        """Closes the idle connections and waits for the others to come back and be closed, and for
+        connects under way to end: ``settle_seconds`` for those still settling, then as long again
+        for those in use, after which they are ended (logged). Waiters get InterfaceError."""
         self._closed = True
         while self._waiters:
             waiter = self._waiters.popleft()
