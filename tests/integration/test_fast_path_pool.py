@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -17,6 +18,14 @@ from pgproxy import PgProxy, upstream_port, via
 
 from dsipam.server.store._conns import ConnectionPool
 from dsipam.server.store._fast import FastPath, asyncpg_dsn
+
+
+@pytest.fixture
+async def admin(clean_db: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own to look at the server (pg_stat_activity) and lock tables."""
+    conn = await asyncpg.connect(asyncpg_dsn(clean_db))
+    yield conn
+    await conn.close()
 
 
 def _named(url: str) -> tuple[str, str]:
@@ -37,10 +46,9 @@ async def _sessions(admin: asyncpg.Connection, name: str, wait_for: int | None =
     return int(n)
 
 
-async def test_never_more_sessions_than_max_size_and_every_caller_served(clean_db):
+async def test_never_more_sessions_than_max_size_and_every_caller_served(clean_db, admin):
     dsn, name = _named(clean_db)
     pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=3)
-    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
     peak = 0
 
     async def one(i: int) -> int:
@@ -52,15 +60,12 @@ async def test_never_more_sessions_than_max_size_and_every_caller_served(clean_d
         finally:
             pool.release(conn)
 
-    try:
-        assert await asyncio.gather(*(one(i) for i in range(40))) == list(range(40))
-        assert peak == 3 and pool.size == 3 and pool.idle == 3
-        assert await _sessions(admin, name) == 3
-        await pool.close()
-        assert pool.size == 0
-        assert await _sessions(admin, name, wait_for=0) == 0
-    finally:
-        await admin.close()
+    assert await asyncio.gather(*(one(i) for i in range(40))) == list(range(40))
+    assert peak == 3 and pool.size == 3 and pool.idle == 3
+    assert await _sessions(admin, name) == 3
+    await pool.close()
+    assert pool.size == 0
+    assert await _sessions(admin, name, wait_for=0) == 0
 
 
 async def test_a_waiter_cancelled_before_or_after_it_was_handed_a_connection_loses_none(clean_db):
@@ -110,79 +115,66 @@ async def test_a_failed_connect_frees_its_slot_and_the_next_caller_connects(clea
     await pool.close()
 
 
-async def test_a_connection_ended_by_the_server_is_replaced(clean_db):
+async def test_a_connection_ended_by_the_server_is_replaced(clean_db, admin):
     dsn, name = _named(clean_db)
     pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=1)
-    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
-    try:
-        conn = await pool.acquire()
-        pid = conn.get_server_pid()
-        pool.release(conn)
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
-        for _ in range(50):  # asyncpg marks it closed when it reads the end of the stream
-            if conn.is_closed():
-                break
-            await asyncio.sleep(0.05)
-        conn = await pool.acquire()
-        assert not conn.is_closed() and conn.get_server_pid() != pid
-        assert await conn.fetchval("SELECT 1") == 1
-        pool.release(conn)
-        assert pool.size == 1 and await _sessions(admin, name) == 1
-        await pool.close()
-    finally:
-        await admin.close()
+    conn = await pool.acquire()
+    pid = conn.get_server_pid()
+    pool.release(conn)
+    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    for _ in range(50):  # asyncpg marks it closed when it reads the end of the stream
+        if conn.is_closed():
+            break
+        await asyncio.sleep(0.05)
+    conn = await pool.acquire()
+    assert not conn.is_closed() and conn.get_server_pid() != pid
+    assert await conn.fetchval("SELECT 1") == 1
+    pool.release(conn)
+    assert pool.size == 1 and await _sessions(admin, name) == 1
+    await pool.close()
 
 
-async def test_expire_ends_the_idle_sessions_now_and_the_handed_out_one_when_it_comes_back(clean_db):
+async def test_expire_ends_the_idle_sessions_now_and_the_handed_out_one_when_it_comes_back(clean_db, admin):
     dsn, name = _named(clean_db)
     pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=2)
-    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
-    try:
-        a, b = await pool.acquire(), await pool.acquire()
-        old = {a.get_server_pid(), b.get_server_pid()}
-        pool.release(a)
-        pool.expire()
-        assert await _sessions(admin, name, wait_for=1) == 1  # b's
-        pool.release(b)
-        assert await _sessions(admin, name, wait_for=0) == 0
-        c = await pool.acquire()
-        assert c.get_server_pid() not in old
-        pool.release(c)
-        await pool.close()
-    finally:
-        await admin.close()
+    a, b = await pool.acquire(), await pool.acquire()
+    old = {a.get_server_pid(), b.get_server_pid()}
+    pool.release(a)
+    pool.expire()
+    assert await _sessions(admin, name, wait_for=1) == 1  # b's
+    pool.release(b)
+    assert await _sessions(admin, name, wait_for=0) == 0
+    c = await pool.acquire()
+    assert c.get_server_pid() not in old
+    pool.release(c)
+    await pool.close()
 
 
-async def test_close_waits_for_the_connection_in_use_and_refuses_waiters(clean_db):
+async def test_close_waits_for_the_connection_in_use_and_refuses_waiters(clean_db, admin):
     dsn, name = _named(clean_db)
     pool = ConnectionPool(lambda: asyncpg.connect(dsn), max_size=1)
-    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
-    try:
-        conn = await pool.acquire()
-        waiter = asyncio.ensure_future(pool.acquire())
-        await asyncio.sleep(0)
-        closing = asyncio.ensure_future(pool.close())
-        with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
-            await waiter
-        await asyncio.sleep(0.05)
-        assert not closing.done()  # the connection in use is not pulled from under its statement
-        assert await conn.fetchval("SELECT 2") == 2
-        pool.release(conn)
-        await asyncio.wait_for(closing, 5)
-        assert pool.size == 0 and await _sessions(admin, name, wait_for=0) == 0
-        with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
-            await pool.acquire()
-    finally:
-        await admin.close()
+    conn = await pool.acquire()
+    waiter = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(pool.close())
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+        await waiter
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # the connection in use is not pulled from under its statement
+    assert await conn.fetchval("SELECT 2") == 2
+    pool.release(conn)
+    await asyncio.wait_for(closing, 5)
+    assert pool.size == 0 and await _sessions(admin, name, wait_for=0) == 0
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+        await pool.acquire()
 
 
-async def test_a_cancelled_statement_is_cancelled_on_the_server_before_the_connection_serves_again(clean_db):
+async def test_a_cancelled_statement_is_cancelled_on_the_server_before_the_connection_serves_again(clean_db, admin):
     """FastPath gives a connection back as it is when its statement was cancelled (a caller of a
     page read hung up): PostgreSQL must stop that statement, and the next statement on the same
     connection must run after it, not fail."""
     dsn, name = _named(clean_db)
     fast = FastPath(dsn, pool_size=1)
-    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
     try:
         pid = (await fast.fetch("SELECT pg_backend_pid() AS pid"))[0]["pid"]
         slow = asyncio.ensure_future(fast.fetch("SELECT pg_sleep(30)"))
@@ -200,7 +192,6 @@ async def test_a_cancelled_statement_is_cancelled_on_the_server_before_the_conne
         assert fast.errors == {} and fast.reconnects == 0
     finally:
         await fast.close()
-        await admin.close()
 
 
 _STEPS = ("acquire", "acquire", "release", "cancel", "expire", "kill", "settle")
@@ -292,7 +283,7 @@ async def test_a_cancelled_statements_connection_is_not_handed_out_until_it_sett
         await proxy.close()
 
 
-async def test_cancellations_that_never_reach_postgresql_keep_the_sessions_within_the_bound(clean_db):
+async def test_cancellations_that_never_reach_postgresql_keep_the_sessions_within_the_bound(clean_db, admin):
     """Found by a second attack: when a settle gave up after a few seconds and ended the connection,
     only the client's socket closed; PostgreSQL went on running the cancelled statement, and the
     pool opened new sessions beside it (4 more every 5 s, unbounded) when the CancelRequests never
@@ -301,7 +292,6 @@ async def test_cancellations_that_never_reach_postgresql_keep_the_sessions_withi
     proxy = PgProxy(upstream_port(clean_db))
     dsn, name = _named(clean_db)
     fast = FastPath(via(dsn, await proxy.start()), pool_size=2)
-    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
     peak = 0
 
     async def watch() -> None:
@@ -332,7 +322,6 @@ async def test_cancellations_that_never_reach_postgresql_keep_the_sessions_withi
         await asyncio.gather(watcher, return_exceptions=True)
         await asyncio.wait_for(fast.close(), 10)
         await proxy.close()
-        await admin.close()
 
 
 async def test_close_twice_returns_both_times(clean_db):
@@ -347,7 +336,7 @@ async def test_close_twice_returns_both_times(clean_db):
     await asyncio.wait_for(asyncio.gather(first, second), 5)
 
 
-async def test_close_while_the_fast_path_opens_its_pool_leaves_no_session(clean_db):
+async def test_close_while_the_fast_path_opens_its_pool_leaves_no_session(clean_db, admin):
     """Found by attack (older than the pool): close() that came while the first statement was
     opening the pool returned at once, and the pool was kept afterwards with its session open and
     serving."""
@@ -355,28 +344,23 @@ async def test_close_while_the_fast_path_opens_its_pool_leaves_no_session(clean_
 
     dsn, name = _named(clean_db)
     fast = FastPath(dsn, pool_size=2)
-    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
-    try:
-        first = asyncio.ensure_future(fast.fetch("SELECT 1"))
-        await asyncio.sleep(0)  # it is connecting
-        await fast.close()
-        with pytest.raises(DatabaseUnavailable, match="shutting down"):
-            await first
-        assert fast._pool is None
-        assert await _sessions(admin, name, wait_for=0) == 0
-    finally:
-        await admin.close()
+    first = asyncio.ensure_future(fast.fetch("SELECT 1"))
+    await asyncio.sleep(0)  # it is connecting
+    await fast.close()
+    with pytest.raises(DatabaseUnavailable, match="shutting down"):
+        await first
+    assert fast._pool is None
+    assert await _sessions(admin, name, wait_for=0) == 0
 
 
 
-async def test_close_ends_a_statement_blocked_behind_a_lock_after_settle_seconds(clean_db, caplog):
+async def test_close_ends_a_statement_blocked_behind_a_lock_after_settle_seconds(clean_db, caplog, admin):
     """Found by attack: close() waited for every connection in use with no bound, so a server whose
     batch was blocked behind a lock (DDL, a migration) did not stop until the lock went. It now ends
     them after ``settle_seconds``; their callers get DatabaseUnavailable."""
     from dsipam.server.domain import DatabaseUnavailable
 
     table = f"lock_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(asyncpg_dsn(clean_db))
     fast = FastPath(clean_db, pool_size=2)
     try:
         await admin.execute(f"CREATE TABLE {table} (x int)")
@@ -396,4 +380,3 @@ async def test_close_ends_a_statement_blocked_behind_a_lock_after_settle_seconds
     finally:
         await fast.close()
         await admin.execute(f"DROP TABLE IF EXISTS {table}")
-        await admin.close()
